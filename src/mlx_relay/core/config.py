@@ -1,0 +1,325 @@
+"""Cluster configuration: one validated object, built at the entry point and passed in.
+
+A bad file gets one :class:`ConfigError` naming the file, the field path and what was
+expected. Unknown keys are errors so that typos are never silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mlx_relay.core.errors import ConfigError
+from mlx_relay.core.types import LayerRange
+
+Port = int
+
+
+class _FieldProblem(ValueError):
+    """A cross-field problem that belongs to one field path (e.g. ``devices[2].layers``)."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(message)
+        self.where = where
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Which model to serve. ``path`` is an MLX model directory or a ``.gguf`` file; when it is
+    empty the bundled SmolLM2-135M-Instruct is used."""
+
+    path: str | None = None
+    name: str | None = None
+    cache_dir: str | None = None
+    max_context: int | None = Field(default=None, gt=0)
+
+
+class DeviceConfig(_Section):
+    """One device of the cluster.
+
+    For a worker, ``host``/``port`` is its gRPC address (port 0 picks a free port, for tests)
+    and ``layers`` is a half-open ``[start, end)`` pair or ``auto``. For the coordinator,
+    ``host``/``port`` is its HTTP address (API, dashboard and ``/metrics``).
+    """
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    host: str = "127.0.0.1"
+    port: Port = Field(ge=0, le=65535)
+    role: Literal["coordinator", "worker"] = "worker"
+    layers: LayerRange | Literal["auto"] | None = None
+    memory_budget_gb: float | None = Field(default=None, gt=0)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _parse_layers(cls, value: Any) -> Any:
+        if value is None or value == "auto" or isinstance(value, LayerRange):
+            return value
+        if (
+            isinstance(value, list | tuple)
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            start, end = value
+            if start < 0 or end <= start:
+                raise ValueError(f"expected [start, end) with 0 <= start < end, got {list(value)}")
+            return LayerRange(start, end)
+        raise ValueError(f"expected a [start, end) pair of integers or 'auto', got {value!r}")
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> DeviceConfig:
+        if self.role == "coordinator" and self.layers is not None:
+            raise ValueError("a coordinator holds no layers; remove 'layers'")
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Thresholds(_Section):
+    """Health thresholds in percent (0-100)."""
+
+    memory_warning: float = Field(default=85.0, ge=0, le=100)
+    memory_critical: float = Field(default=95.0, ge=0, le=100)
+    cpu_warning: float = Field(default=90.0, ge=0, le=100)
+    cpu_critical: float = Field(default=98.0, ge=0, le=100)
+    disk_warning: float = Field(default=85.0, ge=0, le=100)
+    disk_critical: float = Field(default=95.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        for name in ("memory", "cpu", "disk"):
+            if getattr(self, f"{name}_warning") > getattr(self, f"{name}_critical"):
+                raise ValueError(f"{name}_warning must not exceed {name}_critical")
+        return self
+
+
+class DashboardConfig(_Section):
+    """The HTTP app's address when run standalone, and its security settings.
+
+    ``auth_token`` protects ``/``, ``/api/*``, ``/ws`` and ``/v1/*``. ``/metrics`` takes
+    ``metrics_token`` when set, else ``auth_token``, unless ``metrics_open`` is true.
+    """
+
+    host: str = "127.0.0.1"
+    port: Port = Field(default=8080, ge=0, le=65535)
+    auth_token: str | None = None
+    metrics_token: str | None = None
+    metrics_open: bool = False
+    rate_limit_per_minute: int = Field(default=600, ge=1)
+    cors_origins: list[str] = Field(default_factory=list)
+
+
+class MonitoringConfig(_Section):
+    enabled: bool = True
+    collection_interval: float = Field(default=2.0, gt=0, le=3600)
+    retention_seconds: float = Field(default=600.0, gt=0)
+    poll_interval: float = Field(default=2.0, gt=0, le=3600)
+    health_check_interval: float = Field(default=10.0, gt=0)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+
+
+class NetworkConfig(_Section):
+    """Timeouts are in seconds."""
+
+    connect_timeout: float = Field(default=60.0, gt=0)
+    request_timeout: float = Field(default=30.0, gt=0)
+    ping_timeout: float = Field(default=2.0, gt=0)
+    retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff: float = Field(default=0.2, ge=0)
+    max_message_mb: int = Field(default=64, ge=1, le=1024)
+    auth_token: str | None = None
+
+
+class InferenceConfig(_Section):
+    max_running_requests: int = Field(default=16, ge=1)
+    max_waiting_requests: int = Field(default=64, ge=0)
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_prompt_tokens: int = Field(default=4096, ge=1)
+    session_ttl_seconds: float = Field(default=300.0, gt=0)
+    max_sessions: int = Field(default=64, ge=1)
+
+
+class ClusterConfig(_Section):
+    """The whole cluster: model, devices in pipeline order, monitoring, network, inference."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    devices: list[DeviceConfig]
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> ClusterConfig:
+        seen_ids: set[str] = set()
+        seen_addresses: set[tuple[str, int]] = set()
+        for i, device in enumerate(self.devices):
+            if device.id in seen_ids:
+                raise _FieldProblem(f"devices[{i}].id", f"duplicate device id {device.id!r}")
+            seen_ids.add(device.id)
+            if device.port and (device.host, device.port) in seen_addresses:
+                raise _FieldProblem(
+                    f"devices[{i}].port", f"{device.host}:{device.port} is used by another device"
+                )
+            seen_addresses.add((device.host, device.port))
+        if sum(d.role == "coordinator" for d in self.devices) > 1:
+            raise _FieldProblem("devices", "at most one device may have role 'coordinator'")
+        workers = [(i, d) for i, d in enumerate(self.devices) if d.role == "worker"]
+        if not workers:
+            raise _FieldProblem("devices", "expected at least one device with role 'worker'")
+        explicit = [(i, w) for i, w in workers if isinstance(w.layers, LayerRange)]
+        if explicit and len(explicit) != len(workers):
+            i = next(i for i, w in workers if not isinstance(w.layers, LayerRange))
+            raise _FieldProblem(
+                f"devices[{i}].layers", "give every worker explicit layers, or none (use 'auto')"
+            )
+        expected_start = 0
+        for i, worker in explicit:
+            assert isinstance(worker.layers, LayerRange)
+            start, end = worker.layers.start, worker.layers.end
+            if start < expected_start:
+                raise _FieldProblem(
+                    f"devices[{i}].layers",
+                    f"[{start}, {end}) overlaps the previous worker's layers, "
+                    f"which end at {expected_start}",
+                )
+            if start > expected_start:
+                raise _FieldProblem(
+                    f"devices[{i}].layers",
+                    f"layers [{expected_start}, {start}) are assigned to no worker "
+                    f"(workers must cover the model's layers in order)",
+                )
+            expected_start = end
+        return self
+
+    @property
+    def workers(self) -> list[DeviceConfig]:
+        """Workers in pipeline order."""
+        return [d for d in self.devices if d.role == "worker"]
+
+    @property
+    def coordinator(self) -> DeviceConfig | None:
+        return next((d for d in self.devices if d.role == "coordinator"), None)
+
+    def device(self, device_id: str) -> DeviceConfig:
+        for device in self.devices:
+            if device.id == device_id:
+                return device
+        known = ", ".join(d.id for d in self.devices)
+        raise ConfigError(f"no device {device_id!r} in the configuration (devices: {known})")
+
+    def with_worker_ports(self, ports: dict[str, int]) -> ClusterConfig:
+        """A copy with the given workers' ports replaced (used after binding port 0)."""
+        devices = [d.model_copy(update={"port": ports.get(d.id, d.port)}) for d in self.devices]
+        return self.model_copy(update={"devices": devices})
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<config>") -> ClusterConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {_kind(data)}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClusterConfig:
+        """Load and validate a YAML file; raises :class:`ConfigError` with one clear message."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: configuration file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read configuration file: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _kind(value: Any) -> str:
+    return {
+        type(None): "nothing",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part).startswith(("function-", "literal[", "is-instance[")):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    where = _location(first["loc"])
+    kind = first["type"]
+    given = first.get("input")
+    ctx = first.get("ctx") or {}
+    if kind == "missing":
+        what = "required field is missing"
+    elif kind == "extra_forbidden":
+        what = "unknown key (check the spelling)"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        what = f"expected an integer, got {given!r}"
+    elif kind in ("float_type", "float_parsing"):
+        what = f"expected a number, got {given!r}"
+    elif kind in ("bool_type", "bool_parsing"):
+        what = f"expected true or false, got {given!r}"
+    elif kind == "string_type":
+        what = f"expected a string, got {_kind(given)}"
+    elif kind in ("list_type",):
+        what = f"expected a list, got {_kind(given)}"
+    elif kind in ("model_type", "dict_type", "model_attributes_type"):
+        what = f"expected a mapping, got {_kind(given)}"
+    elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        bound = {
+            "greater_than_equal": ">=",
+            "less_than_equal": "<=",
+            "greater_than": ">",
+            "less_than": "<",
+        }[kind]
+        limit = next(iter(ctx.values()))
+        what = f"expected a value {bound} {limit}, got {given!r}"
+    elif kind == "literal_error":
+        what = f"expected one of {ctx.get('expected')}, got {given!r}"
+    elif kind == "string_pattern_mismatch":
+        what = (
+            f"expected letters, digits, '_', '.' or '-' (at most 64, starting with a letter "
+            f"or digit), got {given!r}"
+        )
+    elif kind == "value_error":
+        problem = ctx.get("error")
+        what = str(problem) if problem is not None else first["msg"]
+        if isinstance(problem, _FieldProblem):
+            where = problem.where
+    else:
+        what = first["msg"]
+    # The layers union reports one error per alternative; show only the first.
+    more = len({_location(e["loc"]) for e in errors[1:]} - {where})
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {where}: {what}{suffix}"
