@@ -1,0 +1,202 @@
+"""KV-cache sessions of one stage: one cache per live request, with limits and idle expiry.
+
+The store is thread-safe: the MLX thread opens and advances sessions while the event loop
+ends them and sweeps idle ones. It never touches MLX itself; caches come from the
+``make_cache`` factory and are only handed back to the caller.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mlx_relay.core.errors import InvalidRequest, RelayError
+
+
+class SessionNotFound(RelayError):
+    """A step continues a request this stage holds no KV cache for."""
+
+    def __init__(self, request_id: str, position: int) -> None:
+        super().__init__(
+            f"no session for request {request_id!r} at position {position} "
+            "(it ended, expired, or never started with position 0)"
+        )
+        self.request_id = request_id
+
+
+class SessionLimitReached(RelayError):
+    """Opening another session would pass the stage's maximum session count."""
+
+
+class PositionMismatch(InvalidRequest):
+    """A step's position is not the session's cached length."""
+
+
+class ContextOverflow(InvalidRequest):
+    """A step would grow a session past the model's context length."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One request's step as the store sees it: where it starts and how many positions."""
+
+    request_id: str
+    position: int
+    length: int
+
+
+@dataclass
+class KVSession:
+    """One request's KV cache on this stage and how many positions it holds."""
+
+    request_id: str
+    cache: list[Any]
+    created_at: float
+    last_used: float
+    length: int = 0
+    steps: int = 0
+
+
+class KVSessionStore:
+    """KV caches keyed by request id.
+
+    Args:
+        make_cache: builds an empty cache for a new session.
+        max_sessions: most sessions held at once; past it :class:`SessionLimitReached`.
+        ttl_seconds: a session unused this long is freed by :meth:`expire`.
+        max_length: most positions one session may hold (the model's context), or None.
+        clock: monotonic time source, replaceable in tests.
+    """
+
+    def __init__(
+        self,
+        make_cache: Callable[[], list[Any]],
+        *,
+        max_sessions: int,
+        ttl_seconds: float,
+        max_length: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        if ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be > 0")
+        self._make_cache = make_cache
+        self.max_sessions = max_sessions
+        self.ttl_seconds = ttl_seconds
+        self.max_length = max_length
+        self._clock = clock
+        self._sessions: dict[str, KVSession] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def __contains__(self, request_id: object) -> bool:
+        with self._lock:
+            return request_id in self._sessions
+
+    def get(self, request_id: str) -> KVSession | None:
+        with self._lock:
+            return self._sessions.get(request_id)
+
+    def request_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions)
+
+    def open(self, steps: Sequence[Step]) -> list[KVSession]:
+        """Check a call's steps against the sessions, then open or fetch a session for each.
+
+        All steps are checked before any session is created, so a rejected call changes
+        nothing. A step at position 0 with an unknown request id opens a new session.
+
+        Raises:
+            InvalidRequest: a request id is empty or appears twice.
+            SessionNotFound: a step at position > 0 names an unknown request.
+            PositionMismatch: a step's position is not the session's cached length.
+            ContextOverflow: a step would pass ``max_length``.
+            SessionLimitReached: the new sessions would pass ``max_sessions``.
+        """
+        with self._lock:
+            seen: set[str] = set()
+            new = 0
+            for step in steps:
+                if not step.request_id:
+                    raise InvalidRequest("request_id must not be empty")
+                if step.request_id in seen:
+                    raise InvalidRequest(
+                        f"request {step.request_id!r} appears more than once in one call"
+                    )
+                seen.add(step.request_id)
+                if step.length < 1:
+                    raise InvalidRequest(
+                        f"request {step.request_id!r}: a step needs at least one position"
+                    )
+                session = self._sessions.get(step.request_id)
+                cached = session.length if session is not None else 0
+                if session is None:
+                    if step.position > 0:
+                        raise SessionNotFound(step.request_id, step.position)
+                    new += 1
+                if step.position != cached:
+                    raise PositionMismatch(
+                        f"request {step.request_id!r}: position {step.position} does not match "
+                        f"the {cached} tokens cached on this stage"
+                    )
+                if self.max_length is not None and cached + step.length > self.max_length:
+                    raise ContextOverflow(
+                        f"request {step.request_id!r}: {cached} cached + {step.length} new "
+                        f"tokens exceed the model's context of {self.max_length}"
+                    )
+            if new and len(self._sessions) + new > self.max_sessions:
+                raise SessionLimitReached(
+                    f"this stage already holds {len(self._sessions)} of at most "
+                    f"{self.max_sessions} sessions; end finished requests or retry later"
+                )
+            now = self._clock()
+            opened = []
+            for step in steps:
+                session = self._sessions.get(step.request_id)
+                if session is None:
+                    session = KVSession(step.request_id, self._make_cache(), now, now)
+                    self._sessions[step.request_id] = session
+                session.last_used = now
+                opened.append(session)
+            return opened
+
+    def advance(self, session: KVSession, length: int) -> int:
+        """Record that ``length`` positions were added to the session's cache.
+
+        Returns:
+            The session's new cached length.
+        """
+        with self._lock:
+            session.length += length
+            session.steps += 1
+            session.last_used = self._clock()
+            return session.length
+
+    def end(self, request_id: str) -> bool:
+        """Free a session's cache. Returns whether it existed."""
+        with self._lock:
+            return self._sessions.pop(request_id, None) is not None
+
+    def expire(self) -> list[str]:
+        """Free every session idle for longer than the TTL; returns their request ids."""
+        with self._lock:
+            deadline = self._clock() - self.ttl_seconds
+            expired = [rid for rid, s in self._sessions.items() if s.last_used < deadline]
+            for rid in expired:
+                del self._sessions[rid]
+            return expired
+
+    def clear(self) -> int:
+        """Free every session; returns how many there were."""
+        with self._lock:
+            count = len(self._sessions)
+            self._sessions.clear()
+            return count
