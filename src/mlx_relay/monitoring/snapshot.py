@@ -42,11 +42,15 @@ class LatencySummary(_Snap):
     """Exact percentiles over the recent sample window (last N samples within retention)."""
 
     count: int = Field(description="Samples in the window (at most the window size).")
-    mean: float | None = Field(None, description="Mean of the window, seconds; None if empty.")
-    p50: float | None = Field(None, description="Median of the window, seconds; None if empty.")
-    p90: float | None = Field(None, description="90th percentile, seconds; None if empty.")
-    p99: float | None = Field(None, description="99th percentile, seconds; None if empty.")
-    max: float | None = Field(None, description="Largest sample in the window, seconds.")
+    mean: float | None = Field(
+        default=None, description="Mean of the window, seconds; None if empty."
+    )
+    p50: float | None = Field(
+        default=None, description="Median of the window, seconds; None if empty."
+    )
+    p90: float | None = Field(default=None, description="90th percentile, seconds; None if empty.")
+    p99: float | None = Field(default=None, description="99th percentile, seconds; None if empty.")
+    max: float | None = Field(default=None, description="Largest sample in the window, seconds.")
 
 
 class ModelInfoSnap(_Snap):
@@ -62,20 +66,22 @@ class DeviceMetrics(_Snap):
     """One machine's resources, as seen by the process running on it."""
 
     platform: str = Field(description="Operating system and architecture, e.g. 'Darwin-arm64'.")
-    chip: str | None = Field(None, description="CPU or SoC name, e.g. 'Apple M2 Pro'.")
-    mlx_version: str | None = Field(None, description="Installed MLX version.")
-    mlx_device: str | None = Field(None, description="MLX default device, e.g. 'gpu' or 'cpu'.")
+    chip: str | None = Field(default=None, description="CPU or SoC name, e.g. 'Apple M2 Pro'.")
+    mlx_version: str | None = Field(default=None, description="Installed MLX version.")
+    mlx_device: str | None = Field(
+        default=None, description="MLX default device, e.g. 'gpu' or 'cpu'."
+    )
     sampled_at: float = Field(description="When this sample was taken, unix seconds.")
 
     cpu_count: int = Field(description="Logical CPU cores.")
     cpu_utilization_ratio: float | None = Field(
-        None, description="Busy share of all cores since the previous sample, 0..1."
+        default=None, description="Busy share of all cores since the previous sample, 0..1."
     )
     cpu_per_core_ratio: list[float] | None = Field(
-        None, description="Busy share of each core since the previous sample, 0..1."
+        default=None, description="Busy share of each core since the previous sample, 0..1."
     )
     cpu_unavailable_reason: str | None = Field(
-        None, description="Why CPU utilization is None (e.g. first sample has no interval)."
+        default=None, description="Why CPU utilization is None (e.g. first sample has no interval)."
     )
     memory_total_bytes: int = Field(description="Physical memory, bytes.")
     memory_available_bytes: int = Field(description="Memory available without swapping, bytes.")
@@ -84,38 +90,46 @@ class DeviceMetrics(_Snap):
     process_resident_memory_bytes: int = Field(description="This process's resident set, bytes.")
     process_cpu_seconds_total: float = Field(description="This process's user+system CPU, s.")
     process_threads: int = Field(description="Threads in this process.")
-    process_open_fds: int | None = Field(None, description="Open file descriptors (POSIX only).")
+    process_open_fds: int | None = Field(
+        default=None, description="Open file descriptors (POSIX only)."
+    )
     disk_path: str = Field(description="Path whose filesystem disk_* describe.")
     disk_used_ratio: float = Field(description="Used share of that filesystem, 0..1.")
     disk_free_bytes: int = Field(description="Free bytes on that filesystem.")
     network_receive_bytes_total: int | None = Field(
-        None, description="Bytes received on all interfaces since boot."
+        default=None, description="Bytes received on all interfaces since boot."
     )
     network_transmit_bytes_total: int | None = Field(
-        None, description="Bytes sent on all interfaces since boot."
+        default=None, description="Bytes sent on all interfaces since boot."
     )
     network_unavailable_reason: str | None = Field(
-        None, description="Why network counters are None."
+        default=None, description="Why network counters are None."
     )
-    mlx_memory_active_bytes: int | None = Field(None, description="MLX active memory, bytes.")
-    mlx_memory_peak_bytes: int | None = Field(None, description="MLX peak memory, bytes.")
-    mlx_memory_cache_bytes: int | None = Field(None, description="MLX buffer cache, bytes.")
-    mlx_unavailable_reason: str | None = Field(None, description="Why MLX memory is None.")
-    gpu_name: str | None = Field(None, description="GPU name, where one was found.")
-    gpu_source: str | None = Field(None, description="Where GPU numbers come from: nvml|ioreg.")
+    mlx_memory_active_bytes: int | None = Field(
+        default=None, description="MLX active memory, bytes."
+    )
+    mlx_memory_peak_bytes: int | None = Field(default=None, description="MLX peak memory, bytes.")
+    mlx_memory_cache_bytes: int | None = Field(default=None, description="MLX buffer cache, bytes.")
+    mlx_unavailable_reason: str | None = Field(default=None, description="Why MLX memory is None.")
+    gpu_name: str | None = Field(default=None, description="GPU name, where one was found.")
+    gpu_source: str | None = Field(
+        default=None, description="Where GPU numbers come from: nvml|ioreg."
+    )
     gpu_utilization_ratio: float | None = Field(
-        None, description="GPU busy share, 0..1 (NVML or macOS IOAccelerator statistics)."
+        default=None, description="GPU busy share, 0..1 (NVML or macOS IOAccelerator statistics)."
     )
-    gpu_memory_used_bytes: int | None = Field(None, description="GPU memory in use, bytes.")
-    gpu_memory_total_bytes: int | None = Field(None, description="GPU memory size, bytes.")
-    gpu_unavailable_reason: str | None = Field(None, description="Why GPU fields are None.")
+    gpu_memory_used_bytes: int | None = Field(default=None, description="GPU memory in use, bytes.")
+    gpu_memory_total_bytes: int | None = Field(default=None, description="GPU memory size, bytes.")
+    gpu_unavailable_reason: str | None = Field(default=None, description="Why GPU fields are None.")
 
 
 class StageMetrics(_Snap):
     """One pipeline stage's compute, as its worker measures it."""
 
     device_id: str = Field(description="Worker holding the stage.")
-    stage: int | None = Field(None, description="Stage index in pipeline order (0 = first).")
+    stage: int | None = Field(
+        default=None, description="Stage index in pipeline order (0 = first)."
+    )
     forward_duration_seconds: dict[str, HistogramSnap] = Field(
         description="Compute time of one forward call by phase (prefill|decode), seconds."
     )
@@ -125,9 +139,9 @@ class StageMetrics(_Snap):
     busy_seconds_total: float = Field(description="Total forward compute time, seconds.")
     steps_total: dict[str, int] = Field(description="Forward calls served, by phase.")
     tokens_total: dict[str, int] = Field(description="Tokens processed, by phase.")
-    kv_sessions: int = Field(0, description="Live KV-cache sessions on the stage.")
+    kv_sessions: int = Field(default=0, description="Live KV-cache sessions on the stage.")
     utilization_ratio_10s: float | None = Field(
-        None, description="Busy seconds / wall seconds over the last 10 s, 0..1."
+        default=None, description="Busy seconds / wall seconds over the last 10 s, 0..1."
     )
 
 
@@ -135,22 +149,28 @@ class DeviceStatus(_Snap):
     """One device in the cluster view (a worker shows itself; the coordinator shows all)."""
 
     device_id: str = Field(description="Device id from the cluster configuration.")
-    role: str | None = Field(None, description="'coordinator' or 'worker'.")
-    stage: int | None = Field(None, description="Stage index for a worker; metrics in `stages`.")
-    layer_start: int | None = Field(None, description="First layer held (inclusive).")
-    layer_end: int | None = Field(None, description="End of the layers held (exclusive).")
-    assigned_layers: list[int] | None = Field(None, description="Layer indices held.")
-    model_loaded: bool | None = Field(None, description="Whether the device's shard is loaded.")
-    is_healthy: bool | None = Field(None, description="Device's own health verdict.")
+    role: str | None = Field(default=None, description="'coordinator' or 'worker'.")
+    stage: int | None = Field(
+        default=None, description="Stage index for a worker; metrics in `stages`."
+    )
+    layer_start: int | None = Field(default=None, description="First layer held (inclusive).")
+    layer_end: int | None = Field(default=None, description="End of the layers held (exclusive).")
+    assigned_layers: list[int] | None = Field(default=None, description="Layer indices held.")
+    model_loaded: bool | None = Field(
+        default=None, description="Whether the device's shard is loaded."
+    )
+    is_healthy: bool | None = Field(default=None, description="Device's own health verdict.")
     health_status: str | None = Field(
-        None, description="Overall health: healthy|warning|critical|unknown."
+        default=None, description="Overall health: healthy|warning|critical|unknown."
     )
-    up: bool | None = Field(None, description="Reachable from the coordinator at the last poll.")
+    up: bool | None = Field(
+        default=None, description="Reachable from the coordinator at the last poll."
+    )
     last_seen_timestamp: float | None = Field(
-        None, description="Last successful status poll or local update, unix seconds."
+        default=None, description="Last successful status poll or local update, unix seconds."
     )
-    last_error: str | None = Field(None, description="Last poll or RPC error, if any.")
-    metrics: DeviceMetrics | None = Field(None, description="Latest resource sample.")
+    last_error: str | None = Field(default=None, description="Last poll or RPC error, if any.")
+    metrics: DeviceMetrics | None = Field(default=None, description="Latest resource sample.")
 
 
 class ThroughputWindow(_Snap):
@@ -164,7 +184,8 @@ class ThroughputWindow(_Snap):
     tokens_per_second: float = Field(description="Generated tokens per second.")
     prompt_tokens_per_second: float = Field(description="Prompt tokens admitted per second.")
     error_rate: float | None = Field(
-        None, description="Failed / finished requests in the window, 0..1; None if none finished."
+        default=None,
+        description="Failed / finished requests in the window, 0..1; None if none finished.",
     )
     error_rate_by_type: dict[str, float] = Field(
         default_factory=dict, description="Failed of each error_type / finished, 0..1."
@@ -205,7 +226,9 @@ class LinkMetrics(_Snap):
 
     device: str = Field(description="This device's id.")
     peer: str = Field(description="Peer device id.")
-    rtt_last_seconds: float | None = Field(None, description="Latest Ping round trip, seconds.")
+    rtt_last_seconds: float | None = Field(
+        default=None, description="Latest Ping round trip, seconds."
+    )
     rtt: LatencySummary = Field(description="Recent Ping round trips, seconds.")
     rtt_histogram: HistogramSnap = Field(description="Ping round trips (Network RPC buckets), s.")
     ping_total: dict[str, int] = Field(description="Pings by outcome ok|error|timeout.")
@@ -216,9 +239,11 @@ class LinkMetrics(_Snap):
         description="Forward RPC time minus the stage's compute time, seconds."
     )
     transfer: LatencySummary = Field(description="Recent transfer durations, seconds.")
-    last_error: str | None = Field(None, description="Latest failure message on this link.")
-    last_error_timestamp: float | None = Field(None, description="When, unix seconds.")
-    last_ok_timestamp: float | None = Field(None, description="Latest success, unix seconds.")
+    last_error: str | None = Field(default=None, description="Latest failure message on this link.")
+    last_error_timestamp: float | None = Field(default=None, description="When, unix seconds.")
+    last_ok_timestamp: float | None = Field(
+        default=None, description="Latest success, unix seconds."
+    )
 
 
 class RpcMethodMetrics(_Snap):
@@ -241,26 +266,30 @@ class HistoryPoint(_Snap):
     timestamp: float = Field(description="Unix seconds.")
     requests_per_second: float = Field(description="10 s window rate.")
     tokens_per_second: float = Field(description="Generated tokens/s, 10 s window.")
-    e2e_p50_seconds: float | None = Field(None, description="End-to-end median, seconds.")
-    e2e_p99_seconds: float | None = Field(None, description="End-to-end p99, seconds.")
-    ttft_p50_seconds: float | None = Field(None, description="TTFT median, seconds.")
-    cpu_utilization_ratio: float | None = Field(None, description="Machine CPU, 0..1.")
-    memory_used_ratio: float | None = Field(None, description="Machine memory, 0..1.")
-    gpu_utilization_ratio: float | None = Field(None, description="GPU, 0..1, where measured.")
+    e2e_p50_seconds: float | None = Field(default=None, description="End-to-end median, seconds.")
+    e2e_p99_seconds: float | None = Field(default=None, description="End-to-end p99, seconds.")
+    ttft_p50_seconds: float | None = Field(default=None, description="TTFT median, seconds.")
+    cpu_utilization_ratio: float | None = Field(default=None, description="Machine CPU, 0..1.")
+    memory_used_ratio: float | None = Field(default=None, description="Machine memory, 0..1.")
+    gpu_utilization_ratio: float | None = Field(
+        default=None, description="GPU, 0..1, where measured."
+    )
 
 
 class Snapshot(_Snap):
     """Everything one process knows, at one instant."""
 
-    schema_version: int = Field(SCHEMA_VERSION, description="Bumped on incompatible changes.")
+    schema_version: int = Field(
+        default=SCHEMA_VERSION, description="Bumped on incompatible changes."
+    )
     device_id: str = Field(description="The process's own device id.")
     role: str = Field(description="'coordinator' or 'worker'.")
     timestamp: float = Field(description="When the snapshot was taken, unix seconds.")
     uptime_seconds: float = Field(description="Seconds since the collector was created.")
     collection_interval_seconds: float = Field(description="Device sampling interval, seconds.")
-    model: ModelInfoSnap | None = Field(None, description="Served model, once known.")
+    model: ModelInfoSnap | None = Field(default=None, description="Served model, once known.")
     device: DeviceMetrics | None = Field(
-        None, description="This machine; None until the first sample (start() takes one)."
+        default=None, description="This machine; None until the first sample (start() takes one)."
     )
     devices: dict[str, DeviceStatus] = Field(description="Cluster view keyed by device id.")
     inference: InferenceMetrics
@@ -275,10 +304,14 @@ class CheckResultSnap(_Snap):
     name: str
     description: str = ""
     status: str = Field(description="healthy|warning|critical|unknown.")
-    message: str = Field("", description="Human-readable verdict.")
+    message: str = Field(default="", description="Human-readable verdict.")
     details: dict[str, object] = Field(default_factory=dict, description="Check-specific data.")
-    last_run_timestamp: float | None = Field(None, description="Last completion, unix seconds.")
-    duration_seconds: float | None = Field(None, description="How long the last run took, s.")
+    last_run_timestamp: float | None = Field(
+        default=None, description="Last completion, unix seconds."
+    )
+    duration_seconds: float | None = Field(
+        default=None, description="How long the last run took, s."
+    )
     interval_seconds: float = Field(description="Seconds between runs.")
 
 

@@ -1,0 +1,339 @@
+"""Request-level recording on the coordinator: counters, latency windows and histograms.
+
+Every method is O(1) and takes the collector's lock briefly, so it may be called from asyncio
+handlers and from the MLX thread alike. Nothing here keeps a per-request record once the
+request has finished: a :class:`RequestTrace` holds its own few timestamps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+
+from mlx_relay.monitoring.snapshot import (
+    FINISHED_REASONS,
+    THROUGHPUT_WINDOWS,
+    InferenceMetrics,
+    RecentError,
+    ThroughputWindow,
+)
+from mlx_relay.monitoring.windows import (
+    INTER_TOKEN_BUCKETS,
+    REQUEST_BUCKETS,
+    TTFT_BUCKETS,
+    Histogram,
+    RateWindow,
+    SampleWindow,
+    token_count_buckets,
+)
+
+logger = logging.getLogger(__name__)
+
+WINDOW_SECONDS = {"10s": 10.0, "60s": 60.0}
+MAX_ERROR_TYPES = 32
+RECENT_ERRORS = 20
+MAX_ERROR_MESSAGE = 200
+LATENCY_KEYS = (
+    "e2e",
+    "ttft",
+    "inter_token",
+    "time_per_output_token",
+    "queue",
+    "prefill",
+    "decode",
+    "stage",
+    "network",
+)
+# Latency-summary key -> METRICS.md histogram (without the mlxrelay_ prefix).
+_HISTOGRAM_OF = {
+    "e2e": "e2e_request_latency_seconds",
+    "ttft": "time_to_first_token_seconds",
+    "inter_token": "inter_token_latency_seconds",
+    "time_per_output_token": "request_time_per_output_token_seconds",
+    "queue": "request_queue_time_seconds",
+    "prefill": "request_prefill_time_seconds",
+    "decode": "request_decode_time_seconds",
+}
+_BUCKETS_OF = {
+    "e2e": REQUEST_BUCKETS,
+    "ttft": TTFT_BUCKETS,
+    "inter_token": INTER_TOKEN_BUCKETS,
+    "time_per_output_token": INTER_TOKEN_BUCKETS,
+    "queue": REQUEST_BUCKETS,
+    "prefill": REQUEST_BUCKETS,
+    "decode": REQUEST_BUCKETS,
+}
+OTHER_ERROR_TYPE = "other"
+
+
+class InferenceRecorder:
+    """State behind :class:`InferenceMetrics`; owned by the collector."""
+
+    def __init__(
+        self,
+        lock: threading.Lock,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+        *,
+        retention_seconds: float,
+        window_size: int = 1024,
+        max_tokens: int = 32768,
+    ) -> None:
+        self._lock = lock
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._started_at = clock()
+        self.running = 0
+        self.waiting = 0
+        self.requests_total = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.success_total = dict.fromkeys(FINISHED_REASONS, 0)
+        self.failure_total: dict[str, int] = {}
+        self._finished = RateWindow()
+        self._failed = RateWindow()
+        self._failed_by_type: dict[str, RateWindow] = {}
+        self._tokens = RateWindow()
+        self._prompt_tokens = RateWindow()
+        self._samples = {k: SampleWindow(window_size, retention_seconds) for k in LATENCY_KEYS}
+        self._histograms = {_HISTOGRAM_OF[k]: Histogram(b) for k, b in _BUCKETS_OF.items()}
+        counts = token_count_buckets(max_tokens)
+        self._histograms["request_prompt_tokens"] = Histogram(counts)
+        self._histograms["request_generation_tokens"] = Histogram(counts)
+        self._recent_errors: deque[RecentError] = deque(maxlen=RECENT_ERRORS)
+
+    # -- called by RequestTrace (lock held by the caller) ------------------------------------
+
+    def _observe(self, key: str, now: float, seconds: float) -> None:
+        self._samples[key].add(now, seconds)
+        histogram = _HISTOGRAM_OF.get(key)
+        if histogram is not None:
+            self._histograms[histogram].observe(seconds)
+
+    def _error_type(self, error_type: str) -> str:
+        # error_type is a label: cap the distinct values so memory stays bounded.
+        if error_type in self.failure_total or len(self.failure_total) < MAX_ERROR_TYPES:
+            return error_type
+        return OTHER_ERROR_TYPE
+
+    # -- public ------------------------------------------------------------------------------
+
+    def track(self, prompt_tokens: int, queued_at: float | None) -> RequestTrace:
+        now = self._clock()
+        with self._lock:
+            self.running += 1
+            self.requests_total += 1
+            self.prompt_tokens_total += prompt_tokens
+            self._prompt_tokens.add(now, prompt_tokens)
+        return RequestTrace(self, prompt_tokens, now, queued_at)
+
+    def set_waiting(self, n: int) -> None:
+        with self._lock:
+            self.waiting = max(0, n)
+
+    def snap(self) -> InferenceMetrics:
+        now = self._clock()
+        with self._lock:
+            windows = {name: self._window(name, now) for name in THROUGHPUT_WINDOWS}
+            return InferenceMetrics(
+                requests_running=self.running,
+                requests_waiting=self.waiting,
+                requests_total=self.requests_total,
+                success_total=dict(self.success_total),
+                failure_total=dict(self.failure_total),
+                prompt_tokens_total=self.prompt_tokens_total,
+                generation_tokens_total=self.generation_tokens_total,
+                windows=windows,
+                latency={k: w.summary(now) for k, w in self._samples.items()},
+                histograms={k: h.snap() for k, h in self._histograms.items()},
+                recent_errors=list(self._recent_errors),
+            )
+
+    def _window(self, name: str, now: float) -> ThroughputWindow:
+        window = WINDOW_SECONDS[name]
+        # Younger than the window: divide by uptime, so early rates are not diluted.
+        elapsed = max(1.0, min(window, now - self._started_at))
+        finished = self._finished.total(now, window)
+        failed = self._failed.total(now, window)
+        by_type = {
+            error_type: rate.total(now, window) / finished
+            for error_type, rate in self._failed_by_type.items()
+            if finished and rate.total(now, window)
+        }
+        return ThroughputWindow(
+            window_seconds=window,
+            elapsed_seconds=elapsed,
+            requests_per_second=finished / elapsed,
+            tokens_per_second=self._tokens.total(now, window) / elapsed,
+            prompt_tokens_per_second=self._prompt_tokens.total(now, window) / elapsed,
+            error_rate=failed / finished if finished else None,
+            error_rate_by_type=by_type,
+        )
+
+
+class RequestTrace:
+    """The life of one request, from arrival to its verdict.
+
+    Times come from the collector's monotonic clock. ``queued_at`` (same clock) is when the
+    request arrived, ``started()`` when it left the queue; without them both are the moment
+    the trace was created. Use as a context manager to get a verdict even on exceptions.
+    """
+
+    __slots__ = (
+        "_arrived",
+        "_created",
+        "_done",
+        "_first_token",
+        "_generated",
+        "_last_token",
+        "_network",
+        "_prompt_tokens",
+        "_recorder",
+        "_stage",
+        "_started",
+    )
+
+    def __init__(
+        self,
+        recorder: InferenceRecorder,
+        prompt_tokens: int,
+        created: float,
+        queued_at: float | None,
+    ) -> None:
+        self._recorder = recorder
+        self._prompt_tokens = prompt_tokens
+        self._created = created
+        self._arrived = created if queued_at is None else queued_at
+        self._started: float | None = None
+        self._first_token: float | None = None
+        self._last_token: float | None = None
+        self._generated = 0
+        self._stage = 0.0
+        self._network = 0.0
+        self._done = False
+
+    @property
+    def generated_tokens(self) -> int:
+        return self._generated
+
+    def _ensure_started(self, now: float) -> None:
+        # Caller holds the lock. Queue time is known once the request has left the queue.
+        if self._started is None:
+            self._started = self._created
+            self._recorder._observe("queue", now, self._created - self._arrived)
+
+    def started(self) -> None:
+        """The request left the queue and began prefill."""
+        rec = self._recorder
+        now = rec._clock()
+        with rec._lock:
+            if self._started is None and not self._done:
+                self._started = now
+                rec._observe("queue", now, now - self._arrived)
+
+    def token(self, n: int = 1) -> None:
+        """``n`` tokens were generated; the first call marks the first token."""
+        if n <= 0:
+            return
+        rec = self._recorder
+        now = rec._clock()
+        with rec._lock:
+            if self._done:
+                return
+            self._ensure_started(now)
+            if self._first_token is None:
+                self._first_token = now
+                rec._observe("ttft", now, now - self._arrived)
+                assert self._started is not None
+                rec._observe("prefill", now, now - self._started)
+            elif self._last_token is not None:
+                # One sample per call: with n tokens per call, the mean gap per token.
+                rec._observe("inter_token", now, (now - self._last_token) / n)
+            self._last_token = now
+            self._generated += n
+            rec.generation_tokens_total += n
+            rec._tokens.add(now, n)
+
+    def stage_time(self, device_id: str, seconds: float) -> None:
+        """Compute time a worker reported for this request (summed over stages and steps)."""
+        with self._recorder._lock:
+            self._stage += seconds
+
+    def network_time(self, seconds: float) -> None:
+        """Time spent on the network for this request (summed)."""
+        with self._recorder._lock:
+            self._network += seconds
+
+    def finish(self, finished_reason: str) -> None:
+        """The request completed: ``finished_reason`` is ``stop``, ``length`` or ``abort``."""
+        if finished_reason not in FINISHED_REASONS:
+            raise ValueError(f"finished_reason must be one of {FINISHED_REASONS}")
+        rec = self._recorder
+        now = rec._clock()
+        with rec._lock:
+            if self._done:
+                return
+            self._close(now)
+            rec.success_total[finished_reason] += 1
+            e2e = now - self._arrived
+            rec._observe("e2e", now, e2e)
+            if self._first_token is not None:
+                rec._observe("decode", now, now - self._first_token)
+                if self._generated > 1:
+                    ttft = self._first_token - self._arrived
+                    rec._observe("time_per_output_token", now, (e2e - ttft) / (self._generated - 1))
+            if self._stage:
+                rec._observe("stage", now, self._stage)
+            if self._network:
+                rec._observe("network", now, self._network)
+            rec._histograms["request_prompt_tokens"].observe(self._prompt_tokens)
+            rec._histograms["request_generation_tokens"].observe(self._generated)
+
+    def fail(self, error_type: str, message: str = "") -> None:
+        """The request failed; ``error_type`` is a short class name (a bounded label)."""
+        rec = self._recorder
+        now = rec._clock()
+        wall = rec._wall_clock()
+        with rec._lock:
+            if self._done:
+                return
+            self._close(now)
+            error_type = rec._error_type(error_type)
+            rec.failure_total[error_type] = rec.failure_total.get(error_type, 0) + 1
+            rec._failed.add(now)
+            rec._failed_by_type.setdefault(error_type, RateWindow()).add(now)
+            rec._recent_errors.append(
+                RecentError(
+                    timestamp=wall, error_type=error_type, message=message[:MAX_ERROR_MESSAGE]
+                )
+            )
+        logger.debug("request failed: %s: %s", error_type, message)
+
+    def _close(self, now: float) -> None:
+        rec = self._recorder
+        self._done = True
+        self._ensure_started(now)
+        rec.running -= 1
+        rec._finished.add(now)
+
+    def __enter__(self) -> RequestTrace:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._done:
+            return
+        if exc is None or isinstance(exc, GeneratorExit):
+            self.finish("stop")
+        elif isinstance(exc, asyncio.CancelledError):
+            self.finish("abort")
+        else:
+            self.fail(type(exc).__name__, str(exc))
