@@ -1,0 +1,187 @@
+"""Errors of the OpenAI-compatible API, in OpenAI's shape.
+
+Every failure under ``/v1`` answers ``{"error": {"message", "type", "param", "code"}}`` with
+the status OpenAI uses, whatever raised it: a handler, a dependency (the bearer token), or
+FastAPI's body validation (answered 400, not FastAPI's 422). :class:`OpenAIRoute` does the
+translation for the routes of one router, so the rest of the app keeps its own error format.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+
+from mlx_relay.core.errors import (
+    InvalidRequest,
+    PipelineNotReady,
+    QueueFull,
+    RelayError,
+    WorkerUnavailable,
+)
+from mlx_relay.server.openai_models import ErrorBody, ErrorDetail
+
+logger = logging.getLogger(__name__)
+
+# Seconds a client is asked to wait before retrying a 429 or 503.
+RETRY_AFTER_SECONDS = 1
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape.
+
+    Args:
+        status: HTTP status code.
+        message: What went wrong, for the user.
+        param: The request field at fault, if any.
+        code: A machine-readable code (OpenAI's, where one exists).
+        error_type: Overrides the type derived from ``status``.
+        headers: Extra response headers (``Retry-After``, ``WWW-Authenticate``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type or _TYPE_BY_STATUS.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+        self.headers = headers or {}
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(
+            error=ErrorDetail(
+                message=self.message, type=self.error_type, param=self.param, code=self.code
+            )
+        )
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
+
+
+def from_relay_error(exc: RelayError) -> OpenAIError:
+    """Translate an error raised by the coordinator into the status a client should see."""
+    if isinstance(exc, InvalidRequest):
+        return OpenAIError(400, str(exc), param=exc.param)
+    if isinstance(exc, QueueFull):
+        return OpenAIError(
+            429,
+            f"the server is at capacity: {exc}",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    if isinstance(exc, PipelineNotReady | WorkerUnavailable):
+        return service_unavailable(str(exc))
+    logger.error("request failed: %s", exc)
+    return OpenAIError(500, f"inference failed: {exc}", error_type="server_error")
+
+
+def service_unavailable(message: str) -> OpenAIError:
+    return OpenAIError(
+        503,
+        f"the model is not ready to serve: {message}",
+        code="pipeline_not_ready",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+def from_validation_error(exc: RequestValidationError) -> OpenAIError:
+    """A body that is not JSON or does not fit the request model -> 400 naming the field."""
+    errors: Sequence[Any] = exc.errors()
+    if not errors:
+        return OpenAIError(400, "invalid request body")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return OpenAIError(400, "the request body is not valid JSON")
+    loc = [part for part in first.get("loc", ()) if part != "body"]
+    param = _param_path(loc)
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        return OpenAIError(400, f"missing required parameter '{param}'", param=param)
+    if not param:
+        return OpenAIError(400, f"invalid request body: {message}")
+    return OpenAIError(400, f"invalid '{param}': {message}", param=param)
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _is_type_tag(part: str) -> bool:
+    # Union members show up in pydantic's location as their type ("str", "list[int]",
+    # "TextPart"); field names are lower-case identifiers without brackets.
+    return part in _TYPE_TAGS or "[" in part or part.startswith("function-") or part[:1].isupper()
+
+
+def _param_path(loc: Sequence[Any]) -> str | None:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _is_type_tag(str(part)):
+            out += f".{part}" if out else str(part)
+    return out or None
+
+
+def from_http_exception(exc: HTTPException) -> OpenAIError:
+    """Errors raised by shared dependencies (the bearer token, rate limits) in OpenAI's shape."""
+    headers = dict(exc.headers or {})
+    if exc.status_code == 401:
+        return OpenAIError(
+            401,
+            "missing or invalid API key: send 'Authorization: Bearer <token>'",
+            code="invalid_api_key",
+            headers=headers,
+        )
+    return OpenAIError(exc.status_code, str(exc.detail), headers=headers)
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose every error, including body validation and dependency errors, is
+    answered in OpenAI's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OpenAIError as exc:
+                return exc.response()
+            except RequestValidationError as exc:
+                return from_validation_error(exc).response()
+            except HTTPException as exc:
+                return from_http_exception(exc).response()
+            except RelayError as exc:
+                return from_relay_error(exc).response()
+            except Exception:
+                # Answer in the API's shape; the traceback goes to the log, not the client.
+                logger.exception("unexpected error serving %s", request.url.path)
+                return OpenAIError(500, "internal server error").response()
+
+        return handle

@@ -1,0 +1,296 @@
+"""Request and response bodies of the OpenAI-compatible API (``/v1``).
+
+Requests accept the fields the official clients send; unknown fields are ignored so that a
+client that sends ``user`` or ``metadata`` keeps working. Fields that would change the result
+and that mlx-relay cannot honour are accepted only at their neutral value (see
+:func:`unsupported_values`), so a request never silently means something else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+MAX_TOP_LOGPROBS = 20
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # A string, a list of text parts, or null (an assistant turn that only called tools).
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Request):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)  # extension (vLLM, mlx-lm)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (vLLM)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 16:
+            raise ValueError("at most 16 stop sequences are supported")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not value:
+            raise ValueError("messages must contain at least one message")
+        return value
+
+    def token_limit(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else (self.max_tokens)
+        )
+
+
+class CompletionRequest(_GenerationRequest):
+    # A string, or token ids; a list of one of these (the batch form) holding one prompt.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+def unsupported_values(body: _GenerationRequest) -> tuple[str, str] | None:
+    """The first field set to a value mlx-relay cannot honour, as ``(param, message)``."""
+    checks: list[tuple[str, bool, str]] = [
+        ("n", body.n not in (None, 1), "only n=1 is supported"),
+        (
+            "presence_penalty",
+            body.presence_penalty not in (None, 0.0),
+            "presence_penalty is not supported; leave it at 0",
+        ),
+        (
+            "frequency_penalty",
+            body.frequency_penalty not in (None, 0.0),
+            "frequency_penalty is not supported; leave it at 0",
+        ),
+        (
+            "repetition_penalty",
+            body.repetition_penalty not in (None, 1.0),
+            "repetition_penalty is not supported; leave it at 1",
+        ),
+        ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
+        (
+            "stream_options",
+            body.stream_options is not None and not body.stream,
+            "stream_options is only allowed when stream is true",
+        ),
+    ]
+    if isinstance(body, ChatCompletionRequest):
+        response_type = (body.response_format or {}).get("type", "text")
+        checks += [
+            ("tools", bool(body.tools), "tool calling is not supported"),
+            ("functions", bool(body.functions), "function calling is not supported"),
+            (
+                "response_format",
+                response_type != "text",
+                f"response_format {response_type!r} is not supported; only 'text'",
+            ),
+            (
+                "top_logprobs",
+                bool(body.top_logprobs) and not body.logprobs,
+                "top_logprobs requires logprobs to be true",
+            ),
+        ]
+    if isinstance(body, CompletionRequest):
+        checks += [
+            ("echo", bool(body.echo), "echo is not supported"),
+            ("best_of", body.best_of not in (None, 1), "only best_of=1 is supported"),
+            ("suffix", bool(body.suffix), "suffix is not supported"),
+        ]
+    for param, bad, message in checks:
+        if bad:
+            return param, message
+    return None
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+class _Response(BaseModel):
+    pass
+
+
+class UsageInfo(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprobEntry(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprobEntry]
+
+
+class ChatLogprobs(_Response):
+    content: list[TokenLogprobEntry]
+    refusal: None = None
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(_Response):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    system_fingerprint: str | None = None
+
+
+class Delta(_Response):
+    """A streamed message fragment; fields that are not set are left out, as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="plain")
+    def _without_unset(self) -> dict[str, Any]:
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatChunkChoice(_Response):
+    index: int = 0
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(_Response):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(_Response):
+    """A text completion; streamed chunks have the same shape."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mlx-relay"
+    max_model_len: int | None = None  # extension (vLLM): the context length
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(_Response):
+    error: ErrorDetail
