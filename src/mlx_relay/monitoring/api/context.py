@@ -1,0 +1,67 @@
+"""What the monitoring routes read: the collector, the health monitor and the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client.registry import CollectorRegistry
+
+from mlx_relay.core.config import DashboardConfig
+from mlx_relay.monitoring.api.broadcast import SnapshotBroadcaster
+from mlx_relay.monitoring.api.views import ClusterHealth, LiveUpdate, cluster_health
+from mlx_relay.monitoring.health import HealthMonitor
+from mlx_relay.monitoring.metrics import MetricsCollector
+from mlx_relay.monitoring.security import BearerAuth
+from mlx_relay.monitoring.snapshot import HealthSummary, Snapshot
+
+
+@dataclass
+class MonitoringContext:
+    """The monitoring services one HTTP app serves.
+
+    Args:
+        collector: Source of the one snapshot.
+        health: This process's health monitor; None reports no local checks.
+        settings: Security settings (tokens, rate limit, CORS).
+        registry: The Prometheus registry ``/metrics`` renders.
+        update_interval: Seconds between WebSocket updates; default: the collection interval.
+    """
+
+    collector: MetricsCollector
+    health: HealthMonitor | None
+    settings: DashboardConfig
+    registry: CollectorRegistry
+    update_interval: float | None = None
+    auth: BearerAuth = field(init=False)
+    broadcaster: SnapshotBroadcaster = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.auth = BearerAuth(self.settings.auth_token)
+        interval = self.update_interval or self.collector.collection_interval
+        self.broadcaster = SnapshotBroadcaster(self.live_update, interval)
+
+    def snapshot(self) -> Snapshot:
+        return self.collector.snapshot()
+
+    def local_health(self) -> HealthSummary:
+        if self.health is not None:
+            return self.health.summary()
+        snapshot_time = self.collector.snapshot().timestamp
+        return HealthSummary(
+            device_id=self.collector.device_id,
+            timestamp=snapshot_time,
+            overall_status="unknown",
+            checks={},
+            transitions=[],
+        )
+
+    def cluster_health(self, snapshot: Snapshot | None = None) -> ClusterHealth:
+        return cluster_health(snapshot or self.snapshot(), self.local_health())
+
+    def live_update(self, kind: str, sequence: int) -> str:
+        """One WebSocket message as JSON text (built once per tick for every client)."""
+        snapshot = self.snapshot()
+        update = LiveUpdate.model_construct(
+            type=kind, sequence=sequence, snapshot=snapshot, health=self.cluster_health(snapshot)
+        )
+        return update.model_dump_json()

@@ -1,0 +1,73 @@
+"""Adds the monitoring routes to an app: the composition root of the monitoring HTTP API."""
+
+from __future__ import annotations
+
+from fastapi import Depends, FastAPI
+from prometheus_client.registry import CollectorRegistry
+
+from mlx_relay.core.config import DashboardConfig
+from mlx_relay.monitoring.api import devices, exposition, health, metrics, page, stats, throughput
+from mlx_relay.monitoring.api import ws as ws_routes
+from mlx_relay.monitoring.api.context import MonitoringContext
+from mlx_relay.monitoring.api.deps import STATE_ATTRIBUTE
+from mlx_relay.monitoring.health import HealthMonitor
+from mlx_relay.monitoring.metrics import MetricsCollector
+from mlx_relay.monitoring.prometheus import RelayCollector
+from mlx_relay.monitoring.security import (
+    RateLimit,
+    TokenBucketLimiter,
+    install_cors,
+    metrics_auth,
+)
+
+API_ROUTERS = (metrics.router, health.router, devices.router, throughput.router, stats.router)
+
+
+def mount_monitoring(
+    app: FastAPI,
+    metrics_collector: MetricsCollector,
+    health_monitor: HealthMonitor | None,
+    settings: DashboardConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    update_interval: float | None = None,
+) -> MonitoringContext:
+    """Serve ``/``, ``/static``, ``/api/*``, ``/ws`` and ``/metrics`` from ``app``.
+
+    Call it while building the app (it may add the CORS middleware). ``/``, ``/api/*`` and
+    ``/ws`` require ``settings.auth_token`` when set; ``/api/*`` is rate limited per client;
+    ``/metrics`` follows ``metrics_token`` / ``metrics_open``.
+
+    Args:
+        app: The app to extend.
+        metrics_collector: Source of the snapshot.
+        health_monitor: This process's health checks, if any.
+        settings: Tokens, rate limit and CORS origins.
+        registry: Prometheus registry for ``/metrics``; a fresh one by default.
+        update_interval: WebSocket update period; default: the collection interval.
+
+    Returns:
+        The context the routes read (its ``broadcaster`` shows the live clients).
+    """
+    registry = registry if registry is not None else CollectorRegistry()
+    health_source = health_monitor.summary if health_monitor is not None else None
+    RelayCollector(metrics_collector.snapshot, health_source, registry=registry)
+    context = MonitoringContext(
+        collector=metrics_collector,
+        health=health_monitor,
+        settings=settings,
+        registry=registry,
+        update_interval=update_interval,
+    )
+    setattr(app.state, STATE_ATTRIBUTE, context)
+
+    auth = Depends(context.auth)
+    limit = Depends(RateLimit(TokenBucketLimiter(settings.rate_limit_per_minute)))
+    for router in API_ROUTERS:
+        app.include_router(router, dependencies=[limit, auth])
+    app.include_router(page.router, dependencies=[auth])
+    app.include_router(ws_routes.router)  # checks the token itself: see ws.py
+    app.include_router(exposition.router, dependencies=[Depends(metrics_auth(settings))])
+    app.mount(page.STATIC_PATH, page.static_files(), name="monitoring-static")
+    install_cors(app, settings)
+    return context

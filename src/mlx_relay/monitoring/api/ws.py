@@ -1,0 +1,23 @@
+"""``WebSocket /ws``: the full snapshot on connect, then an update every interval."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, WebSocket, status
+
+from mlx_relay.monitoring.api.deps import ContextDep
+
+router = APIRouter(tags=["monitoring"])
+
+
+@router.websocket("/ws")
+async def live_updates(websocket: WebSocket, context: ContextDep) -> None:
+    """Each message is a :class:`~mlx_relay.monitoring.api.views.LiveUpdate` as JSON.
+
+    With a token configured, present it as ``Authorization: Bearer`` or ``?token=``; a
+    refused handshake is closed with code 1008 (policy violation) before it is accepted.
+    """
+    if not context.auth.allows_websocket(websocket):
+        await websocket.close(code=status.WS_1008_POLICY_VIOLATION)
+        return
+    await websocket.accept()
+    await context.broadcaster.serve(websocket)

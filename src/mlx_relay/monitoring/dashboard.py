@@ -1,0 +1,191 @@
+"""The standalone monitoring dashboard: the monitoring routes on their own uvicorn server.
+
+The coordinator serves the same routes from its one HTTP app (see
+:func:`mlx_relay.monitoring.api.mount_monitoring`); this module is for a process that only
+monitors.
+
+Example::
+
+    dashboard = MonitoringDashboard(collector, health, port=0)
+    await dashboard.start()
+    print(dashboard.url)
+    ...
+    await dashboard.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+from mlx_relay import __version__
+from mlx_relay.core.config import DashboardConfig
+from mlx_relay.monitoring.api import MonitoringContext, mount_monitoring
+from mlx_relay.monitoring.health import HealthMonitor
+from mlx_relay.monitoring.metrics import MetricsCollector
+from mlx_relay.monitoring.security import warn_if_exposed
+
+logger = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_SECONDS = 3
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves the host program's signal handlers alone."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket bound to ``host:port`` (port 0 picks a free port)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def build_dashboard_app(
+    metrics_collector: MetricsCollector,
+    health_monitor: HealthMonitor | None,
+    config: DashboardConfig,
+    *,
+    update_interval: float | None = None,
+) -> tuple[FastAPI, MonitoringContext]:
+    """A FastAPI app serving only the monitoring routes."""
+    app = FastAPI(
+        title="mlx-relay monitoring",
+        version=__version__,
+        description="Metrics, health, devices and throughput of an mlx-relay cluster.",
+    )
+    context = mount_monitoring(
+        app, metrics_collector, health_monitor, config, update_interval=update_interval
+    )
+    return app, context
+
+
+class MonitoringDashboard:
+    """Web dashboard, REST API, WebSocket and ``/metrics`` on one uvicorn server.
+
+    Args:
+        metrics_collector: Source of the snapshot.
+        health_monitor: This process's health checks (may be None).
+        host: Address to bind; default ``config.host`` (127.0.0.1).
+        port: Port to bind, 0 for any free port; default ``config.port`` (8080).
+        config: Security settings; default: no token, loopback only.
+        update_interval: WebSocket update period; default: the collection interval.
+    """
+
+    def __init__(
+        self,
+        metrics_collector: MetricsCollector,
+        health_monitor: HealthMonitor | None,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        config: DashboardConfig | None = None,
+        update_interval: float | None = None,
+    ) -> None:
+        config = config or DashboardConfig()
+        self.host = host if host is not None else config.host
+        self._requested_port = port if port is not None else config.port
+        self.config = config
+        self.app, self.context = build_dashboard_app(
+            metrics_collector, health_monitor, config, update_interval=update_interval
+        )
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (the requested one before)."""
+        if self._server is not None and self._server.servers:
+            for server in self._server.servers:
+                for sock in server.sockets:
+                    return int(sock.getsockname()[1])
+        return self._requested_port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and serve in the background; returns once the server accepts connections.
+
+        Raises:
+            OSError: The address cannot be bound.
+        """
+        if self._task is not None:
+            return
+        warn_if_exposed(self.host, self.config)
+        # Bind here, not in uvicorn, so a busy port is an OSError rather than a SystemExit.
+        sock = bind_socket(self.host, self._requested_port)
+        server_config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
+        server = _EmbeddedServer(server_config)
+        self._server = server
+        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="monitoring-dashboard")
+        while not server.started:
+            if self._task.done():
+                task, self._task, self._server = self._task, None, None
+                sock.close()
+                await task  # raises what stopped it
+                raise OSError(f"monitoring dashboard on {self.url} stopped while starting")
+            await asyncio.sleep(0.01)
+        logger.info("monitoring dashboard on %s", self.url)
+
+    async def stop(self) -> None:
+        """Close live clients, stop accepting connections and wait for the server to end."""
+        task, server = self._task, self._server
+        if task is None or server is None:
+            return
+        await self.context.broadcaster.close()
+        server.should_exit = True
+        try:
+            await task
+        finally:
+            self._task = None
+            self._server = None
+        logger.info("monitoring dashboard stopped")
+
+    async def serve_forever(self) -> None:
+        """Start, then serve until cancelled; stops cleanly either way."""
+        await self.start()
+        try:
+            assert self._task is not None
+            await asyncio.shield(self._task)
+        finally:
+            await self.stop()
+
+
+async def start_monitoring_dashboard(
+    metrics_collector: MetricsCollector,
+    health_monitor: HealthMonitor | None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    config: DashboardConfig | None = None,
+) -> None:
+    """Serve the dashboard for ``metrics_collector`` and ``health_monitor`` until cancelled."""
+    dashboard = MonitoringDashboard(metrics_collector, health_monitor, host, port, config=config)
+    await dashboard.serve_forever()

@@ -1,0 +1,196 @@
+"""Security defaults of the HTTP app: bearer tokens, a per-client rate limit, CORS, exposure.
+
+Settings come from :class:`~mlx_relay.core.config.DashboardConfig`, built at the entry point;
+nothing here reads the environment. Tokens are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from fastapi import FastAPI, HTTPException, Request, WebSocket, status
+from fastapi.middleware.cors import CORSMiddleware
+
+from mlx_relay.core.config import DashboardConfig
+
+logger = logging.getLogger(__name__)
+
+TOKEN_QUERY_PARAM = "token"
+
+
+def tokens_match(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of a presented token with the configured one."""
+    if given is None:
+        return False
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def presented_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The token a client presented: ``Authorization: Bearer <t>`` first, else ``?token=<t>``.
+
+    The query form exists for browsers: a page link and a WebSocket cannot set headers.
+    """
+    header = headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return query.get(TOKEN_QUERY_PARAM) or None
+
+
+class BearerAuth:
+    """A FastAPI dependency that requires ``token`` (no-op when ``token`` is None).
+
+    Args:
+        token: The expected token; None leaves the route open.
+        realm: Named in the ``WWW-Authenticate`` challenge.
+    """
+
+    def __init__(self, token: str | None, realm: str = "mlx-relay") -> None:
+        self.token = token
+        self.realm = realm
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None
+
+    def allows(self, headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
+        if self.token is None:
+            return True
+        return tokens_match(presented_token(headers, query), self.token)
+
+    async def __call__(self, request: Request) -> None:
+        if not self.allows(request.headers, request.query_params):
+            raise HTTPException(
+                status_code=status.HTTP_401_UNAUTHORIZED,
+                detail="missing or invalid bearer token",
+                headers={"WWW-Authenticate": f'Bearer realm="{self.realm}"'},
+            )
+
+    def allows_websocket(self, websocket: WebSocket) -> bool:
+        return self.allows(websocket.headers, websocket.query_params)
+
+
+def metrics_auth(settings: DashboardConfig) -> BearerAuth:
+    """The guard of ``/metrics``: open when ``metrics_open``, else its own token or the app's."""
+    if settings.metrics_open:
+        return BearerAuth(None)
+    return BearerAuth(settings.metrics_token or settings.auth_token, realm="mlx-relay-metrics")
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class TokenBucketLimiter:
+    """Per-client token buckets: ``per_minute`` requests a minute, bursts up to ``burst``.
+
+    Memory is bounded: at most ``max_clients`` buckets, least recently used dropped first (a
+    dropped client simply starts again with a full bucket).
+
+    Args:
+        per_minute: Sustained rate per client.
+        burst: Bucket size; defaults to ``per_minute``.
+        clock: Monotonic clock, injectable for tests.
+        max_clients: Buckets kept at most.
+    """
+
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        burst: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
+    ) -> None:
+        if per_minute < 1:
+            raise ValueError("per_minute must be at least 1")
+        self.rate = per_minute / 60.0
+        self.capacity = float(burst if burst is not None else per_minute)
+        self._clock = clock
+        self._max_clients = max_clients
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def acquire(self, client: str) -> float:
+        """Take one token for ``client``; returns 0 when allowed, else seconds until allowed."""
+        now = self._clock()
+        bucket = self._buckets.pop(client, None)
+        if bucket is None:
+            bucket = _Bucket(self.capacity, now)
+        bucket.tokens = min(self.capacity, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        self._buckets[client] = bucket
+        while len(self._buckets) > self._max_clients:
+            self._buckets.popitem(last=False)
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self.rate
+
+
+class RateLimit:
+    """A FastAPI dependency answering 429 with ``Retry-After`` past the per-client limit."""
+
+    def __init__(self, limiter: TokenBucketLimiter) -> None:
+        self.limiter = limiter
+
+    async def __call__(self, request: Request) -> None:
+        client = request.client.host if request.client else "unknown"
+        wait = self.limiter.acquire(client)
+        if wait > 0:
+            raise HTTPException(
+                status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+                detail="rate limit exceeded",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+
+def install_cors(app: FastAPI, settings: DashboardConfig) -> bool:
+    """Add CORS only when origins are configured; by default browsers get no CORS headers."""
+    if not settings.cors_origins:
+        return False
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type"],
+    )
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: may resolve to anything
+
+
+def exposure_warning(host: str, settings: DashboardConfig) -> str | None:
+    """A warning when the app would be reachable from the network without a token."""
+    if is_loopback(host) or settings.auth_token:
+        return None
+    return (
+        f"WARNING: binding {host} with no auth token: anyone who can reach this address can "
+        "read the monitoring data and use the API. Set monitoring.dashboard.auth_token "
+        "(or MLX_RELAY_AUTH_TOKEN / --token), or bind 127.0.0.1."
+    )
+
+
+def warn_if_exposed(host: str, settings: DashboardConfig) -> str | None:
+    """Log :func:`exposure_warning` loudly; returns it so a CLI can also print it."""
+    message = exposure_warning(host, settings)
+    if message:
+        logger.warning("%s", message)
+    return message
