@@ -1,0 +1,76 @@
+"""``mlx-relay worker``: run one worker (one pipeline stage) until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any
+
+from mlx_relay.worker.worker_server import WorkerServer
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "worker",
+        help="run one worker of a cluster",
+        description=(
+            "Serve one worker's layers over gRPC until interrupted (SIGINT or SIGTERM stop "
+            "it gracefully). The worker binds its port first and reports NOT_SERVING on "
+            "grpc.health.v1 until its layers are loaded."
+        ),
+    )
+    parser.add_argument("--config", "-c", required=True, help="cluster configuration (YAML)")
+    parser.add_argument(
+        "--device-id", "-d", default=None, help="which worker of the config (default: the first)"
+    )
+    parser.add_argument(
+        "--no-monitoring", action="store_true", help="run without metrics and health collection"
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds in-flight calls may finish when stopping (default: 5)",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    server = WorkerServer(args.config, args.device_id, enable_monitoring=not args.no_monitoring)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop_requested.set)
+    try:
+        await server.start()
+        print(
+            f"worker {server.device_id} (stage {server.stage}) listening on {server.address}, "
+            "loading its layers...",
+            file=sys.stderr,
+        )
+        ready = asyncio.create_task(server.wait_until_ready())
+        stopping = asyncio.create_task(stop_requested.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            ready.result()
+            print(
+                f"worker {server.device_id} serving layers {server.layer_range} "
+                f"on {server.address}",
+                file=sys.stderr,
+            )
+            await stopping
+        else:
+            ready.cancel()
+        print(f"worker {server.device_id} stopping", file=sys.stderr)
+    finally:
+        await server.stop(grace=args.grace)
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0

@@ -1,0 +1,218 @@
+"""The ``mlxrelay.v1.Worker`` gRPC service: typed errors become status codes here.
+
+Status codes a caller can see:
+INVALID_ARGUMENT (malformed entry, wrong dtype/shape/byte length, token id outside the
+vocabulary, position not equal to the cached length, more positions than
+``max_prompt_tokens`` or than the model's context), NOT_FOUND (a step past position 0 for
+a request this stage holds no session for), RESOURCE_EXHAUSTED (``max_sessions`` reached;
+grpc itself for messages over ``max_message_mb``), UNAVAILABLE (model still loading or
+worker stopping), FAILED_PRECONDITION (model failed to load), UNAUTHENTICATED (missing or
+wrong bearer token when ``network.auth_token`` is set), INTERNAL (a bug; logged).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from mlx_relay.core.errors import InvalidRequest, RelayError, ShardMismatch
+from mlx_relay.core.types import LayerRange
+from mlx_relay.proto import relay_pb2 as pb
+from mlx_relay.proto import relay_pb2_grpc as pb_grpc
+from mlx_relay.worker.executor import MLXExecutor
+from mlx_relay.worker.sessions import SessionLimitReached, SessionNotFound
+from mlx_relay.worker.stage import ForwardOutcome, StageRuntime
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "mlxrelay.v1.Worker"
+
+
+def status_code_for(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code a typed error maps to."""
+    if isinstance(exc, SessionNotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, SessionLimitReached):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, InvalidRequest | ShardMismatch):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+@dataclass
+class WorkerState:
+    """What the service reads and the worker's lifecycle writes, shared on the event loop."""
+
+    device_id: str
+    stage: int
+    executor: MLXExecutor
+    collector: Any = None
+    health: Any = None
+    layer_range: LayerRange | None = None
+    model_info: Any = None
+    runtime: StageRuntime | None = None
+    load_error: BaseException | None = None
+    stopping: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+    _reported_sessions: int = -1
+
+    @property
+    def kv_sessions(self) -> int:
+        return len(self.runtime.sessions) if self.runtime is not None else 0
+
+    def report_sessions(self) -> None:
+        """Tell the collector the session count when it changed."""
+        count = self.kv_sessions
+        if self.collector is not None and count != self._reported_sessions:
+            self.collector.set_kv_sessions(count)
+        self._reported_sessions = count
+
+    def health_status(self) -> str:
+        if self.health is None:
+            return "unknown"
+        status = self.health.overall_status
+        return str(getattr(status, "value", status))
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    """Forward, EndSession, Ping and GetStatus over one :class:`WorkerState`."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+
+    async def _runtime(self, context: grpc.aio.ServicerContext) -> StageRuntime:
+        state = self.state
+        if state.stopping:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"worker {state.device_id} is stopping"
+            )
+        if state.load_error is not None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {state.device_id} failed to load its model: {state.load_error}",
+            )
+        if state.runtime is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"worker {state.device_id} is still loading its model"
+            )
+        assert state.runtime is not None
+        return state.runtime
+
+    async def Forward(
+        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ForwardResponse:
+        runtime = await self._runtime(context)
+        try:
+            checked = runtime.check(request)
+            outcome = await self.state.executor.run(runtime.forward, checked)
+        except RelayError as exc:
+            code = status_code_for(exc)
+            logger.info("Forward rejected with %s: %s", code.name, exc)
+            await context.abort(code, str(exc))
+        except Exception as exc:
+            if self.state.executor.closed:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is stopping")
+            logger.exception("Forward failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"forward failed: {exc}")
+        self._record(outcome)
+        return pb.ForwardResponse(
+            results=outcome.results,
+            device_id=self.state.device_id,
+            compute_seconds=outcome.compute_seconds,
+        )
+
+    def _record(self, outcome: ForwardOutcome) -> None:
+        collector = self.state.collector
+        if collector is not None:
+            for seconds, length in zip(outcome.entry_seconds, outcome.lengths, strict=True):
+                phase = "prefill" if length > 1 else "decode"
+                collector.record_stage_forward(self.state.stage, phase, seconds, length)
+        self.state.report_sessions()
+
+    async def EndSession(
+        self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EndSessionResponse:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must not be empty")
+        runtime = self.state.runtime
+        existed = runtime.sessions.end(request.request_id) if runtime is not None else False
+        self.state.report_sessions()
+        return pb.EndSessionResponse(request_id=request.request_id, existed=existed)
+
+    async def Ping(
+        self, request: pb.PingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PingResponse:
+        return pb.PingResponse(
+            request_id=request.request_id,
+            payload=request.payload,
+            sent_at=request.sent_at,
+            device_id=self.state.device_id,
+        )
+
+    async def GetStatus(
+        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatusResponse:
+        state = self.state
+        response = pb.StatusResponse(
+            request_id=request.request_id,
+            device_id=state.device_id,
+            stage=state.stage,
+            model_loaded=state.runtime is not None,
+            kv_sessions=state.kv_sessions,
+            health_status=state.health_status(),
+            uptime_seconds=time.monotonic() - state.started_at,
+        )
+        if state.layer_range is not None:
+            response.layer_start = state.layer_range.start
+            response.layer_end = state.layer_range.end
+        if state.model_info is not None:
+            response.num_layers = state.model_info.num_layers
+            response.model_name = state.model_info.name
+            response.hidden_size = state.model_info.hidden_size
+        if state.runtime is not None:
+            response.hidden_size = state.runtime.hidden_size
+            response.dtype = state.runtime.input_dtype
+        if state.collector is not None:
+            response.metrics_json = json.dumps(state.collector.export_metrics(), default=str)
+        if state.health is not None:
+            response.health_json = json.dumps(state.health.get_health_summary(), default=str)
+        return response
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on the Worker service's methods.
+
+    The health service stays open so that orchestrators and probes can see a worker
+    without holding the token.
+    """
+
+    def __init__(self, token: str, service: str = SERVICE_NAME) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._prefix = f"/{service}/"
+        self._deny = grpc.unary_unary_rpc_method_handler(_unauthenticated)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if handler_call_details.method.startswith(self._prefix):
+            metadata = handler_call_details.invocation_metadata or ()
+            given = next((str(v) for k, v in metadata if k == "authorization"), "")
+            if not hmac.compare_digest(given.encode(), self._expected):
+                return self._deny
+        return await continuation(handler_call_details)
+
+
+async def _unauthenticated(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "this worker requires 'authorization: Bearer <network.auth_token>' metadata",
+    )

@@ -1,0 +1,218 @@
+"""One pipeline stage: its shard, its KV sessions, and the checks every Forward entry passes.
+
+:meth:`StageRuntime.check` is pure and runs on the event loop, so a malformed message is
+rejected before it waits behind other requests on the MLX thread. :meth:`StageRuntime.load`
+and :meth:`StageRuntime.forward` run on the MLX thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlx_relay.core.errors import InvalidRequest
+from mlx_relay.core.types import LayerRange
+from mlx_relay.proto import relay_pb2 as pb
+from mlx_relay.worker import codec
+from mlx_relay.worker.sessions import KVSessionStore, Step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageLimits:
+    """What one stage accepts (from ``inference`` in the cluster config)."""
+
+    max_prompt_tokens: int
+    max_sessions: int
+    session_ttl_seconds: float
+    max_context: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckedEntry:
+    """A Forward entry that passed the static checks; ``length`` is its number of positions."""
+
+    entry: pb.ForwardEntry
+    length: int
+    sampling: Any = None
+
+
+@dataclass
+class ForwardOutcome:
+    """What one Forward call produced on the MLX thread."""
+
+    results: list[pb.ForwardResult]
+    compute_seconds: float
+    entry_seconds: list[float]
+    lengths: list[int]
+
+
+class StageRuntime:
+    """A loaded shard plus its KV sessions.
+
+    Args:
+        shard: the stage's layers (``mlx_relay.model.shard.Shard``).
+        limits: the stage's request limits.
+    """
+
+    def __init__(self, shard: Any, limits: StageLimits) -> None:
+        self.shard = shard
+        self.limits = limits
+        self.is_first: bool = shard.is_first
+        self.is_last: bool = shard.is_last
+        self.hidden_size: int = shard.hidden_size
+        self.vocab_size: int = shard.vocab_size
+        self.dtype: str = _wire_dtype(shard.dtype)
+        self.sessions = KVSessionStore(
+            shard.make_cache,
+            max_sessions=limits.max_sessions,
+            ttl_seconds=limits.session_ttl_seconds,
+            max_length=limits.max_context,
+        )
+
+    @classmethod
+    def load(cls, model_dir: Path, layer_range: LayerRange, limits: StageLimits) -> StageRuntime:
+        """Load only ``layer_range`` of the model in ``model_dir`` (MLX thread)."""
+        from mlx_relay.model.shard import Shard
+
+        started = time.perf_counter()
+        shard = Shard.load(model_dir, layer_range)
+        runtime = cls(shard, limits)
+        logger.info(
+            "loaded layers %s of %s in %.2fs (first=%s last=%s dtype=%s)",
+            layer_range,
+            model_dir,
+            time.perf_counter() - started,
+            runtime.is_first,
+            runtime.is_last,
+            runtime.dtype,
+        )
+        return runtime
+
+    @property
+    def input_dtype(self) -> str:
+        return "int32" if self.is_first else self.dtype
+
+    def check(self, request: pb.ForwardRequest) -> list[CheckedEntry]:
+        """Check every entry's request id, tensor and length without touching MLX.
+
+        Raises:
+            InvalidRequest: the first problem found, naming the entry's request id.
+        """
+        if not request.entries:
+            raise InvalidRequest("a Forward request needs at least one entry")
+        checked = []
+        for entry in request.entries:
+            rid = entry.request_id
+            if not rid:
+                raise InvalidRequest("request_id must not be empty")
+            if entry.position < 0:
+                raise InvalidRequest(f"request {rid!r}: position must be >= 0")
+            if not entry.HasField("tensor"):
+                raise InvalidRequest(f"request {rid!r}: the entry carries no tensor")
+            shape: tuple[int | None, ...] = (
+                (1, None) if self.is_first else (1, None, self.hidden_size)
+            )
+            what = f"request {rid!r}: " + ("token ids" if self.is_first else "hidden states")
+            got = codec.check_tensor(entry.tensor, dtype=self.input_dtype, shape=shape, what=what)
+            length = got[1]
+            if length > self.limits.max_prompt_tokens:
+                raise InvalidRequest(
+                    f"request {rid!r}: {length} positions in one step exceed "
+                    f"max_prompt_tokens = {self.limits.max_prompt_tokens}"
+                )
+            if self.is_first:
+                ids = codec.to_numpy(entry.tensor)
+                low, high = int(ids.min()), int(ids.max())
+                if low < 0 or high >= self.vocab_size:
+                    bad = low if low < 0 else high
+                    raise InvalidRequest(
+                        f"request {rid!r}: token id {bad} is outside the vocabulary "
+                        f"[0, {self.vocab_size})"
+                    )
+            sampling = None
+            if self.is_last:
+                try:
+                    sampling = sampling_params(entry.sampling)
+                except InvalidRequest as exc:
+                    raise InvalidRequest(f"request {rid!r}: {exc}", param=exc.param) from None
+            checked.append(CheckedEntry(entry, length, sampling))
+        return checked
+
+    def forward(self, entries: Sequence[CheckedEntry]) -> ForwardOutcome:
+        """Run checked entries through the shard one by one (MLX thread).
+
+        Raises:
+            SessionNotFound, PositionMismatch, ContextOverflow, SessionLimitReached: the
+                entries do not fit the sessions; nothing was computed.
+        """
+        import mlx.core as mx
+
+        from mlx_relay.model.sampling import sample
+
+        started = time.perf_counter()
+        sessions = self.sessions.open(
+            [Step(c.entry.request_id, int(c.entry.position), c.length) for c in entries]
+        )
+        results: list[pb.ForwardResult] = []
+        seconds: list[float] = []
+        try:
+            for checked, session in zip(entries, sessions, strict=True):
+                entry_started = time.perf_counter()
+                entry = checked.entry
+                output = self.shard(codec.decode(entry.tensor), session.cache)
+                result = pb.ForwardResult(request_id=entry.request_id)
+                if self.is_last:
+                    token = sample(output[0, -1], checked.sampling, int(entry.step))
+                    result.token_id = int(token.token_id)
+                    result.logprob = float(token.logprob)
+                    result.top_logprobs.extend(
+                        pb.TopLogprob(token_id=int(t), logprob=float(lp))
+                        for t, lp in token.top_logprobs
+                    )
+                else:
+                    hidden = output.astype(self.shard.dtype)
+                    mx.eval(hidden)
+                    result.tensor.CopyFrom(codec.encode(hidden))
+                result.cached_tokens = self.sessions.advance(session, checked.length)
+                results.append(result)
+                seconds.append(time.perf_counter() - entry_started)
+        except Exception:
+            # A failed step may leave a cache half-written: these sessions cannot continue.
+            for session in sessions:
+                self.sessions.end(session.request_id)
+            raise
+        return ForwardOutcome(
+            results, time.perf_counter() - started, seconds, [c.length for c in entries]
+        )
+
+
+def sampling_params(message: pb.SamplingParams) -> Any:
+    """The model layer's sampling parameters from their wire form.
+
+    An unset ``top_p`` (0 on the wire) means 1 (off), so an empty message is greedy.
+
+    Raises:
+        InvalidRequest: a parameter is out of range.
+    """
+    from mlx_relay.model.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=float(message.temperature),
+        top_p=float(message.top_p) if message.top_p != 0 else 1.0,
+        top_k=int(message.top_k),
+        seed=int(message.seed) if message.has_seed else None,
+        top_logprobs=int(message.top_logprobs),
+    )
+
+
+def _wire_dtype(dtype: Any) -> str:
+    if isinstance(dtype, str):
+        codec.itemsize(dtype)
+        return dtype
+    return codec.dtype_name(dtype)
