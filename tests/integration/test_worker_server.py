@@ -146,6 +146,40 @@ async def test_health_is_not_serving_until_layers_are_loaded(
         await server.stop()
 
 
+async def wait_for_health(channel: grpc.aio.Channel, expected: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    status = await health_status(channel)
+    while status != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        status = await health_status(channel)
+    assert status == expected
+
+
+async def test_critical_health_turns_not_serving_and_back(tiny_model_dir: Path) -> None:
+    from mlx_relay.monitoring import HealthCheck, HealthStatus
+
+    config = worker_config(tiny_model_dir, [(0, 4)], monitoring={"collection_interval": 0.1})
+    async with running_workers(config, enable_monitoring=True) as (worker,):
+        health = worker.server.health
+        # Only the forced check decides: this machine's real load must not.
+        for name in ("system_resources", "process_health"):
+            health.unregister_check(name)
+        verdict = {"status": HealthStatus.HEALTHY}
+
+        def forced() -> dict[str, Any]:
+            return {"status": verdict["status"], "message": "forced by the test", "details": {}}
+
+        health.register_check(HealthCheck("forced", "test verdict", forced, 0.05))
+        await wait_for_health(worker.channel, SERVING)
+        verdict["status"] = HealthStatus.CRITICAL
+        await wait_for_health(worker.channel, NOT_SERVING)
+        status = await worker.stub.GetStatus(pb.StatusRequest())
+        assert status.health_status == "critical" and status.model_loaded
+        verdict["status"] = HealthStatus.WARNING
+        await wait_for_health(worker.channel, SERVING)
+        assert (await worker.stub.GetStatus(pb.StatusRequest())).health_status == "warning"
+
+
 async def test_failed_load_is_reported(tiny_model_dir: Path) -> None:
     # Layers past the model's end: the config is valid, the model does not fit it.
     config = worker_config(tiny_model_dir, [(0, 6)])
