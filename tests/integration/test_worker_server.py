@@ -19,10 +19,12 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlx_relay.core.errors import ConfigError, WorkerUnavailable
+from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.errors import ConfigError, PipelineNotReady, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.generate import generate_tokens
 from mlx_relay.model.load import load_model
+from mlx_relay.model.partition import assign_layers
 from mlx_relay.model.sampling import SamplingParams
 from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
@@ -309,6 +311,22 @@ def test_device_selection(tiny_model_dir: Path) -> None:
     assert (second.device_id, second.stage, second.layer_range) == ("w1", 1, LayerRange(2, 4))
     with pytest.raises(ConfigError, match="no device 'w9'"):
         WorkerServer(config, "w9")
+
+
+async def test_auto_layers_are_known_after_loading(tiny_model_dir: Path) -> None:
+    config = ClusterConfig.from_dict(
+        {
+            "model": {"path": str(tiny_model_dir)},
+            "devices": [{"id": f"w{i}", "port": 0, "layers": "auto"} for i in range(2)],
+        }
+    )
+    server = WorkerServer(config, "w1", enable_monitoring=False)
+    with pytest.raises(PipelineNotReady):
+        _ = server.layer_range
+    async with server:
+        assert server.ready and server.port > 0
+        assert server.layer_range == assign_layers(config, 4)["w1"] == LayerRange(2, 4)
+    assert not server.ready
 
 
 async def test_port_in_use_is_a_clear_error(tiny_model_dir: Path) -> None:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from mlx_relay.core.config import ClusterConfig
-from mlx_relay.core.errors import ConfigError, ShardMismatch, WorkerUnavailable
+from mlx_relay.core.errors import ConfigError, PipelineNotReady, ShardMismatch, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
 from mlx_relay.worker.executor import MLXExecutor
@@ -100,8 +100,6 @@ class WorkerServer:
             PipelineNotReady: the config says ``auto`` and the model has not been read yet.
         """
         if self._state.layer_range is None:
-            from mlx_relay.core.errors import PipelineNotReady
-
             raise PipelineNotReady(
                 f"worker {self.device_id}: layers are 'auto' and the model is not read yet"
             )
@@ -165,7 +163,8 @@ class WorkerServer:
             await self.wait_until_ready()
 
     async def wait_until_ready(self, timeout: float | None = None) -> None:
-        """Wait until the layers are loaded and health is SERVING.
+        """Wait until the layers are loaded (health is SERVING from then on unless the
+        HealthMonitor reports CRITICAL).
 
         Raises:
             RelayError: loading failed (e.g. ModelNotFound, ShardMismatch).
@@ -201,7 +200,11 @@ class WorkerServer:
         logger.info("worker %s stopped", self.device_id)
 
     async def __aenter__(self) -> WorkerServer:
-        await self.start(wait=True)
+        try:
+            await self.start(wait=True)
+        except BaseException:
+            await self.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
