@@ -10,6 +10,8 @@ never a made-up 0.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
@@ -305,7 +307,7 @@ class CheckResultSnap(_Snap):
     description: str = ""
     status: str = Field(description="healthy|warning|critical|unknown.")
     message: str = Field(default="", description="Human-readable verdict.")
-    details: dict[str, object] = Field(default_factory=dict, description="Check-specific data.")
+    details: dict[str, Any] = Field(default_factory=dict, description="Check-specific data.")
     last_run_timestamp: float | None = Field(
         default=None, description="Last completion, unix seconds."
     )
