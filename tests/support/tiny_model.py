@@ -45,6 +45,7 @@ def make_tiny_model_dir(
     seed: int = 0,
     hidden_size: int = 64,
     quantize: bool = False,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write a tiny random-weight model directory that mlx-relay and mlx-lm can load.
 
@@ -55,6 +56,7 @@ def make_tiny_model_dir(
         seed: Seed of the random weights.
         hidden_size: Model width (a multiple of 32 when ``quantize``).
         quantize: Quantize linear layers and the embedding to 4 bits (group size 32).
+        config_overrides: Extra config.json entries (e.g. sliding-window layer types).
 
     Returns:
         ``path``.
@@ -67,6 +69,7 @@ def make_tiny_model_dir(
     vocab_size = tokenizer.get_vocab_size()
     config = _config(arch, num_layers, hidden_size, vocab_size)
     config["eos_token_id"] = tokenizer.token_to_id(EOS_TOKEN)
+    config.update(config_overrides or {})
 
     module = importlib.import_module(f"mlx_lm.models.{'llama' if arch == 'mistral' else arch}")
     mx.random.seed(seed)
@@ -143,3 +146,93 @@ def _write_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+
+
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def _interleave(weight: mx.array, heads: int) -> mx.array:
+    """llama.cpp's q/k row order: each head's two rotary halves interleaved."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_gguf(
+    model_dir: Path, out: Path, arch: str = "llama", extra: dict[str, Any] | None = None
+) -> Path:
+    """Write the unquantized llama-family model in ``model_dir`` as llama.cpp would.
+
+    q/k rows are permuted for interleaved rotary embeddings and the tokenizer goes into the
+    ``tokenizer.ggml.*`` metadata. ``arch`` names the GGUF architecture; ``extra`` adds
+    tensors (to test what the importer refuses).
+    """
+    config = json.loads((model_dir / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    weights = mx.load(str(model_dir / "model.safetensors"))
+    tensors: dict[str, mx.array] = {}
+    for name, value in weights.items():
+        module, param = name.rsplit(".", 1)
+        if module in _TOP_NAMES:
+            tensors[f"{_TOP_NAMES[module]}.{param}"] = value
+            continue
+        _, _, index, rest = module.split(".", 3)
+        if rest == "self_attn.q_proj":
+            value = _interleave(value, heads)
+        elif rest == "self_attn.k_proj":
+            value = _interleave(value, kv_heads)
+        tensors[f"blk.{index}.{_LAYER_NAMES[rest]}.{param}"] = value
+    tensors.update(extra or {})
+
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    vocab: dict[str, int] = tok["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    special = {t["id"] for t in tok["added_tokens"] if t["special"]}
+    tok_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+
+    def u32(v: int) -> mx.array:
+        return mx.array(v, dtype=mx.uint32)
+
+    def f32(v: float) -> mx.array:
+        return mx.array(v, dtype=mx.float32)
+
+    metadata: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.name": "tiny test model",
+        f"{arch}.embedding_length": u32(config["hidden_size"]),
+        f"{arch}.block_count": u32(config["num_hidden_layers"]),
+        f"{arch}.feed_forward_length": u32(config["intermediate_size"]),
+        f"{arch}.attention.head_count": u32(heads),
+        f"{arch}.attention.head_count_kv": u32(kv_heads),
+        f"{arch}.attention.layer_norm_rms_epsilon": f32(config["rms_norm_eps"]),
+        f"{arch}.context_length": u32(config["max_position_embeddings"]),
+        f"{arch}.rope.freq_base": f32(config["rope_theta"]),
+        f"{arch}.rope.dimension_count": u32(config["head_dim"]),
+        f"{arch}.vocab_size": u32(len(tokens)),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.token_type": mx.array(
+            [3 if i in special else 1 for i in range(len(tokens))], dtype=mx.int32
+        ),
+        "tokenizer.ggml.bos_token_id": u32(vocab["<|im_start|>"]),
+        "tokenizer.ggml.eos_token_id": u32(vocab["<|im_end|>"]),
+        "tokenizer.ggml.padding_token_id": u32(vocab["<|im_end|>"]),
+        "tokenizer.ggml.unknown_token_id": u32(vocab["<|endoftext|>"]),
+        "tokenizer.ggml.add_bos_token": mx.array(False),
+        "tokenizer.chat_template": tok_config["chat_template"],
+    }
+    mx.save_gguf(str(out), tensors, metadata)
+    return out

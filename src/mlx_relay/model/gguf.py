@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_relay.core.errors import ModelError, UnsupportedArchitecture
 from mlx_relay.model.gguf_tokenizer import write_tokenizer_files
@@ -149,10 +150,10 @@ def _config(metadata: dict[str, Any], weights: dict[str, mx.array], arch: str) -
         "num_attention_heads": heads,
         "num_key_value_heads": int(value("attention.head_count_kv", heads)),
         "head_dim": int(value("attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(value("attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": _short_float(value("attention.layer_norm_rms_epsilon")),
         "vocab_size": vocab,
         "max_position_embeddings": int(value("context_length")),
-        "rope_theta": float(value("rope.freq_base", 10000.0)),
+        "rope_theta": _short_float(value("rope.freq_base", 10000.0)),
         # llama.cpp stores q/k permuted for interleaved (GPT-J style) rotary embeddings.
         "rope_traditional": True,
         "tie_word_embeddings": "lm_head.weight" not in weights,
@@ -166,6 +167,11 @@ def _config(metadata: dict[str, Any], weights: dict[str, mx.array], arch: str) -
     if isinstance(name, str):
         config["gguf_name"] = name
     return config
+
+
+def _short_float(value: Any) -> float:
+    # GGUF stores float32: 1e-5 arrives as 9.99999974e-06; keep the value it was written as.
+    return float(str(np.float32(value)))
 
 
 def _quantization(weights: dict[str, mx.array]) -> dict[str, Any] | None:
