@@ -128,6 +128,11 @@ def translate_rpc_error(
     if code == grpc.StatusCode.UNAVAILABLE:
         return WorkerUnavailable(device_id, f"{method} failed: unreachable ({detail})")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if "larger than max" in detail:
+            # gRPC's own message size limit, not a full worker.
+            return StageError(
+                device_id, method, code.name, f"{detail} (see network.max_message_mb)"
+            )
         return QueueFull(f"worker {device_id!r} is full: {detail}")
     return StageError(device_id, method, code.name, detail)
 
