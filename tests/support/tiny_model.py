@@ -169,13 +169,18 @@ def _interleave(weight: mx.array, heads: int) -> mx.array:
 
 
 def write_gguf(
-    model_dir: Path, out: Path, arch: str = "llama", extra: dict[str, Any] | None = None
+    model_dir: Path,
+    out: Path,
+    arch: str = "llama",
+    extra: dict[str, Any] | None = None,
+    metadata_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Write the unquantized llama-family model in ``model_dir`` as llama.cpp would.
 
     q/k rows are permuted for interleaved rotary embeddings and the tokenizer goes into the
     ``tokenizer.ggml.*`` metadata. ``arch`` names the GGUF architecture; ``extra`` adds
-    tensors (to test what the importer refuses).
+    tensors and ``metadata_overrides`` replaces metadata (to test what the importer does
+    with them).
     """
     config = json.loads((model_dir / "config.json").read_text())
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -221,7 +226,7 @@ def write_gguf(
         f"{arch}.rope.dimension_count": u32(config["head_dim"]),
         f"{arch}.vocab_size": u32(len(tokens)),
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.pre": "gpt-2",
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.merges": merges,
         "tokenizer.ggml.token_type": mx.array(
@@ -234,5 +239,6 @@ def write_gguf(
         "tokenizer.ggml.add_bos_token": mx.array(False),
         "tokenizer.chat_template": tok_config["chat_template"],
     }
+    metadata.update(metadata_overrides or {})
     mx.save_gguf(str(out), tensors, metadata)
     return out

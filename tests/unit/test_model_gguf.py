@@ -17,7 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_relay.core.config import ModelConfig
 from mlx_relay.core.errors import ModelError, ModelNotFound, UnsupportedArchitecture
-from mlx_relay.model import load as load_module
+from mlx_relay.model import import_cache
 from mlx_relay.model.load import (
     import_gguf,
     load_model,
@@ -112,12 +112,12 @@ def test_resolve_imports_a_gguf_once(
     def fail(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("imported again")
 
-    monkeypatch.setattr(load_module, "convert_gguf", fail)
+    monkeypatch.setattr(import_cache, "convert_gguf", fail)
     assert resolve_model_dir(model, progress=False) == model_dir
 
     # A changed source file is imported again.
     calls: list[Path] = []
-    monkeypatch.setattr(load_module, "convert_gguf", _recording_convert(calls))
+    monkeypatch.setattr(import_cache, "convert_gguf", _recording_convert(calls))
     stat = gguf_file.stat()
     os.utime(gguf_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     try:
@@ -146,20 +146,32 @@ def test_failed_import_leaves_nothing_behind(
         (out_dir / "config.json").write_text("{}")
         raise ModelError("disk full")
 
-    monkeypatch.setattr(load_module, "convert_gguf", broken)
+    monkeypatch.setattr(import_cache, "convert_gguf", broken)
     with pytest.raises(ModelError, match="disk full"):
         import_gguf(gguf_file, tmp_path / "out" / "model", progress=False)
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_import_replaces_a_previous_import(gguf_file: Path, tmp_path: Path) -> None:
+def test_import_replaces_a_previous_import_but_nothing_else(
+    gguf_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "model"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     assert import_gguf(gguf_file, out, progress=False) == out
-    assert not (out / "stale.txt").exists()
+    (out / "leftover.txt").write_text("from the previous import")
+    assert import_gguf(gguf_file, out, progress=False) == out
+    assert not (out / "leftover.txt").exists()
     assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelError, match="is not a model imported by mlx-relay"):
+        import_gguf(gguf_file, mine, progress=False)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (import_gguf(gguf_file, empty, progress=False) / "config.json").is_file()
 
 
 def test_unsupported_gguf_architecture(source_dir: Path, tmp_path: Path) -> None:
@@ -184,3 +196,32 @@ def test_missing_or_invalid_gguf(tmp_path: Path) -> None:
     bogus.write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelError, match="cannot read GGUF file"):
         import_gguf(bogus, tmp_path / "out", progress=False)
+
+
+def test_bos_is_added_when_the_gguf_asks_for_it(source_dir: Path, tmp_path: Path) -> None:
+    gguf = write_gguf(
+        source_dir,
+        tmp_path / "bos.gguf",
+        metadata_overrides={"tokenizer.ggml.add_bos_token": mx.array(True)},
+    )
+    tokenizer = load_tokenizer(import_gguf(gguf, tmp_path / "out", progress=False))
+    ids = tokenizer.encode("hello world")
+    assert ids[0] == 1
+    assert tokenizer.decode(ids[1:]) == "hello world"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "hello world"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"tokenizer.ggml.pre": "llama-bpe"}, "pre-tokenizer 'llama-bpe' is not supported"),
+        ({"tokenizer.ggml.model": "llama"}, "tokenizer model 'llama' is not supported"),
+    ],
+)
+def test_tokenizers_that_cannot_be_rebuilt_exactly_are_refused(
+    source_dir: Path, tmp_path: Path, metadata: dict[str, str], message: str
+) -> None:
+    gguf = write_gguf(source_dir, tmp_path / "t.gguf", metadata_overrides=metadata)
+    with pytest.raises(ModelError, match=message):
+        import_gguf(gguf, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

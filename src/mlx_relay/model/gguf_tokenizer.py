@@ -19,9 +19,11 @@ from mlx_relay.core.errors import ModelError
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
 
-# Pre-tokenizers whose split rules are byte-level GPT-2 style, optionally splitting digits.
-_DIGIT_SPLITTING_PRE = {"smollm", "llama3", "llama-bpe", "qwen2", "deepseek-llm"}
-_GPT2_STYLE_PRE = {"default", "gpt-2", "gpt2", *_DIGIT_SPLITTING_PRE}
+# llama.cpp pre-tokenizer names we can rebuild exactly: GPT-2's split rules, and the same
+# after splitting every digit on its own ("smollm"). Others (llama3, qwen2, ...) use other
+# rules; importing them approximately would change token ids, so they are refused.
+_DIGIT_SPLITTING_PRE = {"smollm"}
+_GPT2_STYLE_PRE = {"gpt-2", *_DIGIT_SPLITTING_PRE}
 
 
 def write_tokenizer_files(
@@ -48,7 +50,7 @@ def write_tokenizer_files(
             f"the GGUF tokenizer model {kind!r} is not supported; only byte-level BPE "
             "('gpt2') tokenizers can be imported"
         )
-    pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+    pre = str(metadata.get("tokenizer.ggml.pre", "gpt-2"))
     if pre not in _GPT2_STYLE_PRE:
         raise ModelError(
             f"the GGUF pre-tokenizer {pre!r} is not supported "
@@ -76,7 +78,19 @@ def write_tokenizer_files(
     else:
         tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    add_bos = bool(_scalar(metadata.get("tokenizer.ggml.add_bos_token", False)))
+    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+    post: list[Any] = [processors.ByteLevel(trim_offsets=False)]
+    if add_bos and bos_id is not None:
+        bos = tokens[int(_scalar(bos_id))]
+        post.append(
+            processors.TemplateProcessing(
+                single=f"{bos} $A",
+                pair=f"{bos} $A {bos} $B",
+                special_tokens=[(bos, int(_scalar(bos_id)))],
+            )
+        )
+    tokenizer.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
     tokenizer.add_special_tokens(
         [
             AddedToken(tokens[i], special=types[i] == _TOKEN_TYPE_CONTROL, normalized=False)
@@ -102,7 +116,7 @@ def write_tokenizer_files(
     }
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(_scalar(metadata.get("tokenizer.ggml.add_bos_token", False))),
+        "add_bos_token": add_bos,
         "add_eos_token": bool(_scalar(metadata.get("tokenizer.ggml.add_eos_token", False))),
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,

