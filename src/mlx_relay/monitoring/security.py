@@ -182,7 +182,7 @@ def exposure_warning(host: str, settings: DashboardConfig) -> str | None:
     if is_loopback(host) or settings.auth_token:
         return None
     return (
-        f"WARNING: binding {host} with no auth token: anyone who can reach this address can "
+        f"binding {host} with no auth token: anyone who can reach this address can "
         "read the monitoring data and use the API. Set monitoring.dashboard.auth_token "
         "(or MLX_RELAY_AUTH_TOKEN / --token), or bind 127.0.0.1."
     )

@@ -140,7 +140,7 @@ def worst(states: list[str]) -> str:
 
 
 def ordered_devices(snapshot: Snapshot) -> list[DeviceStatus]:
-    """The cluster view in pipeline order: coordinator, workers by stage, then the rest."""
+    """The cluster view in pipeline order: coordinator (or dashboard), then workers by stage."""
     devices = dict(snapshot.devices)
     if snapshot.device_id not in devices:
         devices[snapshot.device_id] = DeviceStatus(
@@ -155,8 +155,9 @@ def ordered_devices(snapshot: Snapshot) -> list[DeviceStatus]:
         if device.role == "coordinator":
             return (0, 0, device.device_id)
         if device.stage is not None:
-            return (1, device.stage, device.device_id)
-        return (2, 0, device.device_id)
+            return (2, device.stage, device.device_id)
+        # A standalone dashboard sits where a coordinator would; unplaced workers go last.
+        return (3 if device.role == "worker" else 1, 0, device.device_id)
 
     return sorted(devices.values(), key=key)
 

@@ -103,8 +103,11 @@
         metrics: snapshot.device,
       };
     }
-    const rank = (d) =>
-      d.role === "coordinator" ? [0, 0] : d.stage !== null && d.stage !== undefined ? [1, d.stage] : [2, 0];
+    const rank = (d) => {
+      if (d.role === "coordinator") return [0, 0];
+      if (d.stage !== null && d.stage !== undefined) return [2, d.stage];
+      return [d.role === "worker" ? 3 : 1, 0];
+    };
     return Object.values(devices).sort((a, b) => {
       const ra = rank(a);
       const rb = rank(b);
@@ -164,6 +167,8 @@
 
     if (device.role === "coordinator") {
       parts.placement.textContent = "tokenizer · scheduler · API";
+    } else if (device.role === "dashboard") {
+      parts.placement.textContent = "standalone monitor · polls the workers";
     } else if (device.layer_start !== null && device.layer_start !== undefined) {
       const n = device.layer_end - device.layer_start;
       const stage = device.stage === null || device.stage === undefined ? "?" : device.stage;

@@ -1,0 +1,200 @@
+"""``mlx-relay dashboard``: the monitoring dashboard without inference.
+
+Alone it monitors this machine; with ``--config`` it also polls every worker of the cluster
+(status and Ping, like the coordinator does) and shows them in pipeline order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from mlx_relay.core.config import ClusterConfig, DashboardConfig, MonitoringConfig
+from mlx_relay.core.errors import ConfigError, RelayError, WorkerUnavailable
+from mlx_relay.core.types import LayerRange
+
+TOKEN_ENV = "MLX_RELAY_AUTH_TOKEN"
+DEVICE_ID = "dashboard"
+ROLE = "dashboard"
+LAYER_LOOKUP_TIMEOUT = 5.0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "dashboard",
+        help="serve the monitoring dashboard on its own",
+        description=(
+            "Serve the dashboard, the monitoring API (/api/*, /ws) and /metrics for this "
+            "machine, and with --config for every worker of the cluster (polled over gRPC). "
+            f"The bearer token comes from --token, else ${TOKEN_ENV}, else the config."
+        ),
+    )
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="port to bind, 0 = any free port (default: 8080)"
+    )
+    parser.add_argument("--config", "-c", default=None, help="cluster configuration (YAML)")
+    parser.add_argument(
+        "--token", default=None, help=f"bearer token for /, /api and /ws (or ${TOKEN_ENV})"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    cluster = ClusterConfig.from_yaml(args.config) if args.config else None
+    monitoring = cluster.monitoring if cluster is not None else MonitoringConfig()
+    settings = dashboard_settings(monitoring.dashboard, args.host, args.port, token)
+    return asyncio.run(_serve(settings, monitoring, cluster))
+
+
+def dashboard_settings(
+    base: DashboardConfig, host: str | None, port: int | None, token: str | None
+) -> DashboardConfig:
+    """The configured settings with the command line's overrides applied."""
+    update: dict[str, Any] = {}
+    if host is not None:
+        update["host"] = host
+    if port is not None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"--port: expected 0..65535, got {port}")
+        update["port"] = port
+    if token:
+        update["auth_token"] = token
+    return base.model_copy(update=update)
+
+
+async def _serve(
+    settings: DashboardConfig, monitoring: MonitoringConfig, cluster: ClusterConfig | None
+) -> int:
+    from mlx_relay.monitoring import HealthMonitor, MetricsCollector
+    from mlx_relay.monitoring.dashboard import MonitoringDashboard
+    from mlx_relay.monitoring.security import exposure_warning
+
+    collector = MetricsCollector(
+        DEVICE_ID,
+        monitoring.collection_interval,
+        role=ROLE,
+        retention_seconds=monitoring.retention_seconds,
+    )
+    health = HealthMonitor(
+        DEVICE_ID,
+        thresholds=monitoring.thresholds,
+        metrics_collector=collector,
+        check_interval=monitoring.health_check_interval,
+    )
+    # A dashboard serves no model: that check would only ever say "unknown".
+    health.unregister_check("service_availability")
+    dashboard = MonitoringDashboard(collector, health, config=settings)
+    warning = exposure_warning(dashboard.host, settings)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
+
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop_requested.set)
+    try:
+        await collector.start()
+        await health.start()
+        async with _cluster_polling(cluster, collector, health, monitoring):
+            try:
+                await dashboard.start()
+            except OSError as exc:
+                print(
+                    f"mlx-relay dashboard: error: cannot serve on {dashboard.url}: {exc}",
+                    file=sys.stderr,
+                )
+                return 1
+            hint = " (open it with ?token=<your token>)" if settings.auth_token else ""
+            print(f"dashboard on {dashboard.url}/{hint}", file=sys.stderr)
+            await stop_requested.wait()
+            print("dashboard stopping", file=sys.stderr)
+    finally:
+        await dashboard.stop()
+        await health.stop()
+        await collector.stop()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+@dataclass
+class _Worker:
+    device_id: str
+    address: str
+    layers: LayerRange
+
+
+@contextlib.asynccontextmanager
+async def _cluster_polling(
+    cluster: ClusterConfig | None, collector: Any, health: Any, monitoring: MonitoringConfig
+) -> AsyncIterator[None]:
+    """Poll the cluster's workers into ``collector`` and ``health`` while the block runs."""
+    if cluster is None:
+        yield
+        return
+    from mlx_relay.coordinator.client import WorkerClient
+    from mlx_relay.coordinator.cluster import ClusterMonitor
+    from mlx_relay.coordinator.pipeline import Stage
+
+    clients = [
+        WorkerClient.for_device(w, cluster.network, recorder=collector) for w in cluster.workers
+    ]
+    monitor: ClusterMonitor | None = None
+    try:
+        stages = [
+            Stage(i, w.id, w.address, await _layers_of(w, client))
+            for i, (w, client) in enumerate(zip(cluster.workers, clients, strict=True))
+        ]
+        for stage in stages:
+            collector.add_peer(stage.device_id)
+            collector.update_device_status(
+                stage.device_id,
+                assigned_layers=stage.layer_range.as_list(),
+                role="worker",
+                stage=stage.index,
+            )
+        monitor = ClusterMonitor(
+            stages,
+            clients,
+            collector,
+            health,
+            poll_interval=monitoring.poll_interval,
+            timeout=cluster.network.ping_timeout,
+            source=DEVICE_ID,
+        )
+        await monitor.start()
+        yield
+    finally:
+        if monitor is not None:
+            await monitor.stop()
+        for client in clients:
+            await client.close()
+
+
+async def _layers_of(worker: Any, client: Any) -> LayerRange:
+    """A worker's layers: from the config, or asked of the worker when they are ``auto``."""
+    if isinstance(worker.layers, LayerRange):
+        return worker.layers
+    try:
+        status = await client.get_status(timeout=LAYER_LOOKUP_TIMEOUT, retry=False)
+    except RelayError as exc:
+        raise WorkerUnavailable(
+            worker.id,
+            f"not reachable at {worker.address} and its layers are 'auto', so its place in "
+            f"the pipeline is unknown: start the workers first or give explicit layers ({exc})",
+        ) from exc
+    return LayerRange(status.layer_start, status.layer_end)
