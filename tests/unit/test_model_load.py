@@ -75,7 +75,7 @@ def test_resolve_model_dir_accepts_model_directories(tiny_model_dir: Path, tmp_p
     assert resolve_model_dir(ModelConfig(path=str(tiny_model_dir))) == tiny_model_dir
     with pytest.raises(ModelNotFound, match=r"no config.json"):
         resolve_model_dir(ModelConfig(path=str(tmp_path)))
-    with pytest.raises(ModelNotFound, match=r"expected an MLX model directory or a .gguf file"):
+    with pytest.raises(ModelNotFound, match=r"nothing-here: no such model directory or \.gguf"):
         resolve_model_dir(ModelConfig(path=str(tmp_path / "nothing-here")))
     other = tmp_path / "weights.bin"
     other.write_bytes(b"")

@@ -113,8 +113,11 @@ def resolve_model_dir(model: ModelConfig, progress: bool = True) -> Path:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelNotFound(f"GGUF file not found: {path}")
-        return cached_import(path, cache / path.stem, progress, name=path.stem)
-    raise ModelNotFound(f"{path}: expected an MLX model directory or a .gguf file")
+    elif not path.exists():
+        raise ModelNotFound(f"{path}: no such model directory or .gguf file")
+    else:
+        raise ModelNotFound(f"{path}: expected an MLX model directory or a .gguf file")
+    return cached_import(path, cache / path.stem, progress, name=path.stem)
 
 
 @dataclass(frozen=True)
