@@ -65,8 +65,7 @@ def test_wrong_type(tmp_path: Path) -> None:
     data = example()
     data["monitoring"]["collection_interval"] = "fast"
     assert (
-        error_for(tmp_path, data)
-        == "monitoring.collection_interval: expected a number, got 'fast'"
+        error_for(tmp_path, data) == "monitoring.collection_interval: expected a number, got 'fast'"
     )
 
 
