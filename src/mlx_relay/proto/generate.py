@@ -16,9 +16,8 @@ PROTO_FILE = PROTO_DIR / "relay.proto"
 
 def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
     """Write relay_pb2.py, relay_pb2.pyi and relay_pb2_grpc.py into ``out_dir``."""
-    from grpc_tools import protoc  # dev dependency: only needed to regenerate
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency: only needed to regenerate
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     args = [
