@@ -7,6 +7,7 @@ counters, which are safe to read from any thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -274,3 +275,25 @@ class DeviceSampler:
             gpu_memory_total_bytes=gpu.memory_total_bytes,
             gpu_unavailable_reason=gpu.unavailable_reason,
         )
+
+
+def read_process_stats() -> dict[str, Any]:
+    """This process's resident memory, threads, open file descriptors and their limit."""
+    process = psutil.Process()
+    with process.oneshot():
+        rss = process.memory_info().rss
+        threads = process.num_threads()
+        fds = process.num_fds() if hasattr(process, "num_fds") else None
+    fd_limit: int | None = None
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        fd_limit = soft if soft > 0 else None
+    return {
+        "rss_bytes": rss,
+        "memory_total_bytes": psutil.virtual_memory().total,
+        "threads": threads,
+        "open_fds": fds,
+        "fd_limit": fd_limit,
+    }

@@ -24,17 +24,19 @@ from typing import Any, Protocol
 import psutil
 
 from mlx_relay.core.config import Thresholds
-from mlx_relay.monitoring.device import busy_ratio
+from mlx_relay.monitoring.device import busy_ratio, read_process_stats
 from mlx_relay.monitoring.health_checks import (
     CheckResult,
     HealthStatus,
     Level,
     PeerState,
+    jsonable,
     judge_peers,
     judge_process,
     judge_resources,
     judge_service,
     result,
+    validated,
     worst_status,
 )
 from mlx_relay.monitoring.snapshot import CheckResultSnap, HealthSummary, HealthTransition
@@ -116,7 +118,7 @@ class HealthMonitor:
         self._clock = clock
         self._wall_clock = wall_clock
         self._read_resources = resource_reader or self._default_resources
-        self._read_process = process_reader or _default_process
+        self._read_process = process_reader or read_process_stats
         self._previous_cpu: Any = None
         self._checks: dict[str, _State] = {}
         self._transitions: deque[HealthTransition] = deque(maxlen=MAX_TRANSITIONS)
@@ -201,7 +203,7 @@ class HealthMonitor:
         started = self._clock()
         try:
             outcome = await asyncio.wait_for(self._call(state), check.timeout_seconds)
-            outcome = _validated(outcome)
+            outcome = validated(outcome)
         except TimeoutError:
             outcome = result(
                 HealthStatus.CRITICAL, f"check timed out after {check.timeout_seconds:g}s"
@@ -372,47 +374,8 @@ class HealthMonitor:
             description=state.check.description,
             status=state.status.value,
             message=state.message,
-            details=_jsonable(state.details or {}),
+            details=jsonable(state.details or {}),
             last_run_timestamp=state.last_run_timestamp,
             duration_seconds=state.duration_seconds,
             interval_seconds=state.check.interval_seconds,
         )
-
-
-def _validated(outcome: Any) -> CheckResult:
-    if not isinstance(outcome, Mapping) or "status" not in outcome:
-        raise ValueError(f"check returned {type(outcome).__name__}, expected a result mapping")
-    status = HealthStatus(outcome["status"])
-    details = outcome.get("details") or {}
-    return {"status": status, "message": str(outcome.get("message", "")), "details": dict(details)}
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
-def _default_process() -> dict[str, Any]:
-    process = psutil.Process()
-    with process.oneshot():
-        rss = process.memory_info().rss
-        threads = process.num_threads()
-        fds = process.num_fds() if hasattr(process, "num_fds") else None
-    fd_limit: int | None = None
-    with contextlib.suppress(ImportError, OSError, ValueError):
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        fd_limit = soft if soft > 0 else None
-    return {
-        "rss_bytes": rss,
-        "memory_total_bytes": psutil.virtual_memory().total,
-        "threads": threads,
-        "open_fds": fds,
-        "fd_limit": fd_limit,
-    }

@@ -159,3 +159,23 @@ def judge_process(
         status = worst_status([status, fd_status])
         message += f", {open_fds}/{fd_limit} fds"
     return result(status, message, **details)
+
+
+def validated(outcome: Any) -> CheckResult:
+    """A check's return value as a result with a real :class:`HealthStatus`; raises if malformed."""
+    if not isinstance(outcome, Mapping) or "status" not in outcome:
+        raise ValueError(f"check returned {type(outcome).__name__}, expected a result mapping")
+    status = HealthStatus(outcome["status"])
+    details = outcome.get("details") or {}
+    return {"status": status, "message": str(outcome.get("message", "")), "details": dict(details)}
+
+
+def jsonable(value: Any) -> Any:
+    """Details made JSON-safe: unknown objects become their ``str``."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)

@@ -270,9 +270,9 @@ class MetricsCollector:
                 update.setdefault("layer_end", max(assigned_layers) + 1)
         if fields.get("up") is not False:
             update.setdefault("last_seen_timestamp", self._wall_clock())
-        if device_id == self.device_id and "stage" in update:
-            self._stage.stage = update["stage"]
         with self._lock:
+            if device_id == self.device_id and "stage" in update:
+                self._stage.stage = update["stage"]
             self._status(device_id, update)
 
     def _status(self, device_id: str, update: dict[str, Any]) -> None:
