@@ -1,0 +1,113 @@
+"""``mlx-relay coordinator``: the coordinator role alone, for workers started elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from typing import Any
+
+from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.errors import ConfigError
+
+TOKEN_ENV = "MLX_RELAY_AUTH_TOKEN"
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "coordinator",
+        help="run the coordinator of a cluster whose workers run elsewhere",
+        description=(
+            "Wait until every worker of the configuration is SERVING, then serve the "
+            "OpenAI-compatible API, the dashboard, /api, /ws, /metrics and /health on one "
+            "port until SIGINT or SIGTERM."
+        ),
+    )
+    parser.add_argument("--config", "-c", required=True, help="cluster configuration (YAML)")
+    add_http_arguments(parser)
+    return parser
+
+
+def add_http_arguments(parser: argparse.ArgumentParser, *, default_port: str = "") -> None:
+    """``--host``, ``--port``, ``--token`` and ``--no-monitoring``, shared with ``up``."""
+    where = default_port or "the coordinator's address in the config, else 8080"
+    parser.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=None, help=f"HTTP port, 0 = any free port (default: {where})"
+    )
+    parser.add_argument(
+        "--token", default=None, help=f"bearer token for the API and dashboard (or ${TOKEN_ENV})"
+    )
+    parser.add_argument(
+        "--no-monitoring", action="store_true", help="no metrics, health checks or cluster polling"
+    )
+
+
+def with_token(config: ClusterConfig, token: str | None) -> ClusterConfig:
+    """The configuration with the app's bearer token from ``--token`` or the environment."""
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if not token:
+        return config
+    dashboard = config.monitoring.dashboard.model_copy(update={"auth_token": token})
+    monitoring = config.monitoring.model_copy(update={"dashboard": dashboard})
+    return config.model_copy(update={"monitoring": monitoring})
+
+
+def check_port(port: int | None) -> None:
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--port: expected 0..65535, got {port}")
+
+
+def print_urls(url: str, monitoring: bool) -> None:
+    """The addresses a user of the coordinator needs."""
+    print(f"mlx-relay coordinator ready on {url}")
+    if monitoring:
+        print(f"  dashboard   {url}/")
+    print(f"  OpenAI API  {url}/v1")
+    if monitoring:
+        print(f"  metrics     {url}/metrics")
+    print(f"  health      {url}/health")
+    print("Press Ctrl-C to stop.", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_port(args.port)
+    config = with_token(ClusterConfig.from_yaml(args.config), args.token)
+    return asyncio.run(_serve(config, args))
+
+
+async def _serve(config: ClusterConfig, args: argparse.Namespace) -> int:
+    from mlx_relay.server.runtime import CoordinatorRuntime
+
+    monitoring = not args.no_monitoring and config.monitoring.enabled
+    runtime = CoordinatorRuntime(config, args.host, args.port, enable_monitoring=monitoring)
+    stop = install_stop_signals()
+    workers = ", ".join(f"{w.id} ({w.address})" for w in config.workers)
+    print(f"waiting for workers: {workers}", file=sys.stderr, flush=True)
+    try:
+        start = asyncio.create_task(runtime.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({start, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            return 130
+        stopping.cancel()
+        start.result()
+        print_urls(runtime.url, monitoring)
+        await stop.wait()
+        print("stopping the coordinator", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        await runtime.stop()
+
+
+def install_stop_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (handled in the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -1,0 +1,173 @@
+"""Worker processes of a local cluster (``mlx-relay up``): start, watch, stop, never orphan.
+
+Each worker is ``python -m mlx_relay.cli worker`` in its own session, so Ctrl-C reaches only
+the parent, which then stops everything in order. On Linux a child also gets SIGTERM if the
+parent dies without cleaning up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlx_relay.coordinator.client import WorkerClient
+from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.errors import RelayError
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: no imports, no locks, one libc call.
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class WorkerExited(RelayError):
+    """A worker process ended while the cluster was starting."""
+
+    def __init__(self, device_id: str, returncode: int | None, log_tail: str) -> None:
+        super().__init__(
+            f"worker {device_id!r} exited with code {returncode} during start-up"
+            + (f"; its last output:\n{log_tail}" if log_tail else "")
+        )
+        self.device_id = device_id
+        self.returncode = returncode
+
+
+@dataclass
+class WorkerProcess:
+    device_id: str
+    address: str
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    serving: bool = False
+    status: str = "starting"
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.poll() if self.process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class WorkerFleet:
+    """The worker processes of ``config``, started with ``config_path``.
+
+    Args:
+        config: the cluster configuration (workers in pipeline order).
+        config_path: the same configuration as a file, for the child processes.
+        log_dir: where each worker's output goes (``<device-id>.log``).
+        monitoring: run the workers' own monitoring.
+    """
+
+    def __init__(
+        self, config: ClusterConfig, config_path: Path, log_dir: Path, *, monitoring: bool
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.monitoring = monitoring
+        self.workers = [
+            WorkerProcess(w.id, w.address, log_dir / f"{w.id}.log") for w in config.workers
+        ]
+
+    def start(self) -> None:
+        """Start every worker process (returns at once; they load in the background)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for worker in self.workers:
+            command = [
+                sys.executable,
+                "-m",
+                "mlx_relay.cli",
+                "worker",
+                "--config",
+                str(self.config_path),
+                "--device-id",
+                worker.device_id,
+            ]
+            if not self.monitoring:
+                command.append("--no-monitoring")
+            with open(worker.log_path, "ab") as log:
+                worker.process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent if _LIBC is not None else None,
+                )
+            worker.started_at = time.monotonic()
+            logger.debug("started %s as pid %d", worker.device_id, worker.process.pid)
+
+    def dead(self) -> list[WorkerProcess]:
+        """Workers whose process has ended."""
+        return [w for w in self.workers if w.process is not None and not w.alive]
+
+    async def poll_serving(self) -> bool:
+        """Ask every not-yet-serving worker for its health once; True when all serve.
+
+        Raises:
+            WorkerExited: a worker process has ended.
+        """
+        for worker in self.dead():
+            raise WorkerExited(worker.device_id, worker.returncode, worker.log_tail())
+        pending = [w for w in self.workers if not w.serving]
+        await asyncio.gather(*(self._check(w) for w in pending))
+        return all(w.serving for w in self.workers)
+
+    async def _check(self, worker: WorkerProcess) -> None:
+        client = WorkerClient(worker.device_id, worker.address, self.config.network)
+        try:
+            status = await client.health(timeout=1.0, retry=False)
+        except RelayError:
+            status = "loading" if worker.alive else "exited"
+        finally:
+            await client.close()
+        worker.status = status.lower().replace("_", " ")
+        worker.serving = status == "SERVING"
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every live worker, wait up to ``grace`` seconds, SIGKILL the rest."""
+        live = [w for w in self.workers if w.alive]
+        for worker in live:
+            assert worker.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.terminate()
+        deadline = time.monotonic() + grace
+        for worker in live:
+            assert worker.process is not None
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "worker %s did not stop in %.0f s: killing it", worker.device_id, grace
+                )
+                worker.process.kill()
+                worker.process.wait()

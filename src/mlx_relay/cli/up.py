@@ -1,0 +1,229 @@
+"""``mlx-relay up``: a whole cluster on this machine, N worker processes and the coordinator.
+
+Without ``--config`` it makes a configuration with N workers on free loopback ports and
+``auto`` layers over the model (the bundled one by default). The model is resolved (imported
+from GGUF if needed) once, before any worker starts. Ctrl-C or SIGTERM stops the coordinator,
+then every worker; no process is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlx_relay.cli.coordinator import (
+    add_http_arguments,
+    check_port,
+    install_stop_signals,
+    print_urls,
+    with_token,
+)
+from mlx_relay.cli.fleet import WorkerExited, WorkerFleet
+from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.errors import ConfigError, WorkerUnavailable
+from mlx_relay.core.types import LayerRange
+
+DEFAULT_PORT = 8080
+STARTUP_TIMEOUT = 600.0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "up",
+        help="start a local cluster: worker processes and the coordinator",
+        description=(
+            "Start N workers (one process each) and the coordinator on this machine, then "
+            "serve the OpenAI-compatible API, the dashboard and /metrics on one port until "
+            "Ctrl-C."
+        ),
+    )
+    parser.add_argument(
+        "--workers", "-n", type=int, default=None, help="number of workers (default: 2)"
+    )
+    parser.add_argument(
+        "--config", "-c", default=None, help="cluster configuration (default: generated)"
+    )
+    parser.add_argument(
+        "--model", "-m", default=None, help="model directory or .gguf (default: bundled)"
+    )
+    add_http_arguments(parser, default_port=str(DEFAULT_PORT))
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlx_relay.model.load import read_model_info, resolve_model_dir
+    from mlx_relay.model.partition import assign_layers
+
+    check_port(args.port)
+    config = _base_config(args)
+    # Resolve (and import) the model once here, so workers start from the same directory.
+    model_dir = resolve_model_dir(config.model, progress=True)
+    model = config.model.model_copy(update={"path": str(model_dir)})
+    config = with_token(config.model_copy(update={"model": model}), args.token)
+    info = read_model_info(model_dir, config.model.name)
+    assign_layers(config, info.num_layers)  # fails early if the layers cannot be split
+    host = args.host if args.host is not None else "127.0.0.1"
+    port = args.port if args.port is not None else DEFAULT_PORT
+    if args.config is None:
+        config = _with_free_worker_ports(config, avoid=port)
+    monitoring = not args.no_monitoring and config.monitoring.enabled
+    return asyncio.run(_up(config, host, port, monitoring))
+
+
+def _base_config(args: argparse.Namespace) -> ClusterConfig:
+    if args.config is not None:
+        if args.workers is not None:
+            raise ConfigError("--workers: the workers come from --config; give one or the other")
+        config = ClusterConfig.from_yaml(args.config)
+        busy = [w.id for w in config.workers if w.port == 0]
+        if busy:
+            raise ConfigError(
+                f"{args.config}: workers {busy} have port 0; `up` needs fixed worker ports"
+            )
+        if args.model is not None:
+            model = config.model.model_copy(update={"path": args.model})
+            config = config.model_copy(update={"model": model})
+        return config
+    workers = 2 if args.workers is None else args.workers
+    if workers < 1:
+        raise ConfigError(f"--workers: expected at least 1, got {workers}")
+    devices: list[dict[str, Any]] = [{"id": "coordinator", "role": "coordinator", "port": 0}]
+    devices += [
+        {"id": f"worker-{i}", "role": "worker", "host": "127.0.0.1", "port": 0, "layers": "auto"}
+        for i in range(workers)
+    ]
+    return ClusterConfig.from_dict({"model": {"path": args.model}, "devices": devices}, "--workers")
+
+
+def _with_free_worker_ports(config: ClusterConfig, avoid: int) -> ClusterConfig:
+    sockets: list[socket.socket] = []
+    try:
+        ports: dict[str, int] = {}
+        for worker in config.workers:
+            while True:
+                sock = socket.socket()
+                sock.bind((worker.host, 0))
+                sockets.append(sock)
+                if sock.getsockname()[1] != avoid:
+                    break
+            ports[worker.id] = sockets[-1].getsockname()[1]
+    finally:
+        for sock in sockets:
+            sock.close()
+    return config.with_worker_ports(ports)
+
+
+def config_data(config: ClusterConfig) -> dict[str, Any]:
+    """The configuration as plain data that :meth:`ClusterConfig.from_dict` reads back."""
+    data = config.model_dump(mode="python")
+    for device in data["devices"]:
+        layers = device.get("layers")
+        if isinstance(layers, LayerRange):
+            device["layers"] = [layers.start, layers.end]
+        elif isinstance(layers, dict):
+            device["layers"] = [layers["start"], layers["end"]]
+    return data
+
+
+async def _up(config: ClusterConfig, host: str, port: int, monitoring: bool) -> int:
+    from mlx_relay.server.runtime import CoordinatorRuntime
+
+    work_dir = Path(tempfile.mkdtemp(prefix="mlx-relay-up-"))
+    config_path = work_dir / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(config_data(config), sort_keys=False))
+    stop = install_stop_signals()
+    fleet = WorkerFleet(config, config_path, work_dir, monitoring=monitoring)
+    runtime = CoordinatorRuntime(config, host, port, enable_monitoring=monitoring)
+    try:
+        fleet.start()
+        if not await _wait_for_workers(fleet, stop):
+            return 130
+        starting = asyncio.create_task(runtime.start())
+        if not await _until(starting, stop, fleet):
+            return 130
+        print_urls(runtime.url, monitoring)
+        print(f"worker logs in {work_dir}", file=sys.stderr, flush=True)
+        await _serve_until_stopped(stop, fleet)
+        return 0
+    except WorkerExited as exc:
+        print(f"mlx-relay up: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping the cluster", file=sys.stderr, flush=True)
+        await runtime.stop()
+        fleet.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+async def _wait_for_workers(fleet: WorkerFleet, stop: asyncio.Event) -> bool:
+    """Show each worker's loading state until all serve; False if stopped first."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STARTUP_TIMEOUT
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        tasks = {
+            w.device_id: progress.add_task(f"{w.device_id} ({w.address}): starting", total=1)
+            for w in fleet.workers
+        }
+        while not stop.is_set():
+            done = await fleet.poll_serving()
+            for worker in fleet.workers:
+                progress.update(
+                    tasks[worker.device_id],
+                    description=f"{worker.device_id} ({worker.address}): {worker.status}",
+                    completed=1 if worker.serving else 0,
+                )
+            if done:
+                return True
+            if loop.time() > deadline:
+                late = next(w for w in fleet.workers if not w.serving)
+                raise WorkerUnavailable(
+                    late.device_id, f"not serving after {STARTUP_TIMEOUT:.0f} s ({late.status})"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.25)
+    return False
+
+
+async def _until(task: asyncio.Task[None], stop: asyncio.Event, fleet: WorkerFleet) -> bool:
+    """Wait for ``task`` unless stopped or a worker dies first (the task is cancelled)."""
+    while not task.done():
+        dead = fleet.dead()
+        if stop.is_set() or dead:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if dead:
+                worker = dead[0]
+                raise WorkerExited(worker.device_id, worker.returncode, worker.log_tail())
+            return False
+        await asyncio.wait({task}, timeout=0.25)
+    task.result()
+    return True
+
+
+async def _serve_until_stopped(stop: asyncio.Event, fleet: WorkerFleet) -> None:
+    reported: set[str] = set()
+    while not stop.is_set():
+        for worker in fleet.dead():
+            if worker.device_id not in reported:
+                reported.add(worker.device_id)
+                print(
+                    f"worker {worker.device_id} exited with code {worker.returncode}; "
+                    f"its last output:\n{worker.log_tail()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)

@@ -1,0 +1,69 @@
+"""``GET /health``: is every pipeline stage serving? For load balancers and ``mlx-relay up``.
+
+Open without a token, like most health endpoints: it says which stages serve, nothing else.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from mlx_relay.server.deps import ServicesDep
+
+router = APIRouter(tags=["health"])
+
+
+class StageState(BaseModel):
+    device_id: str = Field(description="The worker's device id.")
+    stage: int = Field(description="Position in the pipeline, from 0.")
+    layers: list[int] = Field(description="Half-open layer range [start, end).")
+    status: str = Field(description="SERVING, NOT_SERVING or UNREACHABLE.")
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(description="'ok' when every stage is SERVING, else 'unavailable'.")
+    stages: list[StageState] = Field(description="Every stage, in pipeline order.")
+    failing: list[str] = Field(default_factory=list, description="Stages not SERVING.")
+    detail: str | None = Field(default=None, description="Why the cluster is unavailable.")
+
+
+@router.get(
+    "/health",
+    response_model=HealthResponse,
+    responses={503: {"model": HealthResponse, "description": "A stage is not serving."}},
+)
+async def get_health(services: ServicesDep) -> JSONResponse:
+    """200 when every stage answers SERVING on ``grpc.health.v1``; 503 naming the failing
+    stages otherwise (or while the pipeline is not initialised)."""
+    orchestrator = services.orchestrator
+    if orchestrator is None:
+        return _reply(HealthResponse(status="ok", stages=[], detail="no pipeline (dashboard)"))
+    if not orchestrator.ready:
+        return _reply(
+            HealthResponse(status="unavailable", stages=[], detail="pipeline not initialised"),
+        )
+    states = dict(await orchestrator.stage_health())
+    stages = [
+        StageState(
+            device_id=stage.device_id,
+            stage=stage.index,
+            layers=[stage.layer_range.start, stage.layer_range.end],
+            status=states.get(stage.device_id, "UNREACHABLE"),
+        )
+        for stage in orchestrator.stages
+    ]
+    failing = [s.device_id for s in stages if s.status != "SERVING"]
+    if not failing:
+        return _reply(HealthResponse(status="ok", stages=stages))
+    detail = "not serving: " + ", ".join(
+        f"{s.device_id} ({s.status})" for s in stages if s.status != "SERVING"
+    )
+    return _reply(
+        HealthResponse(status="unavailable", stages=stages, failing=failing, detail=detail)
+    )
+
+
+def _reply(body: HealthResponse) -> JSONResponse:
+    code = status.HTTP_200_OK if body.status == "ok" else status.HTTP_503_SERVICE_UNAVAILABLE
+    return JSONResponse(body.model_dump(), status_code=code)

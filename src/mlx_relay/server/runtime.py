@@ -1,0 +1,88 @@
+"""The coordinator role in one object: services (orchestrator, monitoring) and the HTTP app
+on one port. ``mlx-relay coordinator`` and ``mlx-relay up`` both run it."""
+
+from __future__ import annotations
+
+import logging
+
+from mlx_relay.core.config import ClusterConfig
+from mlx_relay.server.app import AppServices, create_app, start_services, stop_services
+from mlx_relay.server.serve import HTTPServer
+
+logger = logging.getLogger(__name__)
+
+
+def coordinator_address(config: ClusterConfig) -> tuple[str, int]:
+    """Where the coordinator's HTTP app listens: the coordinator device's address if the
+    configuration has one, else the dashboard section's."""
+    device = config.coordinator
+    if device is not None:
+        return device.host, device.port
+    dashboard = config.monitoring.dashboard
+    return dashboard.host, dashboard.port
+
+
+class CoordinatorRuntime:
+    """Connects to the workers, then serves the app.
+
+    Args:
+        config: the cluster configuration.
+        host: address to bind (default: :func:`coordinator_address`).
+        port: port to bind, 0 for any free port (default: :func:`coordinator_address`).
+        enable_monitoring: run the coordinator's collectors and the cluster monitor.
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        enable_monitoring: bool = True,
+    ) -> None:
+        default_host, default_port = coordinator_address(config)
+        self.config = config
+        self.host = host if host is not None else default_host
+        self.port = port if port is not None else default_port
+        self.enable_monitoring = enable_monitoring
+        self.services: AppServices | None = None
+        self._http: HTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        if self._http is None:
+            raise RuntimeError("the coordinator is not started")
+        return self._http.url
+
+    async def start(self) -> None:
+        """Initialise the pipeline (waits for every worker), then start the HTTP server.
+
+        Raises:
+            WorkerUnavailable: workers not SERVING within ``network.connect_timeout``.
+            ShardMismatch: the stages' layers differ from the assignment.
+            BindError: the HTTP address cannot be bound.
+        """
+        from mlx_relay.monitoring.security import warn_if_exposed
+
+        warn_if_exposed(self.host, self.config.monitoring.dashboard)
+        self.services = await start_services(self.config, enable_monitoring=self.enable_monitoring)
+        try:
+            self._http = HTTPServer(create_app(self.services), self.host, self.port)
+            await self._http.start()
+        except BaseException:
+            await stop_services(self.services)
+            self.services = None
+            raise
+        self.port = self._http.port
+
+    async def stop(self) -> None:
+        """Stop the HTTP server first (no new requests), then the pipeline's services."""
+        http, self._http = self._http, None
+        services, self.services = self.services, None
+        try:
+            if http is not None:
+                await http.stop()
+        finally:
+            if services is not None:
+                await stop_services(services)
+        logger.info("coordinator stopped")
