@@ -1,0 +1,71 @@
+"""The coordinator's HTTP app on a real uvicorn (port 0): /health over a live pipeline."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mlx_relay.core.config import ClusterConfig
+from mlx_relay.server.app import AppServices, create_app
+from mlx_relay.server.serve import BindError, HTTPServer
+from tests.support.cluster import local_cluster
+
+
+async def test_health_names_the_stage_that_stops_serving(tiny_model_dir: Path) -> None:
+    async with local_cluster(tiny_model_dir, 2) as cluster:
+        services = AppServices(cluster.config, cluster.orchestrator)
+        async with HTTPServer(create_app(services)) as server, httpx.AsyncClient() as client:
+            assert server.port > 0
+            ok = await client.get(f"{server.url}/health")
+            assert ok.status_code == 200
+            assert ok.json() == {
+                "status": "ok",
+                "stages": [
+                    {"device_id": "worker-0", "stage": 0, "layers": [0, 2], "status": "SERVING"},
+                    {"device_id": "worker-1", "stage": 1, "layers": [2, 4], "status": "SERVING"},
+                ],
+                "failing": [],
+                "detail": None,
+            }
+            await cluster.workers[1].stop(grace=0)
+            down = await client.get(f"{server.url}/health")
+            assert down.status_code == 503
+            body = down.json()
+            assert body["status"] == "unavailable"
+            assert body["failing"] == ["worker-1"]
+            assert body["detail"] == "not serving: worker-1 (UNREACHABLE)"
+        port = server.port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # released after stop
+
+
+async def test_health_without_a_ready_pipeline(tiny_model_dir: Path) -> None:
+    async with local_cluster(tiny_model_dir, 1, initialize=False) as cluster:
+        apps = {
+            "dashboard": create_app(AppServices(cluster.config)),
+            "starting": create_app(AppServices(cluster.config, cluster.orchestrator)),
+        }
+        async with (
+            HTTPServer(apps["dashboard"]) as a,
+            HTTPServer(apps["starting"]) as b,
+            httpx.AsyncClient() as client,
+        ):
+            standalone = await client.get(f"{a.url}/health")
+            starting = await client.get(f"{b.url}/health")
+    assert standalone.status_code == 200 and standalone.json()["stages"] == []
+    assert starting.status_code == 503
+    assert starting.json()["detail"] == "pipeline not initialised"
+
+
+async def test_busy_port_is_a_bind_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = ClusterConfig.from_dict({"devices": [{"id": "w", "port": 0}]})
+        server = HTTPServer(create_app(AppServices(config)), port=port)
+        with pytest.raises(BindError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await server.start()
