@@ -18,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from mlx_relay.monitoring.device_state import device_health_state
 from mlx_relay.monitoring.snapshot import (
     FINISHED_REASONS,
     LINK_OUTCOMES,
@@ -302,7 +303,7 @@ def health_families(
     )
     own = snapshot.device_id
     overall: dict[str, str] = {
-        device_id: device.health_status or "unknown"
+        device_id: device_health_state(device, own)
         for device_id, device in snapshot.devices.items()
         if device_id != own
     }
@@ -311,7 +312,7 @@ def health_families(
         for name, check in sorted(health.checks.items()):
             _add_state_set(status, [health.device_id, name], check.status)
     elif own in snapshot.devices:
-        overall[own] = snapshot.devices[own].health_status or "unknown"
+        overall[own] = device_health_state(snapshot.devices[own], own)
     for device_id, state in sorted(overall.items()):
         _add_state_set(status, [device_id, OVERALL_CHECK], state)
     yield status

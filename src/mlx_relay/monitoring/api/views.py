@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from mlx_relay.monitoring.device_state import device_health_state
 from mlx_relay.monitoring.health_checks import HealthStatus, worst_status
 from mlx_relay.monitoring.snapshot import (
     CheckResultSnap,
@@ -162,12 +163,6 @@ def ordered_devices(snapshot: Snapshot) -> list[DeviceStatus]:
     return sorted(devices.values(), key=key)
 
 
-def device_state(device: DeviceStatus, own_device_id: str) -> str:
-    if device.device_id != own_device_id and device.up is False:
-        return "critical"
-    return device.health_status or ("healthy" if device.is_healthy else "unknown")
-
-
 def cluster_health(snapshot: Snapshot, local: HealthSummary) -> ClusterHealth:
     devices = [
         DeviceHealth(
@@ -176,7 +171,7 @@ def cluster_health(snapshot: Snapshot, local: HealthSummary) -> ClusterHealth:
             stage=d.stage,
             status=local.overall_status
             if d.device_id == local.device_id
-            else device_state(d, snapshot.device_id),
+            else device_health_state(d, snapshot.device_id),
             health_status=d.health_status,
             up=True if d.device_id == snapshot.device_id else d.up,
             last_seen_timestamp=d.last_seen_timestamp,
