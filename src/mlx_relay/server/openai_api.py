@@ -12,14 +12,17 @@ nothing (``user``, ``metadata``, ``store``...) are ignored.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from mlx_relay.coordinator.orchestrator import DistributedOrchestrator
 from mlx_relay.coordinator.requests import InferenceRequest, TokenEvent
 from mlx_relay.monitoring.security import BearerAuth
+from mlx_relay.server.deps import AppServices
 from mlx_relay.server.openai_errors import OpenAIError, OpenAIRoute, service_unavailable
 from mlx_relay.server.openai_format import ChatFormatter, CompletionFormatter, TokenText
 from mlx_relay.server.openai_models import (
@@ -41,19 +44,21 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 # Status logged for a request whose client left before its answer (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
+# "created" of the model card when the app does not say when it started.
+_LOADED_AT = int(time.time())
 
 
-def _services(request: Request) -> Any:
-    services = getattr(request.app.state, "services", None)
+def _services(request: Request) -> AppServices:
+    services: AppServices | None = getattr(request.app.state, "services", None)
     if services is None:
         raise service_unavailable("the server is starting")
     return services
 
 
-def _orchestrator(request: Request) -> Any:
-    orchestrator = getattr(_services(request), "orchestrator", None)
+def _orchestrator(request: Request) -> DistributedOrchestrator:
+    orchestrator = _services(request).orchestrator
     if orchestrator is None:
-        raise service_unavailable("the coordinator is starting")
+        raise service_unavailable("this server runs no inference pipeline (dashboard only)")
     return orchestrator
 
 
@@ -70,13 +75,13 @@ def served_model(request: Request) -> tuple[str, int | None]:
         OpenAIError: 503 while the model is not loaded yet.
     """
     orchestrator = _orchestrator(request)
-    try:
-        info = orchestrator.model_info
-    except Exception as exc:  # model_info is only known once the pipeline is up
-        raise service_unavailable(str(exc) or "the model is loading") from None
-    if info is None:
-        raise service_unavailable("the model is loading")
-    return str(info.name), getattr(info, "max_context", None)
+    info = orchestrator.model_info  # known once the pipeline is initialised
+    if info is None or not orchestrator.ready:
+        raise service_unavailable("the pipeline is not initialised yet")
+    context = info.max_context
+    if orchestrator.config.model.max_context is not None:
+        context = min(context, orchestrator.config.model.max_context)
+    return info.name, context
 
 
 def _check_model(request: Request, model: str) -> str:
@@ -144,8 +149,7 @@ async def _generate(
         if stream:
 
             def start() -> AsyncIterator[TokenEvent]:
-                events: AsyncIterator[TokenEvent] = orchestrator.stream_request(inference)
-                return events
+                return orchestrator.stream_request(inference)
 
             return await open_stream(
                 request, start, formatter, include_usage=include_usage, headers=headers
@@ -189,7 +193,7 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
 
 def _card(request: Request, name: str, context: int | None) -> ModelCard:
     started = getattr(request.app.state, "started_at", None)
-    return ModelCard(id=name, created=int(started or 0), max_model_len=context)
+    return ModelCard(id=name, created=int(started or _LOADED_AT), max_model_len=context)
 
 
 @router.post(
@@ -257,9 +261,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 
 def _token_text(request: Request) -> TokenText:
+    # One cache of token texts per tokenizer, kept on the app across requests.
+    tokenizer = _orchestrator(request).tokenizer
     state = request.app.state
     cached: TokenText | None = getattr(state, "openai_token_text", None)
-    if cached is None:
-        cached = TokenText(_orchestrator(request).tokenizer)
+    if cached is None or cached.tokenizer is not tokenizer:
+        cached = TokenText(tokenizer)
         state.openai_token_text = cached
     return cached

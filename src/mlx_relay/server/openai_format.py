@@ -49,13 +49,13 @@ class TokenText:
     """The text of single tokens, for logprobs (cached: the same ids recur)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
         if text is None:
-            text = str(self._tokenizer.decode([token_id]))
+            text = str(self.tokenizer.decode([token_id]))
             if len(self._cache) < 65536:
                 self._cache[token_id] = text
         return text
