@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from mlx_relay import __version__
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator
 from mlx_relay.core.config import ClusterConfig
-from mlx_relay.server import routes_health
+from mlx_relay.server import openai_api, routes_health
 from mlx_relay.server.deps import AppServices
 
 __all__ = ["AppServices", "create_app", "include_routes", "start_services", "stop_services"]
@@ -29,6 +29,7 @@ def create_app(services: AppServices) -> FastAPI:
 def include_routes(app: FastAPI, services: AppServices) -> None:
     """Every router of the coordinator's app, one line each."""
     app.include_router(routes_health.router)  # GET /health
+    app.include_router(openai_api.router)  # /v1: OpenAI-compatible inference API
 
 
 async def start_services(config: ClusterConfig, *, enable_monitoring: bool = True) -> AppServices:
