@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     host = args.host if args.host is not None else "127.0.0.1"
     port = args.port if args.port is not None else DEFAULT_PORT
     if args.config is None:
-        config = _with_free_worker_ports(config, avoid=port)
+        config = with_free_worker_ports(config, avoid=port)
     monitoring = not args.no_monitoring and config.monitoring.enabled
     return asyncio.run(_up(config, host, port, monitoring))
 
@@ -104,7 +104,8 @@ def _base_config(args: argparse.Namespace) -> ClusterConfig:
     return ClusterConfig.from_dict({"model": {"path": args.model}, "devices": devices}, "--workers")
 
 
-def _with_free_worker_ports(config: ClusterConfig, avoid: int) -> ClusterConfig:
+def with_free_worker_ports(config: ClusterConfig, avoid: int) -> ClusterConfig:
+    """A copy with every worker on a free port of its host (never ``avoid``)."""
     sockets: list[socket.socket] = []
     try:
         ports: dict[str, int] = {}

@@ -1,0 +1,158 @@
+"""What the pipeline costs and what it buys: 2-stage loopback pipeline vs one process.
+
+    .venv/bin/python bench/pipeline.py                       # bundled model, 3 rounds, 32 tokens
+    .venv/bin/python bench/pipeline.py --rounds 5 --max-tokens 48 --concurrency 1 2 4 8
+
+On the bundled model (greedy):
+  decode     decode tokens/s of one request, single process (``generate_tokens``) vs a
+             2-worker pipeline of real ``mlx-relay worker`` processes on loopback, alternating
+             rounds; medians, their ratio and the added milliseconds per token. The pipeline's
+             tokens must equal the single process's (checked every round).
+  aggregate  total generated tokens/s with 1, 4 and 8 requests in flight at once (each
+             request's prefill included): with several requests, both stages work at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlx_relay.cli.fleet import WorkerFleet
+from mlx_relay.cli.up import config_data, with_free_worker_ports
+from mlx_relay.coordinator.orchestrator import DistributedOrchestrator, InferenceRequest
+from mlx_relay.core.config import ClusterConfig, ModelConfig
+from mlx_relay.model.generate import generate_tokens
+from mlx_relay.model.load import load_model, resolve_model_dir
+from mlx_relay.model.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
+
+# A raw completion prompt: short (prefill stays a small part of each request) and it keeps
+# the model counting for as many tokens as asked.
+PROMPT = "1, 2, 3, 4, 5, 6,"
+
+
+def single_process_round(model: Any, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
+    """Decode tokens/s of one greedy generation in this process, and its tokens."""
+    stamps: list[float] = []
+    tokens: list[int] = []
+    for sampled in generate_tokens(model, prompt, max_tokens):
+        stamps.append(time.perf_counter())
+        tokens.append(sampled.token_id)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
+
+
+async def pipeline_round(
+    orchestrator: DistributedOrchestrator, max_tokens: int
+) -> tuple[float, list[int]]:
+    """Decode tokens/s of one greedy request through the pipeline, and its tokens."""
+    stamps: list[float] = []
+    tokens: list[int] = []
+    request = InferenceRequest(prompt=PROMPT, max_tokens=max_tokens)
+    async for event in orchestrator.stream_request(request):
+        if event.token_id is not None:
+            stamps.append(time.perf_counter())
+            tokens.append(event.token_id)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), tokens
+
+
+async def aggregate(
+    orchestrator: DistributedOrchestrator, concurrent: int, max_tokens: int
+) -> float:
+    """Generated tokens/s over the wall time of ``concurrent`` simultaneous requests."""
+    started = time.perf_counter()
+    responses = await asyncio.gather(
+        *(
+            orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=max_tokens))
+            for _ in range(concurrent)
+        )
+    )
+    elapsed = time.perf_counter() - started
+    return sum(r.usage.completion_tokens for r in responses) / elapsed
+
+
+def local_config(model_dir: Path, workers: int) -> ClusterConfig:
+    devices: list[dict[str, Any]] = [
+        {"id": f"worker-{i}", "host": "127.0.0.1", "port": 0, "layers": "auto"}
+        for i in range(workers)
+    ]
+    data = {"model": {"path": str(model_dir)}, "devices": devices}
+    return with_free_worker_ports(ClusterConfig.from_dict(data), avoid=0)
+
+
+def spread(values: list[float]) -> str:
+    return (
+        f"median {statistics.median(values):6.2f}  (min {min(values):.2f}, max {max(values):.2f})"
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    model_dir = resolve_model_dir(ModelConfig(), progress=True)
+    tokenizer = load_tokenizer(model_dir)
+    prompt = encode_prompt(tokenizer, prompt=PROMPT, chat=False)
+    eos = eos_token_ids(tokenizer)
+    config = local_config(model_dir, 2)
+    work_dir = Path(tempfile.mkdtemp(prefix="mlx-relay-bench-"))
+    config_path = work_dir / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(config_data(config)))
+    fleet = WorkerFleet(config, config_path, work_dir, monitoring=args.monitoring)
+    fleet.start()
+    orchestrator = DistributedOrchestrator(config, enable_monitoring=args.monitoring)
+    try:
+        while not await fleet.poll_serving():
+            await asyncio.sleep(0.2)
+        await orchestrator.initialize()
+        model = load_model(model_dir)
+        print(f"model {model_dir.name}: prompt {len(prompt)} tokens, {args.max_tokens} new tokens")
+        print(
+            f"pipeline: {', '.join(f'{s.device_id} {s.layer_range}' for s in orchestrator.stages)}"
+        )
+        print(
+            f"monitoring {'on' if args.monitoring else 'off'}; {args.rounds} alternating rounds\n"
+        )
+
+        await pipeline_round(orchestrator, 4)  # warm-up: channels, caches, code paths
+        single_process_round(model, prompt, 4)
+        single: list[float] = []
+        pipe: list[float] = []
+        for i in range(args.rounds):
+            rate, expected = single_process_round(model, prompt, args.max_tokens)
+            single.append(rate)
+            rate, got = await pipeline_round(orchestrator, args.max_tokens)
+            pipe.append(rate)
+            if expected and expected[-1] in eos:
+                expected = expected[:-1]
+            assert got == expected, f"round {i}: pipeline tokens differ from single process"
+            print(f"round {i + 1}: single {single[-1]:6.2f} tok/s   pipeline {pipe[-1]:6.2f} tok/s")
+
+        s, p = statistics.median(single), statistics.median(pipe)
+        print("\n== decode (one request, greedy) ==")
+        print(f"single process   {spread(single)} tok/s")
+        print(f"2-stage pipeline {spread(pipe)} tok/s")
+        print(f"ratio pipeline/single {p / s:.3f}; added {1000 * (1 / p - 1 / s):.1f} ms per token")
+
+        print("\n== aggregate (requests in flight at once, prefill included) ==")
+        for concurrent in args.concurrency:
+            rates = [await aggregate(orchestrator, concurrent, args.max_tokens) for _ in range(2)]
+            print(f"{concurrent:2d} concurrent: {spread(rates)} tok/s")
+    finally:
+        await orchestrator.shutdown()
+        fleet.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument(
+        "--monitoring", action="store_true", help="run with monitoring on (default: off)"
+    )
+    asyncio.run(main(parser.parse_args()))
