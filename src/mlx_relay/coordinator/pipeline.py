@@ -148,11 +148,13 @@ class RequestRun:
                 except (GeneratorExit, asyncio.CancelledError):
                     if outcome.finish_reason is None:
                         outcome.finish_reason = "abort"
+                        logger.debug("request %s aborted by its caller", self.request_id)
                         if self._trace is not None:
                             self._trace.finish("abort")
                     raise
                 except Exception as exc:
                     outcome.finish_reason = "error"
+                    logger.info("request %s failed: %s", self.request_id, exc)
                     if self._trace is not None:
                         self._trace.fail(type(exc).__name__, str(exc))
                     raise
@@ -224,6 +226,15 @@ class RequestRun:
         timings.total = end - prepared.submitted_at
         if self._trace is not None:
             self._trace.finish(finish)
+        logger.debug(
+            "request %s: %d prompt + %d generated tokens, %s, %.3f s (queue %.3f s)",
+            self.request_id,
+            len(prompt),
+            generated,
+            finish,
+            timings.total,
+            timings.queue,
+        )
         yield TokenEvent(
             self.request_id,
             None,
