@@ -89,6 +89,11 @@ async def test_wrong_or_missing_api_key_is_401(served: Served) -> None:
         ({"temperature": 3}, "temperature", "less than or equal to 2"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "'user'"),
         ({"messages": "hello"}, "messages", "valid list"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content",
+            "only text content parts",
+        ),
         ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
         ({"logit_bias": {"42": 5}}, "logit_bias", "not supported"),
         ({"tools": [{"type": "function"}]}, "tools", "not supported"),
@@ -224,3 +229,25 @@ async def test_no_pipeline_yet_is_503(tiny_model_dir: Path) -> None:
             error = assert_error(response, 503, None)
             assert error["code"] == "pipeline_not_ready"
             assert response.headers["retry-after"] == "1"
+
+
+async def test_a_stage_failing_mid_stream_ends_it_with_an_error_event(
+    tiny_model_dir: Path,
+) -> None:
+    async with (
+        serve_cluster(tiny_model_dir) as served,
+        AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0) as client,
+    ):
+        stream = await client.chat.completions.create(
+            model=served.model, messages=HELLO, max_tokens=400, temperature=0, stream=True
+        )
+        received = []
+        with pytest.raises(openai.APIError) as caught:
+            async for chunk in stream:
+                received.append(chunk)
+                if len(received) == 3:
+                    await served.cluster.workers[1].stop(grace=0)
+    assert 3 <= len(received) < 400
+    assert all(c.choices[0].finish_reason is None for c in received)
+    assert caught.value.code == "worker_unavailable"
+    assert "worker-1" in caught.value.message

@@ -96,8 +96,15 @@ def from_relay_error(exc: RelayError) -> OpenAIError:
             code="queue_full",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    if isinstance(exc, PipelineNotReady | WorkerUnavailable):
+    if isinstance(exc, PipelineNotReady):
         return service_unavailable(str(exc))
+    if isinstance(exc, WorkerUnavailable):
+        return OpenAIError(
+            503,
+            f"a pipeline stage is unavailable: {exc}",
+            code="worker_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     logger.error("request failed: %s", exc)
     return OpenAIError(500, f"inference failed: {exc}", error_type="server_error")
 

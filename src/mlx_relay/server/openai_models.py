@@ -19,23 +19,31 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class TextPart(_Request):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    # A string, a list of text parts, or null (an assistant turn that only called tools).
-    content: str | list[TextPart] | None = None
+    # A string, a list of content parts, or null (an assistant turn that only called tools).
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(
+        cls, value: str | list[dict[str, Any]] | None
+    ) -> str | list[dict[str, Any]] | None:
+        for part in value if isinstance(value, list) else ():
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(f"only text content parts are supported, got type {kind!r}")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text content part needs a string 'text'")
+        return value
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(str(part["text"]) for part in self.content)
 
 
 class StreamOptions(_Request):
