@@ -170,9 +170,10 @@ async def test_hanging_checks_time_out_without_blocking_the_loop() -> None:
         assert results["sleeping"]["status"] is C
         assert "timed out" in results["sleeping"]["message"]
         assert results["quick"]["status"] is H
-        # While the first run is still stuck in its thread, a new run fails at once.
+        # While the first run is still stuck in its thread, a new run joins it (no second
+        # thread) and times out in turn.
         again = await m.run_check("blocking")
-        assert again["status"] is C and "still blocked" in again["message"]
+        assert again["status"] is C and "timed out" in again["message"]
     finally:
         release.set()
         beat.cancel()
@@ -240,3 +241,47 @@ async def test_start_runs_checks_on_their_intervals_and_stop_cancels() -> None:
     stopped_at = runs
     await asyncio.sleep(0.15)
     assert runs == stopped_at
+
+
+async def test_spec_usage_works_as_written() -> None:
+    # The snippets of SPEC-monitoring.md, with mlx_relay imports.
+    from mlx_relay.monitoring.health import HealthCheck, HealthStatus
+
+    metrics_collector = MetricsCollector(device_id="coordinator", collection_interval=2.0)
+    health_monitor = HealthMonitor(device_id="coordinator")
+    await metrics_collector.start()
+    await health_monitor.start()
+    try:
+        metrics_collector.update_device_status(
+            device_id="device1", model_loaded=True, assigned_layers=[0, 1, 2], is_healthy=True
+        )
+        health_monitor.memory_warning_threshold = 75.0
+        health_monitor.memory_critical_threshold = 90.0
+        health_monitor.cpu_warning_threshold = 70.0
+
+        def custom_check() -> dict[str, Any]:
+            return {
+                "status": HealthStatus.HEALTHY,
+                "message": "Custom check passed",
+                "details": {"custom_metric": 42},
+            }
+
+        health_monitor.register_check(
+            HealthCheck(
+                name="custom_check",
+                description="Custom application health check",
+                check_function=custom_check,
+                interval_seconds=30.0,
+            )
+        )
+        await health_monitor.run_check("custom_check")
+        health_data = health_monitor.get_health_summary()
+        assert health_data["checks"]["custom_check"]["details"] == {"custom_metric": 42}
+        assert health_data["overall_status"] in ("healthy", "warning", "critical", "unknown")
+        metrics = metrics_collector.export_metrics()
+        assert metrics["devices"]["device1"]["assigned_layers"] == [0, 1, 2]
+        assert metrics["device"]["memory_total_bytes"] > 0
+        assert metrics_collector.get_throughput()["requests_per_second"] == 0.0
+    finally:
+        await health_monitor.stop()
+        await metrics_collector.stop()

@@ -17,7 +17,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,7 +68,7 @@ class _State:
     details: dict[str, Any] | None = None
     last_run_timestamp: float | None = None
     duration_seconds: float | None = None
-    in_flight: Future[Any] | None = None
+    in_flight: asyncio.Future[Any] | None = None
     task: asyncio.Task[None] | None = None
 
 
@@ -202,7 +202,10 @@ class HealthMonitor:
         check = state.check
         started = self._clock()
         try:
-            outcome = await asyncio.wait_for(self._call(state), check.timeout_seconds)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with completion, and stop() would then wait a whole interval.
+            async with asyncio.timeout(check.timeout_seconds):
+                outcome = await self._call(state)
             outcome = validated(outcome)
         except TimeoutError:
             outcome = result(
@@ -219,16 +222,16 @@ class HealthMonitor:
         function = state.check.check_function
         if inspect.iscoroutinefunction(function):
             return await function()
-        if state.in_flight is not None and not state.in_flight.done():
-            # The previous run of this sync check is still blocked in its thread.
-            raise RuntimeError("previous run is still blocked")
-        loop = asyncio.get_running_loop()
-        if self._executor is None:
-            # Its own pool: a hung check must not starve the loop's default executor.
-            self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="health-check")
-        future = self._executor.submit(function)
-        state.in_flight = future
-        value = await asyncio.wrap_future(future, loop=loop)
+        if state.in_flight is None or state.in_flight.done():
+            if self._executor is None:
+                # Its own pool: a hung check must not starve the loop's default executor.
+                self._executor = ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix="health-check"
+                )
+            state.in_flight = asyncio.wrap_future(self._executor.submit(function))
+        # A run still in its thread (concurrent or hung) is joined, never started twice;
+        # shield so that a timeout leaves it to finish rather than cancelling it.
+        value = await asyncio.shield(state.in_flight)
         if inspect.isawaitable(value):
             value = await value
         return value
