@@ -3,7 +3,9 @@ a real two-worker gRPC pipeline (one per module; the tiny random model, greedy u
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
@@ -15,6 +17,7 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
+from mlx_relay.cli.chat import ChatSession, repl
 from mlx_relay.model.generate import generate_tokens
 from mlx_relay.model.load import load_model
 from mlx_relay.model.sampling import SamplingParams
@@ -295,3 +298,37 @@ async def test_bundled_model_knows_the_capital_of_france(bundled_model_dir: Path
             temperature=0,
         )
     assert "Paris" in (response.choices[0].message.content or "")
+
+
+async def test_cli_chat_streams_replies_and_keeps_the_history(
+    served: Served, client: AsyncOpenAI
+) -> None:
+    questions = ["What is the capital of France?", "/reset", "Hello", "And of Italy?"]
+
+    def converse() -> tuple[ChatSession, str, str]:
+        inputs = iter(questions)
+
+        def read(prompt: str) -> str:
+            try:
+                return next(inputs)
+            except StopIteration:
+                raise EOFError from None
+
+        out, err = io.StringIO(), io.StringIO()
+        with ChatSession(served.url, max_tokens=6, temperature=0) as session:
+            repl(session, read, out, err)
+        return session, out.getvalue(), err.getvalue()
+
+    # The CLI is synchronous; the server runs on this event loop.
+    session, out, err = await asyncio.to_thread(converse)
+    assert session.model == served.model
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == questions[2:]
+    first = await client.chat.completions.create(
+        model=served.model,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert session.messages[1] == {"role": "assistant", "content": first.choices[0].message.content}
+    assert first.choices[0].message.content in out
+    assert err.count(" tokens, ") == 3 and "(conversation cleared)" in err

@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
+from mlx_relay.cli.chat import ChatError, ChatSession
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.server.app import AppServices, create_app
@@ -251,3 +252,12 @@ async def test_a_stage_failing_mid_stream_ends_it_with_an_error_event(
     assert all(c.choices[0].finish_reason is None for c in received)
     assert caught.value.code == "worker_unavailable"
     assert "worker-1" in caught.value.message
+
+
+async def test_cli_chat_reports_a_refused_token_in_one_line(served: Served) -> None:
+    with pytest.raises(ChatError, match="missing or invalid API key"):
+        await asyncio.to_thread(ChatSession, served.url, token="wrong")
+    session = await asyncio.to_thread(ChatSession, served.url, token=TOKEN, max_tokens=0)
+    with pytest.raises(ChatError, match="max_tokens"):
+        await asyncio.to_thread(lambda: list(session.ask("Hello")))
+    assert session.messages == []  # a refused turn leaves no trace
