@@ -18,6 +18,7 @@ from mlx_relay.monitoring.snapshot import (
     FINISHED_REASONS,
     THROUGHPUT_WINDOWS,
     InferenceMetrics,
+    LatencySummary,
     RecentError,
     ThroughputWindow,
 )
@@ -151,6 +152,16 @@ class InferenceRecorder:
                 latency={k: w.summary(now) for k, w in self._samples.items()},
                 histograms={k: h.snap() for k, h in self._histograms.items()},
                 recent_errors=list(self._recent_errors),
+            )
+
+    def chart_numbers(self) -> tuple[ThroughputWindow, LatencySummary, LatencySummary]:
+        """The 10 s rates and the e2e and TTFT summaries, for one history point."""
+        now = self._clock()
+        with self._lock:
+            return (
+                self._window("10s", now),
+                self._samples["e2e"].summary(now),
+                self._samples["ttft"].summary(now),
             )
 
     def _window(self, name: str, now: float) -> ThroughputWindow:

@@ -148,15 +148,14 @@ class MetricsCollector:
 
     def record_device_sample(self, sample: DeviceMetrics) -> None:
         """Store a device sample and append a history point (called by the sampling task)."""
-        inference = self._inference.snap()
-        window = inference.windows["10s"]
+        rates, e2e, ttft = self._inference.chart_numbers()
         point = HistoryPoint(
             timestamp=sample.sampled_at,
-            requests_per_second=window.requests_per_second,
-            tokens_per_second=window.tokens_per_second,
-            e2e_p50_seconds=inference.latency["e2e"].p50,
-            e2e_p99_seconds=inference.latency["e2e"].p99,
-            ttft_p50_seconds=inference.latency["ttft"].p50,
+            requests_per_second=rates.requests_per_second,
+            tokens_per_second=rates.tokens_per_second,
+            e2e_p50_seconds=e2e.p50,
+            e2e_p99_seconds=e2e.p99,
+            ttft_p50_seconds=ttft.p50,
             cpu_utilization_ratio=sample.cpu_utilization_ratio,
             memory_used_ratio=sample.memory_used_ratio,
             gpu_utilization_ratio=sample.gpu_utilization_ratio,
