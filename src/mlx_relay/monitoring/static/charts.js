@@ -91,8 +91,11 @@
       ctx.textBaseline = "top";
       for (let i = 0; i <= 4; i++) {
         const t = t0 + (span * i) / 4;
-        const ago = Math.round(t1 - t);
-        const label = ago === 0 ? "now" : ago >= 120 ? `-${Math.round(ago / 60)} min` : `-${ago} s`;
+        const ago = t1 - t;
+        let label = "now";
+        if (ago >= 120) label = `-${Math.round(ago / 60)} min`;
+        else if (span >= 20 && ago >= 0.5) label = `-${Math.round(ago)} s`;
+        else if (ago >= 0.05) label = `-${ago.toFixed(1)} s`;
         ctx.fillText(times.length ? label : "", x(t), pad.top + plotH + 5);
       }
 

@@ -85,10 +85,10 @@
     return { outer, inner };
   }
 
-  function setMeter(m, ratio) {
+  function setMeter(m, ratio, hotAt = 0.85) {
     const r = ratio === null || ratio === undefined ? 0 : Math.max(0, Math.min(1, ratio));
     m.inner.style.width = `${(r * 100).toFixed(1)}%`;
-    m.outer.classList.toggle("hot", r >= 0.85);
+    m.outer.classList.toggle("hot", r >= hotAt);
   }
 
   // ---- device cards ------------------------------------------------------------------------
@@ -325,7 +325,7 @@
       if (isMax) label.appendChild(el("span", "tag", "bottleneck"));
       line.appendChild(label);
       const bar = meter("stage-bar");
-      setMeter(bar, max > 0 ? s.busy_seconds_total / max : 0);
+      setMeter(bar, max > 0 ? s.busy_seconds_total / max : 0, Infinity);
       line.appendChild(bar.outer);
       const decode = s.forward_seconds.decode || {};
       const prefill = s.forward_seconds.prefill || {};
@@ -353,14 +353,13 @@
       const cells = [
         `${link.device} → ${link.peer}`,
         fmt.seconds(link.rtt_last_seconds),
-        fmt.seconds(link.rtt.p50),
-        fmt.seconds(link.rtt.p99),
+        link.rtt.count ? `${fmt.seconds(link.rtt.p50)} / ${fmt.seconds(link.rtt.p99)}` : "–",
         `${fmt.count(link.ping_total.ok || 0)} / ${fmt.count(failed)}`,
         fmt.bytes(link.transmit_bytes_total),
         fmt.bytes(link.receive_bytes_total),
         link.last_error ? `${link.last_error} (${fmt.ago(link.last_error_timestamp)})` : "–",
       ];
-      cells.forEach((text, i) => tr.appendChild(el("td", i === 7 && link.last_error ? "error-text" : "", text)));
+      cells.forEach((text, i) => tr.appendChild(el("td", i === 6 && link.last_error ? "error-text" : "", text)));
       tbody.appendChild(tr);
     }
   }
