@@ -45,7 +45,13 @@ class Usage:
 @dataclass
 class Timings:
     """Seconds, measured on the coordinator's monotonic clock (stage compute as reported by
-    each worker for its own forward calls)."""
+    each worker for its own forward calls).
+
+    ``queue``: waiting for a running slot; ``ttft``: arrival to first token; ``prefill``: from
+    admission to the first token; ``decode``: first token to the end; ``stage_compute``:
+    per device, summed over the request's forward calls; ``network``: forward RPC time minus
+    compute, summed; ``tokens_per_second``: generated tokens over prefill + decode.
+    """
 
     queue: float = 0.0
     ttft: float | None = None
@@ -80,6 +86,14 @@ class TokenEvent:
 
 @dataclass
 class InferenceResponse:
+    """A finished request.
+
+    ``token_ids`` are the generated tokens without the end-of-sequence token (the token that
+    completed a stop string is included); ``text`` ends before the first stop string;
+    ``finish_reason`` is ``stop`` (end of sequence or stop string) or ``length``
+    (``max_tokens`` reached, or the model's context is full).
+    """
+
     request_id: str
     text: str
     token_ids: list[int]
