@@ -267,11 +267,15 @@
     const w60 = inference.windows["60s"] || {};
     const lat = inference.latency;
     const p50 = (s) => (s && s.count ? fmt.seconds(s.p50) : "–");
-    const p99 = (s) => (s && s.count ? `p99 ${fmt.seconds(s.p99)} · ${fmt.count(s.count)} samples` : "no samples yet");
+    const p99 = (s) => (s && s.count ? `p99 ${fmt.seconds(s.p99)}` : "no samples yet");
     setText("kpi-rps", fmt.rate(w10.requests_per_second, "req/s"));
     setText("kpi-rps-sub", `60 s: ${fmt.rate(w60.requests_per_second, "req/s")}`);
     setText("kpi-tps", fmt.rate(w10.tokens_per_second, "tok/s"));
     setText("kpi-tps-sub", `60 s: ${fmt.rate(w60.tokens_per_second, "tok/s")}`);
+    for (const [id, key] of [["kpi-e2e-sub", "e2e"], ["kpi-ttft-sub", "ttft"], ["kpi-itl-sub", "inter_token"]]) {
+      const summary = lat[key];
+      document.getElementById(id).title = summary && summary.count ? `${fmt.count(summary.count)} recent samples, max ${fmt.seconds(summary.max)}` : "";
+    }
     setText("kpi-e2e", p50(lat.e2e));
     setText("kpi-e2e-sub", p99(lat.e2e));
     setText("kpi-ttft", p50(lat.ttft));
