@@ -396,3 +396,34 @@ async def test_cli_worker_serves_until_sigint(tiny_model_dir: Path, tmp_path: Pa
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_cpu_saturation_alone_keeps_the_stage_serving(tiny_model_dir: Path) -> None:
+    from mlx_relay.monitoring import HealthCheck, HealthStatus
+
+    config = worker_config(tiny_model_dir, [(0, 4)], monitoring={"collection_interval": 0.1})
+    async with running_workers(config, enable_monitoring=True) as (worker,):
+        health = worker.server.health
+        for name in ("system_resources", "process_health"):
+            health.unregister_check(name)
+        levels = {"cpu_status": "critical", "memory_status": "healthy", "disk_status": "healthy"}
+
+        def resources() -> dict[str, Any]:
+            worst = "critical" if "critical" in levels.values() else "healthy"
+            return {"status": HealthStatus(worst), "message": "injected", "details": dict(levels)}
+
+        health.register_check(HealthCheck("system_resources", "injected", resources, 0.05))
+        await wait_for_health(worker.channel, SERVING)
+        # Busy CPU: reported CRITICAL, still serving (under load this is the normal state).
+        for _ in range(20):
+            status = await worker.stub.GetStatus(pb.StatusRequest())
+            if status.health_status == "critical":
+                break
+            await asyncio.sleep(0.05)
+        assert status.health_status == "critical"
+        # Several health-watch rounds (one per collection interval) must leave it serving.
+        await asyncio.sleep(0.5)
+        assert await health_status(worker.channel) == SERVING
+        # Memory exhausted: the stage cannot serve safely and leaves the pipeline.
+        levels["memory_status"] = "critical"
+        await wait_for_health(worker.channel, NOT_SERVING)

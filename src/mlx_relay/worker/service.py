@@ -80,6 +80,25 @@ class WorkerState:
         status = self.health.overall_status
         return str(getattr(status, "value", status))
 
+    def takes_traffic(self) -> bool:
+        """False while a CRITICAL check means this stage cannot serve.
+
+        A saturated CPU is what serving load looks like, so CPU alone never takes a stage out
+        of the pipeline (it still shows as CRITICAL in the health summary).
+        """
+        if self.health is None:
+            return True
+        for check in self.health.get_health_summary()["checks"].values():
+            if check["status"] != "critical":
+                continue
+            details = check.get("details") or {}
+            cpu_only = check["name"] == "system_resources" and not any(
+                details.get(f"{resource}_status") == "critical" for resource in ("memory", "disk")
+            )
+            if not cpu_only:
+                return False
+        return True
+
 
 class WorkerServicer(pb_grpc.WorkerServicer):
     """Forward, EndSession, Ping and GetStatus over one :class:`WorkerState`."""

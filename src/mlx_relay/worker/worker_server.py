@@ -4,7 +4,8 @@ Lifecycle: :meth:`WorkerServer.start` binds the port (so ``port`` is known and t
 service answers NOT_SERVING at once) and begins loading this stage's layers on the MLX
 thread; :meth:`WorkerServer.wait_until_ready` waits for the load (``start(wait=True)``
 does both). Health turns SERVING when the layers are loaded, and NOT_SERVING again while
-the worker's HealthMonitor reports CRITICAL or while it stops.
+a CRITICAL health check says the stage cannot serve (CPU saturation alone does not) or while
+it stops.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ class WorkerServer:
             # The gRPC server is up: this feeds the monitor's own service check, which must
             # not depend on the verdict below or CRITICAL would latch.
             self.health.set_service_state(True, loaded)
-        serving = loaded and self._state.health_status() != "critical" and not self._stopped
+        serving = loaded and self._state.takes_traffic() and not self._stopped
         self._report(model_loaded=loaded)
         await self._set_health(_SERVING if serving else _NOT_SERVING)
 
