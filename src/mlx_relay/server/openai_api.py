@@ -6,7 +6,9 @@ of the app (``monitoring.dashboard.auth_token``) is the API key when one is set.
 mlx-relay cannot honour are refused with a 400 naming them rather than ignored: ``n`` and
 ``best_of`` other than 1, non-zero ``presence_penalty``/``frequency_penalty``, ``logit_bias``,
 tools, ``response_format`` other than text, ``echo`` and ``suffix``. Fields that change
-nothing (``user``, ``metadata``, ``store``...) are ignored.
+nothing (``user``, ``metadata``, ``store``...) are ignored. Left out, ``temperature`` and
+``top_p`` default to 1 as in OpenAI's API, and ``max_tokens`` to the configuration's
+``inference.default_max_tokens`` (shortened to what fits in the context).
 """
 
 from __future__ import annotations

@@ -164,6 +164,9 @@ async def _events(
     except RelayError as exc:
         # Headers are sent: the error travels as an event, which OpenAI's clients raise.
         yield sse(from_relay_error(exc).body())
+    except Exception:
+        logger.exception("streamed generation failed")
+        yield sse(OpenAIError(500, "internal server error").body())
     finally:
         await pump.aclose()
     yield b"data: [DONE]\n\n"
