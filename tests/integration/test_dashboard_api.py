@@ -171,3 +171,34 @@ async def test_openapi_documents_each_endpoint_with_its_model(tiny_model_dir: Pa
         assert ref == f"#/components/schemas/{model}", path
     units = schema["components"]["schemas"]["DeviceMetrics"]["properties"]
     assert "bytes" in units["memory_used_bytes"]["description"]
+
+
+async def test_the_coordinator_app_serves_monitoring_beside_the_openai_api(
+    tiny_model_dir: Path,
+) -> None:
+    from mlx_relay.server.app import AppServices, create_app
+    from mlx_relay.server.serve import HTTPServer
+
+    async with dashboard_cluster(tiny_model_dir) as env:
+        orchestrator = env.cluster.orchestrator
+        services = AppServices(
+            env.cluster.config, orchestrator, env.collector, orchestrator.health_monitor
+        )
+        async with (
+            HTTPServer(create_app(services)) as server,
+            httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        ):
+            completion = await http.post(
+                "/v1/completions",
+                json={"model": orchestrator.model_info.name, "prompt": "Hi", "max_tokens": 3},
+            )
+            assert completion.status_code == 200, completion.text
+            stats = StatsResponse.model_validate((await http.get("/api/stats")).json())
+            metrics = (await http.get("/metrics")).text
+            page = await http.get("/")
+    assert stats.requests_total == 1
+    assert stats.generation_tokens_total == completion.json()["usage"]["completion_tokens"]
+    generated = stats.generation_tokens_total
+    model = orchestrator.model_info.name
+    assert f'mlxrelay_generation_tokens_total{{model_name="{model}"}} {float(generated)}' in metrics
+    assert page.status_code == 200 and 'id="total-requests"' in page.text

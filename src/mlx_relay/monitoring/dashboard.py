@@ -29,7 +29,7 @@ from mlx_relay.core.config import DashboardConfig
 from mlx_relay.monitoring.api import MonitoringContext, mount_monitoring
 from mlx_relay.monitoring.health import HealthMonitor
 from mlx_relay.monitoring.metrics import MetricsCollector
-from mlx_relay.monitoring.security import warn_if_exposed
+from mlx_relay.monitoring.security import install_cors, warn_if_exposed
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ def build_dashboard_app(
     context = mount_monitoring(
         app, metrics_collector, health_monitor, config, update_interval=update_interval
     )
+    install_cors(app, config)
     return app, context
 
 

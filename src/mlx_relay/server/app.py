@@ -12,6 +12,8 @@ from fastapi import FastAPI
 from mlx_relay import __version__
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator
 from mlx_relay.core.config import ClusterConfig
+from mlx_relay.monitoring.api import mount_monitoring
+from mlx_relay.monitoring.security import install_cors
 from mlx_relay.server import openai_api, routes_health
 from mlx_relay.server.deps import AppServices
 
@@ -30,6 +32,10 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
     """Every router of the coordinator's app, one line each."""
     app.include_router(routes_health.router)  # GET /health
     app.include_router(openai_api.router)  # /v1: OpenAI-compatible inference API
+    settings = services.config.monitoring.dashboard
+    if services.metrics_collector is not None:  # /, /static, /api/*, /ws, /metrics
+        mount_monitoring(app, services.metrics_collector, services.health_monitor, settings)
+    install_cors(app, settings)  # off unless cors_origins is configured
 
 
 async def start_services(config: ClusterConfig, *, enable_monitoring: bool = True) -> AppServices:

@@ -13,12 +13,7 @@ from mlx_relay.monitoring.api.deps import STATE_ATTRIBUTE
 from mlx_relay.monitoring.health import HealthMonitor
 from mlx_relay.monitoring.metrics import MetricsCollector
 from mlx_relay.monitoring.prometheus import RelayCollector
-from mlx_relay.monitoring.security import (
-    RateLimit,
-    TokenBucketLimiter,
-    install_cors,
-    metrics_auth,
-)
+from mlx_relay.monitoring.security import RateLimit, TokenBucketLimiter, metrics_auth
 
 API_ROUTERS = (metrics.router, health.router, devices.router, throughput.router, stats.router)
 
@@ -34,9 +29,9 @@ def mount_monitoring(
 ) -> MonitoringContext:
     """Serve ``/``, ``/static``, ``/api/*``, ``/ws`` and ``/metrics`` from ``app``.
 
-    Call it while building the app (it may add the CORS middleware). ``/``, ``/api/*`` and
-    ``/ws`` require ``settings.auth_token`` when set; ``/api/*`` is rate limited per client;
-    ``/metrics`` follows ``metrics_token`` / ``metrics_open``.
+    ``/``, ``/api/*`` and ``/ws`` require ``settings.auth_token`` when set; ``/api/*`` is rate
+    limited per client; ``/metrics`` follows ``metrics_token`` / ``metrics_open``. CORS is the
+    whole app's concern: see :func:`mlx_relay.monitoring.security.install_cors`.
 
     Args:
         app: The app to extend.
@@ -69,5 +64,4 @@ def mount_monitoring(
     app.include_router(ws_routes.router)  # checks the token itself: see ws.py
     app.include_router(exposition.router, dependencies=[Depends(metrics_auth(settings))])
     app.mount(page.STATIC_PATH, page.static_files(), name="monitoring-static")
-    install_cors(app, settings)
     return context
