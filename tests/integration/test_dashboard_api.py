@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+import signal
+import sys
 from pathlib import Path
 
 import httpx
 import psutil
+import yaml
 
 from mlx_relay.monitoring.api.views import (
     ClusterHealth,
@@ -14,7 +19,9 @@ from mlx_relay.monitoring.api.views import (
     ThroughputResponse,
 )
 from mlx_relay.monitoring.snapshot import Snapshot
+from tests.support.cluster import cluster_dict, local_cluster
 from tests.support.dashboard_cluster import (
+    FAST_MONITORING,
     PROMPT_MARKER,
     DashboardEnv,
     dashboard_cluster,
@@ -202,3 +209,45 @@ async def test_the_coordinator_app_serves_monitoring_beside_the_openai_api(
     model = orchestrator.model_info.name
     assert f'mlxrelay_generation_tokens_total{{model_name="{model}"}} {float(generated)}' in metrics
     assert page.status_code == 200 and 'id="total-requests"' in page.text
+
+
+async def test_standalone_dashboard_cli_polls_the_workers_of_a_config(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    async with local_cluster(tiny_model_dir, 2, worker_monitoring=True) as cluster:
+        ports = [worker.port for worker in cluster.config.workers]
+        data = cluster_dict(tiny_model_dir, 2, ports=ports, monitoring=FAST_MONITORING)
+        config_file = tmp_path / "cluster.yaml"
+        config_file.write_text(yaml.safe_dump(data))
+        command = [sys.executable, "-m", "mlx_relay.cli", "dashboard", "--config"]
+        process = await asyncio.create_subprocess_exec(
+            *command, str(config_file), "--port", "0", stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            assert process.stderr is not None
+            port = await asyncio.wait_for(_announced_port(process.stderr), timeout=60)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+
+                async def polled() -> DevicesResponse | None:
+                    body = DevicesResponse.model_validate((await http.get("/api/devices")).json())
+                    workers = body.devices[1:]
+                    return body if workers and all(d.metrics for d in workers) else None
+
+                devices = await wait_for(polled, what="both workers polled")
+        finally:
+            process.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+    assert [d.device_id for d in devices.devices] == ["dashboard", "worker-0", "worker-1"]
+    assert [(d.layer_start, d.layer_end) for d in devices.devices[1:]] == [(0, 2), (2, 4)]
+    assert all(d.up and d.role == "worker" for d in devices.devices[1:])
+    assert {link.peer for link in devices.links} == {"worker-0", "worker-1"}
+
+
+async def _announced_port(stream: asyncio.StreamReader) -> int:
+    seen = b""
+    while line := await stream.readline():
+        seen += line
+        found = re.search(rb"dashboard on http://[^:]+:(\d+)/", line)
+        if found:
+            return int(found.group(1))
+    raise AssertionError(f"the dashboard did not start:\n{seen.decode(errors='replace')}")
