@@ -331,4 +331,4 @@ async def test_cli_chat_streams_replies_and_keeps_the_history(
     )
     assert session.messages[1] == {"role": "assistant", "content": first.choices[0].message.content}
     assert first.choices[0].message.content in out
-    assert err.count(" tokens, ") == 3 and "(conversation cleared)" in err
+    assert err.count(" tokens in ") == 3 and "(conversation cleared)" in err

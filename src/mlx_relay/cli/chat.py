@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -44,6 +45,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not getattr(args, "verbose", False):
+        # One log line per HTTP request would break up the conversation.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     with ChatSession(
         args.url,
@@ -208,8 +212,9 @@ def repl(session: ChatSession, read: Callable[[str], str], out: TextIO, err: Tex
             continue
         out.write("\n")
         reply = session.last
-        rate = reply.completion_tokens / reply.seconds if reply.seconds > 0 else 0.0
-        err.write(f"[{reply.completion_tokens} tokens, {rate:.1f} tok/s, {reply.finish_reason}]\n")
+        err.write(
+            f"[{reply.completion_tokens} tokens in {reply.seconds:.1f} s, {reply.finish_reason}]\n"
+        )
 
 
 def _json_or_text(response: httpx.Response) -> Any:
