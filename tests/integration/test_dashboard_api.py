@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -251,3 +252,17 @@ async def _announced_port(stream: asyncio.StreamReader) -> int:
         if found:
             return int(found.group(1))
     raise AssertionError(f"the dashboard did not start:\n{seen.decode(errors='replace')}")
+
+
+def test_the_integration_example_runs() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "monitoring_integration_example.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--port", "0", "--duration", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/", done.stdout)
+    requests = re.search(r"(\d+) requests, (\d+) tokens", done.stdout)
+    assert requests and int(requests.group(1)) > 0, done.stdout
