@@ -34,7 +34,7 @@ _STATES = frozenset(s.value for s in HealthStatus)
 class DeviceHealth(BaseModel):
     """One device's health as the coordinator sees it."""
 
-    device_id: str
+    device_id: str = Field(description="Device id from the cluster configuration.")
     role: str | None = Field(None, description="'coordinator' or 'worker'.")
     stage: int | None = Field(None, description="Pipeline stage of a worker.")
     status: str = Field(description="healthy|warning|critical|unknown; critical when down.")
@@ -84,7 +84,7 @@ class ThroughputResponse(BaseModel):
 class StageSummary(BaseModel):
     """One stage's compute, without histogram buckets."""
 
-    device_id: str
+    device_id: str = Field(description="Worker holding the stage.")
     stage: int | None = Field(None, description="Stage index, 0 = first.")
     busy_seconds_total: float = Field(description="Total forward compute time, seconds.")
     utilization_ratio_10s: float | None = Field(None, description="Busy share, last 10 s, 0..1.")
@@ -101,11 +101,11 @@ class StatsResponse(BaseModel):
     """``GET /api/stats``: request totals, latency percentiles, errors and stage compute."""
 
     timestamp: float = Field(description="Snapshot time, unix seconds.")
-    uptime_seconds: float
-    model: ModelInfoSnap | None = None
+    uptime_seconds: float = Field(description="Seconds since the collector was created.")
+    model: ModelInfoSnap | None = Field(default=None, description="Served model, once known.")
     requests_total: int = Field(description="Requests admitted since start.")
-    requests_running: int
-    requests_waiting: int
+    requests_running: int = Field(description="Requests admitted and not yet finished.")
+    requests_waiting: int = Field(description="Requests queued for admission.")
     requests_finished_total: int = Field(description="Succeeded plus failed requests.")
     success_total: dict[str, int] = Field(description="By finished_reason.")
     failure_total: dict[str, int] = Field(description="By error_type.")
@@ -113,8 +113,8 @@ class StatsResponse(BaseModel):
         None, description="Failed / finished since start, 0..1; None before the first."
     )
     error_rates: dict[str, float | None] = Field(description="Error rate per window ('10s'...).")
-    prompt_tokens_total: int
-    generation_tokens_total: int
+    prompt_tokens_total: int = Field(description="Prompt tokens of admitted requests.")
+    generation_tokens_total: int = Field(description="Tokens generated since start.")
     latency: dict[str, LatencySummary] = Field(
         description="Seconds, keyed e2e, ttft, inter_token, time_per_output_token, queue, "
         "prefill, decode, stage, network."
