@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +21,11 @@ from mlx_relay.monitoring.api.views import (
     StatsResponse,
     ThroughputResponse,
 )
+from mlx_relay.monitoring.dashboard import start_monitoring_dashboard
+from mlx_relay.monitoring.health import HealthMonitor
+from mlx_relay.monitoring.metrics import MetricsCollector
 from mlx_relay.monitoring.snapshot import Snapshot
-from tests.support.cluster import cluster_dict, local_cluster
+from tests.support.cluster import cluster_dict, free_ports, local_cluster
 from tests.support.dashboard_cluster import (
     FAST_MONITORING,
     PROMPT_MARKER,
@@ -266,3 +271,27 @@ def test_the_integration_example_runs() -> None:
     assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/", done.stdout)
     requests = re.search(r"(\d+) requests, (\d+) tokens", done.stdout)
     assert requests and int(requests.group(1)) > 0, done.stdout
+
+
+async def test_start_monitoring_dashboard_serves_until_cancelled() -> None:
+    collector = MetricsCollector("coordinator", 0.1, role="coordinator")
+    health = HealthMonitor("coordinator", metrics_collector=collector)
+    port = free_ports(1)[0]
+    task = asyncio.create_task(start_monitoring_dashboard(collector, health, port=port))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+
+            async def answered() -> httpx.Response | None:
+                with contextlib.suppress(httpx.TransportError):
+                    return await http.get("/api/health")
+                return None
+
+            response = await wait_for(answered, what="the dashboard to answer")
+        assert response.status_code == 200
+        assert response.json()["device_id"] == "coordinator"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # released once cancelled

@@ -271,11 +271,6 @@
     if (link) link.href = `/api/metrics?token=${encodeURIComponent(token)}`;
   }
 
-  /** fetch() with the page's token; for callers of the JSON API from this page. */
-  window.relayFetch = function (path) {
-    return fetch(path, { headers: token ? { Authorization: `Bearer ${token}` } : {} });
-  };
-
   // An open socket that stopped delivering (server stalled) is flagged, not trusted.
   let lastMessageAt = Date.now();
   function watchStaleness() {
