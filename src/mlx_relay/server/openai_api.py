@@ -86,12 +86,13 @@ def served_model(request: Request) -> tuple[str, int | None]:
     return info.name, context
 
 
-def _check_model(request: Request, model: str) -> str:
+def _check_model(request: Request, model: str, status: int = 400) -> str:
     served, _ = served_model(request)
     if model != served:
-        # OpenAI and vLLM answer an unknown model with 404 model_not_found.
+        # An unknown model in a completion request is an invalid parameter (400); only
+        # GET /v1/models/{id} answers 404 for a model it does not have.
         raise OpenAIError(
-            404,
+            status,
             f"the model '{model}' does not exist; this server serves '{served}'",
             param="model",
             code="model_not_found",
@@ -189,7 +190,7 @@ async def list_models(request: Request) -> ModelList:
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     """The served model, if ``model_id`` names it."""
     name, context = served_model(request)
-    _check_model(request, model_id)
+    _check_model(request, model_id, status=404)
     return _card(request, name, context)
 
 
