@@ -69,3 +69,22 @@ async def test_busy_port_is_a_bind_error() -> None:
         server = HTTPServer(create_app(AppServices(config)), port=port)
         with pytest.raises(BindError, match=f"cannot listen on 127.0.0.1:{port}"):
             await server.start()
+
+
+async def test_health_asks_for_the_app_token_when_one_is_set(tiny_model_dir: Path) -> None:
+    async with local_cluster(tiny_model_dir, 1) as cluster:
+        monitoring = cluster.config.monitoring
+        dashboard = monitoring.dashboard.model_copy(update={"auth_token": "s3cret"})
+        config = cluster.config.model_copy(
+            update={"monitoring": monitoring.model_copy(update={"dashboard": dashboard})}
+        )
+        app = create_app(AppServices(config, cluster.orchestrator))
+        async with HTTPServer(app) as server, httpx.AsyncClient() as client:
+            missing = await client.get(f"{server.url}/health")
+            wrong = await client.get(f"{server.url}/health", headers={"Authorization": "Bearer x"})
+            right = await client.get(
+                f"{server.url}/health", headers={"Authorization": "Bearer s3cret"}
+            )
+    assert missing.status_code == 401 and wrong.status_code == 401
+    assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+    assert right.status_code == 200 and right.json()["status"] == "ok"

@@ -1,17 +1,25 @@
 """``GET /health``: is every pipeline stage serving? For load balancers and ``mlx-relay up``.
 
-Open without a token, like most health endpoints: it says which stages serve, nothing else.
+When the app has a bearer token (``monitoring.dashboard.auth_token``), ``/health`` asks for it
+like every other route; load balancers then send it as ``Authorization: Bearer TOKEN``.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Depends, Request, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from mlx_relay.server.deps import ServicesDep
+from mlx_relay.monitoring.security import BearerAuth
+from mlx_relay.server.deps import ServicesDep, get_services
 
-router = APIRouter(tags=["health"])
+
+async def require_token(request: Request) -> None:
+    """The app's bearer token, when one is configured."""
+    await BearerAuth(get_services(request).config.monitoring.dashboard.auth_token)(request)
+
+
+router = APIRouter(tags=["health"], dependencies=[Depends(require_token)])
 
 
 class StageState(BaseModel):
