@@ -103,8 +103,9 @@ class Thresholds(_Section):
 class DashboardConfig(_Section):
     """The HTTP app's address when run standalone, and its security settings.
 
-    ``auth_token`` protects ``/``, ``/api/*``, ``/ws`` and ``/v1/*``. ``/metrics`` takes
-    ``metrics_token`` when set, else ``auth_token``, unless ``metrics_open`` is true.
+    ``auth_token`` protects ``/``, ``/api/*``, ``/ws``, ``/v1/*`` and ``/health``.
+    ``/metrics`` takes ``metrics_token`` when set, else ``auth_token``, unless ``metrics_open``
+    is true.
     """
 
     host: str = "127.0.0.1"
