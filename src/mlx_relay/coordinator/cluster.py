@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import statistics
@@ -21,6 +20,7 @@ from typing import Any
 from mlx_relay.coordinator.client import WorkerClient, WorkerTimedOut
 from mlx_relay.coordinator.pipeline import Stage
 from mlx_relay.core.errors import RelayError
+from mlx_relay.core.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +135,7 @@ class ClusterMonitor:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

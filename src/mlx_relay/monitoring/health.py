@@ -10,7 +10,6 @@ exception's message. The overall status is the worst check status.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import os
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 import psutil
 
 from mlx_relay.core.config import Thresholds
+from mlx_relay.core.tasks import cancel_and_wait
 from mlx_relay.monitoring.device import busy_ratio, read_process_stats
 from mlx_relay.monitoring.health_checks import (
     CheckResult,
@@ -166,12 +166,7 @@ class HealthMonitor:
     async def stop(self) -> None:
         """Cancel every check task and wait for them; hung sync checks are abandoned."""
         self._started = False
-        tasks = [s.task for s in self._checks.values() if s.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*(s.task for s in self._checks.values()))
         for state in self._checks.values():
             state.task = None
         if self._executor is not None:

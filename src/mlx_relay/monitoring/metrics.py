@@ -9,7 +9,6 @@ bounded: rings, fixed time buckets and fixed histograms.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import threading
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from mlx_relay.core.tasks import cancel_and_wait
 from mlx_relay.monitoring.device import DeviceSampler
 from mlx_relay.monitoring.inference import InferenceRecorder, RequestTrace
 from mlx_relay.monitoring.network import NetworkRecorder
@@ -122,11 +122,7 @@ class MetricsCollector:
     async def stop(self) -> None:
         """Stop background sampling and wait for the task to end."""
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
     @property
     def running(self) -> bool:

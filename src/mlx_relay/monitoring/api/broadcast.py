@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from mlx_relay.core.tasks import cancel_and_wait
+
 logger = logging.getLogger(__name__)
 
 # How a send or receive ends when the peer has gone (uvicorn's ClientDisconnected is an OSError).
@@ -158,7 +160,4 @@ class SnapshotBroadcaster:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.websocket.close(code=1001), timeout=1.0)
         ticker, self._ticker = self._ticker, None
-        if ticker is not None:
-            ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticker
+        await cancel_and_wait(ticker)
