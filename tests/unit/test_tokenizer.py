@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from mlx_relay.core.errors import InvalidRequest, ModelNotFound
-from mlx_relay.model.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
+from mlx_relay.model.tokenizer import TextDecoder, encode_prompt, eos_token_ids, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,33 @@ def test_streaming_detokenizer_rebuilds_the_text(tokenizer: Any) -> None:
     detokenizer.finalize()
     pieces.append(detokenizer.last_segment)
     assert "".join(pieces) == text
+
+
+def decode_in_steps(decoder: TextDecoder, ids: list[int]) -> list[str]:
+    pieces = []
+    for token in ids:
+        decoder.add_token(token)
+        pieces.append(decoder.last_segment)
+    decoder.finalize()
+    pieces.append(decoder.last_segment)
+    return pieces
+
+
+def test_text_decoder_keeps_the_leading_space_of_a_continuation(tokenizer: Any) -> None:
+    prompt = tokenizer.encode("The capital of France is")
+    generated = tokenizer.encode(" Paris. 東京 🚀 naïve")
+    pieces = decode_in_steps(TextDecoder(tokenizer, prompt), generated)
+    assert "".join(pieces) == " Paris. 東京 🚀 naïve"
+    assert pieces[0].startswith(" ")
+    # No piece ever carries half a character.
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_text_decoder_holds_an_incomplete_character(tokenizer: Any) -> None:
+    ids = tokenizer.encode("🚀")
+    assert len(ids) > 1  # the tiny vocabulary spells the emoji in several byte tokens
+    pieces = decode_in_steps(TextDecoder(tokenizer), ids)
+    assert "".join(pieces) == "🚀" and all(p in ("", "🚀") for p in pieces)
 
 
 def test_eos_ids(tokenizer: Any) -> None:

@@ -11,7 +11,7 @@ from mlx_relay.core.config import ModelConfig
 from mlx_relay.model.generate import generate_tokens
 from mlx_relay.model.load import load_model, resolve_model_dir
 from mlx_relay.model.sampling import SamplingParams
-from mlx_relay.model.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
+from mlx_relay.model.tokenizer import TextDecoder, encode_prompt, eos_token_ids, load_tokenizer
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -53,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     eos = eos_token_ids(tokenizer)
 
     out = sys.stdout
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
+    detokenizer = TextDecoder(tokenizer, prompt_ids)
     generated = 0
     start = time.perf_counter()
     first = end = start

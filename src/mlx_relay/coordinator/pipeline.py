@@ -31,6 +31,7 @@ from mlx_relay.coordinator.requests import (
 from mlx_relay.coordinator.stops import TextStream
 from mlx_relay.core.errors import PipelineNotReady
 from mlx_relay.core.types import LayerRange
+from mlx_relay.model.tokenizer import TextDecoder
 from mlx_relay.proto import relay_pb2
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class RequestRun:
         prepared: the validated request.
         stages: the pipeline, in order, and one client per stage.
         clients: the WorkerClient of each stage, same order.
-        tokenizer: gives the streaming detokenizer.
+        tokenizer: decodes the generated ids into text.
         eos_ids: token ids that end generation.
         admission: where the request waits for a running slot.
         collector: the coordinator's MetricsCollector, or None without monitoring.
@@ -176,7 +177,7 @@ class RequestRun:
         timings = outcome.timings
         prompt = prepared.prompt_ids
         want_logprobs = prepared.request.logprobs or prepared.params.top_logprobs > 0
-        text = TextStream(self._tokenizer.detokenizer, prepared.request.stop)
+        text = TextStream(TextDecoder(self._tokenizer, prompt), prepared.request.stop)
         position = 0
         if len(prompt) > 1:
             # Prefill all but the last prompt token; the last one is the first decode step.

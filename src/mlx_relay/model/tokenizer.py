@@ -3,6 +3,7 @@ prompt or a chat into token ids."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,3 +74,44 @@ def eos_token_ids(tokenizer: Any) -> set[int]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
+
+
+class TextDecoder:
+    """Turns generated token ids into text deltas, keeping every character.
+
+    mlx-lm's streaming detokenizers drop the first generated space (right for a chat reply,
+    wrong for a completion: "The capital of France is" must continue with " Paris"). This
+    decodes a short window of ids instead and releases what the newest token added, holding
+    back an incomplete UTF-8 character. ``context`` (the prompt's last ids) gives the first
+    token the neighbours that tokenizers need to decode its leading space.
+
+    It offers ``add_token``, ``finalize`` and ``last_segment``, like mlx-lm's detokenizers.
+    """
+
+    _CONTEXT = 6
+
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._ids = list(context[-self._CONTEXT :])
+        self._prefix = 0
+        self._read = len(self._ids)
+        self.last_segment = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=False))
+
+    def _advance(self, *, final: bool) -> None:
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.last_segment = after[len(before) :]
+            self._prefix, self._read = self._read, len(self._ids)
+        else:
+            self.last_segment = ""
+
+    def add_token(self, token: int) -> None:
+        self._ids.append(token)
+        self._advance(final=False)
+
+    def finalize(self) -> None:
+        self._advance(final=True)
