@@ -9,6 +9,7 @@ from mlx_relay.worker.sessions import (
     ContextOverflow,
     KVSessionStore,
     PositionMismatch,
+    SessionEnded,
     SessionLimitReached,
     SessionNotFound,
     Step,
@@ -137,6 +138,32 @@ def test_end_and_clear() -> None:
     assert store.get("a") is None
     assert store.clear() == 1
     assert len(store) == 0
+
+
+def test_an_ended_request_cannot_reopen_a_session() -> None:
+    store, _ = make_store()
+    store.open([Step("a", 0, 2)])
+    store.end("a")
+    # A late first step (the worker stalled, the coordinator gave up and ended it) must not
+    # leave a cache nobody will end.
+    with pytest.raises(SessionEnded, match="already ended"):
+        store.open([Step("a", 0, 2)])
+    # EndSession that overtakes the request's first step works the same way.
+    store.end("b")
+    with pytest.raises(SessionEnded):
+        store.open([Step("b", 0, 1)])
+    assert len(store) == 0
+    store.open([Step("c", 0, 1)])
+    assert len(store) == 1
+
+
+def test_ended_ids_are_bounded() -> None:
+    store, _ = make_store(max_sessions=1)
+    for i in range(1025):
+        store.end(f"r{i}")
+    store.open([Step("r0", 0, 1)])  # the oldest id was forgotten
+    with pytest.raises(SessionEnded):
+        store.open([Step("r1024", 0, 1)])
 
 
 def test_invalid_limits() -> None:

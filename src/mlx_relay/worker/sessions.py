@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,21 @@ class SessionNotFound(RelayError):
         super().__init__(
             f"no session for request {request_id!r} at position {position} "
             "(it ended, expired, or never started with position 0)"
+        )
+        self.request_id = request_id
+
+
+class SessionEnded(SessionNotFound):
+    """A step arrives for a request whose session this stage already ended.
+
+    Happens when a worker resumes after a stall: the coordinator gave up, sent EndSession,
+    and the late Forward must not open a cache that nobody will ever end.
+    """
+
+    def __init__(self, request_id: str, position: int) -> None:
+        RelayError.__init__(
+            self,
+            f"request {request_id!r} already ended on this stage; a new request needs a new id",
         )
         self.request_id = request_id
 
@@ -90,6 +106,9 @@ class KVSessionStore:
         self.max_length = max_length
         self._clock = clock
         self._sessions: dict[str, KVSession] = {}
+        # Ids of recently ended requests (bounded, oldest forgotten first).
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._ended_limit = max(1024, 8 * max_sessions)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -117,6 +136,7 @@ class KVSessionStore:
         Raises:
             InvalidRequest: a request id is empty or appears twice.
             SessionNotFound: a step at position > 0 names an unknown request.
+            SessionEnded: a step names a request whose session was already ended.
             PositionMismatch: a step's position is not the session's cached length.
             ContextOverflow: a step would pass ``max_length``.
             SessionLimitReached: the new sessions would pass ``max_sessions``.
@@ -139,6 +159,8 @@ class KVSessionStore:
                 session = self._sessions.get(step.request_id)
                 cached = session.length if session is not None else 0
                 if session is None:
+                    if step.request_id in self._ended:
+                        raise SessionEnded(step.request_id, step.position)
                     if step.position > 0:
                         raise SessionNotFound(step.request_id, step.position)
                     new += 1
@@ -181,8 +203,13 @@ class KVSessionStore:
             return session.length
 
     def end(self, request_id: str) -> bool:
-        """Free a session's cache. Returns whether it existed."""
+        """Free a session's cache and refuse later steps of the request (also when the
+        EndSession overtakes the request's first step). Returns whether it existed."""
         with self._lock:
+            self._ended[request_id] = None
+            self._ended.move_to_end(request_id)
+            if len(self._ended) > self._ended_limit:
+                self._ended.popitem(last=False)
             return self._sessions.pop(request_id, None) is not None
 
     def expire(self) -> list[str]:
