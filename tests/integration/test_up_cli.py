@@ -89,6 +89,15 @@ def test_up_serves_then_stops_everything_on_sigint(tiny_model_dir: Path, tmp_pat
         ]
         ports = {port} | {p for c in workers for p in listening_ports(c)}
         assert len(ports) == 3
+        # A real request through both workers before Ctrl-C.
+        model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": model, "prompt": "hello", "max_tokens": 5, "temperature": 0},
+            timeout=60.0,
+        )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] >= 1
         assert stop(up, signal.SIGINT, log) == 0
     finally:
         if up.poll() is None:
