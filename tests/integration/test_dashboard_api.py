@@ -189,8 +189,8 @@ async def test_openapi_documents_each_endpoint_with_its_model(tiny_model_dir: Pa
 async def test_the_coordinator_app_serves_monitoring_beside_the_openai_api(
     tiny_model_dir: Path,
 ) -> None:
+    from mlx_relay.core.http_server import HTTPServer
     from mlx_relay.server.app import AppServices, create_app
-    from mlx_relay.server.serve import HTTPServer
 
     async with dashboard_cluster(tiny_model_dir) as env:
         orchestrator = env.cluster.orchestrator

@@ -18,12 +18,12 @@ import pytest_asyncio
 from openai import AsyncOpenAI
 
 from mlx_relay.cli.chat import ChatSession, repl
+from mlx_relay.core.http_server import HTTPServer
 from mlx_relay.model.generate import generate_tokens
 from mlx_relay.model.load import load_model
 from mlx_relay.model.sampling import SamplingParams
 from mlx_relay.model.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
 from mlx_relay.server.app import AppServices, create_app
-from mlx_relay.server.serve import HTTPServer
 from tests.support.cluster import LocalCluster, local_cluster
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -17,8 +17,8 @@ from openai import AsyncOpenAI
 from mlx_relay.cli.chat import ChatError, ChatSession
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator
 from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.http_server import HTTPServer
 from mlx_relay.server.app import AppServices, create_app
-from mlx_relay.server.serve import HTTPServer
 from tests.integration.test_openai_api import Served, serve_cluster
 from tests.support.cluster import cluster_dict
 

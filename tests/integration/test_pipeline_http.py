@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import httpx
 import pytest
 
 from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.errors import BindError
+from mlx_relay.core.http_server import HTTPServer
 from mlx_relay.server.app import AppServices, create_app
-from mlx_relay.server.serve import BindError, HTTPServer
 from tests.support.cluster import local_cluster
 
 
@@ -69,6 +71,21 @@ async def test_busy_port_is_a_bind_error() -> None:
         server = HTTPServer(create_app(AppServices(config)), port=port)
         with pytest.raises(BindError, match=f"cannot listen on 127.0.0.1:{port}"):
             await server.start()
+
+
+async def test_a_start_cancelled_midway_leaves_nothing_listening() -> None:
+    config = ClusterConfig.from_dict({"devices": [{"id": "w", "port": 0}]})
+    server = HTTPServer(create_app(AppServices(config)))
+    starting = asyncio.create_task(server.start())
+    await asyncio.sleep(0)  # start() has bound its socket and is waiting for uvicorn
+    assert server.port != 0
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", server.port))  # fails while uvicorn still listens
+        sock.listen()
 
 
 async def test_health_asks_for_the_app_token_when_one_is_set(tiny_model_dir: Path) -> None:

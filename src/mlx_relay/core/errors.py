@@ -49,5 +49,9 @@ class QueueFull(RelayError):
     """The coordinator already holds as many requests as it is allowed to."""
 
 
+class BindError(RelayError, OSError):
+    """An HTTP server cannot listen on the requested address (an :class:`OSError` too)."""
+
+
 class PipelineNotReady(RelayError):
     """The pipeline has not been initialised, or a stage is not serving."""

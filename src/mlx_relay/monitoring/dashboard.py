@@ -15,17 +15,13 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import socket
-from collections.abc import Iterator
 
-import uvicorn
 from fastapi import FastAPI
 
 from mlx_relay import __version__
 from mlx_relay.core.config import DashboardConfig
+from mlx_relay.core.http_server import HTTPServer
 from mlx_relay.monitoring.api import MonitoringContext, mount_monitoring
 from mlx_relay.monitoring.health import HealthMonitor
 from mlx_relay.monitoring.metrics import MetricsCollector
@@ -34,29 +30,6 @@ from mlx_relay.monitoring.security import install_cors, warn_if_exposed
 logger = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_SECONDS = 3
-
-
-class _EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves the host program's signal handlers alone."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket bound to ``host:port`` (port 0 picks a free port)."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def build_dashboard_app(
@@ -108,17 +81,12 @@ class MonitoringDashboard:
         self.app, self.context = build_dashboard_app(
             metrics_collector, health_monitor, config, update_interval=update_interval
         )
-        self._server: _EmbeddedServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._http: HTTPServer | None = None
 
     @property
     def port(self) -> int:
         """The bound port once started (the requested one before)."""
-        if self._server is not None and self._server.servers:
-            for server in self._server.servers:
-                for sock in server.sockets:
-                    return int(sock.getsockname()[1])
-        return self._requested_port
+        return self._http.port if self._http is not None else self._requested_port
 
     @property
     def url(self) -> str:
@@ -129,52 +97,37 @@ class MonitoringDashboard:
         """Bind and serve in the background; returns once the server accepts connections.
 
         Raises:
-            OSError: The address cannot be bound.
+            BindError: The address cannot be bound (an ``OSError`` as well).
         """
-        if self._task is not None:
+        if self._http is not None:
             return
         warn_if_exposed(self.host, self.config)
-        # Bind here, not in uvicorn, so a busy port is an OSError rather than a SystemExit.
-        sock = bind_socket(self.host, self._requested_port)
-        server_config = uvicorn.Config(
+        http = HTTPServer(
             self.app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            self.host,
+            self._requested_port,
+            graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            name="monitoring-dashboard",
         )
-        server = _EmbeddedServer(server_config)
-        self._server = server
-        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="monitoring-dashboard")
-        while not server.started:
-            if self._task.done():
-                task, self._task, self._server = self._task, None, None
-                sock.close()
-                await task  # raises what stopped it
-                raise OSError(f"monitoring dashboard on {self.url} stopped while starting")
-            await asyncio.sleep(0.01)
+        await http.start()
+        self._http = http
         logger.info("monitoring dashboard on %s", self.url)
 
     async def stop(self) -> None:
         """Close live clients, stop accepting connections and wait for the server to end."""
-        task, server = self._task, self._server
-        if task is None or server is None:
+        http, self._http = self._http, None
+        if http is None:
             return
         await self.context.broadcaster.close()
-        server.should_exit = True
-        try:
-            await task
-        finally:
-            self._task = None
-            self._server = None
+        await http.stop()
         logger.info("monitoring dashboard stopped")
 
     async def serve_forever(self) -> None:
         """Start, then serve until cancelled; stops cleanly either way."""
         await self.start()
         try:
-            assert self._task is not None
-            await asyncio.shield(self._task)
+            assert self._http is not None
+            await self._http.wait()
         finally:
             await self.stop()
 

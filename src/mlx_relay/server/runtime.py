@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 
 from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.http_server import HTTPServer
 from mlx_relay.server.app import AppServices, create_app, start_services, stop_services
-from mlx_relay.server.serve import HTTPServer
 
 logger = logging.getLogger(__name__)
 

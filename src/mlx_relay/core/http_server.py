@@ -1,8 +1,9 @@
-"""Running the coordinator's app with uvicorn inside the caller's event loop.
+"""Serving an ASGI app with uvicorn inside the caller's event loop.
 
 The socket is bound here, so port 0 works (the real port is read back) and a busy port is a
-typed error instead of uvicorn's ``SystemExit``. Signals stay with the caller: the CLI
-decides what Ctrl-C stops, and in which order.
+typed :class:`~mlx_relay.core.errors.BindError` instead of uvicorn's ``SystemExit``. Signals
+stay with the caller: the CLI decides what Ctrl-C stops, and in which order. The coordinator's
+app and the standalone monitoring dashboard both run on this.
 """
 
 from __future__ import annotations
@@ -16,13 +17,9 @@ from typing import Any
 
 import uvicorn
 
-from mlx_relay.core.errors import RelayError
+from mlx_relay.core.errors import BindError
 
 logger = logging.getLogger(__name__)
-
-
-class BindError(RelayError):
-    """The HTTP server cannot listen on the requested address."""
 
 
 class _Server(uvicorn.Server):
@@ -36,11 +33,13 @@ class HTTPServer:
     """An ASGI app served by uvicorn on ``host:port`` (0 picks a free port).
 
     Args:
-        app: the ASGI app (see :func:`mlx_relay.server.app.create_app`).
+        app: the ASGI app.
         host: address to bind; loopback by default.
         port: port to bind; 0 for any free port (read :attr:`port` after :meth:`start`).
         log_level: uvicorn's own log level.
         access_log: log every HTTP request.
+        graceful_shutdown: seconds running requests may take to finish on :meth:`stop`.
+        name: the serving task's name.
     """
 
     def __init__(
@@ -51,16 +50,20 @@ class HTTPServer:
         *,
         log_level: str = "warning",
         access_log: bool = False,
+        graceful_shutdown: int = 5,
+        name: str = "http",
     ) -> None:
         self.host = host
         self.port = port
+        self.graceful_shutdown = graceful_shutdown
+        self._name = name
         self._config = uvicorn.Config(
             app,
             log_level=log_level,
             access_log=access_log,
             log_config=None,
             lifespan="off",
-            timeout_graceful_shutdown=5,
+            timeout_graceful_shutdown=graceful_shutdown,
         )
         self._server = _Server(self._config)
         self._socket: socket.socket | None = None
@@ -79,14 +82,24 @@ class HTTPServer:
         """
         if self._task is not None:
             raise RuntimeError("the HTTP server was already started")
-        self._socket = _bind(self.host, self.port)
+        self._socket = bind_socket(self.host, self.port)
         self.port = self._socket.getsockname()[1]
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="http")
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise BindError(f"the HTTP server on {self.url} stopped during start-up")
-            await asyncio.sleep(0.01)
+        self._task = asyncio.create_task(
+            self._server.serve(sockets=[self._socket]), name=self._name
+        )
+        try:
+            while not self._server.started:
+                if self._task.done():
+                    self._task.result()
+                    raise BindError(f"the HTTP server on {self.url} stopped during start-up")
+                await asyncio.sleep(0.01)
+        except BaseException:
+            # Also when cancelled here: requests may already be served, so the server must end.
+            task, self._task = self._task, None
+            self._server.should_exit = True
+            await asyncio.gather(task, return_exceptions=True)
+            self._close_socket()
+            raise
         logger.info("HTTP server listening on %s", self.url)
 
     async def wait(self) -> None:
@@ -95,7 +108,8 @@ class HTTPServer:
             await asyncio.shield(self._task)
 
     async def stop(self) -> None:
-        """Stop accepting requests, let running ones finish (up to 5 s), free the port."""
+        """Stop accepting requests, let running ones finish (up to ``graceful_shutdown``
+        seconds), free the port."""
         task, self._task = self._task, None
         if task is None:
             return
@@ -103,9 +117,12 @@ class HTTPServer:
         try:
             await task
         finally:
-            if self._socket is not None:
-                self._socket.close()
-                self._socket = None
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     async def __aenter__(self) -> HTTPServer:
         await self.start()
@@ -115,15 +132,22 @@ class HTTPServer:
         await self.stop()
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking TCP socket on ``host:port`` (port 0 picks a free port).
+
+    Raises:
+        BindError: the address cannot be resolved or bound.
+    """
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
     except OSError as exc:
         raise BindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock.bind(address)
         sock.listen(2048)
         sock.setblocking(False)
     except OSError as exc:
