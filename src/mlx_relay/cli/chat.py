@@ -15,9 +15,9 @@ from typing import Any, TextIO
 
 import httpx
 
+from mlx_relay.cli.options import TOKEN_ENV
 from mlx_relay.core.errors import RelayError
 
-TOKEN_ENV = "MLX_RELAY_AUTH_TOKEN"
 HELP = "Type a message; /reset starts over, /exit (or Ctrl-D) quits."
 
 

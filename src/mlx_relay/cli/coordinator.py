@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import sys
 from typing import Any
 
+from mlx_relay.cli.options import TOKEN_ENV, check_port, stop_signals, token_from
 from mlx_relay.core.config import ClusterConfig
-from mlx_relay.core.errors import ConfigError
-
-TOKEN_ENV = "MLX_RELAY_AUTH_TOKEN"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -47,17 +43,12 @@ def add_http_arguments(parser: argparse.ArgumentParser, *, default_port: str = "
 
 def with_token(config: ClusterConfig, token: str | None) -> ClusterConfig:
     """The configuration with the app's bearer token from ``--token`` or the environment."""
-    token = token or os.environ.get(TOKEN_ENV) or None
+    token = token_from(token)
     if not token:
         return config
     dashboard = config.monitoring.dashboard.model_copy(update={"auth_token": token})
     monitoring = config.monitoring.model_copy(update={"dashboard": dashboard})
     return config.model_copy(update={"monitoring": monitoring})
-
-
-def check_port(port: int | None) -> None:
-    if port is not None and not 0 <= port <= 65535:
-        raise ConfigError(f"--port: expected 0..65535, got {port}")
 
 
 def print_urls(url: str, monitoring: bool) -> None:
@@ -83,31 +74,22 @@ async def _serve(config: ClusterConfig, args: argparse.Namespace) -> int:
 
     monitoring = not args.no_monitoring and config.monitoring.enabled
     runtime = CoordinatorRuntime(config, args.host, args.port, enable_monitoring=monitoring)
-    stop = install_stop_signals()
     workers = ", ".join(f"{w.id} ({w.address})" for w in config.workers)
     print(f"waiting for workers: {workers}", file=sys.stderr, flush=True)
-    try:
-        start = asyncio.create_task(runtime.start())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({start, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not start.done():
-            start.cancel()
-            await asyncio.gather(start, return_exceptions=True)
-            return 130
-        stopping.cancel()
-        start.result()
-        print_urls(runtime.url, monitoring)
-        await stop.wait()
-        print("stopping the coordinator", file=sys.stderr, flush=True)
-        return 0
-    finally:
-        await runtime.stop()
-
-
-def install_stop_signals() -> asyncio.Event:
-    """An event set by SIGINT or SIGTERM (handled in the running loop)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
+    with stop_signals() as stop:
+        try:
+            start = asyncio.create_task(runtime.start())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({start, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():
+                start.cancel()
+                await asyncio.gather(start, return_exceptions=True)
+                return 130
+            stopping.cancel()
+            start.result()
+            print_urls(runtime.url, monitoring)
+            await stop.wait()
+            print("stopping the coordinator", file=sys.stderr, flush=True)
+            return 0
+        finally:
+            await runtime.stop()

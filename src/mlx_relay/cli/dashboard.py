@@ -9,18 +9,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from mlx_relay.cli.options import TOKEN_ENV, check_port, stop_signals, token_from
 from mlx_relay.core.config import ClusterConfig, DashboardConfig, MonitoringConfig
-from mlx_relay.core.errors import ConfigError, RelayError, WorkerUnavailable
+from mlx_relay.core.errors import RelayError, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
 
-TOKEN_ENV = "MLX_RELAY_AUTH_TOKEN"
 DEVICE_ID = "dashboard"
 ROLE = "dashboard"
 LAYER_LOOKUP_TIMEOUT = 5.0
@@ -52,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    token = token_from(args.token)
     cluster = ClusterConfig.from_yaml(args.config) if args.config else None
     monitoring = cluster.monitoring if cluster is not None else MonitoringConfig()
     settings = dashboard_settings(monitoring.dashboard, args.host, args.port, token)
@@ -67,8 +65,7 @@ def dashboard_settings(
     if host is not None:
         update["host"] = host
     if port is not None:
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"--port: expected 0..65535, got {port}")
+        check_port(port)
         update["port"] = port
     if token:
         update["auth_token"] = token
@@ -101,33 +98,27 @@ async def _serve(
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
 
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop_requested.set)
-    try:
-        await collector.start()
-        await health.start()
-        async with _cluster_polling(cluster, collector, health, monitoring):
-            try:
-                await dashboard.start()
-            except OSError as exc:
-                print(
-                    f"mlx-relay dashboard: error: cannot serve on {dashboard.url}: {exc}",
-                    file=sys.stderr,
-                )
-                return 1
-            hint = " (open it with ?token=<your token>)" if settings.auth_token else ""
-            print(f"dashboard on {dashboard.url}/{hint}", file=sys.stderr)
-            await stop_requested.wait()
-            print("dashboard stopping", file=sys.stderr)
-    finally:
-        await dashboard.stop()
-        await health.stop()
-        await collector.stop()
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+    with stop_signals() as stop_requested:
+        try:
+            await collector.start()
+            await health.start()
+            async with _cluster_polling(cluster, collector, health, monitoring):
+                try:
+                    await dashboard.start()
+                except OSError as exc:
+                    print(
+                        f"mlx-relay dashboard: error: cannot serve on {dashboard.url}: {exc}",
+                        file=sys.stderr,
+                    )
+                    return 1
+                hint = " (open it with ?token=<your token>)" if settings.auth_token else ""
+                print(f"dashboard on {dashboard.url}/{hint}", file=sys.stderr)
+                await stop_requested.wait()
+                print("dashboard stopping", file=sys.stderr)
+        finally:
+            await dashboard.stop()
+            await health.stop()
+            await collector.stop()
     return 0
 
 

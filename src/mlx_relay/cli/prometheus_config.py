@@ -8,15 +8,14 @@ token, the job reads it from a file so that the token never sits in prometheus.y
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 import yaml
 
+from mlx_relay.cli.options import TOKEN_ENV, token_from
 from mlx_relay.core.config import ClusterConfig, DashboardConfig, MonitoringConfig
 from mlx_relay.core.errors import ConfigError
 
-TOKEN_ENV = "MLX_RELAY_AUTH_TOKEN"
 DEFAULT_TOKEN_FILE = "/etc/prometheus/mlx-relay.token"
 JOB_NAME = "mlx-relay"
 
@@ -50,7 +49,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     cluster = ClusterConfig.from_yaml(args.config) if args.config else None
-    env_token = os.environ.get(TOKEN_ENV) or None
+    env_token = token_from(None)
     print(render(cluster, args.target, args.scrape_interval, args.token_file, env_token), end="")
     return 0
 

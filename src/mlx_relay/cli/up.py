@@ -20,14 +20,9 @@ from typing import Any
 
 import yaml
 
-from mlx_relay.cli.coordinator import (
-    add_http_arguments,
-    check_port,
-    install_stop_signals,
-    print_urls,
-    with_token,
-)
+from mlx_relay.cli.coordinator import add_http_arguments, print_urls, with_token
 from mlx_relay.cli.fleet import WorkerExited, WorkerFleet
+from mlx_relay.cli.options import check_port, stop_signals
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
@@ -141,28 +136,28 @@ async def _up(config: ClusterConfig, host: str, port: int, monitoring: bool) -> 
     work_dir = Path(tempfile.mkdtemp(prefix="mlx-relay-up-"))
     config_path = work_dir / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config_data(config), sort_keys=False))
-    stop = install_stop_signals()
     fleet = WorkerFleet(config, config_path, work_dir, monitoring=monitoring)
     runtime = CoordinatorRuntime(config, host, port, enable_monitoring=monitoring)
-    try:
-        fleet.start()
-        if not await _wait_for_workers(fleet, stop):
-            return 130
-        starting = asyncio.create_task(runtime.start())
-        if not await _until(starting, stop, fleet):
-            return 130
-        print_urls(runtime.url, monitoring)
-        print(f"worker logs in {work_dir}", file=sys.stderr, flush=True)
-        await _serve_until_stopped(stop, fleet)
-        return 0
-    except WorkerExited as exc:
-        print(f"mlx-relay up: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        print("stopping the cluster", file=sys.stderr, flush=True)
-        await runtime.stop()
-        fleet.stop()
-        shutil.rmtree(work_dir, ignore_errors=True)
+    with stop_signals() as stop:
+        try:
+            fleet.start()
+            if not await _wait_for_workers(fleet, stop):
+                return 130
+            starting = asyncio.create_task(runtime.start())
+            if not await _until(starting, stop, fleet):
+                return 130
+            print_urls(runtime.url, monitoring)
+            print(f"worker logs in {work_dir}", file=sys.stderr, flush=True)
+            await _serve_until_stopped(stop, fleet)
+            return 0
+        except WorkerExited as exc:
+            print(f"mlx-relay up: error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            print("stopping the cluster", file=sys.stderr, flush=True)
+            await runtime.stop()
+            fleet.stop()
+            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 async def _wait_for_workers(fleet: WorkerFleet, stop: asyncio.Event) -> bool:

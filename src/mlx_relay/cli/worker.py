@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from typing import Any
 
+from mlx_relay.cli.options import stop_signals
 from mlx_relay.worker.worker_server import WorkerServer
 
 
@@ -43,34 +43,28 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> int:
     server = WorkerServer(args.config, args.device_id, enable_monitoring=not args.no_monitoring)
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop_requested.set)
-    try:
-        await server.start()
-        print(
-            f"worker {server.device_id} (stage {server.stage}) listening on {server.address}, "
-            "loading its layers...",
-            file=sys.stderr,
-        )
-        ready = asyncio.create_task(server.wait_until_ready())
-        stopping = asyncio.create_task(stop_requested.wait())
-        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if ready.done():
-            ready.result()
+    with stop_signals() as stop_requested:
+        try:
+            await server.start()
             print(
-                f"worker {server.device_id} serving layers {server.layer_range} "
-                f"on {server.address}",
+                f"worker {server.device_id} (stage {server.stage}) listening on {server.address}, "
+                "loading its layers...",
                 file=sys.stderr,
             )
-            await stopping
-        else:
-            ready.cancel()
-        print(f"worker {server.device_id} stopping", file=sys.stderr)
-    finally:
-        await server.stop(grace=args.grace)
-        for sig in signals:
-            loop.remove_signal_handler(sig)
+            ready = asyncio.create_task(server.wait_until_ready())
+            stopping = asyncio.create_task(stop_requested.wait())
+            await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if ready.done():
+                ready.result()
+                print(
+                    f"worker {server.device_id} serving layers {server.layer_range} "
+                    f"on {server.address}",
+                    file=sys.stderr,
+                )
+                await stopping
+            else:
+                ready.cancel()
+            print(f"worker {server.device_id} stopping", file=sys.stderr)
+        finally:
+            await server.stop(grace=args.grace)
     return 0
