@@ -8,7 +8,6 @@ import contextlib
 import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,10 @@ from openai import AsyncOpenAI
 
 from mlx_relay.cli.chat import ChatSession, repl
 from mlx_relay.core.http_server import HTTPServer
-from mlx_relay.model.generate import generate_tokens
-from mlx_relay.model.load import load_model
-from mlx_relay.model.sampling import SamplingParams
-from mlx_relay.model.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
+from mlx_relay.model.tokenizer import encode_prompt
 from mlx_relay.server.app import AppServices, create_app
 from tests.support.cluster import LocalCluster, local_cluster
+from tests.support.reference import reference_tokens
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -73,24 +70,9 @@ async def client(served: Served) -> AsyncIterator[AsyncOpenAI]:
         yield c
 
 
-@cache
-def _model(model_dir: Path) -> Any:
-    return load_model(model_dir)
-
-
-@cache
-def _tokenizer(model_dir: Path) -> Any:
-    return load_tokenizer(model_dir)
-
-
 def greedy_reference(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """The tokens one process generates with the whole model (eos left out, as served)."""
-    eos = eos_token_ids(_tokenizer(model_dir))
-    tokens = [
-        t.token_id
-        for t in generate_tokens(_model(model_dir), prompt_ids, max_tokens, SamplingParams(), eos)
-    ]
-    return tokens[:-1] if tokens and tokens[-1] in eos else tokens
+    return [t.token_id for t in reference_tokens(model_dir, prompt_ids, max_tokens)]
 
 
 async def test_models_lists_the_served_model(served: Served, client: AsyncOpenAI) -> None:

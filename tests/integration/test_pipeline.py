@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +10,10 @@ import pytest
 
 from mlx_relay.coordinator.orchestrator import InferenceRequest
 from mlx_relay.core.errors import PipelineNotReady, QueueFull
-from mlx_relay.model.generate import generate_tokens
-from mlx_relay.model.load import load_model
-from mlx_relay.model.sampling import SampledToken, SamplingParams
-from mlx_relay.model.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
+from mlx_relay.model.sampling import SamplingParams
+from mlx_relay.model.tokenizer import encode_prompt
 from tests.support.cluster import local_cluster
+from tests.support.reference import cached_tokenizer, reference_tokens
 
 PROMPTS = [
     "The quick brown fox",
@@ -25,29 +23,8 @@ PROMPTS = [
 ]
 
 
-@cache
-def _model(model_dir: Path) -> Any:
-    return load_model(model_dir)
-
-
-@cache
-def _tokenizer(model_dir: Path) -> Any:
-    return load_tokenizer(model_dir)
-
-
 def prompt_ids(model_dir: Path, prompt: str) -> list[int]:
-    return encode_prompt(_tokenizer(model_dir), prompt=prompt, chat=False)
-
-
-def reference(
-    model_dir: Path, ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams()
-) -> list[SampledToken]:
-    """Single-process tokens, without the eos token (the pipeline does not output it)."""
-    eos = eos_token_ids(_tokenizer(model_dir))
-    tokens = list(generate_tokens(_model(model_dir), ids, max_tokens, params, eos))
-    if tokens and tokens[-1].token_id in eos:
-        tokens.pop()
-    return tokens
+    return encode_prompt(cached_tokenizer(model_dir), prompt=prompt, chat=False)
 
 
 @pytest.mark.parametrize("num_workers", [1, 2, 3])
@@ -60,7 +37,7 @@ async def test_greedy_output_equals_single_process(tiny_model_dir: Path, num_wor
             3: [2, 1, 1],
         }[num_workers]
         for prompt in PROMPTS:
-            expected = reference(tiny_model_dir, prompt_ids(tiny_model_dir, prompt), 12)
+            expected = reference_tokens(tiny_model_dir, prompt_ids(tiny_model_dir, prompt), 12)
             response = await orchestrator.process_request(
                 InferenceRequest(prompt=prompt, max_tokens=12)
             )
@@ -68,14 +45,14 @@ async def test_greedy_output_equals_single_process(tiny_model_dir: Path, num_wor
             assert response.finish_reason == ("length" if len(expected) == 12 else "stop")
             assert response.usage.prompt_tokens == len(prompt_ids(tiny_model_dir, prompt))
             assert response.usage.completion_tokens == len(expected)
-            assert response.text == _tokenizer(tiny_model_dir).decode(response.token_ids)
+            assert response.text == cached_tokenizer(tiny_model_dir).decode(response.token_ids)
         assert sum(w.kv_sessions for w in cluster.workers) == 0
 
 
 async def test_seeded_sampling_equals_single_process(tiny_model_dir: Path) -> None:
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     ids = prompt_ids(tiny_model_dir, PROMPTS[1])
-    expected = [t.token_id for t in reference(tiny_model_dir, ids, 16, params)]
+    expected = [t.token_id for t in reference_tokens(tiny_model_dir, ids, 16, params)]
     async with local_cluster(tiny_model_dir, 2) as cluster:
         request = dict(prompt=PROMPTS[1], max_tokens=16, temperature=0.9, top_p=0.95, top_k=50)
         first = await cluster.orchestrator.process_request(InferenceRequest(**request, seed=1234))
@@ -89,7 +66,7 @@ async def test_seeded_sampling_equals_single_process(tiny_model_dir: Path) -> No
 async def test_concurrent_requests_each_match_single_process(tiny_model_dir: Path) -> None:
     cases = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 6 + i) for i in range(8)]
     expected = [
-        [t.token_id for t in reference(tiny_model_dir, prompt_ids(tiny_model_dir, p), n)]
+        [t.token_id for t in reference_tokens(tiny_model_dir, prompt_ids(tiny_model_dir, p), n)]
         for p, n in cases
     ]
     async with local_cluster(tiny_model_dir, 2) as cluster:
@@ -119,7 +96,7 @@ async def test_stream_events_add_up_to_the_response(tiny_model_dir: Path) -> Non
     assert "".join(e.text for e in events) == response.text
     assert last.token_id is None and last.finish_reason == response.finish_reason
     assert last.usage is not None and last.usage.completion_tokens == len(tokens)
-    expected = reference(tiny_model_dir, prompt_ids(tiny_model_dir, PROMPTS[0]), 10)
+    expected = reference_tokens(tiny_model_dir, prompt_ids(tiny_model_dir, PROMPTS[0]), 10)
     assert response.logprobs is not None
     for logprob, sampled in zip(response.logprobs, expected, strict=True):
         assert logprob.token_id == sampled.token_id
@@ -130,8 +107,8 @@ async def test_stream_events_add_up_to_the_response(tiny_model_dir: Path) -> Non
 
 async def test_stop_string_truncates_the_text(tiny_model_dir: Path) -> None:
     ids = prompt_ids(tiny_model_dir, PROMPTS[1])
-    tokenizer = _tokenizer(tiny_model_dir)
-    full = tokenizer.decode([t.token_id for t in reference(tiny_model_dir, ids, 16)])
+    tokenizer = cached_tokenizer(tiny_model_dir)
+    full = tokenizer.decode([t.token_id for t in reference_tokens(tiny_model_dir, ids, 16)])
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert len(stop.strip()) > 0, "the random model's output is too short for this test"
     async with local_cluster(tiny_model_dir, 2) as cluster:
@@ -145,7 +122,7 @@ async def test_stop_string_truncates_the_text(tiny_model_dir: Path) -> None:
 
 async def test_eos_ends_generation_with_stop(tiny_model_dir: Path) -> None:
     ids = prompt_ids(tiny_model_dir, PROMPTS[0])
-    expected = [t.token_id for t in reference(tiny_model_dir, ids, 8)]
+    expected = [t.token_id for t in reference_tokens(tiny_model_dir, ids, 8)]
     async with local_cluster(tiny_model_dir, 2) as cluster:
         # Make the fourth greedy token the end-of-sequence token.
         cluster.orchestrator._eos_ids = {expected[3]}
@@ -263,14 +240,14 @@ async def test_stage_health_and_not_ready(tiny_model_dir: Path) -> None:
 @pytest.mark.slow
 async def test_bundled_model_two_stages_equals_single_process(bundled_model_dir: Path) -> None:
     prompts = ["What is the capital of France?", "Write one word:"]
-    tokenizer = _tokenizer(bundled_model_dir)
+    tokenizer = cached_tokenizer(bundled_model_dir)
     texts = []
     async with local_cluster(bundled_model_dir, 2) as cluster:
         assert [s.layer_range.end for s in cluster.orchestrator.stages] == [15, 30]
         for prompt in prompts:
             messages = [{"role": "user", "content": prompt}]
             ids = encode_prompt(tokenizer, messages=messages)
-            expected = [t.token_id for t in reference(bundled_model_dir, ids, 8)]
+            expected = [t.token_id for t in reference_tokens(bundled_model_dir, ids, 8)]
             response = await cluster.orchestrator.process_request(
                 InferenceRequest(messages=messages, max_tokens=8)
             )
