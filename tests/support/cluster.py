@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from mlx_relay.cli.fleet import worker_command
 from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator
 from mlx_relay.core.config import ClusterConfig
@@ -165,20 +165,9 @@ class WorkerProcess:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "mlx_relay.cli",
-            "worker",
-            "--config",
-            str(self.config_path),
-            "--device-id",
-            self.device_id,
-            "--grace",
-            "0.5",
-        ]
-        if not self.monitoring:
-            command.append("--no-monitoring")
+        command = worker_command(
+            self.config_path, self.device_id, monitoring=self.monitoring, grace=0.5
+        )
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=child_environment()

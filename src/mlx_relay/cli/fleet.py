@@ -35,6 +35,27 @@ def _die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def worker_command(
+    config_path: Path, device_id: str, *, monitoring: bool, grace: float | None = None
+) -> list[str]:
+    """The command line that runs ``device_id`` of ``config_path`` as its own process."""
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_relay.cli",
+        "worker",
+        "--config",
+        str(config_path),
+        "--device-id",
+        device_id,
+    ]
+    if grace is not None:
+        command += ["--grace", f"{grace:g}"]
+    if not monitoring:
+        command.append("--no-monitoring")
+    return command
+
+
 class WorkerExited(RelayError):
     """A worker process ended while the cluster was starting."""
 
@@ -101,18 +122,7 @@ class WorkerFleet:
         """Start every worker process (returns at once; they load in the background)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for worker in self.workers:
-            command = [
-                sys.executable,
-                "-m",
-                "mlx_relay.cli",
-                "worker",
-                "--config",
-                str(self.config_path),
-                "--device-id",
-                worker.device_id,
-            ]
-            if not self.monitoring:
-                command.append("--no-monitoring")
+            command = worker_command(self.config_path, worker.device_id, monitoring=self.monitoring)
             with open(worker.log_path, "ab") as log:
                 worker.process = subprocess.Popen(
                     command,
