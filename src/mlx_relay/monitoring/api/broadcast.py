@@ -157,7 +157,10 @@ class SnapshotBroadcaster:
         """Stop updates and close every client (used when the server stops)."""
         self._closed = True
         for client in list(self._clients.values()):
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(client.websocket.close(code=1001), timeout=1.0)
+            except (*_EXPECTED_CLOSE_ERRORS, TimeoutError) as exc:
+                # The client went away first or does not answer: shutdown goes on without it.
+                logger.debug("closing WebSocket client %s: %r", client.client_id, exc)
         ticker, self._ticker = self._ticker, None
         await cancel_and_wait(ticker)
