@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from mlx_relay.cli.options import TOKEN_ENV, check_port, stop_signals, token_from
@@ -120,13 +119,6 @@ async def _serve(
             await health.stop()
             await collector.stop()
     return 0
-
-
-@dataclass
-class _Worker:
-    device_id: str
-    address: str
-    layers: LayerRange
 
 
 @contextlib.asynccontextmanager
