@@ -116,6 +116,22 @@ def test_stage_properties_and_hidden_states(model_dirs: dict[str, Path]) -> None
     assert last(hidden, last.make_cache()).shape == (1, 3, last.vocab_size)
 
 
+@pytest.mark.parametrize("variant", ["llama", "qwen3-4bit"])
+def test_last_position_only_gives_the_last_row_of_the_logits(
+    variant: str, model_dirs: dict[str, Path], reference: dict[str, list[mx.array]]
+) -> None:
+    stages = [Shard.load(model_dirs[variant], r) for r in SPLITS[1]]
+    caches = [s.make_cache() for s in stages]
+    hidden = stages[0](mx.array([PROMPT]), caches[0])
+    got = stages[1](hidden, caches[1], last_position_only=True)
+    assert got.shape == (1, 1, stages[1].vocab_size)
+    assert mx.allclose(got[0, -1], reference[variant][0][0, -1], atol=1e-5).item()
+    # The cache still holds every position, so decoding goes on exactly as before.
+    hidden = stages[0](mx.array([[DECODE[0]]], dtype=mx.int32), caches[0])
+    got = stages[1](hidden, caches[1], last_position_only=True)
+    assert mx.array_equal(got, reference[variant][1]).item()
+
+
 def test_a_later_stage_casts_hidden_states_of_another_float_type(
     model_dirs: dict[str, Path],
 ) -> None:

@@ -89,13 +89,18 @@ class Shard:
         """How many positions the cache already holds."""
         return int(cache[0].offset) if cache else 0
 
-    def __call__(self, x: mx.array, cache: list[Any]) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: list[Any], *, last_position_only: bool = False
+    ) -> mx.array:
         """Run this stage (lazily; the caller evaluates).
 
         Args:
             x: Token ids ``(B, L)`` on the first stage, hidden states ``(B, L, H)`` on the
                 others (cast to ``dtype`` if another float type arrives).
             cache: This stage's caches from :meth:`make_cache`, updated in place.
+            last_position_only: On the last stage, apply the norm and head to the last
+                position only (``(B, 1, V)``): sampling needs nothing else, and the head is
+                the largest matrix of a small model.
 
         Returns:
             Hidden states ``(B, L, H)``, or logits ``(B, L, V)`` on the last stage.
@@ -131,6 +136,8 @@ class Shard:
 
         if self._norm is None:
             return h
+        if last_position_only:
+            h = h[:, -1:, :]
         return self._head(self._norm(h))
 
     def parameter_bytes(self) -> int:

@@ -165,7 +165,9 @@ class StageRuntime:
             for checked, session in zip(entries, sessions, strict=True):
                 entry_started = time.perf_counter()
                 entry = checked.entry
-                output = self.shard(codec.decode(entry.tensor), session.cache)
+                output = self.shard(
+                    codec.decode(entry.tensor), session.cache, last_position_only=self.is_last
+                )
                 result = pb.ForwardResult(request_id=entry.request_id)
                 if self.is_last:
                     token = sample(output[0, -1], checked.sampling, int(entry.step))
