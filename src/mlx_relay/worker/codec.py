@@ -146,6 +146,8 @@ def decode(tensor: pb.Tensor) -> mx.array:
 def encode(array: mx.array) -> pb.Tensor:
     """A tensor message from an ``mx.array`` (evaluates it; call on the MLX thread).
 
+    An unevaluated array is evaluated together with its wire view, in one evaluation.
+
     Raises:
         TensorFormatError: the array's dtype has no wire form.
     """
@@ -153,6 +155,7 @@ def encode(array: mx.array) -> pb.Tensor:
 
     name = dtype_name(array.dtype)
     bits = array.view(mx.uint16) if name == "bfloat16" else array
+    mx.eval(bits)
     values = np.asarray(bits).astype(_WIRE_NUMPY[name], copy=False)
     return pb.Tensor(
         data=np.ascontiguousarray(values).tobytes(), dtype=name, shape=list(array.shape)

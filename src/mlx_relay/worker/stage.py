@@ -151,8 +151,6 @@ class StageRuntime:
             SessionNotFound, PositionMismatch, ContextOverflow, SessionLimitReached: the
                 entries do not fit the sessions; nothing was computed.
         """
-        import mlx.core as mx
-
         from mlx_relay.model.sampling import sample
 
         started = time.perf_counter()
@@ -178,9 +176,8 @@ class StageRuntime:
                         for t, lp in token.top_logprobs
                     )
                 else:
-                    hidden = output.astype(self.shard.dtype)
-                    mx.eval(hidden)
-                    result.tensor.CopyFrom(codec.encode(hidden))
+                    # encode evaluates the hidden state and its wire view at once.
+                    result.tensor.CopyFrom(codec.encode(output.astype(self.shard.dtype)))
                 result.cached_tokens = self.sessions.advance(session, checked.length)
                 results.append(result)
                 seconds.append(time.perf_counter() - entry_started)
