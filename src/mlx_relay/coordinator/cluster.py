@@ -150,13 +150,6 @@ class ClusterMonitor:
         """Poll every worker concurrently and publish the results."""
         pairs = zip(self._stages, self._clients, strict=True)
         await asyncio.gather(*(self._poll(stage, client) for stage, client in pairs))
-        if self._health is not None:
-            self._health.set_peer_states(
-                {
-                    d.device_id: (bool(d.reachable), bool(d.healthy), d.last_error or "")
-                    for d in self._devices.values()
-                }
-            )
         self.polls += 1
         self._polled.set()
         self._polled = asyncio.Event()
@@ -176,6 +169,19 @@ class ClusterMonitor:
             self._mark_unreachable(stage, status_result)
         else:
             self._mark_seen(stage, status_result)
+        # Published per worker, as its answer arrives, so the health checks never lag the
+        # device view that the same poll just updated.
+        self._publish_peer_states()
+
+    def _publish_peer_states(self) -> None:
+        if self._health is not None:
+            self._health.set_peer_states(
+                {
+                    d.device_id: (bool(d.reachable), bool(d.healthy), d.last_error or "")
+                    for d in self._devices.values()
+                    if d.reachable is not None  # not polled yet: nothing to judge
+                }
+            )
 
     def _record_ping(self, device_id: str, result: float | BaseException) -> None:
         link = self._links[device_id]
