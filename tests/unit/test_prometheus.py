@@ -12,7 +12,7 @@ from prometheus_client.samples import Sample
 
 from mlx_relay import __version__
 from mlx_relay.monitoring.metrics import MetricsCollector
-from mlx_relay.monitoring.prometheus import RelayCollector
+from mlx_relay.monitoring.prometheus import RelayCollector, prometheus_format
 from mlx_relay.monitoring.snapshot import (
     CheckResultSnap,
     DeviceMetrics,
@@ -361,3 +361,24 @@ def test_registers_only_on_the_given_registry_and_reads_per_scrape() -> None:
         "abort": 0,
     }
     assert families["mlxrelay_model_info"].samples == []
+
+
+def test_prometheus_format_renders_an_exported_snapshot_like_a_scrape(
+    recorded: tuple[MetricsCollector, FakeClock],
+) -> None:
+    collector = recorded[0]
+    exported = collector.export_metrics()
+    text = prometheus_format(exported, health_summary().model_dump(mode="json"))
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    scraped = scrape(collector)
+    assert set(families) == set(scraped)
+    tokens = exported["inference"]["generation_tokens_total"]
+    assert tokens > 0
+    assert (
+        value(families["mlxrelay_generation_tokens"].samples, "mlxrelay_generation_tokens_total")
+        == tokens
+    )
+    assert any(
+        s.labels.get("check") == "process_health"
+        for s in families["mlxrelay_health_status"].samples
+    )

@@ -14,7 +14,8 @@ Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -34,6 +35,7 @@ __all__ = [
     "HealthSource",
     "RelayCollector",
     "SnapshotSource",
+    "prometheus_format",
     "render_latest",
 ]
 
@@ -75,3 +77,28 @@ class RelayCollector(Collector):
 def render_latest(registry: CollectorRegistry) -> tuple[bytes, str]:
     """The text exposition of ``registry`` and its content type."""
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def prometheus_format(
+    metrics: Mapping[str, Any] | Snapshot,
+    health: Mapping[str, Any] | HealthSummary | None = None,
+) -> str:
+    """The Prometheus text exposition of one exported snapshot: what ``/metrics`` serves.
+
+    For pushing to a Pushgateway, writing a node_exporter textfile, or tests::
+
+        text = prometheus_format(metrics_collector.export_metrics())
+
+    Args:
+        metrics: ``MetricsCollector.export_metrics()`` (or its :class:`Snapshot`).
+        health: ``HealthMonitor.get_health_summary()`` (or its :class:`HealthSummary`).
+    """
+    snapshot = metrics if isinstance(metrics, Snapshot) else Snapshot.model_validate(metrics)
+    summary = (
+        health
+        if health is None or isinstance(health, HealthSummary)
+        else HealthSummary.model_validate(health)
+    )
+    registry = CollectorRegistry()
+    RelayCollector(lambda: snapshot, lambda: summary, registry=registry)
+    return render_latest(registry)[0].decode()
