@@ -28,7 +28,7 @@ from mlx_relay.model.partition import assign_layers
 from mlx_relay.model.sampling import SamplingParams
 from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
-from mlx_relay.worker.codec import encode_token_ids
+from mlx_relay.wire import encode_token_ids
 from mlx_relay.worker.stage import StageRuntime
 from mlx_relay.worker.worker_server import WorkerServer
 from tests.support.worker_cluster import (

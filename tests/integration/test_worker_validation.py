@@ -15,7 +15,7 @@ from mlx_relay.model.generate import generate_tokens
 from mlx_relay.model.load import load_model
 from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
-from mlx_relay.worker.codec import encode_token_ids
+from mlx_relay.wire import encode_token_ids
 from tests.support.worker_cluster import (
     RunningWorker,
     entry,

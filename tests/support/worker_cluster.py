@@ -13,7 +13,7 @@ import grpc
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
-from mlx_relay.worker.codec import encode_token_ids
+from mlx_relay.wire import encode_token_ids
 from mlx_relay.worker.worker_server import WorkerServer
 
 

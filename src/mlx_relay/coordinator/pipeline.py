@@ -15,8 +15,6 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from mlx_relay.coordinator.admission import Admission
 from mlx_relay.coordinator.client import StageError, WorkerClient
 from mlx_relay.coordinator.prepare import PreparedRequest
@@ -33,10 +31,9 @@ from mlx_relay.core.errors import PipelineNotReady
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.tokenizer import TextDecoder
 from mlx_relay.proto import relay_pb2
+from mlx_relay.wire import encode_sampling, encode_token_ids
 
 logger = logging.getLogger(__name__)
-
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -47,12 +44,6 @@ class Stage:
     device_id: str
     address: str
     layer_range: LayerRange
-
-
-def encode_token_ids(token_ids: Sequence[int]) -> relay_pb2.Tensor:
-    """Token ids as the first stage's ``(1, L)`` int32 input tensor."""
-    array = np.asarray(token_ids, dtype="<i4").reshape(1, -1)
-    return relay_pb2.Tensor(data=array.tobytes(), dtype="int32", shape=list(array.shape))
 
 
 class RunTracker:
@@ -116,15 +107,7 @@ class RequestRun:
         self._trace: Any = None
         self._sessions_opened = False
         self._stopping: str | None = None
-        params = prepared.params
-        self._sampling = relay_pb2.SamplingParams(
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            has_seed=params.seed is not None,
-            seed=(params.seed or 0) & _MASK64,
-            top_logprobs=params.top_logprobs,
-        )
+        self._sampling = encode_sampling(prepared.params)
         self.outcome = RequestOutcome()
 
     async def events(self) -> AsyncGenerator[TokenEvent, None]:

@@ -15,7 +15,8 @@ import mlx.core as mx
 
 from mlx_relay.core.errors import InvalidRequest
 
-_MASK64 = (1 << 64) - 1
+# The bits of an unsigned 64-bit integer: seeds are uint64 on the wire and in SplitMix64.
+MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,13 @@ def step_key(seed: int, step: int) -> mx.array:
     The seed and step are mixed with SplitMix64 so that nearby (seed, step) pairs give
     unrelated keys.
     """
-    return mx.random.key(_splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)))
+    return mx.random.key(_splitmix64(_splitmix64(seed & MASK64) ^ (step & MASK64)))
 
 
 def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)
 
 

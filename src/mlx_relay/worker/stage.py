@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_relay import wire
 from mlx_relay.core.errors import InvalidRequest
 from mlx_relay.core.types import LayerRange
 from mlx_relay.proto import relay_pb2 as pb
-from mlx_relay.worker import codec
 from mlx_relay.worker.sessions import KVSessionStore, Step
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class StageRuntime:
                 (1, None) if self.is_first else (1, None, self.hidden_size)
             )
             what = f"request {rid!r}: " + ("token ids" if self.is_first else "hidden states")
-            got = codec.check_tensor(entry.tensor, dtype=self.input_dtype, shape=shape, what=what)
+            got = wire.check_tensor(entry.tensor, dtype=self.input_dtype, shape=shape, what=what)
             length = got[1]
             if length > self.limits.max_prompt_tokens:
                 raise InvalidRequest(
@@ -127,7 +127,7 @@ class StageRuntime:
                     f"max_prompt_tokens = {self.limits.max_prompt_tokens}"
                 )
             if self.is_first:
-                ids = codec.to_numpy(entry.tensor)
+                ids = wire.to_numpy(entry.tensor)
                 low, high = int(ids.min()), int(ids.max())
                 if low < 0 or high >= self.vocab_size:
                     bad = low if low < 0 else high
@@ -138,7 +138,7 @@ class StageRuntime:
             sampling = None
             if self.is_last:
                 try:
-                    sampling = sampling_params(entry.sampling)
+                    sampling = wire.decode_sampling(entry.sampling)
                 except InvalidRequest as exc:
                     raise InvalidRequest(f"request {rid!r}: {exc}", param=exc.param) from None
             checked.append(CheckedEntry(entry, length, sampling))
@@ -164,7 +164,7 @@ class StageRuntime:
                 entry_started = time.perf_counter()
                 entry = checked.entry
                 output = self.shard(
-                    codec.decode(entry.tensor), session.cache, last_position_only=self.is_last
+                    wire.decode(entry.tensor), session.cache, last_position_only=self.is_last
                 )
                 result = pb.ForwardResult(request_id=entry.request_id)
                 if self.is_last:
@@ -177,7 +177,7 @@ class StageRuntime:
                     )
                 else:
                     # encode evaluates the hidden state and its wire view at once.
-                    result.tensor.CopyFrom(codec.encode(output.astype(self.shard.dtype)))
+                    result.tensor.CopyFrom(wire.encode(output.astype(self.shard.dtype)))
                 result.cached_tokens = self.sessions.advance(session, checked.length)
                 results.append(result)
                 seconds.append(time.perf_counter() - entry_started)
@@ -191,27 +191,8 @@ class StageRuntime:
         )
 
 
-def sampling_params(message: pb.SamplingParams) -> Any:
-    """The model layer's sampling parameters from their wire form.
-
-    An unset ``top_p`` (0 on the wire) means 1 (off), so an empty message is greedy.
-
-    Raises:
-        InvalidRequest: a parameter is out of range.
-    """
-    from mlx_relay.model.sampling import SamplingParams
-
-    return SamplingParams(
-        temperature=float(message.temperature),
-        top_p=float(message.top_p) if message.top_p != 0 else 1.0,
-        top_k=int(message.top_k),
-        seed=int(message.seed) if message.has_seed else None,
-        top_logprobs=int(message.top_logprobs),
-    )
-
-
 def _wire_dtype(dtype: Any) -> str:
     if isinstance(dtype, str):
-        codec.itemsize(dtype)
+        wire.itemsize(dtype)
         return dtype
-    return codec.dtype_name(dtype)
+    return wire.dtype_name(dtype)

@@ -1,4 +1,8 @@
-"""Tensors on the wire: raw little-endian bytes plus dtype and shape (never pickle or JSON).
+"""The wire codec: the model's values as the gRPC messages carry them, for both roles.
+
+The coordinator encodes token ids and sampling parameters; a worker checks and decodes
+tensors, decodes sampling parameters and encodes its output. Tensors travel as raw
+little-endian bytes plus dtype and shape (never pickle or JSON).
 
 Validation is pure and reads only the message's header and byte length, so a worker can
 reject a malformed tensor on its event loop before anything reaches MLX. Conversion to and
@@ -14,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mlx_relay.core.errors import InvalidRequest
+from mlx_relay.model.sampling import MASK64, SamplingParams
 from mlx_relay.proto import relay_pb2 as pb
 
 if TYPE_CHECKING:
@@ -159,4 +164,34 @@ def encode(array: mx.array) -> pb.Tensor:
     values = np.asarray(bits).astype(_WIRE_NUMPY[name], copy=False)
     return pb.Tensor(
         data=np.ascontiguousarray(values).tobytes(), dtype=name, shape=list(array.shape)
+    )
+
+
+def encode_sampling(params: SamplingParams) -> pb.SamplingParams:
+    """Sampling parameters as the last stage receives them (the seed as an unsigned 64-bit
+    integer, ``has_seed`` telling an unset seed from 0)."""
+    return pb.SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        has_seed=params.seed is not None,
+        seed=(params.seed or 0) & MASK64,
+        top_logprobs=params.top_logprobs,
+    )
+
+
+def decode_sampling(message: pb.SamplingParams) -> SamplingParams:
+    """The model layer's sampling parameters from their wire form.
+
+    An unset ``top_p`` (0 on the wire) means 1 (off), so an empty message is greedy.
+
+    Raises:
+        InvalidRequest: a parameter is out of range.
+    """
+    return SamplingParams(
+        temperature=float(message.temperature),
+        top_p=float(message.top_p) if message.top_p != 0 else 1.0,
+        top_k=int(message.top_k),
+        seed=int(message.seed) if message.has_seed else None,
+        top_logprobs=int(message.top_logprobs),
     )
