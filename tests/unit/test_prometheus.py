@@ -1,5 +1,5 @@
-"""The Prometheus collector: every METRICS.md family, with its type, labels and buckets, from
-a real MetricsCollector driven on a fake clock."""
+"""The Prometheus collector: every family of docs/monitoring-api.md, with its type, labels
+and buckets, from a real MetricsCollector driven on a fake clock."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from mlx_relay.monitoring.windows import (
 WALL = 1_700_000_000.0
 MEMORY_TOTAL = 16 * 1024**3
 
-# METRICS.md, as the text parser names families (counters without their _total suffix).
+# docs/monitoring-api.md's families, as the text parser names them (counters without _total).
 EXPECTED_FAMILIES = {
     "mlxrelay_num_requests_running": ("gauge", {"model_name"}),
     "mlxrelay_num_requests_waiting": ("gauge", {"model_name"}),

@@ -49,7 +49,7 @@ LATENCY_KEYS = (
     "stage",
     "network",
 )
-# Latency-summary key -> METRICS.md histogram (without the mlxrelay_ prefix).
+# Latency-summary key -> docs/monitoring-api.md histogram (without the mlxrelay_ prefix).
 _HISTOGRAM_OF = {
     "e2e": "e2e_request_latency_seconds",
     "ttft": "time_to_first_token_seconds",

@@ -41,7 +41,7 @@ __all__ = [
 
 
 class RelayCollector(Collector):
-    """Emits every METRICS.md family from a snapshot.
+    """Emits every docs/monitoring-api.md family from a snapshot.
 
     Args:
         snapshot_source: Returns the current :class:`Snapshot`; called once per scrape.

@@ -1,9 +1,9 @@
 """Pure mapping of one :class:`Snapshot` (and health summary) to Prometheus metric families.
 
-Names, types, labels and buckets follow METRICS.md. Every family is emitted even when it has
-no samples yet, and known label sets (finished reasons, phases, link outcomes, health states)
-are emitted with 0 so that series exist from start-up. A quantity that was not measured
-(``None`` in the snapshot) has no sample: never a made-up 0.
+Names, types, labels and buckets follow docs/monitoring-api.md. Every family is emitted even
+when it has no samples yet, and known label sets (finished reasons, phases, link outcomes,
+health states) are emitted with 0 so that series exist from start-up. A quantity that was not
+measured (``None`` in the snapshot) has no sample: never a made-up 0.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ HEALTH_STATES = ("healthy", "warning", "critical", "unknown")
 OVERALL_CHECK = "overall"
 GRPC_SERVICE = "mlxrelay.v1.Worker"
 
-# Inference histograms: snapshot key (METRICS.md name without prefix) -> help text.
+# Inference histograms: snapshot key (the family's name without prefix) -> help text.
 INFERENCE_HISTOGRAMS = {
     "time_to_first_token_seconds": "Time from request arrival to its first generated token.",
     "inter_token_latency_seconds": "Time between two consecutive generated tokens.",
@@ -345,7 +345,7 @@ def health_families(
 def snapshot_families(
     snapshot: Snapshot, health: HealthSummary | None, version: str
 ) -> Iterator[Metric]:
-    """Every METRICS.md family for one snapshot, in catalogue order."""
+    """Every docs/monitoring-api.md family for one snapshot, in catalogue order."""
     yield from inference_families(snapshot)
     yield from stage_families(snapshot)
     yield from device_families(snapshot)

@@ -2,10 +2,10 @@
 
 ``MetricsCollector.export_metrics()`` returns ``Snapshot.model_dump(mode="json")``; the REST
 API uses these models as response models and the Prometheus collector reads them, so the two
-views never disagree. Units follow METRICS.md: seconds, bytes and ratios in 0..1 only.
-Timestamps are unix seconds (wall clock); durations are measured on a monotonic clock inside
-one process. A quantity that cannot be measured here is ``None`` with a ``*_unavailable_reason``,
-never a made-up 0.
+views never disagree. Units follow docs/monitoring-api.md: seconds, bytes and ratios in 0..1
+only. Timestamps are unix seconds (wall clock); durations are measured on a monotonic clock
+inside one process. A quantity that cannot be measured here is ``None`` with a
+``*_unavailable_reason``, never a made-up 0.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ class InferenceMetrics(_Snap):
         "time_per_output_token, queue, prefill, decode, stage, network; seconds."
     )
     histograms: dict[str, HistogramSnap] = Field(
-        description="Histograms keyed by METRICS.md name without the mlxrelay_ prefix."
+        description="Histograms keyed by metric family name without the mlxrelay_ prefix."
     )
     recent_errors: list[RecentError] = Field(description="Last failures, newest last.")
 

@@ -12,6 +12,6 @@ router = APIRouter(tags=["prometheus"])
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics")
 def get_prometheus_metrics(context: ContextDep) -> Response:
-    """Every ``mlxrelay_*`` family of METRICS.md, plus ``grpc_client_*`` call metrics."""
+    """Every ``mlxrelay_*`` family (docs/monitoring-api.md), plus ``grpc_client_*`` calls."""
     body, content_type = render_latest(context.registry)
     return Response(content=body, media_type=content_type)
