@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mlx_relay.core.config import DashboardConfig
+from mlx_relay.core.config import HTTPConfig
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from mlx_relay.monitoring.metrics import MetricsCollector
 from tests.support.dashboard_cluster import dashboard_cluster, run_requests
@@ -61,7 +61,7 @@ async def test_dashboard_shows_the_cluster_and_live_request_count(
     require_chromium()
     from playwright.async_api import async_playwright
 
-    config = DashboardConfig(auth_token=TOKEN)
+    config = HTTPConfig(auth_token=TOKEN)
     async with (
         dashboard_cluster(tiny_model_dir, config=config, update_interval=0.25) as env,
         async_playwright() as playwright,

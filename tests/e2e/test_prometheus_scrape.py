@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from mlx_relay.cli.prometheus_config import render
-from mlx_relay.core.config import DashboardConfig
+from mlx_relay.core.config import HTTPConfig
 from tests.support.dashboard_cluster import dashboard_cluster, run_requests, wait_for
 
 pytestmark = [
@@ -94,7 +94,7 @@ async def test_prometheus_scrapes_the_generated_token_count(
     tiny_model_dir: Path, tmp_path: Path, output_dir: Path
 ) -> None:
     require("prometheus")
-    config = DashboardConfig(auth_token="ui-token", metrics_token=METRICS_TOKEN)
+    config = HTTPConfig(auth_token="ui-token", metrics_token=METRICS_TOKEN)
     token_file = tmp_path / "metrics.token"
     token_file.write_text(METRICS_TOKEN)
     async with dashboard_cluster(tiny_model_dir, config=config) as env:

@@ -33,7 +33,7 @@ HELLO = [{"role": "user", "content": "Hello"}]
 async def served(tiny_model_dir: Path) -> AsyncIterator[Served]:
     async with serve_cluster(
         tiny_model_dir,
-        monitoring={"dashboard": {"auth_token": TOKEN}},
+        http={"auth_token": TOKEN},
         inference={"max_running_requests": 1, "max_waiting_requests": 0},
     ) as served:
         yield served

@@ -90,11 +90,8 @@ async def test_a_start_cancelled_midway_leaves_nothing_listening() -> None:
 
 async def test_health_asks_for_the_app_token_when_one_is_set(tiny_model_dir: Path) -> None:
     async with local_cluster(tiny_model_dir, 1) as cluster:
-        monitoring = cluster.config.monitoring
-        dashboard = monitoring.dashboard.model_copy(update={"auth_token": "s3cret"})
-        config = cluster.config.model_copy(
-            update={"monitoring": monitoring.model_copy(update={"dashboard": dashboard})}
-        )
+        http = cluster.config.http.model_copy(update={"auth_token": "s3cret"})
+        config = cluster.config.model_copy(update={"http": http})
         app = create_app(AppServices(config, cluster.orchestrator))
         async with HTTPServer(app) as server, httpx.AsyncClient() as client:
             missing = await client.get(f"{server.url}/health")

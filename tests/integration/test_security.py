@@ -15,15 +15,11 @@ import httpx
 import pytest
 import websockets
 
-from mlx_relay.core.config import DashboardConfig
+from mlx_relay.core.addresses import is_loopback
+from mlx_relay.core.config import HTTPConfig
+from mlx_relay.core.http_access import TokenBucketLimiter, exposure_warning, tokens_match
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from mlx_relay.monitoring.metrics import MetricsCollector
-from mlx_relay.monitoring.security import (
-    TokenBucketLimiter,
-    exposure_warning,
-    is_loopback,
-    tokens_match,
-)
 
 TOKEN = "s3cret-token"
 METRICS_TOKEN = "scrape-token"
@@ -31,7 +27,7 @@ METRICS_TOKEN = "scrape-token"
 
 @contextlib.asynccontextmanager
 async def serving(
-    config: DashboardConfig,
+    config: HTTPConfig,
 ) -> AsyncIterator[tuple[MonitoringDashboard, httpx.AsyncClient]]:
     """A dashboard on port 0 with ``config``, and an HTTP client for it."""
     collector = MetricsCollector("coordinator", 0.1, role="coordinator")
@@ -49,7 +45,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def test_without_a_token_everything_is_open_and_cors_is_off() -> None:
-    async with serving(DashboardConfig()) as (_, http):
+    async with serving(HTTPConfig()) as (_, http):
         for path in ("/", "/api/metrics", "/api/health", "/metrics", "/static/dashboard.js"):
             assert (await http.get(path)).status_code == 200, path
         origin = {"Origin": "http://elsewhere.test"}
@@ -63,7 +59,7 @@ async def test_without_a_token_everything_is_open_and_cors_is_off() -> None:
 
 
 async def test_a_token_guards_page_api_and_metrics() -> None:
-    async with serving(DashboardConfig(auth_token=TOKEN)) as (_, http):
+    async with serving(HTTPConfig(auth_token=TOKEN)) as (_, http):
         for path in ("/", "/api/metrics", "/api/stats", "/metrics"):
             refused = await http.get(path)
             assert refused.status_code == 401, path
@@ -79,7 +75,7 @@ async def test_a_token_guards_page_api_and_metrics() -> None:
 
 
 async def test_metrics_token_and_metrics_open() -> None:
-    config = DashboardConfig(auth_token=TOKEN, metrics_token=METRICS_TOKEN)
+    config = HTTPConfig(auth_token=TOKEN, metrics_token=METRICS_TOKEN)
     async with serving(config) as (_, http):
         assert (await http.get("/metrics", headers=bearer(TOKEN))).status_code == 401
         scraped = await http.get("/metrics", headers=bearer(METRICS_TOKEN))
@@ -88,13 +84,13 @@ async def test_metrics_token_and_metrics_open() -> None:
         api = await http.get("/api/metrics", headers=bearer(METRICS_TOKEN))
         assert api.status_code == 401
 
-    async with serving(DashboardConfig(auth_token=TOKEN, metrics_open=True)) as (_, http):
+    async with serving(HTTPConfig(auth_token=TOKEN, metrics_open=True)) as (_, http):
         assert (await http.get("/metrics")).status_code == 200
         assert (await http.get("/api/metrics")).status_code == 401
 
 
 async def test_websocket_requires_the_token() -> None:
-    async with serving(DashboardConfig(auth_token=TOKEN)) as (dashboard, _):
+    async with serving(HTTPConfig(auth_token=TOKEN)) as (dashboard, _):
         url = f"ws://127.0.0.1:{dashboard.port}/ws"
         with pytest.raises(websockets.InvalidStatus) as refused:
             async with websockets.connect(url):
@@ -110,7 +106,7 @@ async def test_websocket_requires_the_token() -> None:
 
 
 async def test_rate_limit_answers_429_with_retry_after() -> None:
-    async with serving(DashboardConfig(rate_limit_per_minute=5)) as (_, http):
+    async with serving(HTTPConfig(rate_limit_per_minute=5)) as (_, http):
         statuses = [(await http.get("/api/health")).status_code for _ in range(5)]
         assert statuses == [200] * 5
         limited = await http.get("/api/stats")
@@ -124,7 +120,7 @@ async def test_rate_limit_answers_429_with_retry_after() -> None:
 
 async def test_cors_only_for_configured_origins() -> None:
     allowed = "http://grafana.example.test"
-    async with serving(DashboardConfig(cors_origins=[allowed])) as (_, http):
+    async with serving(HTTPConfig(cors_origins=[allowed])) as (_, http):
         response = await http.get("/api/metrics", headers={"Origin": allowed})
         assert response.headers["access-control-allow-origin"] == allowed
         other = await http.get("/api/metrics", headers={"Origin": "http://evil.test"})
@@ -151,9 +147,9 @@ def test_token_comparison_and_exposure_rules() -> None:
     assert not tokens_match(None, TOKEN)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
-    assert exposure_warning("127.0.0.1", DashboardConfig()) is None
-    assert exposure_warning("0.0.0.0", DashboardConfig(auth_token=TOKEN)) is None
-    message = exposure_warning("0.0.0.0", DashboardConfig())
+    assert exposure_warning("127.0.0.1", HTTPConfig()) is None
+    assert exposure_warning("0.0.0.0", HTTPConfig(auth_token=TOKEN)) is None
+    message = exposure_warning("0.0.0.0", HTTPConfig())
     assert message is not None and "no auth token" in message
 
 
@@ -162,7 +158,7 @@ async def test_a_non_loopback_bind_without_token_logs_a_warning(
 ) -> None:
     collector = MetricsCollector("coordinator", 0.1, role="coordinator")
     dashboard = MonitoringDashboard(collector, None, host="0.0.0.0", port=0)
-    with caplog.at_level("WARNING", logger="mlx_relay.monitoring.security"):
+    with caplog.at_level("WARNING", logger="mlx_relay.core.http_access"):
         await dashboard.start()
     await dashboard.stop()
     assert any("binding 0.0.0.0 with no auth token" in r.message for r in caplog.records)
@@ -213,3 +209,15 @@ def test_cli_warns_on_open_bind_and_takes_the_token_from_the_environment() -> No
         url = f"http://127.0.0.1:{port}/api/health"
         assert httpx.get(url, timeout=10).status_code == 401
         assert httpx.get(url, headers=bearer(TOKEN), timeout=10).status_code == 200
+
+
+def test_one_set_of_access_rules_per_app() -> None:
+    from fastapi import FastAPI
+
+    from mlx_relay.core.http_access import install_access
+
+    app = FastAPI()
+    first = install_access(app, HTTPConfig(auth_token=TOKEN))
+    assert install_access(app, HTTPConfig(auth_token=TOKEN)) is first
+    with pytest.raises(ValueError, match="other HTTP settings"):
+        install_access(app, HTTPConfig(auth_token="another"))

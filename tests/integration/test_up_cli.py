@@ -150,7 +150,7 @@ async def test_coordinator_role_serves_workers_started_elsewhere(
     async with local_cluster(tiny_model_dir, 2, initialize=False) as cluster:
         port = free_ports(1)[0]
         data = cluster_dict(tiny_model_dir, 2, ports=[w.port for w in cluster.workers])
-        data["devices"][0]["port"] = port
+        data["http"] = {"port": port}  # the coordinator's address: one place, `http`
         config = tmp_path / "cluster.yaml"
         config.write_text(yaml.safe_dump(data))
         log = tmp_path / "coordinator.log"

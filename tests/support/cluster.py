@@ -42,12 +42,13 @@ def cluster_dict(
     ports: Sequence[int] | None = None,
     layers: Sequence[tuple[int, int]] | None = None,
     network: dict[str, Any] | None = None,
+    http: dict[str, Any] | None = None,
     monitoring: dict[str, Any] | None = None,
     inference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A cluster configuration as plain data: a coordinator and workers ``worker-0``...
     on loopback (port 0 unless ``ports`` is given), layers ``auto`` unless given."""
-    devices: list[dict[str, Any]] = [{"id": "coordinator", "role": "coordinator", "port": 0}]
+    devices: list[dict[str, Any]] = [{"id": "coordinator", "role": "coordinator"}]
     for i in range(num_workers):
         devices.append(
             {
@@ -62,6 +63,7 @@ def cluster_dict(
         "model": {"path": str(model_dir)},
         "devices": devices,
         "network": {**TEST_NETWORK, **(network or {})},
+        "http": http or {},
         "monitoring": monitoring or {},
         "inference": inference or {},
     }
@@ -87,6 +89,7 @@ async def local_cluster(
     worker_monitoring: bool | None = None,
     layers: Sequence[tuple[int, int]] | None = None,
     network: dict[str, Any] | None = None,
+    http: dict[str, Any] | None = None,
     monitoring: dict[str, Any] | None = None,
     inference: dict[str, Any] | None = None,
     initialize: bool = True,
@@ -101,6 +104,7 @@ async def local_cluster(
         num_workers,
         layers=layers,
         network=network,
+        http=http,
         monitoring=monitoring,
         inference=inference,
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mlx_relay.coordinator.requests import InferenceRequest
-from mlx_relay.core.config import DashboardConfig
+from mlx_relay.core.config import HTTPConfig
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from mlx_relay.monitoring.health import HealthMonitor
 from mlx_relay.monitoring.metrics import MetricsCollector
@@ -67,7 +67,7 @@ class DashboardEnv:
 async def dashboard_cluster(
     model_dir: Path,
     *,
-    config: DashboardConfig | None = None,
+    config: HTTPConfig | None = None,
     update_interval: float = 0.2,
     num_workers: int = 2,
 ) -> AsyncIterator[DashboardEnv]:

@@ -35,10 +35,10 @@ def test_example_config_loads() -> None:
     assert [w.id for w in config.workers] == ["worker-0", "worker-1"]
     assert config.workers[0].layers == LayerRange(0, 15)
     assert config.workers[1].layers == LayerRange(15, 30)
-    assert config.coordinator is not None and config.coordinator.port == 8080
+    assert config.coordinator is not None and config.coordinator.id == "coordinator"
+    assert (config.http.host, config.http.port) == ("127.0.0.1", 8080)
     assert config.monitoring.collection_interval == 2.0
     assert config.monitoring.thresholds.memory_critical == 95
-    assert config.monitoring.dashboard.host == "127.0.0.1"
     assert config.model.path is None
 
 
@@ -46,7 +46,7 @@ def test_defaults_fill_optional_sections() -> None:
     config = ClusterConfig.from_dict({"devices": [{"id": "w", "port": 0}]})
     assert config.workers[0].layers is None
     assert config.network.request_timeout == 30.0
-    assert config.monitoring.dashboard.auth_token is None
+    assert config.http.auth_token is None and config.http.rate_limit_per_minute == 600
 
 
 def test_missing_field(tmp_path: Path) -> None:
@@ -206,4 +206,50 @@ def test_top_level_not_a_mapping(tmp_path: Path) -> None:
 
 def test_with_worker_ports_replaces_only_named_workers() -> None:
     config = ClusterConfig.from_yaml(EXAMPLE).with_worker_ports({"worker-1": 6000})
-    assert [d.port for d in config.devices] == [8080, 50151, 6000]
+    assert [w.port for w in config.workers] == [50151, 6000]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "moved_to"),
+    [
+        ("auth_token", "s3cret", "http.auth_token"),
+        ("port", 9000, "http.port"),
+        ("cors_origins", ["http://a.test"], "http.cors_origins"),
+    ],
+)
+def test_an_old_dashboard_key_says_where_it_moved(
+    tmp_path: Path, key: str, value: Any, moved_to: str
+) -> None:
+    data = example()
+    data["monitoring"]["dashboard"] = {key: value}
+    assert error_for(tmp_path, data) == f"monitoring.dashboard.{key}: moved to {moved_to}"
+
+
+def test_an_empty_old_dashboard_section_says_where_it_moved(tmp_path: Path) -> None:
+    data = example()
+    data["monitoring"]["dashboard"] = None
+    assert error_for(tmp_path, data) == "monitoring.dashboard: moved to http"
+
+
+@pytest.mark.parametrize("key", ["host", "port"])
+def test_a_coordinator_address_says_it_moved_to_http(tmp_path: Path, key: str) -> None:
+    data = example()
+    data["devices"][0][key] = "0.0.0.0" if key == "host" else 8080
+    assert error_for(tmp_path, data) == (
+        f"devices[0].{key}: the coordinator's HTTP address moved to http.{key}"
+    )
+
+
+def test_http_section_is_validated_like_every_other(tmp_path: Path) -> None:
+    data = example()
+    data["http"]["rate_limit_per_minute"] = 0
+    assert error_for(tmp_path, data) == ("http.rate_limit_per_minute: expected a value >= 1, got 0")
+    data = example()
+    data["http"]["token"] = "x"
+    assert error_for(tmp_path, data) == "http.token: unknown key (check the spelling)"
+
+
+def test_to_dict_reads_back_as_the_same_configuration() -> None:
+    config = ClusterConfig.from_yaml(EXAMPLE).with_worker_ports({"worker-0": 6000})
+    again = ClusterConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict())))
+    assert again == config

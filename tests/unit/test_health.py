@@ -11,7 +11,7 @@ import pytest
 
 from mlx_relay.core.config import Thresholds
 from mlx_relay.monitoring import HealthCheck, HealthMonitor, HealthStatus, MetricsCollector
-from mlx_relay.monitoring.health_checks import Level, PeerState, judge_process, worst_status
+from mlx_relay.monitoring.health_rules import Level, PeerState, judge_process, worst_status
 
 H, W, C, U = HealthStatus.HEALTHY, HealthStatus.WARNING, HealthStatus.CRITICAL, HealthStatus.UNKNOWN
 
@@ -244,7 +244,7 @@ async def test_start_runs_checks_on_their_intervals_and_stop_cancels() -> None:
 
 
 async def test_spec_usage_works_as_written() -> None:
-    # The snippets of SPEC-monitoring.md, with mlx_relay imports.
+    # The monitoring API's documented usage (docs/monitoring-api.md), with mlx_relay imports.
     from mlx_relay.monitoring.health import HealthCheck, HealthStatus
 
     metrics_collector = MetricsCollector(device_id="coordinator", collection_interval=2.0)

@@ -124,7 +124,7 @@ def test_no_stages_or_no_layers_is_rejected() -> None:
 
 
 def _cluster(workers: list[dict[str, object]]) -> ClusterConfig:
-    devices = [{"id": "coord", "port": 8080, "role": "coordinator"}]
+    devices = [{"id": "coord", "role": "coordinator"}]
     devices += [{"port": 50051 + i, **w} for i, w in enumerate(workers)]
     return ClusterConfig.from_dict({"devices": devices})
 

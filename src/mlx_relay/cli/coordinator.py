@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
-from mlx_relay.cli.options import TOKEN_ENV, check_port, stop_signals, token_from
+from mlx_relay.cli.options import TOKEN_ENV, stop_signals, with_http_overrides
 from mlx_relay.core.config import ClusterConfig
 
 
@@ -26,12 +26,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def add_http_arguments(parser: argparse.ArgumentParser, *, default_port: str = "") -> None:
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     """``--host``, ``--port``, ``--token`` and ``--no-monitoring``, shared with ``up``."""
-    where = default_port or "the coordinator's address in the config, else 8080"
-    parser.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
     parser.add_argument(
-        "--port", type=int, default=None, help=f"HTTP port, 0 = any free port (default: {where})"
+        "--host", default=None, help="address to bind (default: http.host, else 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="HTTP port, 0 = any free port (default: http.port, else 8080)",
     )
     parser.add_argument(
         "--token", default=None, help=f"bearer token for the API and dashboard (or ${TOKEN_ENV})"
@@ -39,16 +43,6 @@ def add_http_arguments(parser: argparse.ArgumentParser, *, default_port: str = "
     parser.add_argument(
         "--no-monitoring", action="store_true", help="no metrics, health checks or cluster polling"
     )
-
-
-def with_token(config: ClusterConfig, token: str | None) -> ClusterConfig:
-    """The configuration with the app's bearer token from ``--token`` or the environment."""
-    token = token_from(token)
-    if not token:
-        return config
-    dashboard = config.monitoring.dashboard.model_copy(update={"auth_token": token})
-    monitoring = config.monitoring.model_copy(update={"dashboard": dashboard})
-    return config.model_copy(update={"monitoring": monitoring})
 
 
 def print_urls(url: str, monitoring: bool) -> None:
@@ -64,8 +58,8 @@ def print_urls(url: str, monitoring: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_port(args.port)
-    config = with_token(ClusterConfig.from_yaml(args.config), args.token)
+    config = ClusterConfig.from_yaml(args.config)
+    config = with_http_overrides(config, args.host, args.port, args.token)
     return asyncio.run(_serve(config, args))
 
 
@@ -73,7 +67,7 @@ async def _serve(config: ClusterConfig, args: argparse.Namespace) -> int:
     from mlx_relay.server.runtime import CoordinatorRuntime
 
     monitoring = not args.no_monitoring and config.monitoring.enabled
-    runtime = CoordinatorRuntime(config, args.host, args.port, enable_monitoring=monitoring)
+    runtime = CoordinatorRuntime(config, enable_monitoring=monitoring)
     workers = ", ".join(f"{w.id} ({w.address})" for w in config.workers)
     print(f"waiting for workers: {workers}", file=sys.stderr, flush=True)
     with stop_signals() as stop:

@@ -13,8 +13,8 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mlx_relay.cli.options import TOKEN_ENV, check_port, stop_signals, token_from
-from mlx_relay.core.config import ClusterConfig, DashboardConfig, MonitoringConfig
+from mlx_relay.cli.options import TOKEN_ENV, http_settings, stop_signals
+from mlx_relay.core.config import ClusterConfig, HTTPConfig, MonitoringConfig
 from mlx_relay.core.errors import RelayError, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
 
@@ -49,34 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    token = token_from(args.token)
     cluster = ClusterConfig.from_yaml(args.config) if args.config else None
     monitoring = cluster.monitoring if cluster is not None else MonitoringConfig()
-    settings = dashboard_settings(monitoring.dashboard, args.host, args.port, token)
+    base = cluster.http if cluster is not None else HTTPConfig()
+    settings = http_settings(base, args.host, args.port, args.token)
     return asyncio.run(_serve(settings, monitoring, cluster))
 
 
-def dashboard_settings(
-    base: DashboardConfig, host: str | None, port: int | None, token: str | None
-) -> DashboardConfig:
-    """The configured settings with the command line's overrides applied."""
-    update: dict[str, Any] = {}
-    if host is not None:
-        update["host"] = host
-    if port is not None:
-        check_port(port)
-        update["port"] = port
-    if token:
-        update["auth_token"] = token
-    return base.model_copy(update=update)
-
-
 async def _serve(
-    settings: DashboardConfig, monitoring: MonitoringConfig, cluster: ClusterConfig | None
+    settings: HTTPConfig, monitoring: MonitoringConfig, cluster: ClusterConfig | None
 ) -> int:
+    from mlx_relay.core.http_access import exposure_warning
     from mlx_relay.monitoring import HealthMonitor, MetricsCollector
     from mlx_relay.monitoring.dashboard import MonitoringDashboard
-    from mlx_relay.monitoring.security import exposure_warning
 
     collector = MetricsCollector(
         DEVICE_ID,

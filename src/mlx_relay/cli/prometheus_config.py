@@ -1,7 +1,7 @@
 """``mlx-relay prometheus-config``: print a Prometheus configuration that scrapes the cluster.
 
-The target is the coordinator's ``/metrics`` (one HTTP app per cluster); without a
-coordinator in the config, the standalone dashboard's address. When ``/metrics`` needs a
+The target is the ``/metrics`` of the config's ``http`` address: the coordinator's app (one
+per cluster), or the standalone dashboard's. When ``/metrics`` needs a
 token, the job reads it from a file so that the token never sits in prometheus.yml.
 """
 
@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 
 from mlx_relay.cli.options import TOKEN_ENV, token_from
-from mlx_relay.core.config import ClusterConfig, DashboardConfig, MonitoringConfig
+from mlx_relay.core.addresses import host_port
+from mlx_relay.core.config import ClusterConfig, HTTPConfig, MonitoringConfig
 from mlx_relay.core.errors import ConfigError
 
 DEFAULT_TOKEN_FILE = "/etc/prometheus/mlx-relay.token"
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def metrics_need_token(settings: DashboardConfig, env_token: str | None) -> bool:
+def metrics_need_token(settings: HTTPConfig, env_token: str | None) -> bool:
     """Whether ``/metrics`` will ask for a bearer token."""
     if settings.metrics_open:
         return False
@@ -62,19 +63,14 @@ def metrics_need_token(settings: DashboardConfig, env_token: str | None) -> bool
 
 
 def default_target(cluster: ClusterConfig | None) -> str:
-    """The coordinator's address (or the dashboard's), as a scrape target."""
-    if cluster is None:
-        settings = DashboardConfig()
-        host, port = settings.host, settings.port
-    elif cluster.coordinator is not None:
-        host, port = cluster.coordinator.host, cluster.coordinator.port
-    else:
-        host, port = cluster.monitoring.dashboard.host, cluster.monitoring.dashboard.port
+    """The HTTP app's address (``http.host``/``http.port``), as a scrape target."""
+    settings = cluster.http if cluster is not None else HTTPConfig()
+    host, port = settings.host, settings.port
     if port == 0:
         raise ConfigError("the coordinator's port is 0 (chosen at start-up): give --target")
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"  # a wildcard bind is reachable on loopback from the same machine
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 def scrape_interval(monitoring: MonitoringConfig) -> str:
@@ -91,6 +87,7 @@ def render(
 ) -> str:
     """The configuration as YAML text, with a comment on how to provide the token."""
     monitoring = cluster.monitoring if cluster is not None else MonitoringConfig()
+    http = cluster.http if cluster is not None else HTTPConfig()
     job: dict[str, Any] = {
         "job_name": JOB_NAME,
         "metrics_path": "/metrics",
@@ -101,7 +98,7 @@ def render(
         "# Prometheus configuration for mlx-relay, printed by `mlx-relay prometheus-config`.",
         "# Metrics and units: docs/monitoring-api.md. Check it with `promtool check config FILE`.",
     ]
-    if metrics_need_token(monitoring.dashboard, env_token):
+    if metrics_need_token(http, env_token):
         job["authorization"] = {"type": "Bearer", "credentials_file": token_file}
         header.append(
             f"# /metrics requires a bearer token: write it (alone) into {token_file}, "

@@ -20,14 +20,12 @@ from typing import Any
 
 import yaml
 
-from mlx_relay.cli.coordinator import add_http_arguments, print_urls, with_token
+from mlx_relay.cli.coordinator import add_http_arguments, print_urls
 from mlx_relay.cli.fleet import WorkerExited, WorkerFleet
-from mlx_relay.cli.options import check_port, stop_signals
+from mlx_relay.cli.options import stop_signals, with_http_overrides
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, WorkerUnavailable
-from mlx_relay.core.types import LayerRange
 
-DEFAULT_PORT = 8080
 STARTUP_TIMEOUT = 600.0
 
 
@@ -50,7 +48,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", "-m", default=None, help="model directory or .gguf (default: bundled)"
     )
-    add_http_arguments(parser, default_port=str(DEFAULT_PORT))
+    add_http_arguments(parser)
     return parser
 
 
@@ -58,20 +56,17 @@ def run(args: argparse.Namespace) -> int:
     from mlx_relay.model.load import read_model_info, resolve_model_dir
     from mlx_relay.model.partition import assign_layers
 
-    check_port(args.port)
-    config = _base_config(args)
+    config = with_http_overrides(_base_config(args), args.host, args.port, args.token)
     # Resolve (and import) the model once here, so workers start from the same directory.
     model_dir = resolve_model_dir(config.model, progress=True)
     model = config.model.model_copy(update={"path": str(model_dir)})
-    config = with_token(config.model_copy(update={"model": model}), args.token)
+    config = config.model_copy(update={"model": model})
     info = read_model_info(model_dir, config.model.name)
     assign_layers(config, info.num_layers)  # fails early if the layers cannot be split
-    host = args.host if args.host is not None else "127.0.0.1"
-    port = args.port if args.port is not None else DEFAULT_PORT
     if args.config is None:
-        config = with_free_worker_ports(config, avoid=port)
+        config = with_free_worker_ports(config, avoid=config.http.port)
     monitoring = not args.no_monitoring and config.monitoring.enabled
-    return asyncio.run(_up(config, host, port, monitoring))
+    return asyncio.run(_up(config, monitoring))
 
 
 def _base_config(args: argparse.Namespace) -> ClusterConfig:
@@ -91,7 +86,7 @@ def _base_config(args: argparse.Namespace) -> ClusterConfig:
     workers = 2 if args.workers is None else args.workers
     if workers < 1:
         raise ConfigError(f"--workers: expected at least 1, got {workers}")
-    devices: list[dict[str, Any]] = [{"id": "coordinator", "role": "coordinator", "port": 0}]
+    devices: list[dict[str, Any]] = [{"id": "coordinator", "role": "coordinator"}]
     devices += [
         {"id": f"worker-{i}", "role": "worker", "host": "127.0.0.1", "port": 0, "layers": "auto"}
         for i in range(workers)
@@ -118,26 +113,14 @@ def with_free_worker_ports(config: ClusterConfig, avoid: int) -> ClusterConfig:
     return config.with_worker_ports(ports)
 
 
-def config_data(config: ClusterConfig) -> dict[str, Any]:
-    """The configuration as plain data that :meth:`ClusterConfig.from_dict` reads back."""
-    data = config.model_dump(mode="python")
-    for device in data["devices"]:
-        layers = device.get("layers")
-        if isinstance(layers, LayerRange):
-            device["layers"] = [layers.start, layers.end]
-        elif isinstance(layers, dict):
-            device["layers"] = [layers["start"], layers["end"]]
-    return data
-
-
-async def _up(config: ClusterConfig, host: str, port: int, monitoring: bool) -> int:
+async def _up(config: ClusterConfig, monitoring: bool) -> int:
     from mlx_relay.server.runtime import CoordinatorRuntime
 
     work_dir = Path(tempfile.mkdtemp(prefix="mlx-relay-up-"))
     config_path = work_dir / "cluster.yaml"
-    config_path.write_text(yaml.safe_dump(config_data(config), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     fleet = WorkerFleet(config, config_path, work_dir, monitoring=monitoring)
-    runtime = CoordinatorRuntime(config, host, port, enable_monitoring=monitoring)
+    runtime = CoordinatorRuntime(config, enable_monitoring=monitoring)
     with stop_signals() as stop:
         try:
             fleet.start()

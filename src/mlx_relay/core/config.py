@@ -14,16 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mlx_relay.core.errors import ConfigError
 from mlx_relay.core.types import LayerRange
+from mlx_relay.core.validation import FieldProblem, describe, kind_of
 
 Port = int
-
-
-class _FieldProblem(ValueError):
-    """A cross-field problem that belongs to one field path (e.g. ``devices[2].layers``)."""
-
-    def __init__(self, where: str, message: str) -> None:
-        super().__init__(message)
-        self.where = where
 
 
 class _Section(BaseModel):
@@ -44,13 +37,13 @@ class DeviceConfig(_Section):
     """One device of the cluster.
 
     For a worker, ``host``/``port`` is its gRPC address (port 0 picks a free port, for tests)
-    and ``layers`` is a half-open ``[start, end)`` pair or ``auto``. For the coordinator,
-    ``host``/``port`` is its HTTP address (API, dashboard and ``/metrics``).
+    and ``layers`` is a half-open ``[start, end)`` pair or ``auto``. The coordinator's entry
+    only names it (its id in the monitoring data); its HTTP address is :class:`HTTPConfig`'s.
     """
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     host: str = "127.0.0.1"
-    port: Port = Field(ge=0, le=65535)
+    port: Port = Field(default=0, ge=0, le=65535)
     role: Literal["coordinator", "worker"] = "worker"
     layers: LayerRange | Literal["auto"] | None = None
     memory_budget_gb: float | None = Field(default=None, gt=0)
@@ -100,12 +93,14 @@ class Thresholds(_Section):
         return self
 
 
-class DashboardConfig(_Section):
-    """The HTTP app's address when run standalone, and its security settings.
+class HTTPConfig(_Section):
+    """The HTTP app: where it listens and who may use it.
 
-    ``auth_token`` protects ``/``, ``/api/*``, ``/ws``, ``/v1/*`` and ``/health``.
-    ``/metrics`` takes ``metrics_token`` when set, else ``auth_token``, unless ``metrics_open``
-    is true.
+    One app serves every route: the coordinator's (``mlx-relay up`` / ``coordinator``) or the
+    standalone dashboard's (``mlx-relay dashboard``). ``auth_token`` protects ``/``,
+    ``/api/*``, ``/ws``, ``/v1/*`` and ``/health``. ``/metrics`` takes ``metrics_token`` when
+    set, else ``auth_token``, unless ``metrics_open`` is true. ``/api/*`` is rate limited per
+    client; CORS is off unless ``cors_origins`` lists origins.
     """
 
     host: str = "127.0.0.1"
@@ -124,7 +119,6 @@ class MonitoringConfig(_Section):
     poll_interval: float = Field(default=2.0, gt=0, le=3600)
     health_check_interval: float = Field(default=10.0, gt=0)
     thresholds: Thresholds = Field(default_factory=Thresholds)
-    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
 
 
 class NetworkConfig(_Section):
@@ -148,37 +142,73 @@ class InferenceConfig(_Section):
     max_sessions: int = Field(default=64, ge=1)
 
 
+# Keys that used to exist, and where their setting lives now.
+MOVED_KEYS: dict[str, str] = {
+    **{f"monitoring.dashboard.{key}": f"http.{key}" for key in HTTPConfig.model_fields},
+    "monitoring.dashboard": "http",
+}
+COORDINATOR_ADDRESS_KEYS = ("host", "port")
+
+
 class ClusterConfig(_Section):
-    """The whole cluster: model, devices in pipeline order, monitoring, network, inference."""
+    """The whole cluster: model, devices in pipeline order, the HTTP app, monitoring,
+    network, inference."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     devices: list[DeviceConfig]
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        monitoring = data.get("monitoring")
+        if isinstance(monitoring, dict) and "dashboard" in monitoring:
+            dashboard = monitoring["dashboard"]
+            first = next(iter(dashboard), None) if isinstance(dashboard, dict) else None
+            old = f"monitoring.dashboard.{first}" if first is not None else "monitoring.dashboard"
+            new = MOVED_KEYS.get(old, "the top-level 'http' section")
+            raise FieldProblem(old, f"moved to {new}")
+        devices = data.get("devices")
+        for i, device in enumerate(devices if isinstance(devices, list) else []):
+            if not isinstance(device, dict) or device.get("role") != "coordinator":
+                continue
+            for key in COORDINATOR_ADDRESS_KEYS:
+                if key in device:
+                    raise FieldProblem(
+                        f"devices[{i}].{key}",
+                        f"the coordinator's HTTP address moved to http.{key}",
+                    )
+        return data
 
     @model_validator(mode="after")
     def _check_devices(self) -> ClusterConfig:
         seen_ids: set[str] = set()
         seen_addresses: set[tuple[str, int]] = set()
         for i, device in enumerate(self.devices):
+            if device.role == "worker" and "port" not in device.model_fields_set:
+                raise FieldProblem(f"devices[{i}].port", "required field is missing")
             if device.id in seen_ids:
-                raise _FieldProblem(f"devices[{i}].id", f"duplicate device id {device.id!r}")
+                raise FieldProblem(f"devices[{i}].id", f"duplicate device id {device.id!r}")
             seen_ids.add(device.id)
             if device.port and (device.host, device.port) in seen_addresses:
-                raise _FieldProblem(
+                raise FieldProblem(
                     f"devices[{i}].port", f"{device.host}:{device.port} is used by another device"
                 )
             seen_addresses.add((device.host, device.port))
         if sum(d.role == "coordinator" for d in self.devices) > 1:
-            raise _FieldProblem("devices", "at most one device may have role 'coordinator'")
+            raise FieldProblem("devices", "at most one device may have role 'coordinator'")
         workers = [(i, d) for i, d in enumerate(self.devices) if d.role == "worker"]
         if not workers:
-            raise _FieldProblem("devices", "expected at least one device with role 'worker'")
+            raise FieldProblem("devices", "expected at least one device with role 'worker'")
         explicit = [(i, w) for i, w in workers if isinstance(w.layers, LayerRange)]
         if explicit and len(explicit) != len(workers):
             i = next(i for i, w in workers if not isinstance(w.layers, LayerRange))
-            raise _FieldProblem(
+            raise FieldProblem(
                 f"devices[{i}].layers", "give every worker explicit layers, or none (use 'auto')"
             )
         expected_start = 0
@@ -186,13 +216,13 @@ class ClusterConfig(_Section):
             assert isinstance(worker.layers, LayerRange)
             start, end = worker.layers.start, worker.layers.end
             if start < expected_start:
-                raise _FieldProblem(
+                raise FieldProblem(
                     f"devices[{i}].layers",
                     f"[{start}, {end}) overlaps the previous worker's layers, "
                     f"which end at {expected_start}",
                 )
             if start > expected_start:
-                raise _FieldProblem(
+                raise FieldProblem(
                     f"devices[{i}].layers",
                     f"layers [{expected_start}, {start}) are assigned to no worker "
                     f"(workers must cover the model's layers in order)",
@@ -221,14 +251,29 @@ class ClusterConfig(_Section):
         devices = [d.model_copy(update={"port": ports.get(d.id, d.port)}) for d in self.devices]
         return self.model_copy(update={"devices": devices})
 
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain data that :meth:`from_dict` reads back (for a file
+        handed to worker processes)."""
+        data = self.model_dump(mode="python")
+        for device in data["devices"]:
+            layers = device.get("layers")
+            if isinstance(layers, LayerRange):
+                device["layers"] = [layers.start, layers.end]
+            elif isinstance(layers, dict):
+                device["layers"] = [layers["start"], layers["end"]]
+            if device["role"] == "coordinator":
+                for key in COORDINATOR_ADDRESS_KEYS:
+                    device.pop(key)
+        return data
+
     @classmethod
     def from_dict(cls, data: Any, source: str = "<config>") -> ClusterConfig:
         if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level, got {_kind(data)}")
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {kind_of(data)}")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, source)) from None
+            raise ConfigError(describe(exc, source)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:
@@ -248,79 +293,3 @@ class ClusterConfig(_Section):
             problem = getattr(exc, "problem", None) or str(exc)
             raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
         return cls.from_dict(data, source=str(path))
-
-
-def _kind(value: Any) -> str:
-    return {
-        type(None): "nothing",
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "a boolean",
-        list: "a list",
-        dict: "a mapping",
-    }.get(type(value), type(value).__name__)
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif str(part).startswith(("function-", "literal[", "is-instance[")):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def _describe(exc: ValidationError, source: str) -> str:
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    where = _location(first["loc"])
-    kind = first["type"]
-    given = first.get("input")
-    ctx = first.get("ctx") or {}
-    if kind == "missing":
-        what = "required field is missing"
-    elif kind == "extra_forbidden":
-        what = "unknown key (check the spelling)"
-    elif kind in ("int_type", "int_parsing", "int_from_float"):
-        what = f"expected an integer, got {given!r}"
-    elif kind in ("float_type", "float_parsing"):
-        what = f"expected a number, got {given!r}"
-    elif kind in ("bool_type", "bool_parsing"):
-        what = f"expected true or false, got {given!r}"
-    elif kind == "string_type":
-        what = f"expected a string, got {_kind(given)}"
-    elif kind in ("list_type",):
-        what = f"expected a list, got {_kind(given)}"
-    elif kind in ("model_type", "dict_type", "model_attributes_type"):
-        what = f"expected a mapping, got {_kind(given)}"
-    elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
-        bound = {
-            "greater_than_equal": ">=",
-            "less_than_equal": "<=",
-            "greater_than": ">",
-            "less_than": "<",
-        }[kind]
-        limit = next(iter(ctx.values()))
-        what = f"expected a value {bound} {limit}, got {given!r}"
-    elif kind == "literal_error":
-        what = f"expected one of {ctx.get('expected')}, got {given!r}"
-    elif kind == "string_pattern_mismatch":
-        what = (
-            f"expected letters, digits, '_', '.' or '-' (at most 64, starting with a letter "
-            f"or digit), got {given!r}"
-        )
-    elif kind == "value_error":
-        problem = ctx.get("error")
-        what = str(problem) if problem is not None else first["msg"]
-        if isinstance(problem, _FieldProblem):
-            where = problem.where
-    else:
-        what = first["msg"]
-    # The layers union reports one error per alternative; show only the first.
-    more = len({_location(e["loc"]) for e in errors[1:]} - {where})
-    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{source}: {where}: {what}{suffix}"

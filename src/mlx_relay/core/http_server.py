@@ -17,6 +17,7 @@ from typing import Any
 
 import uvicorn
 
+from mlx_relay.core.addresses import http_url
 from mlx_relay.core.errors import BindError
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,7 @@ class HTTPServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return http_url(self.host, self.port)
 
     async def start(self) -> None:
         """Bind and serve in the background; returns once requests are accepted.

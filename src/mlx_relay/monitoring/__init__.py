@@ -5,7 +5,7 @@ recording API.
 """
 
 from mlx_relay.monitoring.health import HealthCheck, HealthMonitor
-from mlx_relay.monitoring.health_checks import HealthStatus, PeerState
+from mlx_relay.monitoring.health_rules import HealthStatus, PeerState
 from mlx_relay.monitoring.inference import RequestTrace
 from mlx_relay.monitoring.metrics import MetricsCollector
 from mlx_relay.monitoring.snapshot import HealthSummary, Snapshot

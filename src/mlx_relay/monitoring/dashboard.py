@@ -20,12 +20,13 @@ import logging
 from fastapi import FastAPI
 
 from mlx_relay import __version__
-from mlx_relay.core.config import DashboardConfig
+from mlx_relay.core.addresses import http_url
+from mlx_relay.core.config import HTTPConfig
+from mlx_relay.core.http_access import warn_if_exposed
 from mlx_relay.core.http_server import HTTPServer
 from mlx_relay.monitoring.api import MonitoringContext, mount_monitoring
 from mlx_relay.monitoring.health import HealthMonitor
 from mlx_relay.monitoring.metrics import MetricsCollector
-from mlx_relay.monitoring.security import install_cors, warn_if_exposed
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ GRACEFUL_SHUTDOWN_SECONDS = 3
 def build_dashboard_app(
     metrics_collector: MetricsCollector,
     health_monitor: HealthMonitor | None,
-    config: DashboardConfig,
+    config: HTTPConfig,
     *,
     update_interval: float | None = None,
 ) -> tuple[FastAPI, MonitoringContext]:
@@ -48,7 +49,6 @@ def build_dashboard_app(
     context = mount_monitoring(
         app, metrics_collector, health_monitor, config, update_interval=update_interval
     )
-    install_cors(app, config)
     return app, context
 
 
@@ -71,10 +71,10 @@ class MonitoringDashboard:
         host: str | None = None,
         port: int | None = None,
         *,
-        config: DashboardConfig | None = None,
+        config: HTTPConfig | None = None,
         update_interval: float | None = None,
     ) -> None:
-        config = config or DashboardConfig()
+        config = config or HTTPConfig()
         self.host = host if host is not None else config.host
         self._requested_port = port if port is not None else config.port
         self.config = config
@@ -90,8 +90,7 @@ class MonitoringDashboard:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return http_url(self.host, self.port)
 
     async def start(self) -> None:
         """Bind and serve in the background; returns once the server accepts connections.
@@ -138,7 +137,7 @@ async def start_monitoring_dashboard(
     host: str = "127.0.0.1",
     port: int = 8080,
     *,
-    config: DashboardConfig | None = None,
+    config: HTTPConfig | None = None,
 ) -> None:
     """Serve the dashboard for ``metrics_collector`` and ``health_monitor`` until cancelled."""
     dashboard = MonitoringDashboard(metrics_collector, health_monitor, host, port, config=config)

@@ -25,7 +25,7 @@ import psutil
 from mlx_relay.core.config import Thresholds
 from mlx_relay.core.tasks import cancel_and_wait
 from mlx_relay.monitoring.device import busy_ratio, read_process_stats
-from mlx_relay.monitoring.health_checks import (
+from mlx_relay.monitoring.health_rules import (
     CheckResult,
     HealthStatus,
     Level,

@@ -12,9 +12,9 @@ from fastapi import FastAPI
 from mlx_relay import __version__
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator
 from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.http_access import install_access
 from mlx_relay.monitoring.api import mount_monitoring
-from mlx_relay.monitoring.security import install_cors
-from mlx_relay.server import openai_api, routes_health
+from mlx_relay.server import openai, readiness
 from mlx_relay.server.deps import AppServices
 
 __all__ = ["AppServices", "create_app", "include_routes", "start_services", "stop_services"]
@@ -30,12 +30,12 @@ def create_app(services: AppServices) -> FastAPI:
 
 def include_routes(app: FastAPI, services: AppServices) -> None:
     """Every router of the coordinator's app, one line each."""
-    app.include_router(routes_health.router)  # GET /health
-    app.include_router(openai_api.router)  # /v1: OpenAI-compatible inference API
-    settings = services.config.monitoring.dashboard
+    settings = services.config.http
+    install_access(app, settings)  # tokens, rate limit and CORS of every route below
+    app.include_router(readiness.router)  # GET /health
+    app.include_router(openai.router)  # /v1: OpenAI-compatible inference API
     if services.metrics_collector is not None:  # /, /static, /api/*, /ws, /metrics
         mount_monitoring(app, services.metrics_collector, services.health_monitor, settings)
-    install_cors(app, settings)  # off unless cors_origins is configured
 
 
 async def start_services(config: ClusterConfig, *, enable_monitoring: bool = True) -> AppServices:

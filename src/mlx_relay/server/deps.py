@@ -34,7 +34,11 @@ def get_services(request: Request) -> AppServices:
     """The :class:`AppServices` that ``create_app`` stored on the app."""
     services: AppServices | None = getattr(request.app.state, "services", None)
     if services is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the server is starting")
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the server is starting",
+            headers={"Retry-After": "1"},
+        )
     return services
 
 

@@ -6,20 +6,11 @@ from __future__ import annotations
 import logging
 
 from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.http_access import warn_if_exposed
 from mlx_relay.core.http_server import HTTPServer
 from mlx_relay.server.app import AppServices, create_app, start_services, stop_services
 
 logger = logging.getLogger(__name__)
-
-
-def coordinator_address(config: ClusterConfig) -> tuple[str, int]:
-    """Where the coordinator's HTTP app listens: the coordinator device's address if the
-    configuration has one, else the dashboard section's."""
-    device = config.coordinator
-    if device is not None:
-        return device.host, device.port
-    dashboard = config.monitoring.dashboard
-    return dashboard.host, dashboard.port
 
 
 class CoordinatorRuntime:
@@ -27,8 +18,8 @@ class CoordinatorRuntime:
 
     Args:
         config: the cluster configuration.
-        host: address to bind (default: :func:`coordinator_address`).
-        port: port to bind, 0 for any free port (default: :func:`coordinator_address`).
+        host: address to bind (default: ``config.http.host``).
+        port: port to bind, 0 for any free port (default: ``config.http.port``).
         enable_monitoring: run the coordinator's collectors and the cluster monitor.
     """
 
@@ -40,10 +31,9 @@ class CoordinatorRuntime:
         *,
         enable_monitoring: bool = True,
     ) -> None:
-        default_host, default_port = coordinator_address(config)
         self.config = config
-        self.host = host if host is not None else default_host
-        self.port = port if port is not None else default_port
+        self.host = host if host is not None else config.http.host
+        self.port = port if port is not None else config.http.port
         self.enable_monitoring = enable_monitoring
         self.services: AppServices | None = None
         self._http: HTTPServer | None = None
@@ -62,9 +52,7 @@ class CoordinatorRuntime:
             ShardMismatch: the stages' layers differ from the assignment.
             BindError: the HTTP address cannot be bound.
         """
-        from mlx_relay.monitoring.security import warn_if_exposed
-
-        warn_if_exposed(self.host, self.config.monitoring.dashboard)
+        warn_if_exposed(self.host, self.config.http)
         self.services = await start_services(self.config, enable_monitoring=self.enable_monitoring)
         try:
             self._http = HTTPServer(create_app(self.services), self.host, self.port)

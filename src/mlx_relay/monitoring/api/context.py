@@ -1,4 +1,4 @@
-"""What the monitoring routes read: the collector, the health monitor and the settings."""
+"""What the monitoring routes read: the collector, the health monitor and the registry."""
 
 from __future__ import annotations
 
@@ -6,12 +6,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client.registry import CollectorRegistry
 
-from mlx_relay.core.config import DashboardConfig
 from mlx_relay.monitoring.api.broadcast import SnapshotBroadcaster
 from mlx_relay.monitoring.api.views import ClusterHealth, LiveUpdate, cluster_health
 from mlx_relay.monitoring.health import HealthMonitor
 from mlx_relay.monitoring.metrics import MetricsCollector
-from mlx_relay.monitoring.security import BearerAuth
 from mlx_relay.monitoring.snapshot import HealthSummary, Snapshot
 
 
@@ -22,21 +20,17 @@ class MonitoringContext:
     Args:
         collector: Source of the one snapshot.
         health: This process's health monitor; None reports no local checks.
-        settings: Security settings (tokens, rate limit, CORS).
         registry: The Prometheus registry ``/metrics`` renders.
         update_interval: Seconds between WebSocket updates; default: the collection interval.
     """
 
     collector: MetricsCollector
     health: HealthMonitor | None
-    settings: DashboardConfig
     registry: CollectorRegistry
     update_interval: float | None = None
-    auth: BearerAuth = field(init=False)
     broadcaster: SnapshotBroadcaster = field(init=False)
 
     def __post_init__(self) -> None:
-        self.auth = BearerAuth(self.settings.auth_token)
         interval = self.update_interval or self.collector.collection_interval
         self.broadcaster = SnapshotBroadcaster(self.live_update, interval)
 

@@ -5,24 +5,43 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI
 from prometheus_client.registry import CollectorRegistry
 
-from mlx_relay.core.config import DashboardConfig
-from mlx_relay.monitoring.api import devices, exposition, health, metrics, page, stats, throughput
+from mlx_relay.core.config import HTTPConfig
+from mlx_relay.core.http_access import (
+    install_access,
+    rate_limit,
+    require_metrics_token,
+    require_token,
+)
+from mlx_relay.monitoring.api import (
+    devices,
+    exposition,
+    health_report,
+    metrics,
+    page,
+    stats,
+    throughput,
+)
 from mlx_relay.monitoring.api import ws as ws_routes
 from mlx_relay.monitoring.api.context import MonitoringContext
 from mlx_relay.monitoring.api.deps import STATE_ATTRIBUTE
 from mlx_relay.monitoring.health import HealthMonitor
 from mlx_relay.monitoring.metrics import MetricsCollector
 from mlx_relay.monitoring.prometheus import RelayCollector
-from mlx_relay.monitoring.security import RateLimit, TokenBucketLimiter, metrics_auth
 
-API_ROUTERS = (metrics.router, health.router, devices.router, throughput.router, stats.router)
+API_ROUTERS = (
+    metrics.router,
+    health_report.router,
+    devices.router,
+    throughput.router,
+    stats.router,
+)
 
 
 def mount_monitoring(
     app: FastAPI,
     metrics_collector: MetricsCollector,
     health_monitor: HealthMonitor | None,
-    settings: DashboardConfig,
+    settings: HTTPConfig,
     *,
     registry: CollectorRegistry | None = None,
     update_interval: float | None = None,
@@ -30,14 +49,15 @@ def mount_monitoring(
     """Serve ``/``, ``/static``, ``/api/*``, ``/ws`` and ``/metrics`` from ``app``.
 
     ``/``, ``/api/*`` and ``/ws`` require ``settings.auth_token`` when set; ``/api/*`` is rate
-    limited per client; ``/metrics`` follows ``metrics_token`` / ``metrics_open``. CORS is the
-    whole app's concern: see :func:`mlx_relay.monitoring.security.install_cors`.
+    limited per client; ``/metrics`` follows ``metrics_token`` / ``metrics_open``; CORS follows
+    ``settings.cors_origins``: all of it is :mod:`mlx_relay.core.http_access`, installed on the
+    app once for every route family.
 
     Args:
         app: The app to extend.
         metrics_collector: Source of the snapshot.
         health_monitor: This process's health checks, if any.
-        settings: Tokens, rate limit and CORS origins.
+        settings: The app's HTTP settings (tokens, rate limit, CORS origins).
         registry: Prometheus registry for ``/metrics``; a fresh one by default.
         update_interval: WebSocket update period; default: the collection interval.
 
@@ -50,18 +70,18 @@ def mount_monitoring(
     context = MonitoringContext(
         collector=metrics_collector,
         health=health_monitor,
-        settings=settings,
         registry=registry,
         update_interval=update_interval,
     )
     setattr(app.state, STATE_ATTRIBUTE, context)
 
-    auth = Depends(context.auth)
-    limit = Depends(RateLimit(TokenBucketLimiter(settings.rate_limit_per_minute)))
+    install_access(app, settings)
+    auth = Depends(require_token)
+    limit = Depends(rate_limit)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[limit, auth])
     app.include_router(page.router, dependencies=[auth])
     app.include_router(ws_routes.router)  # checks the token itself: see ws.py
-    app.include_router(exposition.router, dependencies=[Depends(metrics_auth(settings))])
+    app.include_router(exposition.router, dependencies=[Depends(require_metrics_token)])
     app.mount(page.STATIC_PATH, page.static_files(), name="monitoring-static")
     return context

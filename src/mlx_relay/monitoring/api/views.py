@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from mlx_relay.monitoring.device_state import device_health_state
-from mlx_relay.monitoring.health_checks import HealthStatus, worst_status
+from mlx_relay.monitoring.health_rules import HealthStatus, worst_status
 from mlx_relay.monitoring.snapshot import (
     CheckResultSnap,
     DeviceStatus,

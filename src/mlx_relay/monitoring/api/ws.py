@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, WebSocket, status
 
+from mlx_relay.core.http_access import websocket_allowed
 from mlx_relay.monitoring.api.deps import ContextDep
 
 router = APIRouter(tags=["monitoring"])
@@ -16,7 +17,7 @@ async def live_updates(websocket: WebSocket, context: ContextDep) -> None:
     With a token configured, present it as ``Authorization: Bearer`` or ``?token=``; a
     refused handshake is closed with code 1008 (policy violation) before it is accepted.
     """
-    if not context.auth.allows_websocket(websocket):
+    if not websocket_allowed(websocket):
         await websocket.close(code=status.WS_1008_POLICY_VIOLATION)
         return
     await websocket.accept()

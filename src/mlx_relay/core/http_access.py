@@ -1,13 +1,16 @@
-"""Security defaults of the HTTP app: bearer tokens, a per-client rate limit, CORS, exposure.
+"""Who may use the HTTP app: bearer tokens, a per-client rate limit, CORS, the exposure warning.
 
-Settings come from :class:`~mlx_relay.core.config.DashboardConfig`, built at the entry point;
-nothing here reads the environment. Tokens are compared in constant time.
+One mechanism for every route family: the server's (``/v1``, ``/health``) and the
+monitoring routes (``/``, ``/api/*``, ``/ws``, ``/metrics``). :func:`install_access` puts one
+:class:`AccessControl` on the app; the routes depend on :func:`require_token`,
+:func:`require_metrics_token` and :func:`rate_limit`, which read it from there. Settings come
+from :class:`~mlx_relay.core.config.HTTPConfig`, built at the entry point; nothing here reads
+the environment. Tokens are compared in constant time.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import math
 import time
@@ -17,8 +20,10 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, HTTPException, Request, WebSocket, status
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.requests import HTTPConnection
 
-from mlx_relay.core.config import DashboardConfig
+from mlx_relay.core.addresses import is_loopback
+from mlx_relay.core.config import HTTPConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ class BearerAuth:
         return self.allows(websocket.headers, websocket.query_params)
 
 
-def metrics_auth(settings: DashboardConfig) -> BearerAuth:
+def metrics_auth(settings: HTTPConfig) -> BearerAuth:
     """The guard of ``/metrics``: open when ``metrics_open``, else its own token or the app's."""
     if settings.metrics_open:
         return BearerAuth(None)
@@ -137,24 +142,7 @@ class TokenBucketLimiter:
         return (1.0 - bucket.tokens) / self.rate
 
 
-class RateLimit:
-    """A FastAPI dependency answering 429 with ``Retry-After`` past the per-client limit."""
-
-    def __init__(self, limiter: TokenBucketLimiter) -> None:
-        self.limiter = limiter
-
-    async def __call__(self, request: Request) -> None:
-        client = request.client.host if request.client else "unknown"
-        wait = self.limiter.acquire(client)
-        if wait > 0:
-            raise HTTPException(
-                status_code=status.HTTP_429_TOO_MANY_REQUESTS,
-                detail="rate limit exceeded",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
-
-
-def install_cors(app: FastAPI, settings: DashboardConfig) -> bool:
+def install_cors(app: FastAPI, settings: HTTPConfig) -> bool:
     """Add CORS only when origins are configured; by default browsers get no CORS headers."""
     if not settings.cors_origins:
         return False
@@ -167,30 +155,94 @@ def install_cors(app: FastAPI, settings: DashboardConfig) -> bool:
     return True
 
 
-def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` keeps the server reachable from this machine only."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: may resolve to anything
-
-
-def exposure_warning(host: str, settings: DashboardConfig) -> str | None:
+def exposure_warning(host: str, settings: HTTPConfig) -> str | None:
     """A warning when the app would be reachable from the network without a token."""
     if is_loopback(host) or settings.auth_token:
         return None
     return (
         f"binding {host} with no auth token: anyone who can reach this address can "
-        "read the monitoring data and use the API. Set monitoring.dashboard.auth_token "
+        "read the monitoring data and use the API. Set http.auth_token "
         "(or MLX_RELAY_AUTH_TOKEN / --token), or bind 127.0.0.1."
     )
 
 
-def warn_if_exposed(host: str, settings: DashboardConfig) -> str | None:
+def warn_if_exposed(host: str, settings: HTTPConfig) -> str | None:
     """Log :func:`exposure_warning` loudly; returns it so a CLI can also print it."""
     message = exposure_warning(host, settings)
     if message:
         logger.warning("%s", message)
     return message
+
+
+STATE_ATTRIBUTE = "access"
+
+
+class AccessControl:
+    """The access rules of one app, built once from its settings.
+
+    Attributes:
+        settings: the app's :class:`~mlx_relay.core.config.HTTPConfig`.
+        auth: guards every route but ``/metrics`` and ``/static``.
+        metrics: guards ``/metrics``.
+        limiter: the per-client budget of ``/api/*``.
+    """
+
+    def __init__(self, settings: HTTPConfig) -> None:
+        self.settings = settings
+        self.auth = BearerAuth(settings.auth_token)
+        self.metrics = metrics_auth(settings)
+        self.limiter = TokenBucketLimiter(settings.rate_limit_per_minute)
+
+
+def install_access(app: FastAPI, settings: HTTPConfig) -> AccessControl:
+    """Put the access rules of ``settings`` on ``app`` (once: a second call with the same
+    settings returns the first one's) and add CORS when origins are configured.
+
+    Raises:
+        ValueError: ``app`` already has rules built from different settings.
+    """
+    existing: AccessControl | None = getattr(app.state, STATE_ATTRIBUTE, None)
+    if existing is not None:
+        if existing.settings != settings:
+            raise ValueError("the app already has access rules from other HTTP settings")
+        return existing
+    access = AccessControl(settings)
+    setattr(app.state, STATE_ATTRIBUTE, access)
+    install_cors(app, settings)
+    return access
+
+
+def access_of(connection: HTTPConnection) -> AccessControl:
+    """The :class:`AccessControl` that :func:`install_access` put on the app."""
+    access: AccessControl | None = getattr(connection.app.state, STATE_ATTRIBUTE, None)
+    if access is None:
+        raise RuntimeError("install_access() was not called for this app")
+    return access
+
+
+async def require_token(request: Request) -> None:
+    """The dependency of every guarded route: the app's bearer token, when one is set."""
+    await access_of(request).auth(request)
+
+
+async def require_metrics_token(request: Request) -> None:
+    """The dependency of ``/metrics``: see :func:`metrics_auth`."""
+    await access_of(request).metrics(request)
+
+
+async def rate_limit(request: Request) -> None:
+    """The dependency of ``/api/*``: 429 with ``Retry-After`` past the per-client budget."""
+    client = request.client.host if request.client else "unknown"
+    wait = access_of(request).limiter.acquire(client)
+    if wait > 0:
+        raise HTTPException(
+            status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+            detail="rate limit exceeded",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
+
+def websocket_allowed(websocket: WebSocket) -> bool:
+    """Whether a WebSocket handshake presents the app's token (a WebSocket route cannot
+    answer 401, so it closes the handshake itself when this is false)."""
+    return access_of(websocket).auth.allows_websocket(websocket)

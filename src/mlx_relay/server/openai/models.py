@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
-MAX_TOP_LOGPROBS = 20
+from mlx_relay.coordinator.prepare import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 
 
 class _Request(BaseModel):
@@ -71,8 +71,8 @@ class _GenerationRequest(_Request):
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 16:
-            raise ValueError("at most 16 stop sequences are supported")
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are supported")
         return value
 
     def stop_list(self) -> list[str]:

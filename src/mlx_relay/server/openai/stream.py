@@ -25,7 +25,7 @@ from starlette.responses import StreamingResponse
 
 from mlx_relay.coordinator.requests import TokenEvent, Usage
 from mlx_relay.core.errors import RelayError
-from mlx_relay.server.openai_errors import OpenAIError, from_relay_error
+from mlx_relay.server.openai.errors import OpenAIError, from_relay_error
 
 logger = logging.getLogger(__name__)
 

@@ -1,25 +1,20 @@
-"""``GET /health``: is every pipeline stage serving? For load balancers and ``mlx-relay up``.
+"""``GET /health``, the readiness probe: is every pipeline stage serving? For load balancers
+and ``mlx-relay up``. (The monitoring system's health checks are ``GET /api/health``.)
 
-When the app has a bearer token (``monitoring.dashboard.auth_token``), ``/health`` asks for it
-like every other route; load balancers then send it as ``Authorization: Bearer TOKEN``.
+When the app has a bearer token (``http.auth_token``), ``/health`` asks for it like every
+other route; load balancers then send it as ``Authorization: Bearer TOKEN``.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from mlx_relay.monitoring.security import BearerAuth
-from mlx_relay.server.deps import ServicesDep, get_services
+from mlx_relay.core.http_access import require_token
+from mlx_relay.server.deps import ServicesDep
 
-
-async def require_token(request: Request) -> None:
-    """The app's bearer token, when one is configured."""
-    await BearerAuth(get_services(request).config.monitoring.dashboard.auth_token)(request)
-
-
-router = APIRouter(tags=["health"], dependencies=[Depends(require_token)])
+router = APIRouter(tags=["readiness"], dependencies=[Depends(require_token)])
 
 
 class StageState(BaseModel):
@@ -29,7 +24,7 @@ class StageState(BaseModel):
     status: str = Field(description="SERVING, NOT_SERVING or UNREACHABLE.")
 
 
-class HealthResponse(BaseModel):
+class ReadinessResponse(BaseModel):
     status: str = Field(description="'ok' when every stage is SERVING, else 'unavailable'.")
     stages: list[StageState] = Field(description="Every stage, in pipeline order.")
     failing: list[str] = Field(default_factory=list, description="Stages not SERVING.")
@@ -38,18 +33,18 @@ class HealthResponse(BaseModel):
 
 @router.get(
     "/health",
-    response_model=HealthResponse,
-    responses={503: {"model": HealthResponse, "description": "A stage is not serving."}},
+    response_model=ReadinessResponse,
+    responses={503: {"model": ReadinessResponse, "description": "A stage is not serving."}},
 )
-async def get_health(services: ServicesDep) -> JSONResponse:
+async def get_readiness(services: ServicesDep) -> JSONResponse:
     """200 when every stage answers SERVING on ``grpc.health.v1``; 503 naming the failing
     stages otherwise (or while the pipeline is not initialised)."""
     orchestrator = services.orchestrator
     if orchestrator is None:
-        return _reply(HealthResponse(status="ok", stages=[], detail="no pipeline (dashboard)"))
+        return _reply(ReadinessResponse(status="ok", stages=[], detail="no pipeline (dashboard)"))
     if not orchestrator.ready:
         return _reply(
-            HealthResponse(status="unavailable", stages=[], detail="pipeline not initialised"),
+            ReadinessResponse(status="unavailable", stages=[], detail="pipeline not initialised"),
         )
     states = dict(await orchestrator.stage_health())
     stages = [
@@ -63,15 +58,15 @@ async def get_health(services: ServicesDep) -> JSONResponse:
     ]
     failing = [s.device_id for s in stages if s.status != "SERVING"]
     if not failing:
-        return _reply(HealthResponse(status="ok", stages=stages))
+        return _reply(ReadinessResponse(status="ok", stages=stages))
     detail = "not serving: " + ", ".join(
         f"{s.device_id} ({s.status})" for s in stages if s.status != "SERVING"
     )
     return _reply(
-        HealthResponse(status="unavailable", stages=stages, failing=failing, detail=detail)
+        ReadinessResponse(status="unavailable", stages=stages, failing=failing, detail=detail)
     )
 
 
-def _reply(body: HealthResponse) -> JSONResponse:
+def _reply(body: ReadinessResponse) -> JSONResponse:
     code = status.HTTP_200_OK if body.status == "ok" else status.HTTP_503_SERVICE_UNAVAILABLE
     return JSONResponse(body.model_dump(), status_code=code)

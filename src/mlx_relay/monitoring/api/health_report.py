@@ -1,4 +1,5 @@
-"""``GET /api/health``: this process's health checks plus every device's status."""
+"""``GET /api/health``, the health report: this process's health checks plus every device's
+status. (The readiness probe for load balancers is the server's ``GET /health``.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ router = APIRouter(tags=["monitoring"])
 
 
 @router.get("/api/health", response_model=ClusterHealth, summary="Health summary")
-def get_health(context: ContextDep) -> ClusterHealth:
+def get_health_report(context: ContextDep) -> ClusterHealth:
     """Each local check's status and message, recent transitions, and each device's status
     (a device that stopped answering counts as critical). ``overall_status`` is the worst."""
     return context.cluster_health()

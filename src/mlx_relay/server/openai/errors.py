@@ -25,7 +25,8 @@ from mlx_relay.core.errors import (
     RelayError,
     WorkerUnavailable,
 )
-from mlx_relay.server.openai_models import ErrorBody, ErrorDetail
+from mlx_relay.core.validation import field_path
+from mlx_relay.server.openai.models import ErrorBody, ErrorDetail
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def from_validation_error(exc: RequestValidationError) -> OpenAIError:
     if first.get("type") == "json_invalid":
         return OpenAIError(400, "the request body is not valid JSON")
     loc = [part for part in first.get("loc", ()) if part != "body"]
-    param = _param_path(loc)
+    param = field_path(loc) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "missing":
         return OpenAIError(400, f"missing required parameter '{param}'", param=param)
@@ -136,28 +137,11 @@ def from_validation_error(exc: RequestValidationError) -> OpenAIError:
     return OpenAIError(400, f"invalid '{param}': {message}", param=param)
 
 
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
-
-
-def _is_type_tag(part: str) -> bool:
-    # Union members show up in pydantic's location as their type ("str", "list[int]",
-    # "TextPart"); field names are lower-case identifiers without brackets.
-    return part in _TYPE_TAGS or "[" in part or part.startswith("function-") or part[:1].isupper()
-
-
-def _param_path(loc: Sequence[Any]) -> str | None:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not _is_type_tag(str(part)):
-            out += f".{part}" if out else str(part)
-    return out or None
-
-
 def from_http_exception(exc: HTTPException) -> OpenAIError:
     """Errors raised by shared dependencies (the bearer token, rate limits) in OpenAI's shape."""
     headers = dict(exc.headers or {})
+    if exc.status_code == 503:
+        return service_unavailable(str(exc.detail))
     if exc.status_code == 401:
         return OpenAIError(
             401,

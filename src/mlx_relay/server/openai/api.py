@@ -2,7 +2,7 @@
 ``/v1/completions``, streamed (server-sent events) or not.
 
 Any OpenAI client works against it (``base_url=http://<host>:<port>/v1``). The bearer token
-of the app (``monitoring.dashboard.auth_token``) is the API key when one is set. Parameters
+of the app (``http.auth_token``) is the API key when one is set. Parameters
 mlx-relay cannot honour are refused with a 400 naming them rather than ignored: ``n`` and
 ``best_of`` other than 1, non-zero ``presence_penalty``/``frequency_penalty``, ``logit_bias``,
 tools, ``response_format`` other than text, ``echo`` and ``suffix``. Fields that change
@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse
 
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator
 from mlx_relay.coordinator.requests import InferenceRequest, TokenEvent
-from mlx_relay.monitoring.security import BearerAuth
-from mlx_relay.server.deps import AppServices
-from mlx_relay.server.openai_errors import OpenAIError, OpenAIRoute, service_unavailable
-from mlx_relay.server.openai_format import ChatFormatter, CompletionFormatter, TokenText
-from mlx_relay.server.openai_models import (
+from mlx_relay.core.http_access import require_token
+from mlx_relay.server.deps import get_services
+from mlx_relay.server.openai.errors import OpenAIError, OpenAIRoute, service_unavailable
+from mlx_relay.server.openai.format import ChatFormatter, CompletionFormatter, TokenText
+from mlx_relay.server.openai.models import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -37,7 +37,7 @@ from mlx_relay.server.openai_models import (
     ModelList,
     unsupported_values,
 )
-from mlx_relay.server.openai_stream import ClientGone, open_stream, unless_disconnected
+from mlx_relay.server.openai.stream import ClientGone, open_stream, unless_disconnected
 
 logger = logging.getLogger(__name__)
 
@@ -50,24 +50,11 @@ CLIENT_CLOSED_REQUEST = 499
 _LOADED_AT = int(time.time())
 
 
-def _services(request: Request) -> AppServices:
-    services: AppServices | None = getattr(request.app.state, "services", None)
-    if services is None:
-        raise service_unavailable("the server is starting")
-    return services
-
-
 def _orchestrator(request: Request) -> DistributedOrchestrator:
-    orchestrator = _services(request).orchestrator
+    orchestrator = get_services(request).orchestrator
     if orchestrator is None:
         raise service_unavailable("this server runs no inference pipeline (dashboard only)")
     return orchestrator
-
-
-async def require_api_key(request: Request) -> None:
-    """The app's bearer token, when one is configured, is the API key of ``/v1``."""
-    services = _services(request)
-    await BearerAuth(services.config.monitoring.dashboard.auth_token)(request)
 
 
 def served_model(request: Request) -> tuple[str, int | None]:
@@ -110,7 +97,7 @@ def _check_supported(body: ChatCompletionRequest | CompletionRequest) -> None:
 def _sampling(request: Request, body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
     limit = body.token_limit() if isinstance(body, ChatCompletionRequest) else body.max_tokens
     if limit is None:
-        limit = _services(request).config.inference.default_max_tokens
+        limit = get_services(request).config.inference.default_max_tokens
     return {
         "max_tokens": limit,
         "temperature": DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
@@ -174,7 +161,7 @@ router = APIRouter(
     prefix="/v1",
     tags=["OpenAI-compatible API"],
     route_class=OpenAIRoute,
-    dependencies=[Depends(require_api_key)],
+    dependencies=[Depends(require_token)],  # the app's bearer token is the API key
     responses=_ERRORS,
 )
 
