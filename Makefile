@@ -46,6 +46,7 @@ check: setup
 	$(BIN)/ruff check src tests bench scripts examples
 	$(BIN)/ruff format --check src tests bench scripts examples
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 proto: setup
 	$(BIN)/python -m mlx_relay.proto.generate
