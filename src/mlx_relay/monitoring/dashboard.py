@@ -24,6 +24,7 @@ from mlx_relay.core.addresses import http_url
 from mlx_relay.core.config import HTTPConfig
 from mlx_relay.core.http_access import warn_if_exposed
 from mlx_relay.core.http_server import HTTPServer
+from mlx_relay.monitoring.alerting.engine import AlertEngine
 from mlx_relay.monitoring.api import MonitoringContext, mount_monitoring
 from mlx_relay.monitoring.health import HealthMonitor
 from mlx_relay.monitoring.metrics import MetricsCollector
@@ -39,6 +40,7 @@ def build_dashboard_app(
     config: HTTPConfig,
     *,
     update_interval: float | None = None,
+    alerts: AlertEngine | None = None,
 ) -> tuple[FastAPI, MonitoringContext]:
     """A FastAPI app serving only the monitoring routes."""
     app = FastAPI(
@@ -47,7 +49,12 @@ def build_dashboard_app(
         description="Metrics, health, devices and throughput of an mlx-relay cluster.",
     )
     context = mount_monitoring(
-        app, metrics_collector, health_monitor, config, update_interval=update_interval
+        app,
+        metrics_collector,
+        health_monitor,
+        config,
+        update_interval=update_interval,
+        alerts=alerts,
     )
     return app, context
 
@@ -62,6 +69,7 @@ class MonitoringDashboard:
         port: Port to bind, 0 for any free port; default ``config.port`` (8080).
         config: Security settings; default: no token, loopback only.
         update_interval: WebSocket update period; default: the collection interval.
+        alerts: A (started) alert engine to serve at ``/api/alerts``; its owner stops it.
     """
 
     def __init__(
@@ -73,13 +81,18 @@ class MonitoringDashboard:
         *,
         config: HTTPConfig | None = None,
         update_interval: float | None = None,
+        alerts: AlertEngine | None = None,
     ) -> None:
         config = config or HTTPConfig()
         self.host = host if host is not None else config.host
         self._requested_port = port if port is not None else config.port
         self.config = config
         self.app, self.context = build_dashboard_app(
-            metrics_collector, health_monitor, config, update_interval=update_interval
+            metrics_collector,
+            health_monitor,
+            config,
+            update_interval=update_interval,
+            alerts=alerts,
         )
         self._http: HTTPServer | None = None
 

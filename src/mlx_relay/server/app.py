@@ -13,6 +13,7 @@ from mlx_relay import __version__
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.http_access import install_access
+from mlx_relay.monitoring.alerting import build_alert_engine, configured_rules
 from mlx_relay.monitoring.api import mount_monitoring
 from mlx_relay.server import openai, readiness
 from mlx_relay.server.deps import AppServices
@@ -35,7 +36,13 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
     app.include_router(readiness.router)  # GET /health
     app.include_router(openai.router)  # /v1: OpenAI-compatible inference API
     if services.metrics_collector is not None:  # /, /static, /api/*, /ws, /metrics
-        mount_monitoring(app, services.metrics_collector, services.health_monitor, settings)
+        mount_monitoring(
+            app,
+            services.metrics_collector,
+            services.health_monitor,
+            settings,
+            alerts=services.alert_engine,
+        )
 
 
 async def start_services(config: ClusterConfig, *, enable_monitoring: bool = True) -> AppServices:
@@ -46,17 +53,28 @@ async def start_services(config: ClusterConfig, *, enable_monitoring: bool = Tru
         WorkerUnavailable: workers not SERVING within ``network.connect_timeout``.
         ShardMismatch: the stages' layers differ from the assignment.
     """
+    # Rules are checked before any worker is contacted: a bad rule fails start-up at once.
+    rules = configured_rules(config.alerting, config.inference) if config.alerting.enabled else None
     orchestrator = DistributedOrchestrator(config, enable_monitoring=enable_monitoring)
     await orchestrator.initialize()
-    return AppServices(
+    services = AppServices(
         config=config,
         orchestrator=orchestrator,
         metrics_collector=orchestrator.metrics_collector,
         health_monitor=orchestrator.health_monitor,
     )
+    if rules is not None and orchestrator.metrics_collector is not None:
+        engine = build_alert_engine(
+            config, orchestrator.metrics_collector, orchestrator.health_monitor, rules=rules
+        )
+        await engine.start()
+        services.alert_engine = engine
+    return services
 
 
 async def stop_services(services: AppServices) -> None:
-    """End live sessions, stop monitoring and close the worker channels."""
+    """Stop alerting, end live sessions, stop monitoring and close the worker channels."""
+    if services.alert_engine is not None:
+        await services.alert_engine.stop()
     if services.orchestrator is not None:
         await services.orchestrator.shutdown()

@@ -22,12 +22,14 @@ class AppServices:
         orchestrator: the running pipeline; None for a standalone dashboard.
         metrics_collector: the coordinator's MetricsCollector, or None without monitoring.
         health_monitor: the coordinator's HealthMonitor, or None without monitoring.
+        alert_engine: the coordinator's AlertEngine, or None with alerting or monitoring off.
     """
 
     config: ClusterConfig
     orchestrator: DistributedOrchestrator | None = None
     metrics_collector: Any | None = None
     health_monitor: Any | None = None
+    alert_engine: Any | None = None
 
 
 def get_services(request: Request) -> AppServices:

@@ -12,6 +12,9 @@ from mlx_relay.core.http_access import (
     require_metrics_token,
     require_token,
 )
+from mlx_relay.monitoring.alerting.engine import AlertEngine
+from mlx_relay.monitoring.alerting.exposition import AlertsCollector
+from mlx_relay.monitoring.api import alerts as alert_routes
 from mlx_relay.monitoring.api import (
     devices,
     exposition,
@@ -34,6 +37,7 @@ API_ROUTERS = (
     devices.router,
     throughput.router,
     stats.router,
+    alert_routes.router,
 )
 
 
@@ -45,6 +49,7 @@ def mount_monitoring(
     *,
     registry: CollectorRegistry | None = None,
     update_interval: float | None = None,
+    alerts: AlertEngine | None = None,
 ) -> MonitoringContext:
     """Serve ``/``, ``/static``, ``/api/*``, ``/ws`` and ``/metrics`` from ``app``.
 
@@ -60,6 +65,7 @@ def mount_monitoring(
         settings: The app's HTTP settings (tokens, rate limit, CORS origins).
         registry: Prometheus registry for ``/metrics``; a fresh one by default.
         update_interval: WebSocket update period; default: the collection interval.
+        alerts: The alert engine behind ``/api/alerts`` and the alert families, if any.
 
     Returns:
         The context the routes read (its ``broadcaster`` shows the live clients).
@@ -67,11 +73,14 @@ def mount_monitoring(
     registry = registry if registry is not None else CollectorRegistry()
     health_source = health_monitor.summary if health_monitor is not None else None
     RelayCollector(metrics_collector.snapshot, health_source, registry=registry)
+    if alerts is not None:
+        AlertsCollector(alerts, registry=registry)
     context = MonitoringContext(
         collector=metrics_collector,
         health=health_monitor,
         registry=registry,
         update_interval=update_interval,
+        alerts=alerts,
     )
     setattr(app.state, STATE_ATTRIBUTE, context)
 

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from mlx_relay.monitoring.alerting.views import AlertsView
 from mlx_relay.monitoring.device_state import device_health_state
 from mlx_relay.monitoring.health_rules import HealthStatus, worst_status
 from mlx_relay.monitoring.snapshot import (
@@ -133,6 +134,7 @@ class LiveUpdate(BaseModel):
     sequence: int = Field(description="Broadcast tick; a gap means this client missed updates.")
     snapshot: Snapshot
     health: ClusterHealth
+    alerts: AlertsView | None = Field(default=None, description="As GET /api/alerts returns.")
 
 
 def worst(states: list[str]) -> str:
