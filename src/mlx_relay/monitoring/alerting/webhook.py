@@ -1,7 +1,7 @@
 """Grouping alerts into Alertmanager-v4 webhook notifications, with Alertmanager's timings.
 
 Alerts with the same values of ``group_by`` form a group. A new group is notified after
-``group_wait`` (at once if its first alert is older than that), then looked at every
+``group_wait`` (at once if an alert is older than that before that first notification), then looked at every
 ``group_interval``: it is notified when a firing alert joined since the last notification,
 when all its alerts resolved, when an alert resolved and ``send_resolved`` is on, or when
 ``repeat_interval`` passed with alerts still firing. Resolved alerts leave the group once
@@ -98,6 +98,7 @@ class AlertGroup:
     sent_firing: set[str] | None = None
     sent_resolved: set[str] = field(default_factory=set)
     last_sent_at: float | None = None
+    flushed: bool = False
 
 
 class WebhookGrouper:
@@ -135,7 +136,7 @@ class WebhookGrouper:
             if group is None:
                 group = AlertGroup(key, labels, now + self.receiver.group_wait)
                 self.groups[key] = group
-            if alert.active_at + self.receiver.group_wait < now:
+            if not group.flushed and alert.active_at + self.receiver.group_wait < now:
                 group.next_flush = min(group.next_flush, now)
             group.alerts[fp] = alert
 
@@ -149,6 +150,7 @@ class WebhookGrouper:
             if payload is not None:
                 payloads.append(payload)
             group.next_flush = now + self.receiver.group_interval
+            group.flushed = True
             if not group.alerts:
                 del self.groups[key]
         return payloads
@@ -158,11 +160,14 @@ class WebhookGrouper:
         resolved = set(group.alerts) - firing
         payload = None
         if self._needs_update(group, firing, resolved, now):
-            chosen = [
-                a
-                for fp, a in sorted(group.alerts.items())
-                if fp in firing or self.receiver.send_resolved
-            ]
+            chosen = sorted(
+                (
+                    a
+                    for fp, a in group.alerts.items()
+                    if fp in firing or self.receiver.send_resolved
+                ),
+                key=lambda a: a.label_set,
+            )
             if chosen:
                 payload = webhook_payload(
                     self.receiver.name, group.key, group.labels, chosen, self.external_url
