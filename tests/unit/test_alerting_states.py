@@ -228,7 +228,7 @@ def test_rule_file_errors_name_the_rule_and_the_construct(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="recording rules are not supported"):
         parse_rules(rules_text("- record: x\n  expr: usage"), {}, source="r.yaml")
     missing = tmp_path / "missing.yaml"
-    with pytest.raises(ConfigError, match="missing.yaml: cannot read the rules file"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read the rules file"):
         configured_rules(AlertingConfig(rules_file=str(missing)), InferenceConfig())
 
 

@@ -1,7 +1,7 @@
 """Grouping alerts into Alertmanager-v4 webhook notifications, with Alertmanager's timings.
 
 Alerts with the same values of ``group_by`` form a group. A new group is notified after
-``group_wait`` (at once if an alert is older than that before that first notification), then looked at every
+``group_wait`` (sooner if an alert is already older than that), then looked at every
 ``group_interval``: it is notified when a firing alert joined since the last notification,
 when all its alerts resolved, when an alert resolved and ``send_resolved`` is on, or when
 ``repeat_interval`` passed with alerts still firing. Resolved alerts leave the group once

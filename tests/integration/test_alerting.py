@@ -1,0 +1,174 @@
+"""Built-in alerting against real parts: worker processes killed and restarted, a real
+webhook receiver on uvicorn, /api/alerts and /metrics of a real dashboard."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from mlx_relay.coordinator.requests import InferenceRequest
+from mlx_relay.core.config import AlertingConfig, ClusterConfig
+from mlx_relay.monitoring.alerting import AlertEngine, build_alert_engine
+from mlx_relay.monitoring.dashboard import MonitoringDashboard
+from tests.support.alert_receiver import alert_receiver, alerts_named
+from tests.support.cluster import LocalCluster, process_cluster
+from tests.support.dashboard_cluster import FAST_MONITORING, wait_for
+
+NETWORK = {"request_timeout": 3.0, "connect_timeout": 30.0, "ping_timeout": 1.0}
+PROMPT = "Each worker holds a contiguous range of transformer layers"
+FAST_RECEIVER = {"group_wait": 0, "group_interval": 0.2, "repeat_interval": 3600}
+
+
+def with_alerting(cluster: LocalCluster, **alerting: Any) -> ClusterConfig:
+    settings = AlertingConfig.model_validate({"evaluation_interval": 0.2, **alerting})
+    return cluster.config.model_copy(update={"alerting": settings})
+
+
+def engine_for(cluster: LocalCluster, config: ClusterConfig) -> AlertEngine:
+    collector = cluster.orchestrator.metrics_collector
+    assert collector is not None
+    return build_alert_engine(config, collector, cluster.orchestrator.health_monitor)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_killed_worker_fires_stage_down_then_resolves_after_restart(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    async with (
+        alert_receiver() as receiver,
+        process_cluster(
+            tiny_model_dir,
+            tmp_path,
+            2,
+            enable_monitoring=True,
+            network=NETWORK,
+            monitoring=FAST_MONITORING,
+        ) as cluster,
+    ):
+        config = with_alerting(
+            cluster,
+            thresholds={"stage_down_seconds": 0.5},
+            receivers=[{"name": "ops", "url": receiver.url, **FAST_RECEIVER}],
+        )
+        engine = engine_for(cluster, config)
+        await engine.start()
+        dashboard = MonitoringDashboard(
+            cluster.orchestrator.metrics_collector,  # type: ignore[arg-type]
+            cluster.orchestrator.health_monitor,
+            port=0,
+            alerts=engine,
+        )
+        await dashboard.start()
+        try:
+            await wait_for(lambda: engine.evaluations >= 3, timeout=20, what="evaluations")
+            assert not [p for p in receiver.payloads if alerts_named(p, "StageDown")]
+            victim = cluster.processes[1]
+            victim.kill()
+
+            def stage_down(status: str) -> Any:
+                return lambda p: any(
+                    a["status"] == status for a in alerts_named(p, "StageDown", device="worker-1")
+                )
+
+            fired = await receiver.wait_for(stage_down("firing"), timeout=60)
+            assert fired["version"] == "4" and fired["receiver"] == "ops"
+            assert fired["status"] == "firing" and fired["groupLabels"] == {
+                "alertname": "StageDown"
+            }
+            (entry,) = alerts_named(fired, "StageDown", device="worker-1")
+            assert entry["labels"]["severity"] == "critical"
+            assert entry["annotations"]["summary"] == "Device worker-1 is down"
+            assert entry["endsAt"] == "0001-01-01T00:00:00Z"
+            assert not alerts_named(fired, "StageDown", device="worker-0")
+
+            async with httpx.AsyncClient(base_url=dashboard.url, timeout=10) as http:
+                view = (await http.get("/api/alerts")).raise_for_status().json()
+                firing = [a for a in view["firing"] if a["alertname"] == "StageDown"]
+                assert [a["labels"]["device"] for a in firing] == ["worker-1"]
+                metrics = (await http.get("/metrics")).text
+            assert (
+                'mlxrelay_alerts{alertname="StageDown",severity="critical",state="firing"} 1.0'
+                in metrics
+            )
+            assert 'mlxrelay_alert_notifications_total{outcome="sent",receiver="ops"}' in metrics
+
+            victim.start()
+            await victim.wait_serving(cluster.config)
+            resolved = await receiver.wait_for(stage_down("resolved"), timeout=60)
+            (entry,) = alerts_named(resolved, "StageDown", device="worker-1")
+            assert entry["endsAt"] != "0001-01-01T00:00:00Z"
+            assert entry["startsAt"] == alerts_named(fired, "StageDown")[0]["startsAt"]
+            assert resolved["status"] == "resolved"
+            assert engine.view().resolved[0].labels["device"] == "worker-1"
+        finally:
+            await dashboard.stop()
+            await engine.stop()
+
+
+ALWAYS_FIRING = """
+groups:
+  - name: test
+    rules:
+      - alert: AlwaysFiring
+        expr: mlxrelay_build_info == 1
+        labels: {severity: info}
+        annotations: {summary: "build {{ $labels.version }}"}
+"""
+
+
+async def test_a_down_receiver_drops_notifications_and_inference_is_unchanged(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(ALWAYS_FIRING)
+    async with process_cluster(
+        tiny_model_dir, tmp_path, 2, enable_monitoring=True, monitoring=FAST_MONITORING
+    ) as cluster:
+        orchestrator = cluster.orchestrator
+        before = await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=12))
+        down = f"http://127.0.0.1:{closed_port()}/hook"
+        config = with_alerting(
+            cluster,
+            evaluation_interval=0.05,
+            rules_file=str(rules_file),
+            receivers=[
+                {
+                    "name": "down",
+                    "url": down,
+                    "group_wait": 0,
+                    "group_interval": 0.05,
+                    "repeat_interval": 0.05,
+                    "max_attempts": 3,
+                    "retry_backoff": 0.2,
+                    "queue_size": 4,
+                }
+            ],
+        )
+        engine = engine_for(cluster, config)
+        await engine.start()
+        try:
+            (queue,) = engine.queues
+            largest_queue = 0
+            for _ in range(6):
+                after = await orchestrator.process_request(
+                    InferenceRequest(prompt=PROMPT, max_tokens=12)
+                )
+                assert after.token_ids == before.token_ids
+                largest_queue = max(largest_queue, queue.queued)
+            await wait_for(lambda: queue.counts["dropped"] > 0, timeout=30, what="drops")
+            assert queue.counts["sent"] == 0
+            assert queue.queued <= 4 and largest_queue <= 4
+            assert queue.last_error is not None and "ConnectError" in queue.last_error
+            (alert,) = engine.alerts()
+            assert alert.state == "firing"
+            assert alert.annotations["summary"].startswith("build ")
+        finally:
+            await engine.stop()
