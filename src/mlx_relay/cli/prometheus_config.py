@@ -2,7 +2,10 @@
 
 The target is the ``/metrics`` of the config's ``http`` address: the coordinator's app (one
 per cluster), or the standalone dashboard's. When ``/metrics`` needs a
-token, the job reads it from a file so that the token never sits in prometheus.yml.
+token, the job reads it from a file so that the token never sits in prometheus.yml. With
+``--rules FILE`` it also writes the alerting rules the coordinator evaluates (thresholds from
+the config) as a Prometheus rule file, and the configuration loads it (``rule_files``);
+``--alertmanager HOST:PORT`` sends the resulting alerts to an Alertmanager.
 """
 
 from __future__ import annotations
@@ -14,8 +17,19 @@ import yaml
 
 from mlx_relay.cli.options import TOKEN_ENV, token_from
 from mlx_relay.core.addresses import host_port
-from mlx_relay.core.config import ClusterConfig, HTTPConfig, MonitoringConfig
+from mlx_relay.core.config import (
+    AlertingConfig,
+    ClusterConfig,
+    HTTPConfig,
+    InferenceConfig,
+    MonitoringConfig,
+)
 from mlx_relay.core.errors import ConfigError
+from mlx_relay.monitoring.alerting.rules import (
+    configured_rules,
+    prometheus_duration,
+    prometheus_rule_file,
+)
 
 DEFAULT_TOKEN_FILE = "/etc/prometheus/mlx-relay.token"
 JOB_NAME = "mlx-relay"
@@ -45,14 +59,58 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_TOKEN_FILE,
         help=f"file holding the bearer token (default: {DEFAULT_TOKEN_FILE})",
     )
+    parser.add_argument(
+        "--rules",
+        default=None,
+        metavar="FILE",
+        help="also write the alerting rules to FILE and load them in the configuration",
+    )
+    parser.add_argument(
+        "--alertmanager",
+        default=None,
+        metavar="HOST:PORT",
+        help="send the rules' alerts to this Alertmanager",
+    )
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     cluster = ClusterConfig.from_yaml(args.config) if args.config else None
     env_token = token_from(None)
-    print(render(cluster, args.target, args.scrape_interval, args.token_file, env_token), end="")
+    if args.rules is not None:
+        write_rules(cluster, args.rules)
+    text = render(
+        cluster,
+        args.target,
+        args.scrape_interval,
+        args.token_file,
+        env_token,
+        rules_file=args.rules,
+        alertmanager=args.alertmanager,
+    )
+    print(text, end="")
     return 0
+
+
+def rules_text(cluster: ClusterConfig | None) -> str:
+    """The configured alerting rules as a Prometheus rule file (YAML text)."""
+    alerting = cluster.alerting if cluster is not None else AlertingConfig()
+    inference = cluster.inference if cluster is not None else InferenceConfig()
+    rules = configured_rules(alerting, inference)
+    header = (
+        "# Alerting rules of mlx-relay, written by `mlx-relay prometheus-config --rules`.\n"
+        "# The coordinator evaluates the same rules itself. Check: `promtool check rules FILE`.\n"
+    )
+    return header + yaml.safe_dump(prometheus_rule_file(rules), sort_keys=False, width=100)
+
+
+def write_rules(cluster: ClusterConfig | None, path: str) -> None:
+    text = rules_text(cluster)
+    try:
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(text)
+    except OSError as exc:
+        raise ConfigError(f"--rules {path}: cannot write the rules file: {exc.strerror}") from None
 
 
 def metrics_need_token(settings: HTTPConfig, env_token: str | None) -> bool:
@@ -84,8 +142,12 @@ def render(
     interval: str | None,
     token_file: str,
     env_token: str | None,
+    *,
+    rules_file: str | None = None,
+    alertmanager: str | None = None,
 ) -> str:
-    """The configuration as YAML text, with a comment on how to provide the token."""
+    """The configuration as YAML text, with a comment on how to provide the token; it loads
+    ``rules_file`` and sends alerts to ``alertmanager`` (``HOST:PORT``) when given."""
     monitoring = cluster.monitoring if cluster is not None else MonitoringConfig()
     http = cluster.http if cluster is not None else HTTPConfig()
     job: dict[str, Any] = {
@@ -104,5 +166,14 @@ def render(
             f"# /metrics requires a bearer token: write it (alone) into {token_file}, "
             "readable only by the user Prometheus runs as (chmod 600)."
         )
-    data = {"global": {"scrape_interval": job["scrape_interval"]}, "scrape_configs": [job]}
+    data: dict[str, Any] = {"global": {"scrape_interval": job["scrape_interval"]}}
+    if rules_file is not None:
+        alerting = cluster.alerting if cluster is not None else AlertingConfig()
+        data["global"]["evaluation_interval"] = prometheus_duration(
+            max(1.0, round(alerting.evaluation_interval))
+        )
+        data["rule_files"] = [rules_file]
+    if alertmanager is not None:
+        data["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    data["scrape_configs"] = [job]
     return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False)
