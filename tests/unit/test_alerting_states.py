@@ -256,6 +256,22 @@ def test_stock_rules_take_their_thresholds_from_the_config() -> None:
     assert written["groups"][0]["rules"][0]["for"] == "10s"
 
 
+def test_zero_durations_are_accepted() -> None:
+    text = rules_text("- alert: T\n  expr: usage\n  for: 0s\n  keep_firing_for: 0")
+    (rule,) = parse_rules(text, {}, source="r.yaml")
+    assert rule.for_seconds == 0.0 and rule.keep_firing_for_seconds == 0.0
+    (stock,) = [
+        r
+        for r in configured_rules(
+            AlertingConfig.model_validate({"thresholds": {"stage_down_seconds": 0}}),
+            InferenceConfig(),
+        )
+        if r.name == "StageDown"
+    ]
+    assert stock.for_seconds == 0.0
+    assert "for" not in prometheus_rule_file([stock])["groups"][0]["rules"][0]
+
+
 def test_threshold_variables_give_durations() -> None:
     variables = threshold_variables(AlertingConfig(), InferenceConfig())
     assert variables["stall_duration"] == "30s"

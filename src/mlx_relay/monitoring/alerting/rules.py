@@ -34,6 +34,7 @@ from mlx_relay.monitoring.alerting.templates import TemplateError, check_templat
 STOCK_RULES = "stock_rules.yaml"
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 RULE_KEYS = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
+ZERO_DURATION = re.compile(r"^0+(?:ms|s|m|h|d|w|y)?$")
 LABEL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -158,6 +159,8 @@ def _duration(value: Any, variables: Mapping[str, str], where: str) -> float:
     if value is None:
         return 0.0
     text = _fill(str(value), variables, where)
+    if ZERO_DURATION.match(text):
+        return 0.0  # Prometheus accepts "0s"; the parser package refuses zero
     try:
         return float(promql_parser.parse_duration(text).total_seconds())
     except (ValueError, TypeError):

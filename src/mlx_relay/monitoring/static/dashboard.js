@@ -196,6 +196,7 @@
     renderLinks(snapshot);
     renderChecks(health);
     renderErrors(snapshot);
+    document.dispatchEvent(new CustomEvent("relay:update", { detail: update }));
   }
 
   // ---- connection with reconnect and backoff -------------------------------------------------
