@@ -55,8 +55,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from mlx_relay.model.load import read_model_info, resolve_model_dir
     from mlx_relay.model.partition import assign_layers
+    from mlx_relay.monitoring.alerting import configured_rules
 
     config = with_http_overrides(_base_config(args), args.host, args.port, args.token)
+    if config.alerting.enabled:
+        configured_rules(config.alerting, config.inference)  # a bad rule fails before any worker
     # Resolve (and import) the model once here, so workers start from the same directory.
     model_dir = resolve_model_dir(config.model, progress=True)
     model = config.model.model_copy(update={"path": str(model_dir)})
