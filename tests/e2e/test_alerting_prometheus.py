@@ -17,13 +17,19 @@ import pytest
 import yaml
 
 from mlx_relay.cli.prometheus_config import render, rules_text
-from mlx_relay.core.config import AlertingConfig, ClusterConfig
-from mlx_relay.monitoring.alerting import build_alert_engine
+from mlx_relay.core.config import ClusterConfig
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from tests.e2e.test_prometheus_scrape import free_port, prometheus_server, require
 from tests.support.alert_receiver import AlertReceiver, alert_receiver, alerts_named
-from tests.support.cluster import LocalCluster, process_cluster
-from tests.support.dashboard_cluster import FAST_MONITORING, wait_for
+from tests.support.alerting import (
+    background_process,
+    engine_for,
+    monitored_process_cluster,
+    wait_ready,
+    with_alerting,
+)
+from tests.support.cluster import LocalCluster
+from tests.support.dashboard_cluster import wait_for
 
 pytestmark = [
     pytest.mark.prometheus,
@@ -33,15 +39,12 @@ pytestmark = [
     ),
 ]
 
-NETWORK = {"request_timeout": 3.0, "connect_timeout": 30.0, "ping_timeout": 1.0}
 ALERTMANAGER = "prometheus-alertmanager"
 
 
 def alerting_config(cluster: LocalCluster, **alerting: Any) -> ClusterConfig:
-    settings = AlertingConfig.model_validate(
-        {"evaluation_interval": 1, "thresholds": {"stage_down_seconds": 1}, **alerting}
-    )
-    return cluster.config.model_copy(update={"alerting": settings})
+    settings = {"evaluation_interval": 1, "thresholds": {"stage_down_seconds": 1}, **alerting}
+    return with_alerting(cluster, **settings)
 
 
 def test_promtool_accepts_the_generated_rule_file(tmp_path: Path) -> None:
@@ -75,39 +78,16 @@ def alertmanager_server(receiver: AlertReceiver, work_dir: Path, log_file: Path)
     config_file = work_dir / "alertmanager.yml"
     config_file.write_text(yaml.safe_dump(config))
     port = free_port()
-    with open(log_file, "wb") as log:
-        process = subprocess.Popen(
-            [
-                require(ALERTMANAGER),
-                f"--config.file={config_file}",
-                f"--storage.path={work_dir / 'alertmanager-data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--cluster.listen-address=",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    command = [
+        require(ALERTMANAGER),
+        f"--config.file={config_file}",
+        f"--storage.path={work_dir / 'alertmanager-data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+        "--log.level=warn",
+    ]
+    with background_process(command, log_file):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-async def wait_ready(base: str, what: str) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=5) as http:
-
-        async def ready() -> bool:
-            with contextlib.suppress(httpx.HTTPError):
-                return (await http.get("/-/ready")).status_code == 200
-            return False
-
-        await wait_for(ready, timeout=60, interval=0.2, what=f"{what} to be ready")
 
 
 def stage_down_firing(device: str) -> Any:
@@ -122,14 +102,7 @@ async def test_prometheus_fires_stage_down_through_alertmanager(
     require("prometheus")
     async with (
         alert_receiver() as receiver,
-        process_cluster(
-            tiny_model_dir,
-            tmp_path,
-            2,
-            enable_monitoring=True,
-            network=NETWORK,
-            monitoring=FAST_MONITORING,
-        ) as cluster,
+        monitored_process_cluster(tiny_model_dir, tmp_path) as cluster,
     ):
         collector = cluster.orchestrator.metrics_collector
         assert collector is not None
@@ -191,21 +164,12 @@ async def test_the_built_in_engine_pushes_to_a_real_alertmanager(
 ) -> None:
     async with (
         alert_receiver() as receiver,
-        process_cluster(
-            tiny_model_dir,
-            tmp_path,
-            2,
-            enable_monitoring=True,
-            network=NETWORK,
-            monitoring=FAST_MONITORING,
-        ) as cluster,
+        monitored_process_cluster(tiny_model_dir, tmp_path) as cluster,
     ):
         with alertmanager_server(receiver, tmp_path, output_dir / "alertmanager.log") as am:
             await wait_ready(am, "Alertmanager")
             config = alerting_config(cluster, alertmanager_url=am, evaluation_interval=0.25)
-            collector = cluster.orchestrator.metrics_collector
-            assert collector is not None
-            engine = build_alert_engine(config, collector, cluster.orchestrator.health_monitor)
+            engine = engine_for(cluster, config)
             await engine.start()
             try:
                 cluster.processes[1].kill()

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from mlx_relay.core.config import AlertingConfig
-from mlx_relay.monitoring.alerting import build_alert_engine
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, BrowserLog, require_chromium
-from tests.support.cluster import process_cluster
-from tests.support.dashboard_cluster import FAST_MONITORING, wait_for
+from tests.support.alerting import engine_for, monitored_process_cluster, with_alerting
+from tests.support.dashboard_cluster import wait_for
 
 pytestmark = [
     pytest.mark.browser,
@@ -24,7 +22,6 @@ pytestmark = [
     ),
 ]
 
-NETWORK = {"request_timeout": 3.0, "connect_timeout": 30.0, "ping_timeout": 1.0}
 # Long next to the page's update interval, so "within one evaluation" has room on a busy machine.
 EVALUATION_INTERVAL = 3.0
 UPDATE_INTERVAL = 0.25
@@ -37,23 +34,17 @@ async def test_a_firing_alert_shows_within_one_evaluation_and_goes_when_resolved
     from playwright.async_api import async_playwright
 
     async with (
-        process_cluster(
-            tiny_model_dir,
-            tmp_path,
-            2,
-            enable_monitoring=True,
-            network=NETWORK,
-            monitoring=FAST_MONITORING,
-        ) as cluster,
+        monitored_process_cluster(tiny_model_dir, tmp_path) as cluster,
         async_playwright() as playwright,
     ):
-        alerting = AlertingConfig.model_validate(
-            {"evaluation_interval": EVALUATION_INTERVAL, "thresholds": {"stage_down_seconds": 0}}
+        config = with_alerting(
+            cluster,
+            evaluation_interval=EVALUATION_INTERVAL,
+            thresholds={"stage_down_seconds": 0},
         )
-        config = cluster.config.model_copy(update={"alerting": alerting})
+        engine = engine_for(cluster, config)
         collector = cluster.orchestrator.metrics_collector
         assert collector is not None
-        engine = build_alert_engine(config, collector, cluster.orchestrator.health_monitor)
         await engine.start()
         dashboard = MonitoringDashboard(
             collector,

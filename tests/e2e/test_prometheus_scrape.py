@@ -16,6 +16,7 @@ import pytest
 
 from mlx_relay.cli.prometheus_config import render
 from mlx_relay.core.config import HTTPConfig
+from tests.support.alerting import background_process, wait_ready
 from tests.support.dashboard_cluster import dashboard_cluster, run_requests, wait_for
 
 pytestmark = [
@@ -49,28 +50,16 @@ def free_port() -> int:
 def prometheus_server(config_file: Path, data_dir: Path, log_file: Path) -> Iterator[str]:
     """A Prometheus server on a free loopback port; yields its base URL."""
     port = free_port()
-    with open(log_file, "wb") as log:
-        process = subprocess.Popen(
-            [
-                require("prometheus"),
-                f"--config.file={config_file}",
-                f"--storage.tsdb.path={data_dir}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--storage.tsdb.retention.time=1h",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    command = [
+        require("prometheus"),
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={data_dir}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--storage.tsdb.retention.time=1h",
+        "--log.level=warn",
+    ]
+    with background_process(command, log_file):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 async def test_promtool_accepts_the_live_exposition(tiny_model_dir: Path) -> None:
@@ -106,14 +95,8 @@ async def test_prometheus_scrapes_the_generated_token_count(
         config_file.write_text(prometheus_yml)
         log_file = output_dir / "prometheus.log"
         with prometheus_server(config_file, tmp_path / "tsdb", log_file) as base:
+            await wait_ready(base, "Prometheus")
             async with httpx.AsyncClient(base_url=base, timeout=5) as http:
-
-                async def ready() -> bool:
-                    with contextlib.suppress(httpx.HTTPError):
-                        return (await http.get("/-/ready")).status_code == 200
-                    return False
-
-                await wait_for(ready, timeout=60, interval=0.2, what="Prometheus to be ready")
                 generated = await run_requests(env, 3, max_tokens=4)
                 assert generated == 12
 

@@ -10,27 +10,13 @@ from typing import Any
 import httpx
 
 from mlx_relay.coordinator.requests import InferenceRequest
-from mlx_relay.core.config import AlertingConfig, ClusterConfig
-from mlx_relay.monitoring.alerting import AlertEngine, build_alert_engine
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from tests.support.alert_receiver import alert_receiver, alerts_named
-from tests.support.cluster import LocalCluster, process_cluster
-from tests.support.dashboard_cluster import FAST_MONITORING, wait_for
+from tests.support.alerting import engine_for, monitored_process_cluster, with_alerting
+from tests.support.dashboard_cluster import wait_for
 
-NETWORK = {"request_timeout": 3.0, "connect_timeout": 30.0, "ping_timeout": 1.0}
 PROMPT = "Each worker holds a contiguous range of transformer layers"
 FAST_RECEIVER = {"group_wait": 0, "group_interval": 0.2, "repeat_interval": 3600}
-
-
-def with_alerting(cluster: LocalCluster, **alerting: Any) -> ClusterConfig:
-    settings = AlertingConfig.model_validate({"evaluation_interval": 0.2, **alerting})
-    return cluster.config.model_copy(update={"alerting": settings})
-
-
-def engine_for(cluster: LocalCluster, config: ClusterConfig) -> AlertEngine:
-    collector = cluster.orchestrator.metrics_collector
-    assert collector is not None
-    return build_alert_engine(config, collector, cluster.orchestrator.health_monitor)
 
 
 def closed_port() -> int:
@@ -44,17 +30,11 @@ async def test_a_killed_worker_fires_stage_down_then_resolves_after_restart(
 ) -> None:
     async with (
         alert_receiver() as receiver,
-        process_cluster(
-            tiny_model_dir,
-            tmp_path,
-            2,
-            enable_monitoring=True,
-            network=NETWORK,
-            monitoring=FAST_MONITORING,
-        ) as cluster,
+        monitored_process_cluster(tiny_model_dir, tmp_path) as cluster,
     ):
         config = with_alerting(
             cluster,
+            evaluation_interval=0.2,
             thresholds={"stage_down_seconds": 0.5},
             receivers=[{"name": "ops", "url": receiver.url, **FAST_RECEIVER}],
         )
@@ -129,9 +109,7 @@ async def test_a_down_receiver_drops_notifications_and_inference_is_unchanged(
 ) -> None:
     rules_file = tmp_path / "rules.yaml"
     rules_file.write_text(ALWAYS_FIRING)
-    async with process_cluster(
-        tiny_model_dir, tmp_path, 2, enable_monitoring=True, monitoring=FAST_MONITORING
-    ) as cluster:
+    async with monitored_process_cluster(tiny_model_dir, tmp_path) as cluster:
         orchestrator = cluster.orchestrator
         before = await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=12))
         down = f"http://127.0.0.1:{closed_port()}/hook"
