@@ -285,3 +285,14 @@ async def test_spec_usage_works_as_written() -> None:
     finally:
         await health_monitor.stop()
         await metrics_collector.stop()
+
+
+def test_set_peer_state_updates_one_peer_and_keeps_the_others() -> None:
+    m = HealthMonitor("c", check_interval=60.0)
+    m.set_peer_state("w1", PeerState(True, True))
+    m.set_peer_state("w2", PeerState(False, False, "connection refused"))
+    check = m.get_health_summary()["checks"]["distributed_health"]
+    assert check["status"] == "critical" and check["message"] == "unreachable: w2"
+    m.set_peer_state("w2", PeerState(True, True))
+    check = m.get_health_summary()["checks"]["distributed_health"]
+    assert check["status"] == "healthy" and set(check["details"]["peers"]) == {"w1", "w2"}

@@ -60,21 +60,11 @@ async def _serve(
     settings: HTTPConfig, monitoring: MonitoringConfig, cluster: ClusterConfig | None
 ) -> int:
     from mlx_relay.core.http_access import exposure_warning
-    from mlx_relay.monitoring import HealthMonitor, MetricsCollector
     from mlx_relay.monitoring.dashboard import MonitoringDashboard
+    from mlx_relay.monitoring.from_config import collector_from_config, health_monitor_from_config
 
-    collector = MetricsCollector(
-        DEVICE_ID,
-        monitoring.collection_interval,
-        role=ROLE,
-        retention_seconds=monitoring.retention_seconds,
-    )
-    health = HealthMonitor(
-        DEVICE_ID,
-        thresholds=monitoring.thresholds,
-        metrics_collector=collector,
-        check_interval=monitoring.health_check_interval,
-    )
+    collector = collector_from_config(DEVICE_ID, ROLE, monitoring)
+    health = health_monitor_from_config(DEVICE_ID, monitoring, collector)
     # A dashboard serves no model: that check would only ever say "unknown".
     health.unregister_check("service_availability")
     dashboard = MonitoringDashboard(collector, health, config=settings)
@@ -117,6 +107,7 @@ async def _cluster_polling(
     from mlx_relay.coordinator.client import WorkerClient
     from mlx_relay.coordinator.cluster import ClusterMonitor
     from mlx_relay.coordinator.pipeline import Stage
+    from mlx_relay.coordinator.telemetry import register_stages
 
     clients = [
         WorkerClient.for_device(w, cluster.network, recorder=collector) for w in cluster.workers
@@ -127,14 +118,7 @@ async def _cluster_polling(
             Stage(i, w.id, w.address, await _layers_of(w, client))
             for i, (w, client) in enumerate(zip(cluster.workers, clients, strict=True))
         ]
-        for stage in stages:
-            collector.add_peer(stage.device_id)
-            collector.update_device_status(
-                stage.device_id,
-                assigned_layers=stage.layer_range.as_list(),
-                role="worker",
-                stage=stage.index,
-            )
+        register_stages(collector, stages)
         monitor = ClusterMonitor(
             stages,
             clients,
@@ -142,7 +126,6 @@ async def _cluster_polling(
             health,
             poll_interval=monitoring.poll_interval,
             timeout=cluster.network.ping_timeout,
-            source=DEVICE_ID,
         )
         await monitor.start()
         yield

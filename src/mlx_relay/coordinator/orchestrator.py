@@ -1,8 +1,10 @@
 """The coordinator's engine: connects to the stages and runs requests through them.
 
-``DistributedOrchestrator`` holds the tokenizer, one :class:`WorkerClient` per stage,
-admission control and (optionally) the coordinator's monitoring. Each request runs in its
-own :class:`~mlx_relay.coordinator.pipeline.RequestRun`, so requests interleave on the stages.
+``DistributedOrchestrator`` holds the tokenizer, one :class:`WorkerClient` per stage and
+admission control. Each request runs in its own
+:class:`~mlx_relay.coordinator.pipeline.RequestRun`, so requests interleave on the stages.
+Monitoring is handed in (a :class:`~mlx_relay.coordinator.telemetry.CoordinatorTelemetry`):
+the orchestrator records into it and tells it when the pipeline is up and down.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from typing import Any
 
 from mlx_relay.coordinator.admission import Admission
 from mlx_relay.coordinator.client import WorkerClient
-from mlx_relay.coordinator.cluster import ClusterMonitor
 from mlx_relay.coordinator.pipeline import RequestRun, RunTracker, Stage
 from mlx_relay.coordinator.prepare import PromptLimits, prepare_request
 from mlx_relay.coordinator.requests import InferenceRequest, InferenceResponse, TokenEvent
+from mlx_relay.coordinator.telemetry import CoordinatorTelemetry
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import PipelineNotReady, RelayError, ShardMismatch, WorkerUnavailable
 from mlx_relay.model.load import ModelInfo, read_model_info, resolve_model_dir
@@ -57,17 +59,18 @@ class DistributedOrchestrator:
         config: the validated cluster configuration.
         enable_monitoring: record metrics and health (also off when ``monitoring.enabled`` is
             false in the config). Off: no collector, no background task, nothing recorded.
-        metrics_collector: use this collector instead of creating one (its owner starts and
-            stops it).
+        telemetry: the monitoring to record into, built by the composition root; by default
+            (monitoring enabled) one built from ``config`` with
+            :meth:`CoordinatorTelemetry.from_config`.
+        metrics_collector: with the default telemetry, use this collector instead of
+            building one (its owner starts and stops it).
         health_monitor: likewise for the health monitor.
 
     Attributes:
         tokenizer: the model's tokenizer (after :meth:`initialize`).
         model_info: the model's facts (after :meth:`initialize`).
         stages: the pipeline in order (after :meth:`initialize`).
-        metrics_collector: the coordinator's MetricsCollector, or None.
-        health_monitor: the coordinator's HealthMonitor, or None.
-        cluster_monitor: polls every worker (None without monitoring).
+        telemetry: the coordinator's monitoring, or None without it.
     """
 
     def __init__(
@@ -75,18 +78,20 @@ class DistributedOrchestrator:
         config: ClusterConfig,
         enable_monitoring: bool = True,
         *,
+        telemetry: CoordinatorTelemetry | None = None,
         metrics_collector: Any | None = None,
         health_monitor: Any | None = None,
     ) -> None:
         self.config = config
         self.enable_monitoring = enable_monitoring and config.monitoring.enabled
+        if telemetry is None and self.enable_monitoring:
+            telemetry = CoordinatorTelemetry.from_config(
+                config, collector=metrics_collector, health=health_monitor
+            )
+        self.telemetry = telemetry if self.enable_monitoring else None
         self.tokenizer: Any = None
         self.model_info: ModelInfo | None = None
         self.stages: list[Stage] = []
-        self.metrics_collector: Any | None = None
-        self.health_monitor: Any | None = None
-        self.cluster_monitor: ClusterMonitor | None = None
-        self._owned: list[Any] = []
         self._clients: list[WorkerClient] = []
         self._eos_ids: set[int] = set()
         self._limits: PromptLimits | None = None
@@ -98,13 +103,25 @@ class DistributedOrchestrator:
         self._tracker = RunTracker()
         self._ready = False
         self._closed = False
-        if self.enable_monitoring:
-            self._create_monitoring(metrics_collector, health_monitor)
 
     @property
     def device_id(self) -> str:
-        coordinator = self.config.coordinator
-        return coordinator.id if coordinator is not None else "coordinator"
+        return self.config.coordinator_id
+
+    @property
+    def metrics_collector(self) -> Any | None:
+        """The coordinator's MetricsCollector, or None without monitoring."""
+        return self.telemetry.collector if self.telemetry is not None else None
+
+    @property
+    def health_monitor(self) -> Any | None:
+        """The coordinator's HealthMonitor, or None without monitoring."""
+        return self.telemetry.health if self.telemetry is not None else None
+
+    @property
+    def cluster_monitor(self) -> Any | None:
+        """The worker poll while the pipeline is up (None without monitoring)."""
+        return self.telemetry.cluster_monitor if self.telemetry is not None else None
 
     @property
     def ready(self) -> bool:
@@ -117,29 +134,6 @@ class DistributedOrchestrator:
     @property
     def waiting_requests(self) -> int:
         return self._admission.waiting
-
-    def _create_monitoring(self, collector: Any | None, health: Any | None) -> None:
-        from mlx_relay.monitoring import HealthMonitor, MetricsCollector
-
-        monitoring = self.config.monitoring
-        if collector is None:
-            collector = MetricsCollector(
-                self.device_id,
-                monitoring.collection_interval,
-                role="coordinator",
-                retention_seconds=monitoring.retention_seconds,
-            )
-            self._owned.append(collector)
-        if health is None:
-            health = HealthMonitor(
-                self.device_id,
-                thresholds=monitoring.thresholds,
-                metrics_collector=collector,
-                check_interval=monitoring.health_check_interval,
-            )
-            self._owned.append(health)
-        self.metrics_collector = collector
-        self.health_monitor = health
 
     async def initialize(self) -> None:
         """Load the tokenizer and model facts (not the weights), connect to every worker and
@@ -175,7 +169,8 @@ class DistributedOrchestrator:
         try:
             await self._wait_serving()
             await self._check_shards(info.num_layers)
-            await self._start_monitoring(info)
+            if self.telemetry is not None:
+                await self.telemetry.attach(self.stages, self._clients, info)
         except BaseException:
             await self._close_clients()
             raise
@@ -216,34 +211,6 @@ class DistributedOrchestrator:
                     f"expects {stage.layer_range} of {num_layers} (same model and layer "
                     f"assignment on every node?)"
                 )
-
-    async def _start_monitoring(self, info: ModelInfo) -> None:
-        collector, health = self.metrics_collector, self.health_monitor
-        if collector is None or health is None:
-            return
-        collector.set_model_info(info.name, info.quantization, info.num_layers, len(self.stages))
-        for stage in self.stages:
-            collector.add_peer(stage.device_id)
-            collector.update_device_status(
-                stage.device_id,
-                model_loaded=True,
-                assigned_layers=stage.layer_range.as_list(),
-                role="worker",
-                stage=stage.index,
-            )
-        health.set_service_state(True, True, "pipeline ready")
-        for component in self._owned:
-            await component.start()
-        self.cluster_monitor = ClusterMonitor(
-            self.stages,
-            self._clients,
-            collector,
-            health,
-            poll_interval=self.config.monitoring.poll_interval,
-            timeout=self.config.network.ping_timeout,
-            source=self.device_id,
-        )
-        await self.cluster_monitor.start()
 
     def stream_request(self, request: InferenceRequest) -> AsyncIterator[TokenEvent]:
         """Start a request and return its token events.
@@ -321,10 +288,8 @@ class DistributedOrchestrator:
         pending += self._tracker.cleanups
         if pending:
             await asyncio.wait(pending, timeout=self.config.network.request_timeout)
-        if self.cluster_monitor is not None:
-            await self.cluster_monitor.stop()
-        for component in reversed(self._owned):
-            await component.stop()
+        if self.telemetry is not None:
+            await self.telemetry.detach()
         await self._close_clients()
         logger.info("coordinator shut down")
 

@@ -320,6 +320,12 @@ class ClusterConfig(_Section):
     def coordinator(self) -> DeviceConfig | None:
         return next((d for d in self.devices if d.role == "coordinator"), None)
 
+    @property
+    def coordinator_id(self) -> str:
+        """The coordinator's device id (``coordinator`` when the config names none)."""
+        coordinator = self.coordinator
+        return coordinator.id if coordinator is not None else "coordinator"
+
     def device(self, device_id: str) -> DeviceConfig:
         for device in self.devices:
             if device.id == device_id:

@@ -292,6 +292,11 @@ class HealthMonitor:
         }
         self._refresh("distributed_health", self._peer_check)
 
+    def set_peer_state(self, peer: str, state: PeerState) -> None:
+        """One peer's latest reachability and health (the others keep theirs)."""
+        self._peers = {**self._peers, peer: state}
+        self._refresh("distributed_health", self._peer_check)
+
     def _refresh(self, name: str, function: Callable[[], CheckResult]) -> None:
         state = self._checks.get(name)
         if state is not None and state.check.check_function == function:

@@ -280,6 +280,11 @@ class MetricsCollector:
             current = DeviceStatus(device_id=device_id)
         self._devices[device_id] = current.model_copy(update=update)
 
+    def device_status(self, device_id: str) -> DeviceStatus | None:
+        """One device of the cluster view as last recorded, or None if it is unknown."""
+        with self._lock:
+            return self._devices.get(device_id)
+
     def update_remote_snapshot(
         self, device_id: str, snapshot: dict[str, Any] | None, *, error: str | None = None
     ) -> None:
@@ -362,12 +367,6 @@ class MetricsCollector:
 
     def get_inference_metrics(self) -> dict[str, Any]:
         return self._inference.snap().model_dump(mode="json")
-
-    def get_network_metrics(self) -> dict[str, Any]:
-        return self.snapshot().network.model_dump(mode="json")
-
-    def get_stage_metrics(self) -> dict[str, Any]:
-        return {k: v.model_dump(mode="json") for k, v in self.snapshot().stages.items()}
 
     def get_throughput(self) -> dict[str, Any]:
         """The 10 s rates at the top level (requests_per_second, ...), plus every window."""

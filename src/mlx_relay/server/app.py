@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from mlx_relay import __version__
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator
+from mlx_relay.coordinator.telemetry import CoordinatorTelemetry
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.http_access import install_access
 from mlx_relay.monitoring.alerting import build_alert_engine, configured_rules
@@ -46,8 +47,8 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
 
 
 async def start_services(config: ClusterConfig, *, enable_monitoring: bool = True) -> AppServices:
-    """Build the coordinator's services: an initialised orchestrator (connected to every
-    worker, monitoring started when enabled).
+    """Build the coordinator's services: its monitoring (when enabled) and an initialised
+    orchestrator over it (connected to every worker).
 
     Raises:
         WorkerUnavailable: workers not SERVING within ``network.connect_timeout``.
@@ -55,18 +56,20 @@ async def start_services(config: ClusterConfig, *, enable_monitoring: bool = Tru
     """
     # Rules are checked before any worker is contacted: a bad rule fails start-up at once.
     rules = configured_rules(config.alerting, config.inference) if config.alerting.enabled else None
-    orchestrator = DistributedOrchestrator(config, enable_monitoring=enable_monitoring)
+    monitoring = enable_monitoring and config.monitoring.enabled
+    telemetry = CoordinatorTelemetry.from_config(config) if monitoring else None
+    orchestrator = DistributedOrchestrator(
+        config, enable_monitoring=monitoring, telemetry=telemetry
+    )
     await orchestrator.initialize()
     services = AppServices(
         config=config,
         orchestrator=orchestrator,
-        metrics_collector=orchestrator.metrics_collector,
-        health_monitor=orchestrator.health_monitor,
+        metrics_collector=telemetry.collector if telemetry is not None else None,
+        health_monitor=telemetry.health if telemetry is not None else None,
     )
-    if rules is not None and orchestrator.metrics_collector is not None:
-        engine = build_alert_engine(
-            config, orchestrator.metrics_collector, orchestrator.health_monitor, rules=rules
-        )
+    if rules is not None and telemetry is not None:
+        engine = build_alert_engine(config, telemetry.collector, telemetry.health, rules=rules)
         await engine.start()
         services.alert_engine = engine
     return services
