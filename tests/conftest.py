@@ -6,6 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from mlx_relay.core.blas import load_blas
+
+# Before anything imports mlx.core, so that the tests' float32 matmuls use the system BLAS
+# as the worker and CLI processes do.
+load_blas()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

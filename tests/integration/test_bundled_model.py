@@ -1,7 +1,8 @@
 """The bundled SmolLM2-135M-Instruct, imported from its GGUF: it matches the file's metadata,
-answers a question correctly, tokenizes like llama.cpp, and splits into stages exactly.
+answers a question correctly, tokenizes like llama.cpp, splits into stages exactly on both
+compute paths, and its dense float32 path picks the quantized path's greedy tokens.
 
-A decode step costs ~170 ms on a CI core, so generations here stay short.
+A quantized decode step costs ~170 ms on a CI core, so generations here stay short.
 """
 
 from __future__ import annotations
@@ -89,19 +90,32 @@ def prompt(tokenizer: Any) -> list[int]:
     return list(tokenizer.encode("The capital of France is"))
 
 
-@pytest.fixture(scope="module")
-def reference_logits(full_model: Any, prompt: list[int]) -> list[mx.array]:
-    cache = make_prompt_cache(full_model)
-    out = [full_model(mx.array([prompt]), cache=cache)]
-    for token in DECODE:
-        out.append(full_model(mx.array([[token]]), cache=cache))
+DECODE = [7042, 30, 2]
+COMPUTE = ["quantized", "float32"]
+
+
+def _run(stages: list[Shard], inputs: list[mx.array]) -> list[mx.array]:
+    caches = [s.make_cache() for s in stages]
+    out = []
+    for x in inputs:
+        for stage, cache in zip(stages, caches, strict=True):
+            x = stage(x, cache)
+        out.append(x)
     mx.eval(out)
     return out
 
 
-DECODE = [7042, 30, 2]
+@pytest.fixture(scope="module")
+def whole_model_logits(bundled_model_dir: Path, prompt: list[int]) -> dict[str, list[mx.array]]:
+    """The whole model as one stage, per compute path: prompt logits, then decode steps."""
+    inputs = [mx.array([prompt]), *(mx.array([[t]]) for t in DECODE)]
+    return {
+        compute: _run([Shard.load(bundled_model_dir, LayerRange(0, 30), compute)], inputs)
+        for compute in COMPUTE
+    }
 
 
+@pytest.mark.parametrize("compute", COMPUTE)
 @pytest.mark.parametrize(
     "split",
     [
@@ -114,17 +128,58 @@ DECODE = [7042, 30, 2]
 def test_stages_reproduce_the_full_forward(
     bundled_model_dir: Path,
     prompt: list[int],
-    reference_logits: list[mx.array],
+    whole_model_logits: dict[str, list[mx.array]],
     split: list[LayerRange],
+    compute: str,
 ) -> None:
-    stages = [Shard.load(bundled_model_dir, r) for r in split]
-    caches = [s.make_cache() for s in stages]
+    stages = [Shard.load(bundled_model_dir, r, compute) for r in split]
     inputs = [mx.array([prompt]), *(mx.array([[t]]) for t in DECODE)]
-    for step, (x, expected) in enumerate(zip(inputs, reference_logits, strict=True)):
-        for stage, cache in zip(stages, caches, strict=True):
-            x = stage(x, cache)
-        assert mx.array_equal(x, expected).item(), f"step {step} differs"
+    got = _run(stages, inputs)
+    for step, expected in enumerate(whole_model_logits[compute]):
+        assert mx.array_equal(got[step], expected).item(), f"step {step} differs"
     assert all(s.dtype == mx.float32 for s in stages)
+    assert {s.compute for s in stages} == {compute}
+
+
+@pytest.mark.parametrize("compute", COMPUTE)
+def test_a_stage_computes_what_mlx_lm_computes(
+    bundled_model_dir: Path,
+    prompt: list[int],
+    whole_model_logits: dict[str, list[mx.array]],
+    compute: str,
+) -> None:
+    # mlx-lm's own forward: the prompt exactly; compiled decode steps attend over the whole
+    # KV buffer with its unused tail masked, so they agree to float32 rounding.
+    model = load_model(bundled_model_dir, compute=compute)
+    cache = make_prompt_cache(model)
+    expected = [model(mx.array([prompt]), cache=cache)]
+    expected += [model(mx.array([[t]]), cache=cache) for t in DECODE]
+    got = whole_model_logits[compute]
+    assert mx.array_equal(got[0], expected[0]).item()
+    for step in range(1, len(expected)):
+        assert mx.allclose(got[step], expected[step], atol=1e-3).item(), f"step {step}"
+        assert mx.argmax(got[step][0, -1]).item() == mx.argmax(expected[step][0, -1]).item()
+
+
+CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a CPU does.",
+    "List three fruits.",
+]
+
+
+def test_float32_compute_picks_the_quantized_greedy_tokens(
+    bundled_model_dir: Path, full_model: Any, tokenizer: Any
+) -> None:
+    dense = load_model(bundled_model_dir, compute="float32")
+    assert Shard(dense, LayerRange(0, 30)).compute == "float32"
+    assert Shard(full_model, LayerRange(0, 30)).compute == "quantized"
+    for chat in CHATS:
+        ids = encode_prompt(tokenizer, chat)
+        quantized = [t.token_id for t in generate_tokens(full_model, ids, 24)]
+        assert len(quantized) == 24
+        assert [t.token_id for t in generate_tokens(dense, ids, 24)] == quantized, chat
 
 
 def test_stage_loads_only_its_share(bundled_model_dir: Path, full_model: Any) -> None:

@@ -49,6 +49,29 @@ async def test_greedy_output_equals_single_process(tiny_model_dir: Path, num_wor
         assert sum(w.kv_sessions for w in cluster.workers) == 0
 
 
+@pytest.fixture(scope="module")
+def quantized_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.support.tiny_model import make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("tiny-quantized")
+    return make_tiny_model_dir(root, arch="llama", num_layers=4, quantize=True)
+
+
+@pytest.mark.parametrize("compute", ["quantized", "float32"])
+async def test_both_compute_paths_equal_single_process(
+    quantized_model_dir: Path, compute: str
+) -> None:
+    async with local_cluster(quantized_model_dir, 2, model={"compute": compute}) as cluster:
+        assert {w._state.runtime.engine.compute for w in cluster.workers} == {compute}
+        for prompt in PROMPTS:
+            ids = prompt_ids(quantized_model_dir, prompt)
+            expected = reference_tokens(quantized_model_dir, ids, 12, compute=compute)
+            response = await cluster.orchestrator.process_request(
+                InferenceRequest(prompt=prompt, max_tokens=12)
+            )
+            assert response.token_ids == [t.token_id for t in expected], prompt
+
+
 async def test_seeded_sampling_equals_single_process(tiny_model_dir: Path) -> None:
     params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     ids = prompt_ids(tiny_model_dir, PROMPTS[1])

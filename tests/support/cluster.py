@@ -45,9 +45,11 @@ def cluster_dict(
     http: dict[str, Any] | None = None,
     monitoring: dict[str, Any] | None = None,
     inference: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A cluster configuration as plain data: a coordinator and workers ``worker-0``...
-    on loopback (port 0 unless ``ports`` is given), layers ``auto`` unless given."""
+    on loopback (port 0 unless ``ports`` is given), layers ``auto`` unless given; ``model``
+    adds settings of the model section (e.g. ``compute``)."""
     devices: list[dict[str, Any]] = [{"id": "coordinator", "role": "coordinator"}]
     for i in range(num_workers):
         devices.append(
@@ -60,7 +62,7 @@ def cluster_dict(
             }
         )
     return {
-        "model": {"path": str(model_dir)},
+        "model": {"path": str(model_dir), **(model or {})},
         "devices": devices,
         "network": {**TEST_NETWORK, **(network or {})},
         "http": http or {},
@@ -92,6 +94,7 @@ async def local_cluster(
     http: dict[str, Any] | None = None,
     monitoring: dict[str, Any] | None = None,
     inference: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
     initialize: bool = True,
 ) -> AsyncIterator[LocalCluster]:
     """Start ``num_workers`` in-process workers on port 0 and an orchestrator over them.
@@ -107,6 +110,7 @@ async def local_cluster(
         http=http,
         monitoring=monitoring,
         inference=inference,
+        model=model,
     )
     config = ClusterConfig.from_dict(data)
     if worker_monitoring is None:

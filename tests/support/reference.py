@@ -13,9 +13,10 @@ from mlx_relay.model.tokenizer import eos_token_ids, load_tokenizer
 
 
 @cache
-def cached_model(model_dir: Path) -> Any:
-    """The whole model of ``model_dir``, loaded once per test session."""
-    return load_model(model_dir)
+def cached_model(model_dir: Path, compute: str = "auto") -> Any:
+    """The whole model of ``model_dir``, loaded once per test session, computing with the
+    weights a worker picks by default (``model.compute: auto``)."""
+    return load_model(model_dir, compute=compute)
 
 
 @cache
@@ -25,11 +26,16 @@ def cached_tokenizer(model_dir: Path) -> Any:
 
 
 def reference_tokens(
-    model_dir: Path, ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams()
+    model_dir: Path,
+    ids: list[int],
+    max_tokens: int,
+    params: SamplingParams = SamplingParams(),
+    compute: str = "auto",
 ) -> list[SampledToken]:
     """Single-process tokens, without the eos token (the pipeline does not output it)."""
     eos = eos_token_ids(cached_tokenizer(model_dir))
-    tokens = list(generate_tokens(cached_model(model_dir), ids, max_tokens, params, eos))
+    model = cached_model(model_dir, compute)
+    tokens = list(generate_tokens(model, ids, max_tokens, params, eos))
     if tokens and tokens[-1].token_id in eos:
         tokens.pop()
     return tokens

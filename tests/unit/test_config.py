@@ -253,3 +253,28 @@ def test_to_dict_reads_back_as_the_same_configuration() -> None:
     config = ClusterConfig.from_yaml(EXAMPLE).with_worker_ports({"worker-0": 6000})
     again = ClusterConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict())))
     assert again == config
+
+
+def test_compute_setting_defaults_to_auto_and_is_checked(tmp_path: Path) -> None:
+    config = ClusterConfig.from_yaml(EXAMPLE)
+    assert config.model.compute == "auto"
+    assert config.model.dense_memory_share == 0.5
+    assert config.model.blas_threads is None
+    data = example()
+    data["model"]["compute"] = "fast"
+    assert error_for(tmp_path, data) == (
+        "model.compute: expected one of 'auto', 'quantized' or 'float32', got 'fast'"
+    )
+    data["model"]["compute"] = "float32"
+    data["model"]["dense_memory_share"] = 1.5
+    assert error_for(tmp_path, data) == (
+        "model.dense_memory_share: expected a value <= 1.0, got 1.5"
+    )
+    data["model"]["dense_memory_share"] = 0.25
+    data["model"]["blas_threads"] = 0
+    assert error_for(tmp_path, data) == "model.blas_threads: expected a value >= 1, got 0"
+    data["model"]["blas_threads"] = 2
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(data))
+    model = ClusterConfig.from_yaml(path).model
+    assert (model.compute, model.dense_memory_share, model.blas_threads) == ("float32", 0.25, 2)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from mlx_relay import __version__
+from mlx_relay.core.blas import load_blas
 from mlx_relay.core.errors import RelayError
 
 # Subcommand modules, in the order `mlx-relay --help` lists them.
@@ -46,13 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Before any subcommand module imports MLX, so that its CPU matmuls use this BLAS.
+    load_blas()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
     try:
         return int(args.handler(args) or 0)
     except RelayError as exc:

@@ -7,7 +7,10 @@ import sys
 import time
 from typing import Any
 
+from mlx_relay.cli.options import add_compute_arguments
+from mlx_relay.core.blas import default_threads, set_threads
 from mlx_relay.core.config import ModelConfig
+from mlx_relay.core.errors import ConfigError
 from mlx_relay.model.generate import generate_tokens
 from mlx_relay.model.load import load_model, resolve_model_dir
 from mlx_relay.model.sampling import SamplingParams
@@ -39,6 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=True,
         help="wrap the prompt in the model's chat template (default: on)",
     )
+    add_compute_arguments(parser)
     return parser
 
 
@@ -46,9 +50,13 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    model_dir = resolve_model_dir(ModelConfig(path=args.model, cache_dir=args.cache_dir))
+    if args.blas_threads is not None and args.blas_threads < 1:
+        raise ConfigError(f"--blas-threads: expected at least 1, got {args.blas_threads}")
+    config = ModelConfig(path=args.model, cache_dir=args.cache_dir, compute=args.compute or "auto")
+    set_threads(args.blas_threads or default_threads(1))
+    model_dir = resolve_model_dir(config)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir, compute=config.compute)
     prompt_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
     eos = eos_token_ids(tokenizer)
 

@@ -1,16 +1,17 @@
 """What several subcommands read the same way: ``--host``/``--port``/``--token`` over the
-config's ``http`` section, and the stop signals."""
+config's ``http`` section, the compute options and the stop signals."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
 import signal
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, get_args
 
-from mlx_relay.core.config import ClusterConfig, HTTPConfig
+from mlx_relay.core.config import ClusterConfig, Compute, HTTPConfig
 from mlx_relay.core.errors import ConfigError
 
 TOKEN_ENV = "MLX_RELAY_AUTH_TOKEN"
@@ -65,3 +66,36 @@ def stop_signals() -> Iterator[asyncio.Event]:
     finally:
         for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
+
+
+def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--compute`` and ``--blas-threads`` (``model.compute`` / ``model.blas_threads``)."""
+    parser.add_argument(
+        "--compute",
+        choices=get_args(Compute),
+        default=None,
+        help="weights to compute with: quantized (as stored), float32 (dense, fast on CPU "
+        "with a BLAS) or auto (default: model.compute of the config, else auto)",
+    )
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU BLAS threads per computing process (default: the cores divided among the "
+        "workers on this host)",
+    )
+
+
+def with_compute(config: ClusterConfig, args: argparse.Namespace) -> ClusterConfig:
+    """The configuration with ``--compute`` and ``--blas-threads`` applied where given."""
+    update: dict[str, object] = {}
+    if getattr(args, "compute", None) is not None:
+        update["compute"] = args.compute
+    if getattr(args, "blas_threads", None) is not None:
+        if args.blas_threads < 1:
+            raise ConfigError(f"--blas-threads: expected at least 1, got {args.blas_threads}")
+        update["blas_threads"] = args.blas_threads
+    if not update:
+        return config
+    return config.model_copy(update={"model": config.model.model_copy(update=update)})

@@ -22,7 +22,12 @@ import yaml
 
 from mlx_relay.cli.coordinator import add_http_arguments, print_urls
 from mlx_relay.cli.fleet import WorkerExited, WorkerFleet
-from mlx_relay.cli.options import stop_signals, with_http_overrides
+from mlx_relay.cli.options import (
+    add_compute_arguments,
+    stop_signals,
+    with_compute,
+    with_http_overrides,
+)
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, WorkerUnavailable
 
@@ -49,6 +54,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--model", "-m", default=None, help="model directory or .gguf (default: bundled)"
     )
     add_http_arguments(parser)
+    add_compute_arguments(parser)
     return parser
 
 
@@ -57,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
     from mlx_relay.model.partition import assign_layers
     from mlx_relay.monitoring.alerting import configured_rules
 
-    config = with_http_overrides(_base_config(args), args.host, args.port, args.token)
+    config = with_compute(
+        with_http_overrides(_base_config(args), args.host, args.port, args.token), args
+    )
     if config.alerting.enabled:
         configured_rules(config.alerting, config.inference)  # a bad rule fails before any worker
     # Resolve (and import) the model once here, so workers start from the same directory.

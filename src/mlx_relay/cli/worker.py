@@ -7,7 +7,8 @@ import asyncio
 import sys
 from typing import Any
 
-from mlx_relay.cli.options import stop_signals
+from mlx_relay.cli.options import add_compute_arguments, stop_signals, with_compute
+from mlx_relay.core.config import ClusterConfig
 from mlx_relay.worker.worker_server import WorkerServer
 
 
@@ -34,6 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=5.0,
         help="seconds in-flight calls may finish when stopping (default: 5)",
     )
+    add_compute_arguments(parser)
     return parser
 
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    server = WorkerServer(args.config, args.device_id, enable_monitoring=not args.no_monitoring)
+    config = with_compute(ClusterConfig.from_yaml(args.config), args)
+    server = WorkerServer(config, args.device_id, enable_monitoring=not args.no_monitoring)
     with stop_signals() as stop_requested:
         try:
             await server.start()

@@ -24,14 +24,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Compute = Literal["auto", "quantized", "float32"]
+
+
 class ModelConfig(_Section):
-    """Which model to serve. ``path`` is an MLX model directory or a ``.gguf`` file; when it is
-    empty the bundled SmolLM2-135M-Instruct is used."""
+    """Which model to serve and how a stage computes with it.
+
+    ``path`` is an MLX model directory or a ``.gguf`` file; when it is empty the bundled
+    SmolLM2-135M-Instruct is used. ``compute`` picks the weights a stage computes with:
+    ``quantized`` (as stored), ``float32`` (dequantized, dense) or ``auto`` (float32 on the
+    CPU backend when the stage's dense weights fit ``dense_memory_share`` of the available
+    memory, else as stored; as stored on GPU backends). ``blas_threads`` is the CPU BLAS
+    thread count of each computing process (default: the cores divided among the workers
+    on the same host).
+    """
 
     path: str | None = None
     name: str | None = None
     cache_dir: str | None = None
     max_context: int | None = Field(default=None, gt=0)
+    compute: Compute = "auto"
+    dense_memory_share: float = Field(default=0.5, gt=0, le=1)
+    blas_threads: int | None = Field(default=None, ge=1, le=1024)
 
 
 class DeviceConfig(_Section):

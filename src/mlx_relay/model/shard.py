@@ -2,10 +2,17 @@
 
 A shard runs the architecture's own layer classes with the same mask logic as mlx-lm's
 full forward, so running the stages one after another gives the full model's logits.
+
+Decode steps (one position per row) run as one ``mx.compile``d graph: the KV buffers are
+passed in whole with the position as an array and a mask over the unused tail, so the
+shapes stay fixed until a buffer grows (every 256 positions) and the graph is reused.
+Without a working compiler, and for sliding-window layers, every step runs eagerly.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,6 +24,9 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from mlx_relay.core.errors import ShardMismatch
 from mlx_relay.core.types import LayerRange
+from mlx_relay.model.backend import is_quantized
+
+logger = logging.getLogger(__name__)
 
 
 class Shard:
@@ -33,7 +43,7 @@ class Shard:
         dtype: The dtype of the hidden states this stage takes (after the first) and returns.
     """
 
-    def __init__(self, model: nn.Module, layer_range: LayerRange) -> None:
+    def __init__(self, model: nn.Module, layer_range: LayerRange, compiled: bool = True) -> None:
         inner = model.model
         self.num_layers = len(inner.layers)
         if layer_range.end > self.num_layers:
@@ -60,7 +70,11 @@ class Shard:
             else:
                 self._head = self._part(model, "lm_head")
         self.dtype = _activation_dtype(self._layers)
+        self.compute = compute_label(model)
         self._model = model
+        static = not any(_sliding(layer) for layer in self._layers)
+        self.compiled = compiled and static and compile_works()
+        self._decode = mx.compile(self._decode_step) if self.compiled else None
 
     @staticmethod
     def _part(module: nn.Module, name: str) -> Any:
@@ -69,11 +83,20 @@ class Shard:
         return module[name]
 
     @classmethod
-    def load(cls, model_dir: Path, layer_range: LayerRange) -> Shard:
-        """Load only this stage's part of the model in ``model_dir``."""
+    def load(
+        cls,
+        model_dir: Path,
+        layer_range: LayerRange,
+        compute: str = "quantized",
+        dense_memory_share: float = 0.5,
+        compiled: bool = True,
+    ) -> Shard:
+        """Load only this stage's part of the model in ``model_dir``, computing with
+        ``compute`` weights (see :func:`mlx_relay.model.load.load_model`)."""
         from mlx_relay.model.load import load_model
 
-        return cls(load_model(model_dir, layer_range), layer_range)
+        model = load_model(model_dir, layer_range, compute, dense_memory_share)
+        return cls(model, layer_range, compiled)
 
     def make_cache(self) -> list[Any]:
         """Fresh KV caches, one per layer of this stage."""
@@ -115,7 +138,7 @@ class Shard:
                 raise ShardMismatch(
                     f"the first stage takes integer token ids (B, L), got {x.dtype} {x.shape}"
                 )
-            h = self._embed(x)
+            h = x
         else:
             if x.ndim != 3 or x.shape[-1] != self.hidden_size:
                 raise ShardMismatch(
@@ -124,6 +147,10 @@ class Shard:
                 )
             h = x if x.dtype == self.dtype else x.astype(self.dtype)
 
+        if self._decode is not None and h.shape[1] == 1 and cache[0].keys is not None:
+            return self._compiled_step(h, cache)
+        if self._embed is not None:
+            h = self._embed(h)
         full_mask = sliding_mask = None
         full = [c for b, c in zip(self._layers, cache, strict=True) if not _sliding(b)]
         sliding = [c for b, c in zip(self._layers, cache, strict=True) if _sliding(b)]
@@ -140,6 +167,43 @@ class Shard:
             h = h[:, -1:, :]
         return self._head(self._norm(h))
 
+    def warm_up(self) -> None:
+        """Run a two-position prompt and one decode step on a throwaway cache, so that the
+        compiled decode graph is built before the first request needs it."""
+        shape = (1, 2) if self.is_first else (1, 2, self.hidden_size)
+        x = mx.zeros(shape, dtype=mx.int32 if self.is_first else self.dtype)
+        cache = self.make_cache()
+        mx.eval(self(x, cache, last_position_only=True))
+        mx.eval(self(x[:, :1], cache, last_position_only=True))
+
+    def _compiled_step(self, x: mx.array, cache: list[Any]) -> mx.array:
+        assert self._decode is not None
+        offset = int(cache[0].offset)
+        buffers: list[mx.array] = []
+        for c in cache:
+            if offset >= c.keys.shape[2]:
+                _grow(c)
+            buffers += [c.keys, c.values]
+        outputs = self._decode(x, mx.array(offset, dtype=mx.int32), *buffers)
+        for i, c in enumerate(cache):
+            c.keys, c.values = outputs[1 + 2 * i], outputs[2 + 2 * i]
+            c.offset = offset + 1
+        return outputs[0]
+
+    def _decode_step(self, x: mx.array, offset: mx.array, *buffers: mx.array) -> list[mx.array]:
+        # Traced once per buffer capacity: the position is an array, the tail is masked.
+        capacity = buffers[0].shape[2]
+        mask = (mx.arange(capacity) <= offset).reshape(1, 1, 1, capacity)
+        h = self._embed(x) if self._embed is not None else x
+        outputs: list[mx.array] = []
+        for i, layer in enumerate(self._layers):
+            view = _TracedCache(buffers[2 * i], buffers[2 * i + 1], offset)
+            h = layer(h, mask, view)
+            outputs += [view.keys, view.values]
+        if self._norm is not None:
+            h = self._head(self._norm(h))
+        return [h, *outputs]
+
     def parameter_bytes(self) -> int:
         """Bytes of every parameter this stage holds."""
         return sum(v.nbytes for v in parameter_arrays(self._model))
@@ -149,6 +213,49 @@ def parameter_arrays(module: nn.Module) -> list[mx.array]:
     """Every parameter array a module holds."""
     flat: list[tuple[str, Any]] = tree_flatten(module.parameters())  # type: ignore[assignment]
     return [cast(mx.array, value) for _, value in flat]
+
+
+class _TracedCache:
+    """What a layer's attention sees of its KV cache inside the compiled decode step."""
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
+        self.keys, self.values, self.offset = keys, values, offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        start = self.offset.reshape(1)
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        return self.keys, self.values
+
+
+def _grow(cache: Any) -> None:
+    # Full buffers gain one more block of positions, as KVCache.update_and_fetch grows them.
+    keys, values = cache.keys, cache.values
+    extra = (keys.shape[0], keys.shape[1], cache.step)
+    cache.keys = mx.concatenate([keys, mx.zeros((*extra, keys.shape[3]), keys.dtype)], axis=2)
+    cache.values = mx.concatenate(
+        [values, mx.zeros((*extra, values.shape[3]), values.dtype)], axis=2
+    )
+
+
+@functools.cache
+def compile_works() -> bool:
+    """Whether ``mx.compile`` can build kernels here (on CPU it needs a C++ compiler)."""
+    try:
+        probe = mx.compile(lambda a: mx.exp(a) * 2 + 1)
+        mx.eval(probe(mx.ones((4,))))
+    except Exception as exc:
+        logger.warning("mx.compile is unavailable (%s): decode steps run uncompiled", exc)
+        return False
+    return True
+
+
+def compute_label(model: nn.Module) -> str:
+    """What a stage computes with: ``quantized``, or the dtype of its dense weights."""
+    if is_quantized(model):
+        return "quantized"
+    floats = {str(a.dtype) for a in parameter_arrays(model) if mx.issubdtype(a.dtype, mx.floating)}
+    return floats.pop().rsplit(".", 1)[-1] if len(floats) == 1 else "mixed"
 
 
 def _sliding(layer: nn.Module) -> bool:

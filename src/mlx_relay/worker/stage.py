@@ -34,6 +34,16 @@ class StageLimits:
 
 
 @dataclass(frozen=True)
+class EngineInfo:
+    """How a stage computes: MLX backend, the weights' form, the BLAS and its threads."""
+
+    backend: str = "unknown"
+    compute: str = "unknown"
+    blas: str = "unknown"
+    blas_threads: int = 0
+
+
+@dataclass(frozen=True)
 class CheckedEntry:
     """A Forward entry that passed the static checks; ``length`` is its number of positions."""
 
@@ -60,9 +70,10 @@ class StageRuntime:
         limits: the stage's request limits.
     """
 
-    def __init__(self, shard: Any, limits: StageLimits) -> None:
+    def __init__(self, shard: Any, limits: StageLimits, engine: EngineInfo | None = None) -> None:
         self.shard = shard
         self.limits = limits
+        self.engine = engine or EngineInfo(compute=str(getattr(shard, "compute", "unknown")))
         self.is_first: bool = shard.is_first
         self.is_last: bool = shard.is_last
         self.hidden_size: int = shard.hidden_size
@@ -76,21 +87,44 @@ class StageRuntime:
         )
 
     @classmethod
-    def load(cls, model_dir: Path, layer_range: LayerRange, limits: StageLimits) -> StageRuntime:
-        """Load only ``layer_range`` of the model in ``model_dir`` (MLX thread)."""
+    def load(
+        cls,
+        model_dir: Path,
+        layer_range: LayerRange,
+        limits: StageLimits,
+        compute: str = "quantized",
+        dense_memory_share: float = 0.5,
+    ) -> StageRuntime:
+        """Load only ``layer_range`` of the model in ``model_dir`` with ``compute`` weights
+        (MLX thread)."""
+        from mlx_relay.core.blas import loaded_blas
+        from mlx_relay.model.backend import backend_name, blas_in_use
         from mlx_relay.model.shard import Shard
 
         started = time.perf_counter()
-        shard = Shard.load(model_dir, layer_range)
-        runtime = cls(shard, limits)
+        shard = Shard.load(model_dir, layer_range, compute, dense_memory_share)
+        shard.warm_up()
+        library = loaded_blas()
+        engine = EngineInfo(
+            backend=backend_name(),
+            compute=shard.compute,
+            blas=blas_in_use(library),
+            blas_threads=library.threads if library is not None else 0,
+        )
+        runtime = cls(shard, limits, engine)
         logger.info(
-            "loaded layers %s of %s in %.2fs (first=%s last=%s dtype=%s)",
+            "loaded layers %s of %s in %.2fs (first=%s last=%s dtype=%s backend=%s "
+            "compute=%s blas=%s threads=%d)",
             layer_range,
             model_dir,
             time.perf_counter() - started,
             runtime.is_first,
             runtime.is_last,
             runtime.dtype,
+            engine.backend,
+            engine.compute,
+            engine.blas,
+            engine.blas_threads,
         )
         return runtime
 

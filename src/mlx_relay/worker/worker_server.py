@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from mlx_relay.core.blas import default_threads, same_host, set_threads
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, PipelineNotReady, ShardMismatch, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
@@ -105,6 +106,15 @@ class WorkerServer:
                 f"worker {self.device_id}: layers are 'auto' and the model is not read yet"
             )
         return self._state.layer_range
+
+    @property
+    def blas_threads(self) -> int:
+        """BLAS threads for this worker: ``model.blas_threads``, else this host's cores
+        divided among the workers configured on it."""
+        if self.config.model.blas_threads is not None:
+            return self.config.model.blas_threads
+        here = [w for w in self.config.workers if same_host(w.host, self.device.host)]
+        return default_threads(len(here))
 
     @property
     def ready(self) -> bool:
@@ -241,8 +251,15 @@ class WorkerServer:
                 session_ttl_seconds=inference.session_ttl_seconds,
                 max_context=self.config.model.max_context or info.max_context,
             )
+            model = self.config.model
+            await self._executor.run(set_threads, self.blas_threads)
             state.runtime = await self._executor.run(
-                StageRuntime.load, model_dir, layer_range, limits
+                StageRuntime.load,
+                model_dir,
+                layer_range,
+                limits,
+                model.compute,
+                model.dense_memory_share,
             )
         except Exception as exc:
             state.load_error = exc

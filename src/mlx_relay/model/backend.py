@@ -1,0 +1,158 @@
+"""Which device MLX computes on, whether its CPU matmuls use a real BLAS, and which weights
+(quantized as stored, or dense float32) a stage computes with.
+
+On the CPU backend MLX's quantized matmul is a scalar loop, while dense float32 matmuls go
+to the BLAS: ``auto`` picks float32 there when the dense weights fit, and keeps the stored
+(quantized) weights on GPU backends, whose quantized kernels are fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_relay.core.blas import BlasLibrary, loaded_blas, loaded_in_process
+
+logger = logging.getLogger(__name__)
+
+Compute = Literal["quantized", "float32"]
+
+# The wheel's reference BLAS manages 2-7 GFLOP/s here; OpenBLAS on one busy core over 50.
+_MIN_BLAS_GFLOPS = 25.0
+
+
+@dataclass(frozen=True)
+class ComputeChoice:
+    """The weights a stage computes with, and why (for the one INFO line at load)."""
+
+    compute: Compute
+    reason: str
+
+
+def backend_name() -> str:
+    """``cpu``, ``metal`` or ``cuda``: where MLX computes by default in this process."""
+    if mx.default_device().type == mx.DeviceType.cpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
+def choose_compute(
+    setting: str,
+    backend: str,
+    dense_bytes: int,
+    available_bytes: int,
+    share: float,
+    quantized: bool,
+) -> ComputeChoice:
+    """Resolve ``model.compute`` for one stage (pure).
+
+    Args:
+        setting: ``auto``, ``quantized`` or ``float32``.
+        backend: From :func:`backend_name`.
+        dense_bytes: This stage's weights as dense float32.
+        available_bytes: Memory available on this machine.
+        share: The most of ``available_bytes`` dense weights may take under ``auto``.
+        quantized: Whether the stored weights are quantized at all.
+    """
+    if setting == "quantized":
+        return ComputeChoice("quantized", "model.compute is 'quantized'")
+    if setting == "float32":
+        return ComputeChoice("float32", "model.compute is 'float32'")
+    if backend != "cpu":
+        return ComputeChoice("quantized", f"the {backend} backend has fast quantized kernels")
+    if not quantized:
+        return ComputeChoice("float32", "the stored weights are not quantized")
+    budget = int(available_bytes * share)
+    gib = 1024**3
+    if dense_bytes <= budget:
+        return ComputeChoice(
+            "float32",
+            f"CPU backend: dense float32 weights ({dense_bytes / gib:.2f} GiB) fit "
+            f"{share:.0%} of the available memory ({available_bytes / gib:.1f} GiB)",
+        )
+    return ComputeChoice(
+        "quantized",
+        f"CPU backend: dense float32 weights ({dense_bytes / gib:.2f} GiB) exceed "
+        f"{share:.0%} of the available memory ({available_bytes / gib:.1f} GiB)",
+    )
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` holds quantized weights."""
+    return any(
+        isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for _, m in model.named_modules()
+    )
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """Bytes ``model``'s parameters take as dense float32 (nothing is evaluated)."""
+    total = 0
+    quantized_params: set[int] = set()
+    for _, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
+            out_dim, packed = module.weight.shape
+            total += out_dim * packed * 32 // module.bits * 4
+            quantized_params.update(
+                id(module[k]) for k in ("weight", "scales", "biases") if k in module
+            )
+    flat: list[tuple[str, object]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    for _, value in flat:
+        if isinstance(value, mx.array) and id(value) not in quantized_params:
+            total += value.size * 4
+    return total
+
+
+def to_float32(model: nn.Module) -> nn.Module:
+    """Dequantize ``model``'s layers and cast every float parameter to float32 (lazily)."""
+    from mlx_lm.utils import dequantize_model
+
+    model = dequantize_model(model)
+    model.update(
+        tree_map(
+            lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+            model.parameters(),
+        )
+    )
+    return model
+
+
+def blas_in_use(library: BlasLibrary | None = None) -> str:
+    """The BLAS MLX's float32 matmuls really run on: ``openblas`` when the library is mapped
+    into this process and a matmul runs at its speed, else ``bundled`` (with one warning when
+    a library was loaded but MLX does not use it)."""
+    library = library or loaded_blas()
+    if library is None or library.path is None:
+        return library.name if library is not None else "bundled"
+    if not loaded_in_process(library.path):
+        logger.warning("%s is not mapped into this process", library.path)
+        return "bundled"
+    gflops = matmul_gflops()
+    if gflops < _MIN_BLAS_GFLOPS:
+        logger.warning(
+            "MLX's float32 matmul runs at %.1f GFLOP/s although %s is loaded: was mlx.core "
+            "imported first?",
+            gflops,
+            library.path,
+        )
+        return "bundled"
+    return library.name
+
+
+def matmul_gflops(rows: int = 128, inner: int = 576, cols: int = 1536, rounds: int = 3) -> float:
+    """The best GFLOP/s of a float32 matmul over ``rounds`` on MLX's CPU device."""
+    with mx.stream(mx.cpu):
+        a = mx.random.normal((rows, inner))
+        b = mx.random.normal((inner, cols))
+        mx.eval(a, b)
+        best = float("inf")
+        for _ in range(rounds):
+            started = time.perf_counter()
+            mx.eval(a @ b)
+            best = min(best, time.perf_counter() - started)
+    return 2 * rows * inner * cols / best / 1e9

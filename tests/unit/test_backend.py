@@ -1,0 +1,119 @@
+"""The CPU engine: the system BLAS really serves MLX's matmuls, BLAS threads are shared out
+per host, and ``model.compute: auto`` picks dense float32 weights only where they pay."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlx_relay.core.blas import (
+    BLAS_PACKAGE,
+    default_threads,
+    load_blas,
+    loaded_blas,
+    loaded_in_process,
+    same_host,
+    set_threads,
+)
+from mlx_relay.core.types import LayerRange
+from mlx_relay.model.backend import (
+    backend_name,
+    blas_in_use,
+    choose_compute,
+    dense_bytes,
+    is_quantized,
+)
+from mlx_relay.model.load import load_model
+from mlx_relay.model.shard import Shard, parameter_arrays
+from tests.support.tiny_model import make_tiny_model_dir
+
+GIB = 1024**3
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def _defining_file(symbol: str) -> Path:
+    # The file the dynamic linker's global lookup finds `symbol` in: MLX's extension module
+    # (loaded RTLD_LOCAL) binds its BLAS calls through this same lookup first.
+    process = ctypes.CDLL(None)
+    address = ctypes.cast(getattr(process, symbol), ctypes.c_void_p)
+    info = _DlInfo()
+    assert process.dladdr(address, ctypes.byref(info)) != 0
+    return Path(info.dli_fname.decode()).resolve()
+
+
+def test_mlx_matmuls_run_on_the_system_openblas() -> None:
+    library = loaded_blas()
+    assert library is not None, "tests/conftest.py loads the BLAS before MLX"
+    if library.path is None:
+        pytest.skip(f"no OpenBLAS on this machine (Debian package {BLAS_PACKAGE})")
+    assert library.name == "openblas"
+    assert loaded_in_process(library.path)
+    assert _defining_file("cblas_sgemm") == library.path.resolve()
+    # The wheel's own BLAS is mapped too, but is not what the lookup above finds.
+    maps = Path("/proc/self/maps").read_text()
+    assert "openblas" in maps
+    assert blas_in_use(library) == "openblas"
+    a = mx.random.normal((64, 96))
+    b = mx.random.normal((96, 32))
+    assert mx.allclose(a @ b, mx.sum(a[:, :, None] * b[None], axis=1), atol=1e-4).item()
+
+
+def test_blas_threads_are_set_and_shared_out_per_host() -> None:
+    library = load_blas()
+    if library.path is None:
+        pytest.skip(f"no OpenBLAS on this machine (Debian package {BLAS_PACKAGE})")
+    before = library.threads
+    try:
+        assert set_threads(1).threads == 1
+    finally:
+        set_threads(max(1, before))
+    with pytest.raises(ValueError, match=">= 1"):
+        set_threads(0)
+    assert default_threads(2, cores=2) == 1
+    assert default_threads(1, cores=16) == 16
+    assert default_threads(3, cores=16) == 5
+    assert default_threads(4, cores=2) == 1
+    assert same_host("127.0.0.1", "localhost") and same_host("::1", "127.0.0.1")
+    assert not same_host("10.0.0.1", "10.0.0.2")
+
+
+def test_auto_compute_picks_dense_float32_only_on_cpu_where_it_fits() -> None:
+    fits = choose_compute("auto", "cpu", 1 * GIB, 8 * GIB, 0.5, quantized=True)
+    assert fits.compute == "float32"
+    assert "fit 50% of the available memory (8.0 GiB)" in fits.reason
+    too_big = choose_compute("auto", "cpu", 5 * GIB, 8 * GIB, 0.5, quantized=True)
+    assert too_big.compute == "quantized"
+    assert "exceed 50%" in too_big.reason
+    assert choose_compute("auto", "cuda", 1, 8 * GIB, 0.5, quantized=True).compute == "quantized"
+    assert choose_compute("auto", "metal", 1, 8 * GIB, 0.5, quantized=True).compute == "quantized"
+    assert choose_compute("float32", "cuda", 9 * GIB, GIB, 0.5, quantized=True).compute == "float32"
+    assert choose_compute("quantized", "cpu", 1, GIB, 0.5, quantized=True).compute == "quantized"
+    assert backend_name() == "cpu"
+
+
+def test_a_stage_dequantizes_only_its_own_layers(tmp_path: Path) -> None:
+    path = make_tiny_model_dir(tmp_path / "q", arch="llama", num_layers=4, quantize=True)
+    quantized = load_model(path, LayerRange(1, 3))
+    assert is_quantized(quantized)
+    expected = dense_bytes(quantized)
+    dense = load_model(path, LayerRange(1, 3), compute="float32")
+    assert not is_quantized(dense)
+    arrays = parameter_arrays(dense)
+    assert {a.dtype for a in arrays} == {mx.float32}
+    assert sum(a.nbytes for a in arrays) == expected
+    assert dense.model.layers[0] is None and dense.model.layers[3] is None
+    assert Shard(dense, LayerRange(1, 3)).compute == "float32"
+    assert Shard(quantized, LayerRange(1, 3)).compute == "quantized"
+    # auto on this CPU backend: a tiny stage fits any machine's memory.
+    assert not is_quantized(load_model(path, LayerRange(1, 3), compute="auto"))
