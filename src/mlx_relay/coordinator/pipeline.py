@@ -122,7 +122,9 @@ class RequestRun:
                 outcome.timings.queue = admitted - submitted
                 if self._collector is not None:
                     self._trace = self._collector.track_request(
-                        prompt_tokens=len(self.prepared.prompt_ids), queued_at=submitted
+                        prompt_tokens=len(self.prepared.prompt_ids),
+                        queued_at=submitted,
+                        request_id=self.request_id,
                     )
                     self._trace.started()
                 try:

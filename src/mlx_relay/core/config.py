@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlx_relay.core.errors import ConfigError
+from mlx_relay.core.history_config import HistoryConfig
 from mlx_relay.core.types import LayerRange
 from mlx_relay.core.validation import FieldProblem, describe, kind_of
 
@@ -246,7 +247,7 @@ COORDINATOR_ADDRESS_KEYS = ("host", "port")
 
 class ClusterConfig(_Section):
     """The whole cluster: model, devices in pipeline order, the HTTP app, monitoring,
-    network, inference, alerting."""
+    network, inference, alerting, history."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     devices: list[DeviceConfig]
@@ -255,6 +256,7 @@ class ClusterConfig(_Section):
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     alerting: AlertingConfig = Field(default_factory=AlertingConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
 
     @model_validator(mode="before")
     @classmethod

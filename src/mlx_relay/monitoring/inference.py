@@ -2,7 +2,8 @@
 
 Every method is O(1) and takes the collector's lock briefly, so it may be called from asyncio
 handlers and from the MLX thread alike. Nothing here keeps a per-request record once the
-request has finished: a :class:`RequestTrace` holds its own few timestamps.
+request has finished: a :class:`RequestTrace` holds its own few timestamps, and hands a
+:class:`RequestRecord` (numbers only, never text) to the request log when one is attached.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from mlx_relay.monitoring.snapshot import (
@@ -69,6 +71,32 @@ _BUCKETS_OF = {
     "decode": REQUEST_BUCKETS,
 }
 OTHER_ERROR_TYPE = "other"
+REQUEST_STATUSES = ("ok", "aborted", "error")
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One finished request for the request log: timings and counts, no prompt or text.
+
+    Durations are seconds; ``arrival`` is unix seconds. ``status`` is ``ok`` (finished with
+    ``stop`` or ``length``), ``aborted`` or ``error`` (then ``error_type`` says which).
+    """
+
+    request_id: str
+    arrival: float
+    status: str
+    finish_reason: str | None
+    error_type: str | None
+    queue_seconds: float | None
+    ttft_seconds: float | None
+    e2e_seconds: float
+    prompt_tokens: int
+    generated_tokens: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    network_seconds: float = 0.0
+
+
+RequestLog = Callable[[RequestRecord], None]
 
 
 class InferenceRecorder:
@@ -106,6 +134,7 @@ class InferenceRecorder:
         self._histograms["request_prompt_tokens"] = Histogram(counts)
         self._histograms["request_generation_tokens"] = Histogram(counts)
         self._recent_errors: deque[RecentError] = deque(maxlen=RECENT_ERRORS)
+        self.request_log: RequestLog | None = None
 
     # -- called by RequestTrace (lock held by the caller) ------------------------------------
 
@@ -123,14 +152,16 @@ class InferenceRecorder:
 
     # -- public ------------------------------------------------------------------------------
 
-    def track(self, prompt_tokens: int, queued_at: float | None) -> RequestTrace:
+    def track(
+        self, prompt_tokens: int, queued_at: float | None, request_id: str = ""
+    ) -> RequestTrace:
         now = self._clock()
         with self._lock:
             self.running += 1
             self.requests_total += 1
             self.prompt_tokens_total += prompt_tokens
             self._prompt_tokens.add(now, prompt_tokens)
-        return RequestTrace(self, prompt_tokens, now, queued_at)
+        return RequestTrace(self, prompt_tokens, now, queued_at, request_id)
 
     def set_waiting(self, n: int) -> None:
         with self._lock:
@@ -204,7 +235,9 @@ class RequestTrace:
         "_network",
         "_prompt_tokens",
         "_recorder",
+        "_request_id",
         "_stage",
+        "_stages",
         "_started",
     )
 
@@ -214,8 +247,10 @@ class RequestTrace:
         prompt_tokens: int,
         created: float,
         queued_at: float | None,
+        request_id: str = "",
     ) -> None:
         self._recorder = recorder
+        self._request_id = request_id
         self._prompt_tokens = prompt_tokens
         self._created = created
         self._arrived = created if queued_at is None else queued_at
@@ -224,6 +259,7 @@ class RequestTrace:
         self._last_token: float | None = None
         self._generated = 0
         self._stage = 0.0
+        self._stages: dict[str, float] = {}
         self._network = 0.0
         self._done = False
 
@@ -273,6 +309,7 @@ class RequestTrace:
         """Compute time a worker reported for this request (summed over stages and steps)."""
         with self._recorder._lock:
             self._stage += seconds
+            self._stages[device_id] = self._stages.get(device_id, 0.0) + seconds
 
     def network_time(self, seconds: float) -> None:
         """Time spent on the network for this request (summed)."""
@@ -303,6 +340,10 @@ class RequestTrace:
                 rec._observe("network", now, self._network)
             rec._histograms["request_prompt_tokens"].observe(self._prompt_tokens)
             rec._histograms["request_generation_tokens"].observe(self._generated)
+            status = "aborted" if finished_reason == "abort" else "ok"
+            record = self._record(now, status, finished_reason, None) if rec.request_log else None
+        if record is not None:
+            self._log(record)
 
     def fail(self, error_type: str, message: str = "") -> None:
         """The request failed; ``error_type`` is a short class name (a bounded label)."""
@@ -322,7 +363,41 @@ class RequestTrace:
                     timestamp=wall, error_type=error_type, message=message[:MAX_ERROR_MESSAGE]
                 )
             )
+            record = self._record(now, "error", None, error_type) if rec.request_log else None
         logger.debug("request failed: %s: %s", error_type, message)
+        if record is not None:
+            self._log(record)
+
+    def _record(
+        self, now: float, status: str, finish_reason: str | None, error_type: str | None
+    ) -> RequestRecord:
+        # Caller holds the lock; the trace is closed, so _started is set.
+        rec = self._recorder
+        started = self._started if self._started is not None else self._created
+        return RequestRecord(
+            request_id=self._request_id,
+            arrival=rec._wall_clock() - (now - self._arrived),
+            status=status,
+            finish_reason=finish_reason,
+            error_type=error_type,
+            queue_seconds=started - self._arrived,
+            ttft_seconds=None if self._first_token is None else self._first_token - self._arrived,
+            e2e_seconds=now - self._arrived,
+            prompt_tokens=self._prompt_tokens,
+            generated_tokens=self._generated,
+            stage_seconds=dict(self._stages),
+            network_seconds=self._network,
+        )
+
+    def _log(self, record: RequestRecord) -> None:
+        sink = self._recorder.request_log
+        if sink is None:
+            return
+        try:
+            sink(record)
+        except Exception:
+            # The request log must never fail a request.
+            logger.warning("request log refused a record", exc_info=True)
 
     def _close(self, now: float) -> None:
         rec = self._recorder

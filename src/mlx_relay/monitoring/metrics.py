@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from mlx_relay.core.tasks import cancel_and_wait
 from mlx_relay.monitoring.device import DeviceSampler
-from mlx_relay.monitoring.inference import InferenceRecorder, RequestTrace
+from mlx_relay.monitoring.inference import InferenceRecorder, RequestLog, RequestTrace
 from mlx_relay.monitoring.network import NetworkRecorder
 from mlx_relay.monitoring.snapshot import (
     DeviceMetrics,
@@ -166,9 +166,18 @@ class MetricsCollector:
 
     # -- recording: inference (coordinator) --------------------------------------------------
 
-    def track_request(self, *, prompt_tokens: int, queued_at: float | None = None) -> RequestTrace:
+    def track_request(
+        self, *, prompt_tokens: int, queued_at: float | None = None, request_id: str = ""
+    ) -> RequestTrace:
         """Start tracking a request; ``queued_at`` is its arrival on this collector's clock."""
-        return self._inference.track(prompt_tokens, queued_at)
+        return self._inference.track(prompt_tokens, queued_at, request_id)
+
+    def set_request_log(self, sink: RequestLog | None) -> None:
+        """Hand every finished request's :class:`RequestRecord` to ``sink`` (None: stop).
+
+        ``sink`` is called on the thread that finishes the request and must not block.
+        """
+        self._inference.request_log = sink
 
     def set_waiting(self, n: int) -> None:
         """Number of requests waiting for admission."""
