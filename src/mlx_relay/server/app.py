@@ -7,6 +7,9 @@ services through :data:`mlx_relay.server.deps.ServicesDep` (``request.app.state.
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from fastapi import FastAPI
 
 from mlx_relay import __version__
@@ -43,6 +46,7 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
             services.health_monitor,
             settings,
             alerts=services.alert_engine,
+            history=services.history.store if services.history is not None else None,
         )
 
 
@@ -72,12 +76,43 @@ async def start_services(config: ClusterConfig, *, enable_monitoring: bool = Tru
         engine = build_alert_engine(config, telemetry.collector, telemetry.health, rules=rules)
         await engine.start()
         services.alert_engine = engine
+    try:
+        services.history = await _start_history(services)
+    except BaseException:
+        await stop_services(services)
+        raise
     return services
 
 
+async def _start_history(services: AppServices) -> Any | None:
+    """The history recorder (started), when monitoring and ``history.enabled`` are on.
+
+    Raises:
+        StoreError: the history file cannot be created or opened.
+    """
+    collector = services.metrics_collector
+    if collector is None or not services.config.history.enabled:
+        return None
+    from mlx_relay.monitoring.history import open_history
+
+    health = services.health_monitor
+    recorder = await asyncio.to_thread(
+        open_history, services.config.history, collector, health.summary if health else None
+    )
+    await recorder.start()
+    return recorder
+
+
 async def stop_services(services: AppServices) -> None:
-    """Stop alerting, end live sessions, stop monitoring and close the worker channels."""
-    if services.alert_engine is not None:
-        await services.alert_engine.stop()
-    if services.orchestrator is not None:
-        await services.orchestrator.shutdown()
+    """Stop alerting, end live sessions, stop monitoring and close the worker channels, then
+    write the last history (requests that ended during shutdown included) and close it."""
+    try:
+        if services.alert_engine is not None:
+            await services.alert_engine.stop()
+        if services.orchestrator is not None:
+            await services.orchestrator.shutdown()
+    finally:
+        recorder, services.history = services.history, None
+        if recorder is not None:
+            await recorder.stop()
+            await asyncio.to_thread(recorder.store.close)

@@ -23,6 +23,8 @@ class AppServices:
         metrics_collector: the coordinator's MetricsCollector, or None without monitoring.
         health_monitor: the coordinator's HealthMonitor, or None without monitoring.
         alert_engine: the coordinator's AlertEngine, or None with alerting or monitoring off.
+        history: the coordinator's HistoryRecorder (its ``store`` serves /api/history), or
+            None when history is off.
     """
 
     config: ClusterConfig
@@ -30,6 +32,7 @@ class AppServices:
     metrics_collector: Any | None = None
     health_monitor: Any | None = None
     alert_engine: Any | None = None
+    history: Any | None = None
 
 
 def get_services(request: Request) -> AppServices:

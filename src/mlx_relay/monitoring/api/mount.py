@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from fastapi import Depends, FastAPI
 from prometheus_client.registry import CollectorRegistry
 
@@ -31,6 +33,9 @@ from mlx_relay.monitoring.health import HealthMonitor
 from mlx_relay.monitoring.metrics import MetricsCollector
 from mlx_relay.monitoring.prometheus import RelayCollector
 
+if TYPE_CHECKING:
+    from mlx_relay.monitoring.history import HistoryStore
+
 API_ROUTERS = (
     metrics.router,
     health_report.router,
@@ -50,6 +55,7 @@ def mount_monitoring(
     registry: CollectorRegistry | None = None,
     update_interval: float | None = None,
     alerts: AlertEngine | None = None,
+    history: HistoryStore | None = None,
 ) -> MonitoringContext:
     """Serve ``/``, ``/static``, ``/api/*``, ``/ws`` and ``/metrics`` from ``app``.
 
@@ -66,6 +72,8 @@ def mount_monitoring(
         registry: Prometheus registry for ``/metrics``; a fresh one by default.
         update_interval: WebSocket update period; default: the collection interval.
         alerts: The alert engine behind ``/api/alerts`` and the alert families, if any.
+        history: The history store: serves ``/api/history*`` and ``/api/requests`` and adds
+            ``mlxrelay_history_*`` to ``/metrics``.
 
     Returns:
         The context the routes read (its ``broadcaster`` shows the live clients).
@@ -89,8 +97,21 @@ def mount_monitoring(
     limit = Depends(rate_limit)
     for router in API_ROUTERS:
         app.include_router(router, dependencies=[limit, auth])
+    if history is not None:
+        _mount_history(app, history, registry, [limit, auth])
     app.include_router(page.router, dependencies=[auth])
     app.include_router(ws_routes.router)  # checks the token itself: see ws.py
     app.include_router(exposition.router, dependencies=[Depends(require_metrics_token)])
     app.mount(page.STATIC_PATH, page.static_files(), name="monitoring-static")
     return context
+
+
+def _mount_history(
+    app: FastAPI, store: HistoryStore, registry: CollectorRegistry, dependencies: list[Any]
+) -> None:
+    from mlx_relay.monitoring.api import history as history_routes
+    from mlx_relay.monitoring.history import HistoryCollector
+
+    HistoryCollector(store, registry=registry)
+    setattr(app.state, history_routes.STATE_ATTRIBUTE, store)
+    app.include_router(history_routes.router, dependencies=dependencies)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from mlx_relay.core.errors import RelayError
+
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_SECONDS = 10.0
 
@@ -55,7 +57,7 @@ CREATE INDEX IF NOT EXISTS requests_by_e2e ON requests (e2e_seconds);
 """
 
 
-class StoreError(RuntimeError):
+class StoreError(RelayError):
     """The history store cannot be opened or written (path, permissions, a newer schema)."""
 
 
