@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from mlx_relay.monitoring.history import codec
 from mlx_relay.monitoring.history.tiers import Point, Sample
@@ -52,19 +53,19 @@ def unpack_points(start: float, interval: float, blob: bytes) -> list[Point]:
 
 @dataclass
 class OpenBlock:
-    """A block being filled: its row id once written, and whether it changed since."""
+    """A block being filled. What each commit adds goes into a small segment row; once
+    full, the block is packed into one row and its segments are deleted."""
 
     tier: int
     start: float
-    samples: list[Sample] = field(default_factory=list)
-    points: list[Point] = field(default_factory=list)
-    rowid: int | None = None
-    dirty: bool = True
+    items: list[Any] = field(default_factory=list)  # samples (tier 0) or points
+    written: int = 0  # items already in segment rows
+    segments: list[int] = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.samples) if self.tier == 0 else len(self.points)
-
-    def end(self, interval: float) -> float:
+    def pack(self, first: int, interval: float, *, exact: bool) -> tuple[float, float, bytes]:
+        """``(start, end, data)`` of the items from ``first`` on."""
+        items = self.items[first:]
+        start = items[0][0]
         if self.tier == 0:
-            return self.samples[-1][0]
-        return self.points[-1][0] + interval
+            return start, items[-1][0], pack_raw(start, items, exact=exact)
+        return start, items[-1][0] + interval, pack_points(start, interval, items)

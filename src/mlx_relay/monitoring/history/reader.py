@@ -103,6 +103,12 @@ def read_points(
             samples = counter_rates(samples, max_gap)
         return [(t, 1, v, v, v) for t, v in samples if after <= t < before]
     points = [p for start, data in rows for p in unpack_points(start, tier.interval, data)]
+    partial = connection.execute(
+        "SELECT start, count, sum, min, max FROM partials WHERE series = ? AND tier = ?",
+        (series.id, tier.index),
+    ).fetchone()
+    if partial is not None:
+        points.append(tuple(partial))
     return [p for p in points if after <= p[0] < before]
 
 

@@ -2,7 +2,8 @@
 
 One row of ``blocks`` holds up to a block's worth of samples (or rollup points) of one
 series in one tier, packed by :mod:`mlx_relay.monitoring.history.codec`; the row overhead is
-spread over hundreds of samples. ``auto_vacuum=INCREMENTAL`` lets eviction give pages back
+spread over hundreds of samples. ``partials`` holds each rollup's open bucket so far, one row
+per series and tier, replaced at every commit until the bucket closes. ``auto_vacuum=INCREMENTAL`` lets eviction give pages back
 to the filesystem without rewriting the whole file.
 """
 
@@ -37,6 +38,16 @@ CREATE TABLE IF NOT EXISTS blocks (
 );
 CREATE INDEX IF NOT EXISTS blocks_by_series ON blocks (series, tier, start);
 CREATE INDEX IF NOT EXISTS blocks_by_end ON blocks (end);
+CREATE TABLE IF NOT EXISTS partials (
+    series INTEGER NOT NULL,
+    tier INTEGER NOT NULL,
+    start REAL NOT NULL,
+    count INTEGER NOT NULL,
+    sum REAL NOT NULL,
+    min REAL NOT NULL,
+    max REAL NOT NULL,
+    PRIMARY KEY (series, tier)
+);
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,

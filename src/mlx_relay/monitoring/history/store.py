@@ -240,9 +240,9 @@ class HistoryStore:
     def _evict_by_age(self, connection: sqlite3.Connection) -> None:
         now = self._wall_clock()
         for tier in self.tiers:
-            connection.execute(
-                "DELETE FROM blocks WHERE end < ? AND tier = ?", (now - tier.retention, tier.index)
-            )
+            cutoff = (now - tier.retention, tier.index)
+            connection.execute("DELETE FROM blocks WHERE end < ? AND tier = ?", cutoff)
+            connection.execute("DELETE FROM partials WHERE start < ? AND tier = ?", cutoff)
         connection.execute(
             "DELETE FROM requests WHERE arrival < ?", (now - self.requests_retention,)
         )

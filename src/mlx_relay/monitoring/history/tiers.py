@@ -104,31 +104,33 @@ class Rollup:
     :meth:`peek` shows the open bucket so far and :meth:`close` returns it, e.g. at shutdown.
     """
 
-    __slots__ = ("_count", "_high", "_interval", "_low", "_start", "_sum")
+    __slots__ = ("_count", "_end", "_high", "_interval", "_low", "_start", "_sum")
 
     def __init__(self, interval: float) -> None:
         self._interval = interval
         self._start: float | None = None
+        self._end = -math.inf
         self._count = 0
         self._sum = 0.0
         self._low = 0.0
         self._high = 0.0
 
     def add(self, timestamp: float, value: float) -> Point | None:
-        start = bucket_start(timestamp, self._interval)
-        closed: Point | None = None
-        if self._start is not None and start != self._start:
-            if start < self._start:
-                return None  # out of order: older than the open bucket; dropped
-            closed = self.close()
-        if self._start is None:
-            self._start, self._count, self._sum = start, 1, value
-            self._low = self._high = value
-            return closed
-        self._count += 1
-        self._sum += value
-        self._low = min(self._low, value)
-        self._high = max(self._high, value)
+        if self._start is not None and self._start <= timestamp < self._end:
+            self._count += 1
+            self._sum += value
+            if value < self._low:
+                self._low = value
+            elif value > self._high:
+                self._high = value
+            return None
+        if self._start is not None and timestamp < self._start:
+            return None  # out of order: older than the open bucket; dropped
+        closed = self.close()
+        self._start = bucket_start(timestamp, self._interval)
+        self._end = self._start + self._interval
+        self._count, self._sum = 1, value
+        self._low = self._high = value
         return closed
 
     def peek(self) -> Point | None:

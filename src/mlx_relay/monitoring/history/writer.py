@@ -1,7 +1,10 @@
 """The writer thread's state: open blocks and rollups per series, written in batches.
 
 Only the store's writer thread uses a :class:`BlockWriter`; it holds the one writing
-connection. Samples arrive in time order per series (older ones are dropped).
+connection. Samples arrive in time order per series (older ones are dropped). Each commit
+costs O(new samples): new samples go into a small segment row per open block, a full block
+is packed once into its final row, and each rollup's open bucket is one plain row of
+``partials`` that is replaced until the bucket closes.
 """
 
 from __future__ import annotations
@@ -12,19 +15,25 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mlx_relay.monitoring.history.blocks import OpenBlock, pack_points, pack_raw
+from mlx_relay.monitoring.history.blocks import OpenBlock
 from mlx_relay.monitoring.history.series import COUNTER, SeriesSpec
 from mlx_relay.monitoring.history.tiers import Point, Rollup, Sample, Tier, counter_rate
 
 logger = logging.getLogger(__name__)
 
 _INSERT_BLOCK = "INSERT INTO blocks (series, tier, start, end, n, data) VALUES (?, ?, ?, ?, ?, ?)"
-_UPDATE_BLOCK = "UPDATE blocks SET end = ?, n = ?, data = ? WHERE id = ?"
+_UPDATE_BLOCK = "UPDATE blocks SET start = ?, end = ?, n = ?, data = ? WHERE id = ?"
+_DELETE_BLOCK = "DELETE FROM blocks WHERE id = ?"
+_PUT_PARTIAL = (
+    "INSERT OR REPLACE INTO partials (series, tier, start, count, sum, min, max)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_DELETE_PARTIAL = "DELETE FROM partials WHERE series = ? AND tier = ?"
 
 
 @dataclass
 class SeriesState:
-    """One series in the writer: open raw block, rollups and open rollup blocks."""
+    """One series in the writer: open blocks per tier, rollups and their open-bucket rows."""
 
     id: int
     counter: bool
@@ -55,6 +64,9 @@ class BlockWriter:
         self._db = connection
         self._tiers = list(tiers)
         self._block_samples = block_samples
+        # A block spans at most block_samples intervals, so that age eviction, which drops
+        # whole blocks, drops data at most one block's span late.
+        self._spans = [block_samples * t.interval for t in self._tiers]
         self._max_gap = max_gap
         self._ids: dict[str, int] = dict(connection.execute("SELECT key, id FROM series"))
         self._states: dict[str, SeriesState] = {}
@@ -67,17 +79,23 @@ class BlockWriter:
 
     def add(self, timestamp: float, samples: Sequence[tuple[SeriesSpec, float]]) -> None:
         """Append one sample per series, all at ``timestamp``."""
-        missing = [spec for spec, _ in samples if spec.key not in self._states]
-        if missing:
-            self._register(missing)
+        states = self._states
         for spec, value in samples:
-            state = self._states[spec.key]
-            if state.last is not None and timestamp <= state.last[0]:
+            state = states.get(spec.key) or self._register(spec)
+            last = state.last
+            if last is not None and timestamp <= last[0]:
                 continue  # not newer than the last sample of the series
-            self._append_raw(state, timestamp, value)
+            block = state.open[0]
+            if (
+                block is None
+                or len(block.items) >= self._block_samples
+                or timestamp - block.start >= self._spans[0]
+            ):
+                block = self._new_block(state, 0, timestamp)
+            block.items.append((timestamp, value))
             rollup_value: float | None = value
             if state.counter:
-                rollup_value = counter_rate(state.last, timestamp, value, self._max_gap)
+                rollup_value = counter_rate(last, timestamp, value, self._max_gap)
             state.last = (timestamp, value)
             if rollup_value is not None:
                 for index, rollup in enumerate(state.rollups, start=1):
@@ -85,6 +103,7 @@ class BlockWriter:
                     if point is not None:
                         self._append_point(state, index, point)
             self._dirty[state.id] = state
+        self.samples_written += len(samples)
 
     def close_rollups(self) -> None:
         """Write each open (partial) bucket as a point, e.g. before shutting down. A point of
@@ -97,89 +116,77 @@ class BlockWriter:
                     self._dirty[state.id] = state
 
     def write(self) -> int:
-        """Write every changed block (caller holds a transaction); returns rows written.
-
-        A rollup's open bucket is written as its block's last point so far, so that reads
-        reach up to the newest sample; the full point replaces it once the bucket closes.
-        """
+        """Write what changed since the last call (caller holds a transaction); returns the
+        rows inserted or updated."""
         rows = 0
+        partials: list[tuple[int, int, float, int, float, float, float]] = []
+        closed: list[tuple[int, int]] = []
         for state in self._dirty.values():
-            for tier, rollup in enumerate(state.rollups, start=1):
-                partial = rollup.peek()
-                if partial is not None:
-                    self._open_block(state, tier, partial[0]).dirty = True
             for sealed in state.sealed:
-                self._write_block(state, sealed, None)
+                self._seal(state, sealed)
                 rows += 1
-            for tier, block in enumerate(state.open):
-                if block is not None and block.dirty:
-                    partial = state.rollups[tier - 1].peek() if tier else None
-                    self._write_block(state, block, partial)
-                    rows += 1
             state.sealed.clear()
+            for block in state.open:
+                if block is not None and block.written < len(block.items):
+                    self._segment(state, block)
+                    rows += 1
+            for tier, rollup in enumerate(state.rollups, start=1):
+                point = rollup.peek()
+                if point is None:
+                    closed.append((state.id, tier))
+                else:
+                    partials.append((state.id, tier, *point))
+        self._db.executemany(_PUT_PARTIAL, partials)
+        self._db.executemany(_DELETE_PARTIAL, closed)
         self._dirty.clear()
-        return rows
+        return rows + len(partials)
 
-    def _register(self, specs: Sequence[SeriesSpec]) -> None:
-        for spec in specs:
-            if spec.key in self._states:
-                continue
-            series_id = self._ids.get(spec.key)
-            if series_id is None:
-                cursor = self._db.execute(
-                    "INSERT INTO series (key, family, labels, kind, unit) VALUES (?, ?, ?, ?, ?)",
-                    (spec.key, spec.family, json.dumps(dict(spec.labels)), spec.kind, spec.unit),
-                )
-                series_id = int(cursor.lastrowid or 0)
-                self._ids[spec.key] = series_id
-            self._states[spec.key] = SeriesState(
-                id=series_id,
-                counter=spec.kind == COUNTER,
-                rollups=[Rollup(t.interval) for t in self._tiers[1:]],
-                open=[None] * len(self._tiers),
+    def _register(self, spec: SeriesSpec) -> SeriesState:
+        series_id = self._ids.get(spec.key)
+        if series_id is None:
+            cursor = self._db.execute(
+                "INSERT INTO series (key, family, labels, kind, unit) VALUES (?, ?, ?, ?, ?)",
+                (spec.key, spec.family, json.dumps(dict(spec.labels)), spec.kind, spec.unit),
             )
+            series_id = int(cursor.lastrowid or 0)
+            self._ids[spec.key] = series_id
+        state = SeriesState(
+            id=series_id,
+            counter=spec.kind == COUNTER,
+            rollups=[Rollup(t.interval) for t in self._tiers[1:]],
+            open=[None] * len(self._tiers),
+        )
+        self._states[spec.key] = state
+        return state
 
-    def _append_raw(self, state: SeriesState, timestamp: float, value: float) -> None:
-        block = self._open_block(state, 0, timestamp)
-        block.samples.append((timestamp, value))
-        block.dirty = True
-        self.samples_written += 1
-
-    def _append_point(self, state: SeriesState, tier: int, point: Point) -> None:
-        block = self._open_block(state, tier, point[0])
-        block.points.append(point)
-        block.dirty = True
-
-    def _open_block(self, state: SeriesState, tier: int, start: float) -> OpenBlock:
-        block = state.open[tier]
-        # A block spans at most block_samples intervals, so that age eviction, which drops
-        # whole blocks, drops data at most one block's span late.
-        span = self._block_samples * self._tiers[tier].interval
-        if block is not None and (len(block) >= self._block_samples or start - block.start >= span):
-            state.sealed.append(block)
-            block = None
-        if block is None:
-            block = OpenBlock(tier, start)
-            state.open[tier] = block
+    def _new_block(self, state: SeriesState, tier: int, start: float) -> OpenBlock:
+        old = state.open[tier]
+        if old is not None and old.items:
+            state.sealed.append(old)
+        block = OpenBlock(tier, start)
+        state.open[tier] = block
         return block
 
-    def _write_block(self, state: SeriesState, block: OpenBlock, partial: Point | None) -> None:
+    def _append_point(self, state: SeriesState, tier: int, point: Point) -> None:
+        block = state.open[tier]
+        if (
+            block is None
+            or len(block.items) >= self._block_samples
+            or point[0] - block.start >= self._spans[tier]
+        ):
+            block = self._new_block(state, tier, point[0])
+        block.items.append(point)
+
+    def _segment(self, state: SeriesState, block: OpenBlock) -> None:
         interval = self._tiers[block.tier].interval
-        if block.tier == 0:
-            data = pack_raw(block.start, block.samples, exact=state.counter)
-            end, count = block.end(interval), len(block)
-        else:
-            points = block.points if partial is None else [*block.points, partial]
-            data = pack_points(block.start, interval, points)
-            end, count = points[-1][0] + interval, len(points)
-        if block.rowid is not None:
-            cursor = self._db.execute(_UPDATE_BLOCK, (end, count, data, block.rowid))
-            if cursor.rowcount:
-                block.dirty = False
-                return
-        # New, or its row was evicted meanwhile: (re)insert it.
-        cursor = self._db.execute(
-            _INSERT_BLOCK, (state.id, block.tier, block.start, end, count, data)
-        )
-        block.rowid = cursor.lastrowid
-        block.dirty = False
+        start, end, data = block.pack(block.written, interval, exact=state.counter)
+        count = len(block.items) - block.written
+        cursor = self._db.execute(_INSERT_BLOCK, (state.id, block.tier, start, end, count, data))
+        block.segments.append(int(cursor.lastrowid or 0))
+        block.written = len(block.items)
+
+    def _seal(self, state: SeriesState, block: OpenBlock) -> None:
+        interval = self._tiers[block.tier].interval
+        start, end, data = block.pack(0, interval, exact=state.counter)
+        self._db.execute(_INSERT_BLOCK, (state.id, block.tier, start, end, len(block.items), data))
+        self._db.executemany(_DELETE_BLOCK, [(rowid,) for rowid in block.segments])
