@@ -34,7 +34,6 @@ from mlx_relay.monitoring import MetricsCollector
 from mlx_relay.monitoring.history import (
     HistoryRecorder,
     HistoryStore,
-    build_tiers,
     plan_query,
     tiers_from_config,
 )
@@ -118,11 +117,11 @@ def tick(
         trace.finish("stop")
     for i, worker in enumerate(workers):
         worker.record_stage_forward(i, "decode", rng.uniform(0.001, 0.004), 1)
-        worker.record_device_sample(worker._sampler.sample())  # noqa: SLF001
+        worker.record_device_sample(worker._sampler.sample())
         coord.update_remote_snapshot(worker.device_id, worker.export_metrics())
         coord.record_ping(worker.device_id, rng.uniform(0.0002, 0.001))
         coord.record_rpc(worker.device_id, "Forward", rng.uniform(0.002, 0.005), "OK", 4096, 64)
-    coord.record_device_sample(coord._sampler.sample())  # noqa: SLF001
+    coord.record_device_sample(coord._sampler.sample())
     clock.now += 1.0
 
 
@@ -154,7 +153,7 @@ def section_record(work: Path, ticks: int) -> None:
                 snapshot.timestamp,
                 list(recorder._catalog.samples(snapshot_families(snapshot, None, __version__))),
             )
-        )  # noqa: SLF001
+        )
     per_tick = len(batches[0][1])
     total = sum(len(samples) for _, samples in batches)
     timings = []
@@ -169,12 +168,9 @@ def section_record(work: Path, ticks: int) -> None:
     store.flush(120)  # until the writer has packed and committed every one
     amortized = (time.perf_counter() - begin) / total
     print(f"series per tick                {per_tick}")
-    print(
-        f"record() call per sample       {1e6 * statistics.median(timings):.3f} us   (the caller's share: one queue put per tick)"
-    )
-    print(
-        f"recorded and committed         {1e6 * amortized:.3f} us per sample   (target < 5 us; writer's packing and commit included)"
-    )
+    caller = 1e6 * statistics.median(timings)
+    print(f"record() call per sample       {caller:.3f} us   (the caller: one queue put per tick)")
+    print(f"recorded and committed         {1e6 * amortized:.3f} us per sample   (target < 5 us)")
     whole = []
     for _ in range(200):
         tick(coord, workers, clock, rng)
@@ -182,9 +178,8 @@ def section_record(work: Path, ticks: int) -> None:
         start = time.perf_counter()
         count = recorder.record_once()
         whole.append((time.perf_counter() - start) / count)
-    print(
-        f"whole tick per sample          {1e6 * statistics.median(whole):.3f} us   (snapshot + families + record; for reference)"
-    )
+    tick_us = 1e6 * statistics.median(whole)
+    print(f"whole tick per sample          {tick_us:.3f} us   (snapshot, families, record)")
     store.close()
 
 
@@ -212,9 +207,7 @@ def section_disk(work: Path, hours: float) -> None:
     print(f"series                         {stats.series}")
     print(f"raw samples                    {raw:,}")
     print(f"file size                      {size / 1e6:.2f} MB ({stats.block_rows:,} block rows)")
-    print(
-        f"bytes per raw sample           {size / raw:.2f}   (target <= 8; whole file: rollups and indexes included)"
-    )
+    print(f"bytes per raw sample           {size / raw:.2f}   (target <= 8; the whole file)")
 
 
 def section_query(work: Path) -> None:
@@ -239,12 +232,11 @@ def section_query(work: Path) -> None:
         result = store.query([s.key for s in specs], plan, "avg")
         timings.append(time.perf_counter() - t0)
     filled = sum(v is not None for _, values in result for v in values)
-    print(
-        f"tier read                      {plan.tier.index} ({plan.tier.interval:g} s points), {plan.points} points x 10 series, {filled} filled"
-    )
-    print(
-        f"query time (median of 15)      {1e3 * statistics.median(timings):.2f} ms   (target < 50 ms)"
-    )
+    tier = plan.tier
+    print(f"tier read                      {tier.index} ({tier.interval:g} s points)")
+    print(f"points                         {plan.points} x 10 series, {filled} filled")
+    median_ms = 1e3 * statistics.median(timings)
+    print(f"query time (median of 15)      {median_ms:.2f} ms   (target < 50 ms)")
     store.close()
 
 
@@ -252,7 +244,7 @@ async def _collector_cpu(seconds: float, history: Path | None) -> float:
     collector = MetricsCollector("coordinator", 1.0, role="coordinator")
     _, workers = coordinator(Clock(1000.0), Clock(time.time()))
     for worker in workers:
-        worker.record_device_sample(worker._sampler.sample())  # noqa: SLF001
+        worker.record_device_sample(worker._sampler.sample())
         collector.update_remote_snapshot(worker.device_id, worker.export_metrics())
     recorder = None
     if history is not None:

@@ -107,20 +107,23 @@ async def test_history_and_request_log_survive_a_coordinator_restart(
 async def test_bad_history_parameters_answer_400_naming_them(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    async with history_workers(tiny_model_dir, tmp_path / "h.sqlite") as config:
-        async with coordinator(config) as runtime, httpx.AsyncClient(base_url=runtime.url) as http:
-            cases = [
-                ("/api/history", {"series": TOKENS, "after": "yesterday"}, "after"),
-                ("/api/history", {"series": TOKENS, "after": -10, "before": -20}, "after"),
-                ("/api/history", {"series": TOKENS, "points": 20000}, "points"),
-                ("/api/history", {"series": TOKENS, "group": "median"}, "group"),
-                ("/api/history", {"series": "no_such_series"}, "series"),
-                ("/api/history", {"series": ""}, "series"),
-                ("/api/requests", {"status": "weird"}, "status"),
-                ("/api/requests", {"order": "random"}, "order"),
-                ("/api/requests", {"limit": 0}, "limit"),
-            ]
-            for path, params, param in cases:
-                response = await http.get(path, params=params)
-                assert response.status_code == 400, (path, params, response.text)
-                assert response.json()["detail"]["param"] == param, (path, params)
+    async with (
+        history_workers(tiny_model_dir, tmp_path / "h.sqlite") as config,
+        coordinator(config) as runtime,
+        httpx.AsyncClient(base_url=runtime.url) as http,
+    ):
+        cases = [
+            ("/api/history", {"series": TOKENS, "after": "yesterday"}, "after"),
+            ("/api/history", {"series": TOKENS, "after": -10, "before": -20}, "after"),
+            ("/api/history", {"series": TOKENS, "points": 20000}, "points"),
+            ("/api/history", {"series": TOKENS, "group": "median"}, "group"),
+            ("/api/history", {"series": "no_such_series"}, "series"),
+            ("/api/history", {"series": ""}, "series"),
+            ("/api/requests", {"status": "weird"}, "status"),
+            ("/api/requests", {"order": "random"}, "order"),
+            ("/api/requests", {"limit": 0}, "limit"),
+        ]
+        for path, params, param in cases:
+            response = await http.get(path, params=params)
+            assert response.status_code == 400, (path, params, response.text)
+            assert response.json()["detail"]["param"] == param, (path, params)

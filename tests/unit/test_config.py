@@ -278,3 +278,46 @@ def test_compute_setting_defaults_to_auto_and_is_checked(tmp_path: Path) -> None
     path.write_text(yaml.safe_dump(data))
     model = ClusterConfig.from_yaml(path).model
     assert (model.compute, model.dense_memory_share, model.blas_threads) == ("float32", 0.25, 2)
+
+
+def test_history_defaults() -> None:
+    history = ClusterConfig.from_yaml(EXAMPLE).history
+    assert history.enabled and history.path is None
+    assert [(t.interval, t.retention) for t in history.tiers] == [
+        (None, 86400.0),
+        (60.0, 30 * 86400.0),
+        (3600.0, 365 * 86400.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("history", "expected"),
+    [
+        ({"max_bytes": 5}, "history.max_bytes: expected a value >= 1048576, got 5"),
+        ({"enabled": "maybe"}, "history.enabled: expected true or false, got 'maybe'"),
+        ({"flush_interval": 0}, "history.flush_interval: expected a value > 0.0, got 0"),
+        ({"tier": []}, "history.tier: unknown key (check the spelling)"),
+        (
+            {"tiers": [{"retention": 10}, {"retention": 20}]},
+            "history.tiers[1].interval: required field is missing",
+        ),
+        (
+            {
+                "tiers": [
+                    {"retention": 1},
+                    {"interval": 60, "retention": 2},
+                    {"interval": 90, "retention": 3},
+                ]
+            },
+            "history.tiers[2].interval: expected a whole multiple (>= 2) of 60, got 90",
+        ),
+        (
+            {"tiers": [{"retention": -1}]},
+            "history.tiers[0].retention: expected a value > 0.0, got -1",
+        ),
+    ],
+)
+def test_bad_history_values(tmp_path: Path, history: dict[str, Any], expected: str) -> None:
+    data = example()
+    data["history"] = history
+    assert error_for(tmp_path, data) == expected

@@ -2,9 +2,10 @@
 
 One row of ``blocks`` holds up to a block's worth of samples (or rollup points) of one
 series in one tier, packed by :mod:`mlx_relay.monitoring.history.codec`; the row overhead is
-spread over hundreds of samples. ``partials`` holds each rollup's open bucket so far, one row
-per series and tier, replaced at every commit until the bucket closes. ``auto_vacuum=INCREMENTAL`` lets eviction give pages back
-to the filesystem without rewriting the whole file.
+spread over hundreds of samples. ``partials`` holds each rollup's open bucket so far, one
+row per series and tier, replaced at every commit until the bucket closes.
+``auto_vacuum=INCREMENTAL`` lets eviction give pages back to the filesystem without
+rewriting the whole file.
 """
 
 from __future__ import annotations
