@@ -11,6 +11,7 @@ from fastapi.templating import Jinja2Templates
 
 from mlx_relay import __version__
 from mlx_relay.monitoring.api.deps import ContextDep
+from mlx_relay.monitoring.api.history import STATE_ATTRIBUTE as HISTORY_ATTRIBUTE
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = PACKAGE_DIR / "templates"
@@ -47,6 +48,7 @@ def dashboard_page(request: Request, context: ContextDep) -> HTMLResponse:
             "version": __version__,
             "static": STATIC_PATH,
             "update_interval": context.broadcaster.interval,
+            "history": hasattr(request.app.state, HISTORY_ATTRIBUTE),
         },
         headers=PAGE_HEADERS,
     )

@@ -93,7 +93,9 @@
         const t = t0 + (span * i) / 4;
         const ago = t1 - t;
         let label = "now";
-        if (ago >= 120) label = `-${Math.round(ago / 60)} min`;
+        if (ago >= 2 * 86400) label = `-${Math.round(ago / 86400)} d`;
+        else if (ago >= 3 * 3600) label = `-${Math.round(ago / 3600)} h`;
+        else if (ago >= 120) label = `-${Math.round(ago / 60)} min`;
         else if (span >= 20 && ago >= 0.5) label = `-${Math.round(ago)} s`;
         else if (ago >= 0.05) label = `-${ago.toFixed(1)} s`;
         ctx.fillText(times.length ? label : "", x(t), pad.top + plotH + 5);

@@ -62,10 +62,12 @@
     charts.ttft = new LineChart(document.getElementById("chart-ttft"), { format: fmt.seconds });
   }
 
+  let lastSnapshot = null;
+
   function renderCharts(snapshot) {
-    const history = snapshot.history;
-    const times = history.map((p) => p.timestamp);
-    const pick = (key) => history.map((p) => (p[key] === undefined ? null : p[key]));
+    lastSnapshot = snapshot;
+    // Live points, preceded by the history store's backfill, or the selected range.
+    const { times, pick } = window.RelayHistory.chartData(snapshot);
     charts.tokens.update(times, [{ label: "tokens/s", color: "#38bdf8", values: pick("tokens_per_second") }]);
     charts.requests.update(times, [{ label: "requests/s", color: "#a78bfa", values: pick("requests_per_second") }]);
     charts.latency.update(times, [
@@ -283,6 +285,8 @@
 
   tokenizeLinks();
   initCharts();
+  window.RelayDashboardCharts = charts;
+  window.RelayHistory.start(() => lastSnapshot && renderCharts(lastSnapshot));
   connect();
   setInterval(watchStaleness, 1000);
 })();
