@@ -58,6 +58,7 @@ proto: setup
 bench: setup
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/monitoring_overhead.py
+	$(BIN)/python bench/history.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
