@@ -15,35 +15,16 @@ from mlx_relay.monitoring.history.series import SeriesCatalog, unit_of
 from mlx_relay.monitoring.inference import RequestRecord
 from mlx_relay.monitoring.prometheus import prometheus_format
 from mlx_relay.monitoring.snapshot import DeviceMetrics
+from tests.support.fakes import FakeClock, canned_device_metrics
 
 WALL = 1_800_000_000.0
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+Clock = FakeClock
 
 
 def device(at: float) -> DeviceMetrics:
-    return DeviceMetrics(
-        platform="Linux-x86_64",
-        sampled_at=at,
-        cpu_count=4,
-        cpu_utilization_ratio=0.25,
-        memory_total_bytes=1000,
-        memory_available_bytes=600,
-        memory_used_bytes=400,
-        memory_used_ratio=0.4,
-        process_resident_memory_bytes=100,
-        process_cpu_seconds_total=1.5,
-        process_threads=3,
-        disk_path="/",
-        disk_used_ratio=0.5,
-        disk_free_bytes=10,
-    )
+    return canned_device_metrics(at)
 
 
 def collector_at(clock: Clock, wall: Clock) -> MetricsCollector:
@@ -137,7 +118,7 @@ def test_series_are_every_gauge_and_counter_of_the_exposition(tmp_path: Path) ->
     assert len(kept) > 20
     assert kept == families
     values = {spec.key: v for spec, v in samples}
-    assert values['mlxrelay_device_memory_used_bytes{device="coordinator"}'] == 400.0
+    assert values['mlxrelay_device_memory_used_bytes{device="coordinator"}'] == 600.0
     assert values['mlxrelay_request_success_total{model_name="",finished_reason="stop"}'] == 1.0
     assert unit_of("mlxrelay_device_memory_used_bytes") == "bytes"
     assert unit_of("mlxrelay_e2e_request_latency_seconds_sum") == "seconds"

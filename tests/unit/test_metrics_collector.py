@@ -11,17 +11,7 @@ import pytest
 
 from mlx_relay.monitoring import MetricsCollector, Snapshot
 from mlx_relay.monitoring.snapshot import DeviceMetrics
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def at(self, t: float) -> None:
-        self.now = t
+from tests.support.fakes import FakeClock, canned_device_metrics
 
 
 class FixedSampler:
@@ -32,22 +22,7 @@ class FixedSampler:
 
     def sample(self) -> DeviceMetrics:
         self.calls += 1
-        return DeviceMetrics(
-            platform="Test-x",
-            sampled_at=float(self.calls),
-            cpu_count=2,
-            cpu_utilization_ratio=0.25,
-            memory_total_bytes=1000,
-            memory_available_bytes=400,
-            memory_used_bytes=600,
-            memory_used_ratio=0.6,
-            process_resident_memory_bytes=100,
-            process_cpu_seconds_total=1.0,
-            process_threads=3,
-            disk_path="/",
-            disk_used_ratio=0.5,
-            disk_free_bytes=10,
-        )
+        return canned_device_metrics(float(self.calls))
 
 
 def collector(clock: FakeClock, **kwargs: object) -> MetricsCollector:

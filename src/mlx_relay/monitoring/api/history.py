@@ -14,12 +14,12 @@ from fastapi import APIRouter, Depends, HTTPException, Query, status
 from starlette.requests import HTTPConnection
 
 from mlx_relay.monitoring.api.history_views import (
+    CatalogEntry,
     HistoryResponse,
     HistorySeries,
     RequestLogEntry,
     RequestLogResponse,
     SeriesCatalogResponse,
-    SeriesInfo,
     StoreStatus,
     TierInfo,
 )
@@ -130,17 +130,7 @@ def get_history(
         tier=plan.tier.index,
         tier_interval_seconds=plan.tier.interval,
         timestamps=plan.timestamps(),
-        series=[
-            HistorySeries(
-                key=spec.key,
-                family=spec.family,
-                labels=dict(spec.labels),
-                kind=spec.kind,
-                unit=spec.read_unit,
-                values=values,
-            )
-            for spec, values in results
-        ],
+        series=[HistorySeries.of(spec, values=values) for spec, values in results],
     )
 
 
@@ -156,17 +146,7 @@ def get_series(store: StoreDep) -> SeriesCatalogResponse:
             TierInfo(index=t.index, interval_seconds=t.interval, retention_seconds=t.retention)
             for t in store.tiers
         ],
-        series=[
-            SeriesInfo(
-                key=s.key,
-                family=s.family,
-                labels=dict(s.labels),
-                kind=s.kind,
-                unit=s.read_unit,
-                stored_unit=s.unit,
-            )
-            for s in store.catalogue()
-        ],
+        series=[CatalogEntry.of(s, stored_unit=s.unit) for s in store.catalogue()],
         store=StoreStatus(
             path=str(store.path),
             bytes=stats.bytes,

@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any, Self
+
 from pydantic import BaseModel, Field
 
+from mlx_relay.monitoring.history.series import SeriesSpec
 
-class HistorySeries(BaseModel):
-    key: str = Field(description="Series key, as listed by /api/history/series.")
+
+class SeriesInfo(BaseModel):
+    """One stored series."""
+
+    key: str = Field(description="Series key: sample name and labels, or chart.<line>.")
     family: str = Field(description="Metric family (sample name) or chart line.")
     labels: dict[str, str] = Field(description="Label pairs of the series.")
     kind: str = Field(description="gauge or counter (a counter reads as a per-second rate).")
-    unit: str = Field(description="Unit of the values returned (e.g. seconds, ratio, bytes/s).")
+    unit: str = Field(description="Unit of what /api/history returns (e.g. ratio, bytes/s).")
+
+    @classmethod
+    def of(cls, spec: SeriesSpec, **extra: Any) -> Self:
+        return cls(
+            key=spec.key,
+            family=spec.family,
+            labels=dict(spec.labels),
+            kind=spec.kind,
+            unit=spec.read_unit,
+            **extra,
+        )
+
+
+class HistorySeries(SeriesInfo):
     values: list[float | None] = Field(
         description="One value per timestamp; null where nothing was stored (a gap)."
     )
@@ -36,12 +56,7 @@ class TierInfo(BaseModel):
     retention_seconds: float = Field(description="How long points are kept.")
 
 
-class SeriesInfo(BaseModel):
-    key: str
-    family: str
-    labels: dict[str, str]
-    kind: str = Field(description="gauge or counter.")
-    unit: str = Field(description="Unit of what /api/history returns for it.")
+class CatalogEntry(SeriesInfo):
     stored_unit: str = Field(description="Unit of the stored value (a counter's own unit).")
 
 
@@ -64,7 +79,7 @@ class SeriesCatalogResponse(BaseModel):
     """``GET /api/history/series``: every stored series, the tiers and the store's state."""
 
     tiers: list[TierInfo]
-    series: list[SeriesInfo]
+    series: list[CatalogEntry]
     store: StoreStatus
 
 

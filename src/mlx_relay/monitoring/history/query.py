@@ -105,13 +105,18 @@ def regroup(points: Iterable[Point], plan: Plan, group: str) -> list[float | Non
     sums = [0.0] * n
     lows = [math.inf] * n
     highs = [-math.inf] * n
+    after = plan.after
     for start, count, total, low, high in points:
-        i = math.floor((start - plan.after) / step)
-        if 0 <= i < n:
+        if start < after:
+            continue
+        i = int((start - after) / step)  # floor: the offset is not negative
+        if i < n:
             counts[i] += count
             sums[i] += total
-            lows[i] = min(lows[i], low)
-            highs[i] = max(highs[i], high)
+            if low < lows[i]:
+                lows[i] = low
+            if high > highs[i]:
+                highs[i] = high
     if group == "avg":
         return [s / c if c else None for c, s in zip(counts, sums, strict=True)]
     if group == "sum":
