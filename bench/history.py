@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from mlx_relay.core.config import HistoryConfig
+from mlx_relay.core.history_config import HistoryConfig
 from mlx_relay.monitoring import MetricsCollector
 from mlx_relay.monitoring.history import (
     HistoryRecorder,

@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 
-from mlx_relay.core.config import ClusterConfig, HistoryConfig
+from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.history_config import HistoryConfig
 from mlx_relay.server.runtime import CoordinatorRuntime
 from tests.support.cluster import local_cluster
 from tests.support.dashboard_cluster import FAST_MONITORING, PROMPT_MARKER

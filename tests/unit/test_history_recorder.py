@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_relay.core.config import HistoryConfig
+from mlx_relay.core.history_config import HistoryConfig
 from mlx_relay.monitoring import MetricsCollector
 from mlx_relay.monitoring.history import HistoryRecorder, HistoryStore, plan_query
 from mlx_relay.monitoring.history.config import default_path, tiers_from_config

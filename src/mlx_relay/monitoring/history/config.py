@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from mlx_relay.core.config import HistoryConfig
+from mlx_relay.core.history_config import HistoryConfig
 from mlx_relay.monitoring.history.recorder import HistoryRecorder
 from mlx_relay.monitoring.history.store import HistoryStore
 from mlx_relay.monitoring.history.tiers import Tier, build_tiers
