@@ -224,3 +224,32 @@ def test_stats_count_rows_and_bytes(store: HistoryStore) -> None:
     assert stats.block_rows >= 1
     assert stats.bytes > 0
     assert stats.write_lag_seconds is not None and stats.write_lag_seconds >= 0
+
+
+def test_a_failed_commit_loses_that_batch_only(
+    store: HistoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from mlx_relay.monitoring.history.writer import BlockWriter
+
+    record_seconds(store, NOW - 30, [1.0] * 10, GAUGE_SPEC)
+    assert store.flush()
+    real_write = BlockWriter.write
+    calls = {"n": 0}
+
+    def disk_full_once(self: BlockWriter) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_write(self)
+
+    monkeypatch.setattr(BlockWriter, "write", disk_full_once)
+    record_seconds(store, NOW - 20, [2.0] * 10, GAUGE_SPEC)
+    assert store.flush()  # this commit fails
+    record_seconds(store, NOW - 10, [3.0] * 10, GAUGE_SPEC)
+    assert store.flush()
+    assert store.stats().failed_commits == 1
+    plan = plan_query(TIERS, NOW, after=NOW - 30, before=NOW, points=3)
+    plan = type(plan)(TIERS[0], NOW - 30, NOW, 3)
+    assert store.query([GAUGE_SPEC.key], plan, "avg")[0][1] == [1.0, None, 3.0]

@@ -40,7 +40,11 @@ def store_families(store: HistoryStore) -> Iterator[Metric]:
         PREFIX + "dropped", "Samples and requests dropped because the writer fell behind."
     )
     dropped.add_metric([], stats.dropped)
-    yield from (size, rows, series, lag, written, dropped)
+    failures = CounterMetricFamily(
+        PREFIX + "write_failures", "Commits that failed (disk full, I/O error); each is a gap."
+    )
+    failures.add_metric([], stats.failed_commits)
+    yield from (size, rows, series, lag, written, dropped, failures)
 
 
 class HistoryCollector(Collector):

@@ -18,6 +18,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import queue
@@ -60,6 +62,7 @@ class StoreStats:
     dropped: int
     write_lag_seconds: float | None
     queued: int
+    failed_commits: int = 0
 
 
 class HistoryStore:
@@ -105,6 +108,7 @@ class HistoryStore:
         self._readers_lock = threading.Lock()
         self._stats = StoreStats(0, 0, 0, 0, 0, 0, None, 0)
         self._dropped = 0
+        self.failed_commits = 0
         self._failure: BaseException | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -134,7 +138,9 @@ class HistoryStore:
         """Write everything recorded so far, stop the writer and close every connection."""
         thread, self._thread = self._thread, None
         if thread is not None:
-            self._queue.put((_STOP, time.monotonic(), None))
+            if thread.is_alive():
+                with contextlib.suppress(queue.Full):
+                    self._queue.put((_STOP, time.monotonic(), None), timeout=timeout)
             thread.join(timeout)
             if thread.is_alive():
                 logger.warning("history writer still busy after %.0f s", timeout)
@@ -164,18 +170,24 @@ class HistoryStore:
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Block until everything recorded before this call is committed; False on timeout."""
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             return False
         done = threading.Event()
-        self._queue.put((_FLUSH, time.monotonic(), done))
+        try:
+            self._queue.put((_FLUSH, time.monotonic(), done), timeout=timeout)
+        except queue.Full:
+            return False
         return done.wait(timeout)
 
     # -- writer thread -----------------------------------------------------------------------
 
-    def _run(self, connection: sqlite3.Connection, ready: threading.Event) -> None:
-        writer = BlockWriter(
+    def _new_writer(self, connection: sqlite3.Connection) -> BlockWriter:
+        return BlockWriter(
             connection, self.tiers, block_samples=self.block_samples, max_gap=self.max_gap
         )
+
+    def _run(self, connection: sqlite3.Connection, ready: threading.Event) -> None:
+        writer = self._new_writer(connection)
         requests: list[RequestRecord] = []
         oldest: float | None = None
         next_commit = time.monotonic() + self.flush_interval
@@ -198,7 +210,14 @@ class HistoryStore:
                 if kind == _STOP:
                     writer.close_rollups()
                 if kind in (_STOP, _FLUSH) or time.monotonic() >= next_commit:
-                    self._commit(connection, writer, requests, oldest)
+                    try:
+                        self._commit(connection, writer, requests, oldest)
+                    except sqlite3.Error as exc:
+                        # Disk full, file removed, I/O error: this batch is lost, the store
+                        # goes on with what it has written (a gap in the history).
+                        self.failed_commits += 1
+                        logger.warning("history write failed (%s): %s", self.path, exc)
+                        writer = self._new_writer(connection)
                     requests, oldest = [], None
                     next_commit = time.monotonic() + self.flush_interval
                 if kind == _FLUSH:
@@ -289,18 +308,19 @@ class HistoryStore:
             dropped=self._dropped,
             write_lag_seconds=lag if lag is not None else self._stats.write_lag_seconds,
             queued=self._queue.qsize(),
+            failed_commits=self.failed_commits,
         )
 
     # -- reading (any thread, its own connection) --------------------------------------------
 
     def stats(self) -> StoreStats:
         """The numbers as of the writer's last commit (dropped items counted live)."""
-        stats = self._stats
-        if stats.dropped != self._dropped or stats.queued != self._queue.qsize():
-            stats = StoreStats(
-                **{**stats.__dict__, "dropped": self._dropped, "queued": self._queue.qsize()}
-            )
-        return stats
+        return dataclasses.replace(
+            self._stats,
+            dropped=self._dropped,
+            queued=self._queue.qsize(),
+            failed_commits=self.failed_commits,
+        )
 
     @property
     def healthy(self) -> bool:
