@@ -64,6 +64,7 @@ class HistoryRecorder:
         await cancel_and_wait(task)
         if task is not None:
             await asyncio.to_thread(self.record_once)
+            self.collector.set_request_log(None)
 
     async def _run(self) -> None:
         while True:
