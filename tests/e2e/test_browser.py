@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from mlx_relay.core.blas import loaded_blas
 from mlx_relay.core.config import HTTPConfig
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from mlx_relay.monitoring.metrics import MetricsCollector
@@ -81,6 +82,15 @@ async def test_dashboard_shows_the_cluster_and_live_request_count(
             assert await page.text_content("#total-requests") == "0"
             worker_card = page.locator('#devices [data-device-id="worker-1"]')
             assert "layers 2\u20133" in (await worker_card.text_content() or "")
+            # How the stage computes (the tiny model is dense float32; workers in this process).
+            library = loaded_blas()
+            blas = "openblas" if library is not None and library.path is not None else "bundled"
+            threads = library.threads if library is not None else 0
+            engine = worker_card.locator(".row.engine .row-value")
+            assert (
+                await engine.text_content()
+                == f"cpu \u00b7 float32 \u00b7 BLAS {blas} \u00d7 {threads}"
+            )
 
             generated = await run_requests(env, 3, max_tokens=4)
             await page.wait_for_function(

@@ -15,6 +15,7 @@ import httpx
 import psutil
 import yaml
 
+from mlx_relay.core.blas import default_threads, loaded_blas
 from mlx_relay.monitoring.api.views import (
     ClusterHealth,
     DevicesResponse,
@@ -118,6 +119,9 @@ async def test_endpoints_agree_with_the_collector_and_the_workers(tiny_model_dir
         )
         assert device.up is True and device.model_loaded is True
         assert device.last_seen_timestamp is not None
+        # The tiny model's weights are dense float32; its workers run in this process.
+        assert (device.backend, device.compute, device.blas) == ("cpu", "float32", blas_name())
+        assert device.blas_threads == (default_threads(2) if blas_name() == "openblas" else 0)
     total_memory = psutil.virtual_memory().total
     for device in devices.devices:
         assert device.metrics is not None, device.device_id
@@ -295,3 +299,8 @@ async def test_start_monitoring_dashboard_serves_until_cancelled() -> None:
             await task
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))  # released once cancelled
+
+
+def blas_name() -> str:
+    library = loaded_blas()
+    return "openblas" if library is not None and library.path is not None else "bundled"

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mlx_relay.core.blas import default_threads, loaded_blas
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, PipelineNotReady, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
@@ -219,6 +220,11 @@ async def test_ping_status_and_end_session_with_monitoring(tiny_model_dir: Path)
         assert (status.layer_start, status.layer_end, status.num_layers) == (2, 4, 4)
         assert status.model_loaded and status.model_name == tiny_model_dir.name
         assert (status.hidden_size, status.dtype) == (64, "float32")
+        library = loaded_blas()
+        blas = "openblas" if library is not None and library.path is not None else "bundled"
+        assert (status.backend, status.compute, status.blas) == ("cpu", "float32", blas)
+        # Two workers configured on this host share its cores.
+        assert status.blas_threads == (default_threads(2) if blas == "openblas" else 0)
         assert status.kv_sessions == 2
         assert status.health_status in ("healthy", "warning", "critical", "unknown")
         assert status.uptime_seconds > 0

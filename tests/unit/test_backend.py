@@ -3,7 +3,6 @@ per host, and ``model.compute: auto`` picks dense float32 weights only where the
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,7 +10,9 @@ import pytest
 
 from mlx_relay.core.blas import (
     BLAS_PACKAGE,
+    BlasLibrary,
     default_threads,
+    defining_file,
     load_blas,
     loaded_blas,
     loaded_in_process,
@@ -33,25 +34,6 @@ from tests.support.tiny_model import make_tiny_model_dir
 GIB = 1024**3
 
 
-class _DlInfo(ctypes.Structure):
-    _fields_ = [
-        ("dli_fname", ctypes.c_char_p),
-        ("dli_fbase", ctypes.c_void_p),
-        ("dli_sname", ctypes.c_char_p),
-        ("dli_saddr", ctypes.c_void_p),
-    ]
-
-
-def _defining_file(symbol: str) -> Path:
-    # The file the dynamic linker's global lookup finds `symbol` in: MLX's extension module
-    # (loaded RTLD_LOCAL) binds its BLAS calls through this same lookup first.
-    process = ctypes.CDLL(None)
-    address = ctypes.cast(getattr(process, symbol), ctypes.c_void_p)
-    info = _DlInfo()
-    assert process.dladdr(address, ctypes.byref(info)) != 0
-    return Path(info.dli_fname.decode()).resolve()
-
-
 def test_mlx_matmuls_run_on_the_system_openblas() -> None:
     library = loaded_blas()
     assert library is not None, "tests/conftest.py loads the BLAS before MLX"
@@ -59,14 +41,23 @@ def test_mlx_matmuls_run_on_the_system_openblas() -> None:
         pytest.skip(f"no OpenBLAS on this machine (Debian package {BLAS_PACKAGE})")
     assert library.name == "openblas"
     assert loaded_in_process(library.path)
-    assert _defining_file("cblas_sgemm") == library.path.resolve()
-    # The wheel's own BLAS is mapped too, but is not what the lookup above finds.
-    maps = Path("/proc/self/maps").read_text()
-    assert "openblas" in maps
+    # MLX's extension binds its BLAS calls through the global lookup first, which finds
+    # OpenBLAS, not the wheel's own reference BLAS that is mapped beside it.
+    assert defining_file("cblas_sgemm") == library.path.resolve()
     assert blas_in_use(library) == "openblas"
     a = mx.random.normal((64, 96))
     b = mx.random.normal((96, 32))
     assert mx.allclose(a @ b, mx.sum(a[:, :, None] * b[None], axis=1), atol=1e-4).item()
+
+
+def test_a_library_loaded_after_mlx_is_not_reported_as_in_use() -> None:
+    library = loaded_blas()
+    if library is None or library.path is None:
+        pytest.skip(f"no OpenBLAS on this machine (Debian package {BLAS_PACKAGE})")
+    late = BlasLibrary(library.name, library.path, library.threads, before_mlx=False)
+    assert blas_in_use(late) == "bundled"
+    missing = BlasLibrary("openblas", Path("/nonexistent/libopenblas.so.0"), 1)
+    assert blas_in_use(missing) == "bundled"
 
 
 def test_blas_threads_are_set_and_shared_out_per_host() -> None:

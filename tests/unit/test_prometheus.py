@@ -52,7 +52,10 @@ EXPECTED_FAMILIES = {
     "mlxrelay_stage_busy_seconds": ("counter", {"device", "stage"}),
     "mlxrelay_stage_steps": ("counter", {"device", "stage", "phase"}),
     "mlxrelay_stage_kv_sessions": ("gauge", {"device", "stage"}),
-    "mlxrelay_stage_info": ("gauge", {"device", "stage", "layer_start", "layer_end"}),
+    "mlxrelay_stage_info": (
+        "gauge",
+        {"device", "stage", "layer_start", "layer_end", "backend", "compute", "blas", "threads"},
+    ),
     "mlxrelay_device_cpu_utilization_ratio": ("gauge", {"device"}),
     "mlxrelay_device_memory_used_bytes": ("gauge", {"device"}),
     "mlxrelay_device_memory_available_bytes": ("gauge", {"device"}),
@@ -150,7 +153,16 @@ def recorded() -> Iterator[tuple[MetricsCollector, FakeClock]]:
     trace.finish("length")
     coordinator.track_request(prompt_tokens=2).fail("WorkerUnavailable", "worker-1 is down")
 
-    worker.update_device_status("worker-0", assigned_layers=[0, 1], stage=0, role="worker")
+    worker.update_device_status(
+        "worker-0",
+        assigned_layers=[0, 1],
+        stage=0,
+        role="worker",
+        backend="cpu",
+        compute="float32",
+        blas="openblas",
+        blas_threads=1,
+    )
     worker.record_stage_forward(0, "prefill", 0.004, 7)
     worker.record_stage_forward(0, "decode", 0.001, 1)
     worker.record_stage_forward(0, "decode", 0.0015, 1)
@@ -291,6 +303,8 @@ def test_counters_and_known_label_sets(recorded: tuple[MetricsCollector, FakeClo
     assert (
         value(info, "mlxrelay_stage_info", device="worker-0", layer_start="0", layer_end="2") == 1
     )
+    engine = {"backend": "cpu", "compute": "float32", "blas": "openblas", "threads": "1"}
+    assert value(info, "mlxrelay_stage_info", device="worker-0", **engine) == 1
 
     requests = families["mlxrelay_network_requests"][1]
     outcomes = {s.labels["outcome"]: s.value for s in requests if s.labels["peer"] == "worker-0"}

@@ -152,6 +152,10 @@ class ClusterMonitor:
             stage=stage.index,
             health_status=health_status,
             up=True,
+            backend=status.backend or None,
+            compute=status.compute or None,
+            blas=status.blas or None,
+            blas_threads=status.blas_threads if status.backend else None,
         )
         message = "" if healthy else f"worker reports {health_status}"
         return PeerState(reachable=True, healthy=healthy, message=message)

@@ -31,11 +31,13 @@ class BlasLibrary:
         name: ``openblas``, or ``bundled`` when none was found (MLX's own reference BLAS).
         path: The loaded library's file, or None.
         threads: The BLAS thread count (0 when no library is loaded).
+        before_mlx: Whether it was loaded before ``mlx.core`` was imported.
     """
 
     name: str
     path: Path | None
     threads: int
+    before_mlx: bool = True
 
 
 _loaded: BlasLibrary | None = None
@@ -69,7 +71,8 @@ def load_blas(paths: list[Path] | None = None) -> BlasLibrary:
         # macOS: Accelerate is MLX's BLAS already.
         _loaded = BlasLibrary("system", None, 0)
         return _loaded
-    if "mlx.core" in sys.modules:
+    before_mlx = "mlx.core" not in sys.modules
+    if not before_mlx:
         logger.warning("mlx.core was imported before the BLAS was loaded; MLX may not use it")
     for path in paths if paths is not None else candidate_paths():
         if not path.is_file():
@@ -79,7 +82,7 @@ def load_blas(paths: list[Path] | None = None) -> BlasLibrary:
         except OSError as exc:
             logger.warning("cannot load %s: %s", path, exc)
             continue
-        _loaded = BlasLibrary("openblas", path, _get_threads())
+        _loaded = BlasLibrary("openblas", path, _get_threads(), before_mlx)
         return _loaded
     logger.warning(
         "no OpenBLAS found (install the Debian package %s): MLX's CPU matmuls use its "
@@ -108,7 +111,7 @@ def set_threads(threads: int) -> BlasLibrary:
     if _handle is None:
         return library
     _handle.openblas_set_num_threads(ctypes.c_int(threads))
-    _loaded = BlasLibrary(library.name, library.path, _get_threads())
+    _loaded = BlasLibrary(library.name, library.path, _get_threads(), library.before_mlx)
     return _loaded
 
 
@@ -136,6 +139,32 @@ def default_threads(computing_processes: int, cores: int | None = None) -> int:
 def same_host(a: str, b: str) -> bool:
     """Whether two configured hosts name the same machine (all loopback names are one)."""
     return a == b or (a in _LOOPBACK and b in _LOOPBACK)
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def defining_file(symbol: str) -> Path | None:
+    """The file the dynamic linker's global lookup finds ``symbol`` in, or None.
+
+    MLX's extension module is loaded without ``RTLD_GLOBAL``, so its calls into the BLAS bind
+    through this same global lookup before its own dependencies (the wheel's BLAS).
+    """
+    process = ctypes.CDLL(None)
+    try:
+        address = ctypes.cast(getattr(process, symbol), ctypes.c_void_p)
+    except AttributeError:
+        return None
+    info = _DlInfo()
+    if process.dladdr(address, ctypes.byref(info)) == 0 or not info.dli_fname:
+        return None
+    return Path(info.dli_fname.decode()).resolve()
 
 
 def loaded_in_process(path: Path) -> bool:

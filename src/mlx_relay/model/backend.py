@@ -9,7 +9,6 @@ to the BLAS: ``auto`` picks float32 there when the dense weights fit, and keeps 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,14 +16,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_relay.core.blas import BlasLibrary, loaded_blas, loaded_in_process
+from mlx_relay.core.blas import BlasLibrary, defining_file, loaded_blas, loaded_in_process
 
 logger = logging.getLogger(__name__)
 
 Compute = Literal["quantized", "float32"]
-
-# The wheel's reference BLAS manages 2-7 GFLOP/s here; OpenBLAS on one busy core over 50.
-_MIN_BLAS_GFLOPS = 25.0
 
 
 @dataclass(frozen=True)
@@ -123,36 +119,20 @@ def to_float32(model: nn.Module) -> nn.Module:
 
 
 def blas_in_use(library: BlasLibrary | None = None) -> str:
-    """The BLAS MLX's float32 matmuls really run on: ``openblas`` when the library is mapped
-    into this process and a matmul runs at its speed, else ``bundled`` (with one warning when
-    a library was loaded but MLX does not use it)."""
+    """The BLAS MLX's float32 matmuls really run on: ``openblas`` when the library was loaded
+    before MLX, is mapped into this process and is where ``cblas_sgemm`` resolves, else
+    ``bundled`` (with one warning when a library was loaded but MLX does not use it)."""
     library = library or loaded_blas()
     if library is None or library.path is None:
         return library.name if library is not None else "bundled"
-    if not loaded_in_process(library.path):
-        logger.warning("%s is not mapped into this process", library.path)
-        return "bundled"
-    gflops = matmul_gflops()
-    if gflops < _MIN_BLAS_GFLOPS:
-        logger.warning(
-            "MLX's float32 matmul runs at %.1f GFLOP/s although %s is loaded: was mlx.core "
-            "imported first?",
-            gflops,
-            library.path,
-        )
+    problem = ""
+    if not library.before_mlx:
+        problem = "it was loaded after mlx.core"
+    elif not loaded_in_process(library.path):
+        problem = "it is not mapped into this process"
+    elif defining_file("cblas_sgemm") != library.path.resolve():
+        problem = f"cblas_sgemm resolves to {defining_file('cblas_sgemm')}"
+    if problem:
+        logger.warning("MLX does not compute with %s: %s", library.path, problem)
         return "bundled"
     return library.name
-
-
-def matmul_gflops(rows: int = 128, inner: int = 576, cols: int = 1536, rounds: int = 3) -> float:
-    """The best GFLOP/s of a float32 matmul over ``rounds`` on MLX's CPU device."""
-    with mx.stream(mx.cpu):
-        a = mx.random.normal((rows, inner))
-        b = mx.random.normal((inner, cols))
-        mx.eval(a, b)
-        best = float("inf")
-        for _ in range(rounds):
-            started = time.perf_counter()
-            mx.eval(a @ b)
-            best = min(best, time.perf_counter() - started)
-    return 2 * rows * inner * cols / best / 1e9

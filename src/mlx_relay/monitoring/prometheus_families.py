@@ -178,8 +178,18 @@ def stage_families(snapshot: Snapshot) -> Iterator[Metric]:
     )
     info = GaugeMetricFamily(
         PREFIX + "stage_info",
-        "Which layers live where (value 1; layer_end is exclusive).",
-        labels=["device", "stage", "layer_start", "layer_end"],
+        "Which layers live where and how the stage computes them (value 1; layer_end is "
+        "exclusive; backend, compute, blas and threads are empty until the stage loaded).",
+        labels=[
+            "device",
+            "stage",
+            "layer_start",
+            "layer_end",
+            "backend",
+            "compute",
+            "blas",
+            "threads",
+        ],
     )
     for device_id, stage in sorted(snapshot.stages.items()):
         label = _stage_label(stage.stage)
@@ -194,7 +204,10 @@ def stage_families(snapshot: Snapshot) -> Iterator[Metric]:
     for device_id, status in sorted(snapshot.devices.items()):
         if status.layer_start is not None and status.layer_end is not None:
             label = _stage_label(status.stage)
-            info.add_metric([device_id, label, str(status.layer_start), str(status.layer_end)], 1)
+            threads = "" if status.blas_threads is None else str(status.blas_threads)
+            engine = [status.backend or "", status.compute or "", status.blas or "", threads]
+            layers = [str(status.layer_start), str(status.layer_end)]
+            info.add_metric([device_id, label, *layers, *engine], 1)
     yield from (forward, busy, steps, sessions, info)
 
 

@@ -161,6 +161,18 @@ class DeviceStatus(_Snap):
     model_loaded: bool | None = Field(
         default=None, description="Whether the device's shard is loaded."
     )
+    backend: str | None = Field(
+        default=None, description="Where the stage computes: 'cpu', 'metal' or 'cuda'."
+    )
+    compute: str | None = Field(
+        default=None, description="The stage's weights: 'quantized' or a dense dtype."
+    )
+    blas: str | None = Field(
+        default=None, description="CPU BLAS in use: 'openblas', 'bundled' or 'system'."
+    )
+    blas_threads: int | None = Field(
+        default=None, description="BLAS threads of the worker process (0: none loaded)."
+    )
     is_healthy: bool | None = Field(default=None, description="Device's own health verdict.")
     health_status: str | None = Field(
         default=None, description="Overall health: healthy|warning|critical|unknown."

@@ -129,7 +129,7 @@ class StatusRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("request_id", "device_id", "stage", "layer_start", "layer_end", "num_layers", "model_loaded", "model_name", "kv_sessions", "health_status", "metrics_json", "health_json", "uptime_seconds", "hidden_size", "dtype")
+    __slots__ = ("request_id", "device_id", "stage", "layer_start", "layer_end", "num_layers", "model_loaded", "model_name", "kv_sessions", "health_status", "metrics_json", "health_json", "uptime_seconds", "hidden_size", "dtype", "backend", "compute", "blas", "blas_threads")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,10 @@ class StatusResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    BLAS_FIELD_NUMBER: _ClassVar[int]
+    BLAS_THREADS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     device_id: str
     stage: int
@@ -160,4 +164,8 @@ class StatusResponse(_message.Message):
     uptime_seconds: float
     hidden_size: int
     dtype: str
-    def __init__(self, request_id: _Optional[str] = ..., device_id: _Optional[str] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., model_loaded: _Optional[bool] = ..., model_name: _Optional[str] = ..., kv_sessions: _Optional[int] = ..., health_status: _Optional[str] = ..., metrics_json: _Optional[str] = ..., health_json: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    backend: str
+    compute: str
+    blas: str
+    blas_threads: int
+    def __init__(self, request_id: _Optional[str] = ..., device_id: _Optional[str] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., model_loaded: _Optional[bool] = ..., model_name: _Optional[str] = ..., kv_sessions: _Optional[int] = ..., health_status: _Optional[str] = ..., metrics_json: _Optional[str] = ..., health_json: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., compute: _Optional[str] = ..., blas: _Optional[str] = ..., blas_threads: _Optional[int] = ...) -> None: ...

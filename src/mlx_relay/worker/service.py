@@ -196,8 +196,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             response.model_name = state.model_info.name
             response.hidden_size = state.model_info.hidden_size
         if state.runtime is not None:
+            engine = state.runtime.engine
             response.hidden_size = state.runtime.hidden_size
             response.dtype = state.runtime.input_dtype
+            response.backend = engine.backend
+            response.compute = engine.compute
+            response.blas = engine.blas
+            response.blas_threads = engine.blas_threads
         if state.collector is not None:
             response.metrics_json = json.dumps(state.collector.export_metrics(), default=str)
         if state.health is not None:

@@ -266,7 +266,14 @@ class WorkerServer:
             logger.error("worker %s failed to load its model: %s", self.device_id, exc)
             self._report(model_loaded=False, last_error=str(exc))
             raise
-        self._report(model_loaded=True)
+        engine = state.runtime.engine
+        self._report(
+            model_loaded=True,
+            backend=engine.backend,
+            compute=engine.compute,
+            blas=engine.blas,
+            blas_threads=engine.blas_threads,
+        )
         state.report_sessions()
         await self._update_health()
         if self.health is not None:

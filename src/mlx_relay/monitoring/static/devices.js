@@ -65,8 +65,10 @@
     const mlx = row("MLX memory");
     const gpu = row("GPU");
     const compute = row("Compute");
-    for (const r of [cpu, mem, rss, mlx, gpu, compute]) card.appendChild(r.line);
-    const parts = { card, role, health, placement, seen, cpu, cpuMeter, mem, memMeter, rss, mlx, gpu, compute };
+    const engine = row("Engine");
+    engine.line.classList.add("engine");
+    for (const r of [cpu, mem, rss, mlx, gpu, compute, engine]) card.appendChild(r.line);
+    const parts = { card, role, health, placement, seen, cpu, cpuMeter, mem, memMeter, rss, mlx, gpu, compute, engine };
     cards.set(deviceId, parts);
     return parts;
   }
@@ -136,6 +138,15 @@
       parts.compute.line.classList.remove("hidden");
     } else {
       parts.compute.line.classList.add("hidden");
+    }
+
+    // How the stage computes: MLX backend, its weights, and the CPU BLAS with its threads.
+    if (device.backend) {
+      const blas = device.backend === "cpu" ? ` · BLAS ${device.blas || "?"} × ${device.blas_threads ?? "?"}` : "";
+      parts.engine.value.textContent = `${device.backend} · ${device.compute || "?"}${blas}`;
+      parts.engine.line.classList.remove("hidden");
+    } else {
+      parts.engine.line.classList.add("hidden");
     }
   }
 
