@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, BrowserLog, pytestmark, require_chromium
-from tests.support.history_cluster import coordinator, history_workers, send_completions
+from tests.support.history_cluster import (
+    coordinator,
+    history_workers,
+    send_completions,
+    with_token,
+)
 
 __all__ = ["pytestmark"]
 
 # The tokens/s chart's data as the page holds it: [[time, value], ...].
+TOKEN = "history-token"
 CHART_POINTS = """() => {
   const chart = window.RelayDashboardCharts.tokens;
   return chart.times.map((t, i) => [t, chart.series[0].values[i]]);
@@ -32,9 +38,11 @@ async def test_after_a_restart_the_charts_show_what_came_before(
     require_chromium()
     from playwright.async_api import async_playwright
 
-    async with history_workers(tiny_model_dir, tmp_path / "history.sqlite") as config:
+    async with history_workers(tiny_model_dir, tmp_path / "history.sqlite") as workers:
+        # With a token: the page passes it on to every history request.
+        config = with_token(workers, TOKEN)
         async with coordinator(config) as runtime:
-            sent = await send_completions(runtime.url, 4, max_tokens=8)
+            sent = await send_completions(runtime.url, 4, max_tokens=8, token=TOKEN)
             await asyncio.sleep(1.5)  # a few chart points with tokens/s > 0
         stopped = time.time()
         await asyncio.sleep(1.5)  # down for a while
@@ -43,7 +51,7 @@ async def test_after_a_restart_the_charts_show_what_came_before(
             try:
                 page = await browser.new_page(viewport={"width": 1440, "height": 1400})
                 log = BrowserLog(page)
-                await page.goto(f"{runtime.url}/")
+                await page.goto(f"{runtime.url}/?token={TOKEN}")
                 await page.wait_for_function("() => document.body.dataset.historyReady === '1'")
                 # Live view: the points from before the restart lead in, then a gap.
                 await page.wait_for_function(

@@ -48,10 +48,18 @@ async def coordinator(config: ClusterConfig) -> AsyncIterator[CoordinatorRuntime
         await runtime.stop()
 
 
-async def send_completions(url: str, count: int, max_tokens: int = 6) -> list[str]:
+def with_token(config: ClusterConfig, token: str) -> ClusterConfig:
+    """The configuration with the app's bearer token set."""
+    return config.model_copy(update={"http": config.http.model_copy(update={"auth_token": token})})
+
+
+async def send_completions(
+    url: str, count: int, max_tokens: int = 6, token: str | None = None
+) -> list[str]:
     """``count`` completions through the OpenAI API; returns their request ids."""
     ids: list[str] = []
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         for i in range(count):
             body: dict[str, Any] = {
