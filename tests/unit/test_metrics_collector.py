@@ -231,6 +231,9 @@ def test_network_links_and_rpc() -> None:
     c.record_ping("w1", 0.003)
     c.record_ping("w1", None, timeout=True)
     c.record_ping("w1", None, error="connection refused")
+    c.record_network_rtt("w1", 0.0002, method="tcp_info", ping_rtt_seconds=0.003)
+    c.record_network_rtt("w1", 0.0001, method="tcp_info", ping_rtt_seconds=None)
+    c.record_network_rtt("w0", None, error="connection refused")
     c.record_rpc("w1", "Forward", 0.02, "OK", sent_bytes=1000, received_bytes=40)
     c.record_rpc("w1", "Forward", 0.5, "UNAVAILABLE", sent_bytes=1000)
     c.record_rpc("w1", "Forward", 2.0, "DEADLINE_EXCEEDED")
@@ -242,10 +245,22 @@ def test_network_links_and_rpc() -> None:
         {"ok": 0, "error": 0, "timeout": 0},
         None,
     )
+    assert w0.rtt_unavailable_reason == "connection refused"
     assert w1.device == "coord"
-    assert w1.rtt_last_seconds == 0.003
-    assert (w1.rtt.count, w1.rtt.p50) == (2, pytest.approx(0.002))
+    # The Ping RPC's own round trips...
+    assert w1.ping_rtt_last_seconds == 0.003
+    assert (w1.ping_rtt.count, w1.ping_rtt.p50) == (2, pytest.approx(0.002))
+    # ...apart from the network's, and the overhead only where a ping came in the same poll.
+    assert (w1.rtt_last_seconds, w1.rtt_method, w1.rtt_unavailable_reason) == (
+        0.0001,
+        "tcp_info",
+        None,
+    )
+    assert (w1.rtt.count, w1.rtt.p50) == (2, pytest.approx(0.00015))
     assert w1.rtt_histogram.count == 2
+    assert w1.rpc_overhead_last_seconds == pytest.approx(0.0028)
+    assert w1.rpc_overhead.count == 1
+    assert w1.rpc_overhead_histogram is not None and w1.rpc_overhead_histogram.count == 1
     assert w1.ping_total == {"ok": 2, "error": 1, "timeout": 1}
     assert w1.requests_total == {"ok": 1, "error": 1, "timeout": 1}
     assert (w1.transmit_bytes_total, w1.receive_bytes_total) == (2000, 40)

@@ -19,7 +19,7 @@ from mlx_relay.monitoring.snapshot import (
     HealthSummary,
 )
 from mlx_relay.monitoring.windows import (
-    NETWORK_RPC_BUCKETS,
+    NETWORK_RTT_BUCKETS,
     STAGE_FORWARD_BUCKETS,
     TTFT_BUCKETS,
 )
@@ -71,6 +71,7 @@ EXPECTED_FAMILIES = {
     "mlxrelay_device_gpu_memory_used_bytes": ("gauge", {"device"}),
     "mlxrelay_device_info": ("gauge", {"device", "role", "platform", "chip", "mlx_version"}),
     "mlxrelay_network_rtt_seconds": ("histogram", {"device", "peer"}),
+    "mlxrelay_network_rpc_overhead_seconds": ("histogram", {"device", "peer"}),
     "mlxrelay_network_requests": ("counter", {"device", "peer", "outcome"}),
     "mlxrelay_network_transmit_bytes": ("counter", {"device", "peer"}),
     "mlxrelay_network_receive_bytes": ("counter", {"device", "peer"}),
@@ -173,7 +174,9 @@ def recorded() -> Iterator[tuple[MetricsCollector, FakeClock]]:
     coordinator.update_remote_snapshot("worker-1", None, error="connection refused")
 
     coordinator.record_ping("worker-0", 0.0015)
+    coordinator.record_network_rtt("worker-0", 0.00004, method="tcp_info", ping_rtt_seconds=0.0015)
     coordinator.record_ping("worker-1", None, error="connection refused")
+    coordinator.record_network_rtt("worker-1", None, error="connection refused")
     coordinator.record_rpc("worker-0", "Forward", 0.003, "OK", sent_bytes=100, received_bytes=250)
     coordinator.record_rpc("worker-0", "Forward", 0.5, "DEADLINE_EXCEEDED")
     coordinator.record_transfer("worker-0", 0.002)
@@ -269,9 +272,14 @@ def test_histograms_use_the_catalogue_buckets_and_counts(
         for s in rtt
         if s.name.endswith("_bucket") and s.labels["peer"] == "worker-0"
     ]
-    assert rtt_bounds == [*NETWORK_RPC_BUCKETS, float("inf")]
+    assert rtt_bounds == [*NETWORK_RTT_BUCKETS, float("inf")]
     assert value(rtt, "mlxrelay_network_rtt_seconds_count", peer="worker-0") == 1
+    assert value(rtt, "mlxrelay_network_rtt_seconds_sum", peer="worker-0") == 0.00004
     assert value(rtt, "mlxrelay_network_rtt_seconds_count", peer="worker-1") == 0
+    _, overhead = families["mlxrelay_network_rpc_overhead_seconds"]
+    overhead_sum = value(overhead, "mlxrelay_network_rpc_overhead_seconds_sum", peer="worker-0")
+    assert overhead_sum == pytest.approx(0.0015 - 0.00004)
+    assert value(overhead, "mlxrelay_network_rpc_overhead_seconds_count", peer="worker-1") == 0
 
 
 def test_counters_and_known_label_sets(recorded: tuple[MetricsCollector, FakeClock]) -> None:

@@ -1,10 +1,14 @@
-"""The cluster poll: every worker's status and a ping of every link the pipeline uses, fed
-into the coordinator's collector (the one record of reachability, link RTT and link state)
-and its health monitor's peer check.
+"""The cluster poll: every worker's status and a measure of every link the pipeline uses,
+fed into the coordinator's collector (the one record of reachability, link round trips and
+link state) and its health monitor's peer check.
 
 Hidden states travel coordinator -> stage -> coordinator -> next stage, so the links that
-carry traffic are coordinator <-> each worker; those are the links pinged and reported.
+carry traffic are coordinator <-> each worker; those are the links measured and reported.
 Workers do not talk to each other, and no worker-to-worker number is made up.
+
+Each poll sends one ``GetStatus`` and one ``Ping`` RPC per worker, then probes the network's
+own round trip with TCP handshakes (:mod:`mlx_relay.coordinator.link_probe`); the Ping RPC's
+round trip minus that is the RPC overhead of a hop (docs/monitoring-api.md, "Link figures").
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlx_relay.coordinator.client import WorkerClient, WorkerTimedOut
+from mlx_relay.coordinator.link_probe import probe_rtt
 from mlx_relay.coordinator.pipeline import Stage
 from mlx_relay.core.errors import RelayError
 from mlx_relay.core.tasks import cancel_and_wait
@@ -103,6 +108,8 @@ class ClusterMonitor:
             return_exceptions=True,
         )
         self._record_ping(stage.device_id, ping_result)
+        ping = None if isinstance(ping_result, BaseException) else ping_result
+        await self._probe_network(stage, ping)
         if isinstance(status_result, BaseException):
             peer = self._mark_unreachable(stage, status_result)
         else:
@@ -119,6 +126,19 @@ class ClusterMonitor:
             self._collector.record_ping(device_id, None, error=str(result), timeout=timed_out)
             return
         self._collector.record_ping(device_id, result)
+
+    async def _probe_network(self, stage: Stage, ping: float | None) -> None:
+        # After the RPCs, so that the handshakes never queue behind them on either machine.
+        try:
+            result = await asyncio.to_thread(
+                probe_rtt, stage.device_id, stage.address, timeout=self.timeout
+            )
+        except RelayError as exc:
+            self._collector.record_network_rtt(stage.device_id, None, error=str(exc))
+            return
+        self._collector.record_network_rtt(
+            stage.device_id, result.seconds, method=result.method, ping_rtt_seconds=ping
+        )
 
     def _was_up(self, device_id: str) -> bool | None:
         status = self._collector.device_status(device_id)

@@ -23,3 +23,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a host name: may resolve to anything
+
+
+def exposure_warning(host: str, guarded: bool, exposed: str, remedy: str) -> str | None:
+    """The warning for a server bound to ``host``, or None when loopback or ``guarded``.
+
+    The HTTP app and the workers' gRPC servers warn in these same words.
+
+    Args:
+        host: the bind address.
+        guarded: a token (or other access control) is configured.
+        exposed: what anyone who can reach the address can do.
+        remedy: how to guard it.
+    """
+    if is_loopback(host) or guarded:
+        return None
+    return (
+        f"binding {host} with no auth token: anyone who can reach this address can "
+        f"{exposed}. {remedy}, or bind 127.0.0.1."
+    )

@@ -22,7 +22,7 @@ from fastapi import FastAPI, HTTPException, Request, WebSocket, status
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.requests import HTTPConnection
 
-from mlx_relay.core.addresses import is_loopback
+from mlx_relay.core.addresses import exposure_warning as _exposure_warning
 from mlx_relay.core.config import HTTPConfig
 
 logger = logging.getLogger(__name__)
@@ -157,12 +157,11 @@ def install_cors(app: FastAPI, settings: HTTPConfig) -> bool:
 
 def exposure_warning(host: str, settings: HTTPConfig) -> str | None:
     """A warning when the app would be reachable from the network without a token."""
-    if is_loopback(host) or settings.auth_token:
-        return None
-    return (
-        f"binding {host} with no auth token: anyone who can reach this address can "
-        "read the monitoring data and use the API. Set http.auth_token "
-        "(or MLX_RELAY_AUTH_TOKEN / --token), or bind 127.0.0.1."
+    return _exposure_warning(
+        host,
+        bool(settings.auth_token),
+        "read the monitoring data and use the API",
+        "Set http.auth_token (or MLX_RELAY_AUTH_TOKEN / --token)",
     )
 
 

@@ -205,10 +205,29 @@ class MetricsCollector:
     ) -> None:
         """A Ping RPC to ``peer``: its round trip, or a failure when ``rtt_seconds`` is None.
 
-        Pings are counted in ``ping_total``; if the client interceptor also reports the Ping
-        call through :meth:`record_rpc`, it is counted there as an RPC as well.
+        This is the RPC's round trip (``ping_rtt``), processes and gRPC included; the
+        network's own round trip comes from :meth:`record_network_rtt`. Pings are counted in
+        ``ping_total``; if the client interceptor also reports the Ping call through
+        :meth:`record_rpc`, it is counted there as an RPC as well.
         """
         self._network.record_ping(peer, rtt_seconds, error, timeout)
+
+    def record_network_rtt(
+        self,
+        peer: str,
+        rtt_seconds: float | None,
+        *,
+        method: str | None = None,
+        error: str | None = None,
+        ping_rtt_seconds: float | None = None,
+    ) -> None:
+        """The network's own round trip to ``peer`` (no process wake-up or RPC handling in
+        it), measured by ``method``; None with ``error`` when the probe failed.
+
+        With ``ping_rtt_seconds``, a Ping RPC's round trip taken in the same poll, the RPC
+        overhead (ping minus network round trip) is recorded as well.
+        """
+        self._network.record_network_rtt(peer, rtt_seconds, method, error, ping_rtt_seconds)
 
     def record_rpc(
         self,

@@ -1,4 +1,7 @@
-"""Recording of links to peers: Ping round trips, RPC outcomes, payload bytes, transfer time.
+"""Recording of links to peers: network round trips, Ping RPC round trips and the RPC
+overhead between the two, RPC outcomes, message bytes, transfer time.
+
+See docs/monitoring-api.md ("Link figures") for what each figure measures and its error bound.
 
 The peer, method and code labels are bounded by the cluster (a few devices, a few methods,
 the gRPC status names); caps below keep memory bounded even if a caller misbehaves.
@@ -15,7 +18,12 @@ from mlx_relay.monitoring.snapshot import (
     NetworkMetrics,
     RpcMethodMetrics,
 )
-from mlx_relay.monitoring.windows import NETWORK_RPC_BUCKETS, Histogram, SampleWindow
+from mlx_relay.monitoring.windows import (
+    NETWORK_RPC_BUCKETS,
+    NETWORK_RTT_BUCKETS,
+    Histogram,
+    SampleWindow,
+)
 
 MAX_PEERS = 64
 MAX_METHODS_PER_PEER = 16
@@ -36,12 +44,19 @@ class _Link:
         "last_error",
         "last_error_at",
         "last_ok_at",
+        "overhead",
+        "overhead_histogram",
+        "overhead_last",
+        "ping_rtt",
+        "ping_rtt_last",
         "ping_total",
         "receive_bytes",
         "requests_total",
         "rtt",
         "rtt_histogram",
         "rtt_last",
+        "rtt_method",
+        "rtt_unavailable_reason",
         "transfer",
         "transfer_histogram",
         "transmit_bytes",
@@ -50,7 +65,14 @@ class _Link:
     def __init__(self, window_size: int, retention_seconds: float) -> None:
         self.rtt_last: float | None = None
         self.rtt = SampleWindow(window_size, retention_seconds)
-        self.rtt_histogram = Histogram(NETWORK_RPC_BUCKETS)
+        self.rtt_histogram = Histogram(NETWORK_RTT_BUCKETS)
+        self.rtt_method: str | None = None
+        self.rtt_unavailable_reason: str | None = "not probed yet"
+        self.ping_rtt_last: float | None = None
+        self.ping_rtt = SampleWindow(window_size, retention_seconds)
+        self.overhead_last: float | None = None
+        self.overhead = SampleWindow(window_size, retention_seconds)
+        self.overhead_histogram = Histogram(NETWORK_RPC_BUCKETS)
         self.ping_total = dict.fromkeys(LINK_OUTCOMES, 0)
         self.requests_total = dict.fromkeys(LINK_OUTCOMES, 0)
         self.transmit_bytes = 0
@@ -125,14 +147,38 @@ class NetworkRecorder:
             link = self._link(peer)
             if rtt_seconds is not None and error is None and not timeout:
                 link.ping_total["ok"] += 1
-                link.rtt_last = rtt_seconds
-                link.rtt.add(now, rtt_seconds)
-                link.rtt_histogram.observe(rtt_seconds)
+                link.ping_rtt_last = rtt_seconds
+                link.ping_rtt.add(now, rtt_seconds)
                 link.last_ok_at = wall
             else:
                 link.ping_total["timeout" if timeout else "error"] += 1
                 link.last_error = error or ("ping timed out" if timeout else "ping failed")
                 link.last_error_at = wall
+
+    def record_network_rtt(
+        self,
+        peer: str,
+        rtt_seconds: float | None,
+        method: str | None,
+        error: str | None,
+        ping_rtt_seconds: float | None,
+    ) -> None:
+        now = self._clock()
+        with self._lock:
+            link = self._link(peer)
+            if rtt_seconds is None:
+                link.rtt_unavailable_reason = error or "probe failed"
+                return
+            link.rtt_last = rtt_seconds
+            link.rtt.add(now, rtt_seconds)
+            link.rtt_histogram.observe(rtt_seconds)
+            link.rtt_method = method
+            link.rtt_unavailable_reason = None
+            if ping_rtt_seconds is not None:
+                overhead = max(0.0, ping_rtt_seconds - rtt_seconds)
+                link.overhead_last = overhead
+                link.overhead.add(now, overhead)
+                link.overhead_histogram.observe(overhead)
 
     def record_rpc(
         self, peer: str, method: str, seconds: float, code: str, sent: int, received: int
@@ -172,6 +218,13 @@ class NetworkRecorder:
                     rtt_last_seconds=link.rtt_last,
                     rtt=link.rtt.summary(now),
                     rtt_histogram=link.rtt_histogram.snap(),
+                    rtt_method=link.rtt_method,
+                    rtt_unavailable_reason=link.rtt_unavailable_reason,
+                    ping_rtt_last_seconds=link.ping_rtt_last,
+                    ping_rtt=link.ping_rtt.summary(now),
+                    rpc_overhead_last_seconds=link.overhead_last,
+                    rpc_overhead=link.overhead.summary(now),
+                    rpc_overhead_histogram=link.overhead_histogram.snap(),
                     ping_total=dict(link.ping_total),
                     requests_total=dict(link.requests_total),
                     transmit_bytes_total=link.transmit_bytes,

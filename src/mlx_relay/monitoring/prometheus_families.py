@@ -252,7 +252,12 @@ def network_families(snapshot: Snapshot) -> Iterator[Metric]:
     link_labels = ["device", "peer"]
     rtt = HistogramMetricFamily(
         PREFIX + "network_rtt_seconds",
-        "Ping RPC round trip on the real gRPC channel.",
+        "Network round trip only (TCP handshake), no process wake-up or RPC handling in it.",
+        labels=link_labels,
+    )
+    overhead = HistogramMetricFamily(
+        PREFIX + "network_rpc_overhead_seconds",
+        "Ping RPC round trip minus the network round trip: what a call costs beyond the wire.",
         labels=link_labels,
     )
     requests = CounterMetricFamily(
@@ -261,11 +266,13 @@ def network_families(snapshot: Snapshot) -> Iterator[Metric]:
         labels=["device", "peer", "outcome"],
     )
     transmit = CounterMetricFamily(
-        PREFIX + "network_transmit_bytes", "Payload bytes sent to the peer.", labels=link_labels
+        PREFIX + "network_transmit_bytes",
+        "Serialized request bytes of every RPC sent to the peer.",
+        labels=link_labels,
     )
     receive = CounterMetricFamily(
         PREFIX + "network_receive_bytes",
-        "Payload bytes received from the peer.",
+        "Serialized response bytes of every RPC answered by the peer.",
         labels=link_labels,
     )
     transfer = HistogramMetricFamily(
@@ -276,12 +283,14 @@ def network_families(snapshot: Snapshot) -> Iterator[Metric]:
     for link in snapshot.network.links:
         labels = [link.device, link.peer]
         _add_histogram(rtt, labels, link.rtt_histogram)
+        if link.rpc_overhead_histogram is not None:
+            _add_histogram(overhead, labels, link.rpc_overhead_histogram)
         for outcome in _known_then_rest(LINK_OUTCOMES, link.requests_total):
             requests.add_metric([*labels, outcome], link.requests_total.get(outcome, 0))
         transmit.add_metric(labels, link.transmit_bytes_total)
         receive.add_metric(labels, link.receive_bytes_total)
         _add_histogram(transfer, labels, link.transfer_duration_seconds)
-    yield from (rtt, requests, transmit, receive, transfer)
+    yield from (rtt, overhead, requests, transmit, receive, transfer)
     yield from grpc_families(snapshot)
 
 

@@ -241,14 +241,44 @@ class LinkMetrics(_Snap):
     device: str = Field(description="This device's id.")
     peer: str = Field(description="Peer device id.")
     rtt_last_seconds: float | None = Field(
-        default=None, description="Latest Ping round trip, seconds."
+        default=None,
+        description="Latest network round trip (TCP handshake, no process or RPC time), s.",
     )
-    rtt: LatencySummary = Field(description="Recent Ping round trips, seconds.")
-    rtt_histogram: HistogramSnap = Field(description="Ping round trips (Network RPC buckets), s.")
+    rtt: LatencySummary = Field(description="Recent network round trips, seconds.")
+    rtt_histogram: HistogramSnap = Field(description="Network round trips (RTT buckets), s.")
+    rtt_method: str | None = Field(
+        default=None,
+        description="How rtt is measured: tcp_info (the kernel's handshake RTT, Linux) or "
+        "tcp_connect (connect() time, which adds this process's wake-up).",
+    )
+    rtt_unavailable_reason: str | None = Field(
+        default=None, description="Why the latest network probe gave no round trip."
+    )
+    ping_rtt_last_seconds: float | None = Field(
+        default=None, description="Latest Ping RPC round trip on the gRPC channel, seconds."
+    )
+    ping_rtt: LatencySummary = Field(
+        default_factory=lambda: LatencySummary(count=0),
+        description="Recent Ping RPC round trips (network + both processes + gRPC), seconds.",
+    )
+    rpc_overhead_last_seconds: float | None = Field(
+        default=None, description="Latest Ping RPC round trip minus the network round trip, s."
+    )
+    rpc_overhead: LatencySummary = Field(
+        default_factory=lambda: LatencySummary(count=0),
+        description="Recent RPC overheads: what a call costs beyond the network, seconds.",
+    )
+    rpc_overhead_histogram: HistogramSnap | None = Field(
+        default=None, description="RPC overheads (Network RPC buckets), seconds."
+    )
     ping_total: dict[str, int] = Field(description="Pings by outcome ok|error|timeout.")
     requests_total: dict[str, int] = Field(description="RPCs by outcome ok|error|timeout.")
-    transmit_bytes_total: int = Field(description="Payload bytes sent to the peer.")
-    receive_bytes_total: int = Field(description="Payload bytes received from the peer.")
+    transmit_bytes_total: int = Field(
+        description="Serialized request bytes of every RPC sent to the peer."
+    )
+    receive_bytes_total: int = Field(
+        description="Serialized response bytes of every RPC answered by the peer."
+    )
     transfer_duration_seconds: HistogramSnap = Field(
         description="Forward RPC time minus the stage's compute time, seconds."
     )

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from mlx_relay.core.blas import default_threads, same_host, set_threads
+from mlx_relay.core.addresses import exposure_warning
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, PipelineNotReady, ShardMismatch, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
@@ -161,6 +162,7 @@ class WorkerServer:
             self.port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise WorkerUnavailable(self.device_id, f"cannot bind {address}: {exc}") from None
+        self._warn_if_exposed()
         if self.monitoring_enabled:
             await self._start_monitoring()
         await server.start()
@@ -172,6 +174,18 @@ class WorkerServer:
         self._tasks.append(asyncio.create_task(self._sweep_sessions(), name="session-sweep"))
         if wait:
             await self.wait_until_ready()
+
+    def _warn_if_exposed(self) -> str | None:
+        # The same warning as the HTTP side's: nothing but the network guards this port.
+        message = exposure_warning(
+            self.device.host,
+            bool(self.config.network.auth_token),
+            f"run worker {self.device_id}'s layers and read its metrics (gRPC, unencrypted)",
+            "Set network.auth_token in the cluster file (the coordinator sends it)",
+        )
+        if message:
+            logger.warning("%s", message)
+        return message
 
     async def wait_until_ready(self, timeout: float | None = None) -> None:
         """Wait until the layers are loaded (health is SERVING from then on unless the

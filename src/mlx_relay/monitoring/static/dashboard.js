@@ -111,6 +111,9 @@
     }
   }
 
+  // Column keys of the links table, in order (data-column on each cell).
+  const LINK_COLUMNS = ["link", "network-rtt", "network-rtt-p50-p99", "rpc-overhead", "ping-rpc", "transfer", "pings", "sent", "received", "error"];
+
   function renderLinks(snapshot) {
     const tbody = document.querySelector("#links tbody");
     const links = snapshot.network.links;
@@ -119,16 +122,25 @@
     for (const link of links) {
       const tr = el("tr");
       const failed = (link.ping_total.error || 0) + (link.ping_total.timeout || 0);
+      const rtt = link.rtt_last_seconds === null ? `– (${link.rtt_unavailable_reason || "n/a"})` : fmt.seconds(link.rtt_last_seconds);
       const cells = [
         `${link.device} → ${link.peer}`,
-        fmt.seconds(link.rtt_last_seconds),
+        rtt,
         link.rtt.count ? `${fmt.seconds(link.rtt.p50)} / ${fmt.seconds(link.rtt.p99)}` : "–",
+        link.rpc_overhead.count ? `${fmt.seconds(link.rpc_overhead.p50)} / ${fmt.seconds(link.rpc_overhead.p99)}` : "–",
+        link.ping_rtt.count ? fmt.seconds(link.ping_rtt.p50) : "–",
+        link.transfer.count ? fmt.seconds(link.transfer.p50) : "–",
         `${fmt.count(link.ping_total.ok || 0)} / ${fmt.count(failed)}`,
         fmt.bytes(link.transmit_bytes_total),
         fmt.bytes(link.receive_bytes_total),
         link.last_error ? `${link.last_error} (${fmt.ago(link.last_error_timestamp)})` : "–",
       ];
-      cells.forEach((text, i) => tr.appendChild(el("td", i === 6 && link.last_error ? "error-text" : "", text)));
+      const errorColumn = cells.length - 1;
+      cells.forEach((text, i) => {
+        const td = el("td", i === errorColumn && link.last_error ? "error-text" : "", text);
+        td.dataset.column = LINK_COLUMNS[i];
+        tr.appendChild(td);
+      });
       tbody.appendChild(tr);
     }
   }
