@@ -22,19 +22,20 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	touch $(STAMP)
 
 # From Debian's packages: the browser, Prometheus and Alertmanager for the end-to-end tests,
-# OpenBLAS for MLX's CPU matmuls (loaded at start by every computing process) and g++, with
+# iproute2 (`ip`) for the multi-host tests' network namespaces, OpenBLAS for MLX's CPU
+# matmuls (loaded at start by every computing process) and g++, with
 # which MLX builds its compiled CPU kernels (see README, Performance). Re-checked when this
 # file changes.
 OPENBLAS := /usr/lib/$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('MULTIARCH') or '')")/openblas-pthread/libopenblas.so.0
 $(SYSTEM_STAMP): Makefile | $(VENV)/bin/python
-	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null && command -v g++ >/dev/null && [ -f "$(OPENBLAS)" ]; then \
-		echo "chromium, prometheus, alertmanager, g++ and OpenBLAS already installed"; \
+	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null && command -v g++ >/dev/null && { command -v ip || test -x /usr/sbin/ip || test -x /sbin/ip; } >/dev/null && [ -f "$(OPENBLAS)" ]; then \
+		echo "chromium, prometheus, alertmanager, g++, iproute2 and OpenBLAS already installed"; \
 	elif command -v apt-get >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver prometheus prometheus-alertmanager libopenblas0-pthread g++; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver prometheus prometheus-alertmanager libopenblas0-pthread g++ iproute2; \
 	else \
-		echo "note: no apt-get; browser, Prometheus and Alertmanager tests will report them missing, and MLX keeps its slow bundled BLAS"; \
+		echo "note: no apt-get; browser, Prometheus, Alertmanager and multi-host tests will report what is missing, and MLX keeps its slow bundled BLAS"; \
 	fi
 	touch $(SYSTEM_STAMP)
 

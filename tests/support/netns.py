@@ -42,8 +42,16 @@ class TopologyError(RuntimeError):
     """An ``ip`` command failed while building the topology."""
 
 
+def _ip_command() -> str | None:
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    return shutil.which("ip", path=search)
+
+
+IP = _ip_command() or "ip"
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([IP, *args], capture_output=True, text=True, timeout=30)
     if check and result.returncode != 0:
         raise TopologyError(f"ip {' '.join(args)}: {result.stderr.strip() or result.returncode}")
     return result
@@ -53,13 +61,13 @@ def netns_unavailable_reason() -> str | None:
     """None when this machine can build a topology, else exactly why it cannot."""
     if sys.platform != "linux":
         return f"network namespaces need Linux (this is {sys.platform})"
-    if shutil.which("ip") is None:
-        return "the `ip` command (iproute2) is not installed"
+    if _ip_command() is None:
+        return "the `ip` command (iproute2) is not installed: run `make system-packages`"
     probe = f"{PREFIX}{os.getpid()}-probe"
-    result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    result = subprocess.run([IP, "netns", "add", probe], capture_output=True, text=True)
     if result.returncode != 0:
-        return f"cannot create a network namespace: {result.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return f"cannot create a network namespace (needs root): {result.stderr.strip()}"
+    subprocess.run([IP, "netns", "del", probe], capture_output=True)
     return None
 
 
@@ -73,7 +81,7 @@ class Host:
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside this host's namespace."""
-        return ["ip", "netns", "exec", self.namespace, *argv]
+        return [IP, "netns", "exec", self.namespace, *argv]
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside the namespace; it is stopped when the topology closes.
@@ -188,7 +196,7 @@ def topology(num_hosts: int, *, grace: float = 5.0) -> Iterator[Topology]:
             _ip("link", "set", inner, "netns", host.namespace)
             _ip("link", "set", outer, "master", bridge)
             _ip("link", "set", outer, "up")
-            inside = ("netns", "exec", host.namespace, "ip")
+            inside = ("netns", "exec", host.namespace, IP)
             _ip(*inside, "link", "set", "lo", "up")
             _ip(*inside, "link", "set", inner, "name", "eth0")
             _ip(*inside, "addr", "add", f"{host.address}/{subnet.prefixlen}", "dev", "eth0")
