@@ -55,11 +55,10 @@ def cluster_file(
     *,
     network: dict[str, Any] | None = None,
 ) -> Path:
-    """A cluster file: the coordinator on loopback, worker-i on host i, layers split evenly."""
+    """A cluster file: the coordinator's HTTP app on loopback, worker-i on host i, layers
+    split evenly."""
     layers = 4 // len(net.hosts)
-    devices: list[dict[str, Any]] = [
-        {"id": "coordinator", "role": "coordinator", "host": "127.0.0.1", "port": coordinator_port}
-    ]
+    devices: list[dict[str, Any]] = [{"id": "coordinator", "role": "coordinator"}]
     for i, host in enumerate(net.hosts):
         devices.append(
             {
@@ -74,6 +73,7 @@ def cluster_file(
         "model": {"path": str(model_dir)},
         "devices": devices,
         "network": {**TEST_NETWORK, **(network or {})},
+        "http": {"host": "127.0.0.1", "port": coordinator_port},
         "monitoring": monitoring,
     }
     path.write_text(yaml.safe_dump(data, sort_keys=False))

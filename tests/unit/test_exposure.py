@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlx_relay.core.config import ClusterConfig, DashboardConfig
-from mlx_relay.monitoring.security import exposure_warning as http_warning
+from mlx_relay.core.config import ClusterConfig, HTTPConfig
+from mlx_relay.core.http_access import exposure_warning as http_warning
 from mlx_relay.worker.worker_server import WorkerServer
 
 
@@ -26,7 +26,7 @@ def test_worker_warns_like_http_when_exposed_without_a_token() -> None:
     assert message is not None
     assert message.startswith("binding 0.0.0.0 with no auth token: anyone who can reach")
     assert "network.auth_token" in message and message.endswith("or bind 127.0.0.1.")
-    http = http_warning("0.0.0.0", DashboardConfig())
+    http = http_warning("0.0.0.0", HTTPConfig())
     assert http is not None and http.split(":")[0] == message.split(":")[0]
 
 

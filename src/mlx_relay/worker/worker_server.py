@@ -20,8 +20,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from mlx_relay.core.blas import default_threads, same_host, set_threads
 from mlx_relay.core.addresses import exposure_warning
+from mlx_relay.core.blas import default_threads, same_host, set_threads
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, PipelineNotReady, ShardMismatch, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
