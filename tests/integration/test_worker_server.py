@@ -427,8 +427,14 @@ async def test_cpu_saturation_alone_keeps_the_stage_serving(tiny_model_dir: Path
                 break
             await asyncio.sleep(0.05)
         assert status.health_status == "critical"
-        # Several health-watch rounds (one per collection interval) must leave it serving.
-        await asyncio.sleep(0.5)
+        # Three health-watch verdicts after the CRITICAL report must leave it serving.
+        watch = worker.server.health_watch
+        target = watch.rounds + 3
+        deadline = time.monotonic() + 10
+        while watch.rounds < target:
+            assert time.monotonic() < deadline, f"only {watch.rounds} health-watch rounds ran"
+            await asyncio.sleep(0.02)
+        assert (await worker.stub.GetStatus(pb.StatusRequest())).health_status == "critical"
         assert await health_status(worker.channel) == SERVING
         # Memory exhausted: the stage cannot serve safely and leaves the pipeline.
         levels["memory_status"] = "critical"

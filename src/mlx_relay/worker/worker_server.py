@@ -6,6 +6,13 @@ thread; :meth:`WorkerServer.wait_until_ready` waits for the load (``start(wait=T
 does both). Health turns SERVING when the layers are loaded, and NOT_SERVING again while
 a CRITICAL health check says the stage cannot serve (CPU saturation alone does not) or while
 it stops.
+
+``WorkerServer`` composes separate pieces: the gRPC lifecycle
+(:class:`~mlx_relay.worker.grpc_endpoint.WorkerGrpcServer`), model loading
+(:mod:`~mlx_relay.worker.stage_loader`), monitoring
+(:class:`~mlx_relay.worker.telemetry.WorkerTelemetry`), the health watch
+(:class:`~mlx_relay.worker.background.ServingHealthWatch`) and the session sweep
+(:class:`~mlx_relay.worker.background.SessionSweep`).
 """
 
 from __future__ import annotations
@@ -16,29 +23,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-
-from mlx_relay.core.addresses import exposure_warning
-from mlx_relay.core.blas import default_threads, same_host, set_threads
+from mlx_relay.core.addresses import exposure_warning, host_port
 from mlx_relay.core.config import ClusterConfig
-from mlx_relay.core.errors import ConfigError, PipelineNotReady, ShardMismatch, WorkerUnavailable
+from mlx_relay.core.errors import ConfigError, PipelineNotReady
 from mlx_relay.core.types import LayerRange
-from mlx_relay.proto import relay_pb2_grpc as pb_grpc
+from mlx_relay.worker.background import ServingHealthWatch, SessionSweep
 from mlx_relay.worker.executor import MLXExecutor
-from mlx_relay.worker.service import (
-    SERVICE_NAME,
-    BearerTokenInterceptor,
-    WorkerServicer,
-    WorkerState,
-)
-from mlx_relay.worker.stage import StageLimits, StageRuntime
+from mlx_relay.worker.grpc_endpoint import WorkerGrpcServer
+from mlx_relay.worker.service import WorkerServicer, WorkerState
+from mlx_relay.worker.stage_loader import blas_threads, find_placement, load_stage
+from mlx_relay.worker.telemetry import WorkerTelemetry
 
 logger = logging.getLogger(__name__)
 
-_SERVING = health_pb2.HealthCheckResponse.SERVING
-_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Longest pause between two serving-health verdicts, seconds.
+HEALTH_WATCH_MAX_INTERVAL = 1.0
 
 
 class WorkerServer:
@@ -54,8 +53,10 @@ class WorkerServer:
         device_id: this worker's id in the config.
         stage: its index among the config's workers (pipeline order).
         port: the bound port (0 until :meth:`start`; the real one when the config says 0).
-        collector: the MetricsCollector, or None without monitoring.
-        health: the HealthMonitor, or None without monitoring.
+        telemetry: the worker's monitoring, or None without it.
+        health_watch: keeps ``grpc.health.v1`` true to the stage (with monitoring, once the
+            layers are loaded).
+        session_sweep: frees idle KV sessions.
 
     Raises:
         ConfigError: the file is invalid, or ``device_id`` is not a worker of it.
@@ -82,18 +83,33 @@ class WorkerServer:
         self.stage = next(i for i, w in enumerate(workers) if w.id == device.id)
         self.port = 0
         self.monitoring_enabled = enable_monitoring and config.monitoring.enabled
-        self.collector: Any = None
-        self.health: Any = None
+        self.telemetry = (
+            WorkerTelemetry(config, device.id, self.stage) if self.monitoring_enabled else None
+        )
         self._executor = MLXExecutor(name=f"mlx-{device.id}")
         self._state = WorkerState(device.id, self.stage, self._executor)
         if isinstance(device.layers, LayerRange):
             self._state.layer_range = device.layers
-        self._health_service = health_aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
+        if self.telemetry is not None:
+            self._state.collector = self.telemetry.collector
+            self._state.health = self.telemetry.health
+        self._grpc = WorkerGrpcServer(device.id, config.network, WorkerServicer(self._state))
+        interval = min(config.monitoring.collection_interval, HEALTH_WATCH_MAX_INTERVAL)
+        self.health_watch = ServingHealthWatch(self._state, self._grpc, self._report, interval)
+        self.session_sweep = SessionSweep(self._state, config.inference.session_ttl_seconds)
         self._load_task: asyncio.Task[None] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._stopped = False
+
+    @property
+    def collector(self) -> Any:
+        """The MetricsCollector, or None without monitoring."""
+        return self.telemetry.collector if self.telemetry is not None else None
+
+    @property
+    def health(self) -> Any:
+        """The HealthMonitor, or None without monitoring."""
+        return self.telemetry.health if self.telemetry is not None else None
 
     @property
     def layer_range(self) -> LayerRange:
@@ -110,12 +126,8 @@ class WorkerServer:
 
     @property
     def blas_threads(self) -> int:
-        """BLAS threads for this worker: ``model.blas_threads``, else this host's cores
-        divided among the workers configured on it."""
-        if self.config.model.blas_threads is not None:
-            return self.config.model.blas_threads
-        here = [w for w in self.config.workers if same_host(w.host, self.device.host)]
-        return default_threads(len(here))
+        """BLAS threads for this worker: see :func:`~mlx_relay.worker.stage_loader.blas_threads`."""
+        return blas_threads(self.config, self.device)
 
     @property
     def ready(self) -> bool:
@@ -128,7 +140,7 @@ class WorkerServer:
 
     @property
     def address(self) -> str:
-        return f"{self.device.host}:{self.port}"
+        return host_port(self.device.host, self.port)
 
     async def start(self, *, wait: bool = False) -> None:
         """Bind the gRPC port, answer health NOT_SERVING, and begin loading the layers.
@@ -143,35 +155,17 @@ class WorkerServer:
         if self._started:
             raise RuntimeError(f"worker {self.device_id} was already started")
         self._started = True
-        network = self.config.network
-        limit = network.max_message_mb * 1024 * 1024
-        interceptors = [BearerTokenInterceptor(network.auth_token)] if network.auth_token else []
-        server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
-        pb_grpc.add_WorkerServicer_to_server(WorkerServicer(self._state), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health_service, server)
-        await self._set_health(_NOT_SERVING)
-        address = self.device.address
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise WorkerUnavailable(self.device_id, f"cannot bind {address}: {exc}") from None
+        await self._grpc.set_serving(False)
+        self.port = self._grpc.bind(self.device.address)
         self._warn_if_exposed()
-        if self.monitoring_enabled:
-            await self._start_monitoring()
-        await server.start()
-        self._server = server
+        if self.telemetry is not None:
+            await self.telemetry.start()
+        await self._grpc.start()
         logger.info(
             "worker %s (stage %d) listening on %s", self.device_id, self.stage, self.address
         )
         self._load_task = asyncio.create_task(self._load(), name=f"load-{self.device_id}")
-        self._tasks.append(asyncio.create_task(self._sweep_sessions(), name="session-sweep"))
+        self.session_sweep.start()
         if wait:
             await self.wait_until_ready()
 
@@ -207,21 +201,21 @@ class WorkerServer:
             return
         self._stopped = True
         self._state.stopping = True
-        await self._health_service.enter_graceful_shutdown()
-        tasks = [*self._tasks, *([self._load_task] if self._load_task else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        await self.health_watch.stop()
+        await self.session_sweep.stop()
+        if self._load_task is not None:
+            self._load_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._server is not None:
-            await self._server.stop(grace)
+                await self._load_task
+        await self._grpc.stop(grace)
         await self._executor.shutdown()
         if self._state.runtime is not None:
             self._state.runtime.sessions.clear()
-        if self.health is not None:
-            self.health.set_service_state(False, self._state.runtime is not None, "stopped")
-        await self._stop_monitoring()
+        if self.telemetry is not None:
+            self.telemetry.health.set_service_state(
+                False, self._state.runtime is not None, "stopped"
+            )
+            await self.telemetry.stop()
         logger.info("worker %s stopped", self.device_id)
 
     async def __aenter__(self) -> WorkerServer:
@@ -236,44 +230,21 @@ class WorkerServer:
         await self.stop()
 
     async def _load(self) -> None:
-        from mlx_relay.model.load import read_model_info, resolve_model_dir
-        from mlx_relay.model.partition import assign_layers
-
         state = self._state
         try:
-            model_dir = await self._executor.run(resolve_model_dir, self.config.model, False)
-            info = await self._executor.run(read_model_info, model_dir, self.config.model.name)
-            state.model_info = info
-            layer_range = (
-                state.layer_range or assign_layers(self.config, info.num_layers)[self.device_id]
+            placement = await find_placement(
+                self.config, self.device_id, self._executor, state.layer_range
             )
-            if layer_range.end > info.num_layers:
-                raise ShardMismatch(
-                    f"worker {self.device_id}: layers {layer_range} do not fit {info.name}, "
-                    f"which has {info.num_layers} layers"
-                )
-            state.layer_range = layer_range
+            state.model_info = placement.info
+            state.layer_range = placement.layer_range
             self._report(model_loaded=False)
-            if self.collector is not None:
-                self.collector.set_model_info(
+            if self.telemetry is not None:
+                info = placement.info
+                self.telemetry.collector.set_model_info(
                     info.name, info.quantization, info.num_layers, len(self.config.workers)
                 )
-            inference = self.config.inference
-            limits = StageLimits(
-                max_prompt_tokens=inference.max_prompt_tokens,
-                max_sessions=inference.max_sessions,
-                session_ttl_seconds=inference.session_ttl_seconds,
-                max_context=self.config.model.max_context or info.max_context,
-            )
-            model = self.config.model
-            await self._executor.run(set_threads, self.blas_threads)
-            state.runtime = await self._executor.run(
-                StageRuntime.load,
-                model_dir,
-                layer_range,
-                limits,
-                model.compute,
-                model.dense_memory_share,
+            state.runtime = await load_stage(
+                self.config, self._executor, placement, self.blas_threads
             )
         except Exception as exc:
             state.load_error = exc
@@ -289,81 +260,11 @@ class WorkerServer:
             blas_threads=engine.blas_threads,
         )
         state.report_sessions()
-        await self._update_health()
-        if self.health is not None:
-            self._tasks.append(asyncio.create_task(self._watch_health(), name="health-watch"))
-        logger.info("worker %s serving layers %s", self.device_id, layer_range)
-
-    async def _sweep_sessions(self) -> None:
-        ttl = self.config.inference.session_ttl_seconds
-        interval = max(0.05, min(ttl / 4, 10.0))
-        while True:
-            await asyncio.sleep(interval)
-            runtime = self._state.runtime
-            if runtime is None:
-                continue
-            expired = runtime.sessions.expire()
-            if expired:
-                logger.info("freed %d idle session(s) after %.0fs", len(expired), ttl)
-                self._state.report_sessions()
-
-    async def _watch_health(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.config.monitoring.collection_interval, 1.0))
-            await self._update_health()
-
-    async def _update_health(self) -> None:
-        loaded = self._state.runtime is not None
-        if self.health is not None:
-            # The gRPC server is up: this feeds the monitor's own service check, which must
-            # not depend on the verdict below or CRITICAL would latch.
-            self.health.set_service_state(True, loaded)
-        serving = loaded and self._state.takes_traffic() and not self._stopped
-        self._report(model_loaded=loaded)
-        await self._set_health(_SERVING if serving else _NOT_SERVING)
-
-    async def _set_health(self, status: int) -> None:
-        for service in ("", SERVICE_NAME):
-            await self._health_service.set(service, status)
+        await self.health_watch.refresh()
+        if self.telemetry is not None:
+            self.health_watch.start()
+        logger.info("worker %s serving layers %s", self.device_id, placement.layer_range)
 
     def _report(self, **fields: Any) -> None:
-        if self.collector is None:
-            return
-        layer_range = self._state.layer_range
-        self.collector.update_device_status(
-            self.device_id,
-            assigned_layers=layer_range.as_list() if layer_range else None,
-            role="worker",
-            stage=self.stage,
-            **fields,
-        )
-
-    async def _start_monitoring(self) -> None:
-        from mlx_relay.monitoring import HealthMonitor, MetricsCollector
-
-        monitoring = self.config.monitoring
-        self.collector = MetricsCollector(
-            self.device_id,
-            collection_interval=monitoring.collection_interval,
-            role="worker",
-            retention_seconds=monitoring.retention_seconds,
-            model_name=self.config.model.name,
-        )
-        self.health = HealthMonitor(
-            self.device_id,
-            thresholds=monitoring.thresholds,
-            metrics_collector=self.collector,
-            check_interval=monitoring.health_check_interval,
-        )
-        self._state.collector = self.collector
-        self._state.health = self.health
-        await self.collector.start()
-        await self.health.start()
-        self.health.set_service_state(True, False, "loading the model")
-        self._report(model_loaded=False, up=True)
-
-    async def _stop_monitoring(self) -> None:
-        if self.health is not None:
-            await self.health.stop()
-        if self.collector is not None:
-            await self.collector.stop()
+        if self.telemetry is not None:
+            self.telemetry.report(self._state.layer_range, **fields)

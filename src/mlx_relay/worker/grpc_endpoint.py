@@ -1,0 +1,89 @@
+"""The worker's gRPC server: ``mlxrelay.v1.Worker`` plus ``grpc.health.v1`` on one port.
+
+Binding comes first and alone, so the port is known (port 0 picks one) and the health
+service can answer NOT_SERVING before any layer is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from mlx_relay.core.config import NetworkConfig
+from mlx_relay.core.errors import WorkerUnavailable
+from mlx_relay.proto import relay_pb2_grpc as pb_grpc
+from mlx_relay.worker.service import SERVICE_NAME, BearerTokenInterceptor, WorkerServicer
+
+logger = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class WorkerGrpcServer:
+    """One ``grpc.aio`` server with the worker service, the health service, the bearer-token
+    check (when ``network.auth_token`` is set) and the message size limits.
+
+    Args:
+        device_id: the worker's id (in error messages).
+        network: limits and the token.
+        servicer: the worker service to serve.
+    """
+
+    def __init__(self, device_id: str, network: NetworkConfig, servicer: WorkerServicer) -> None:
+        self.device_id = device_id
+        self.health = health_aio.HealthServicer()
+        self._network = network
+        self._servicer = servicer
+        self._server: grpc.aio.Server | None = None
+
+    def bind(self, address: str) -> int:
+        """Create the server (inside the running event loop) and listen on ``address``
+        (``host:port``); returns the bound port.
+
+        Raises:
+            WorkerUnavailable: the address cannot be bound.
+        """
+        limit = self._network.max_message_mb * 1024 * 1024
+        token = self._network.auth_token
+        server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(token)] if token else [],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_WorkerServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            port = int(server.add_insecure_port(address))
+        except RuntimeError as exc:
+            raise WorkerUnavailable(self.device_id, f"cannot bind {address}: {exc}") from None
+        self._server = server
+        return port
+
+    async def start(self) -> None:
+        """Serve on the bound port.
+
+        Raises:
+            RuntimeError: :meth:`bind` was not called.
+        """
+        if self._server is None:
+            raise RuntimeError(f"worker {self.device_id}: bind() before start()")
+        await self._server.start()
+
+    async def set_serving(self, serving: bool) -> None:
+        """What ``grpc.health.v1`` answers, for the whole server and the worker service."""
+        status = _SERVING if serving else _NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def stop(self, grace: float | None) -> None:
+        """Answer NOT_SERVING from now on, then stop (in-flight calls get ``grace`` s)."""
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
