@@ -128,7 +128,7 @@ class RequestRun:
                     )
                     self._trace.started()
                 try:
-                    async with aclosing(self._generate(admitted)) as events:
+                    async with aclosing(self._prefill_and_decode(admitted)) as events:
                         async for event in events:
                             yield event
                 except (GeneratorExit, asyncio.CancelledError):
@@ -156,7 +156,7 @@ class RequestRun:
                     # failure the error is not held back behind the cleanup.
                     await asyncio.shield(task)
 
-    async def _generate(self, admitted: float) -> AsyncGenerator[TokenEvent, None]:
+    async def _prefill_and_decode(self, admitted: float) -> AsyncGenerator[TokenEvent, None]:
         prepared = self.prepared
         outcome = self.outcome
         timings = outcome.timings

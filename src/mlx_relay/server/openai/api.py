@@ -125,24 +125,32 @@ def _completion_prompt(body: CompletionRequest) -> dict[str, Any]:
     return {"prompt_tokens": list(prompt)}
 
 
-async def _generate(
+async def _answer(
     request: Request,
+    body: ChatCompletionRequest | CompletionRequest,
     inference: InferenceRequest,
-    formatter: ChatFormatter | CompletionFormatter,
-    *,
-    stream: bool,
-    include_usage: bool,
+    formatter_class: type[ChatFormatter] | type[CompletionFormatter],
+    id_prefix: str,
+    model: str,
 ) -> Response:
+    """Run ``inference`` through the pipeline and answer it in OpenAI's shape: one JSON body,
+    or server-sent events when the body asks to stream."""
+    formatter = formatter_class(
+        response_id=f"{id_prefix}-{inference.request_id}",
+        model=model,
+        token_text=_token_text(request),
+        logprobs=inference.logprobs,
+    )
     orchestrator = _orchestrator(request)
     headers = {"X-Request-Id": inference.request_id}
     try:
-        if stream:
+        if body.stream:
 
             def start() -> AsyncIterator[TokenEvent]:
                 return orchestrator.stream_request(inference)
 
             return await open_stream(
-                request, start, formatter, include_usage=include_usage, headers=headers
+                request, start, formatter, include_usage=body.include_usage(), headers=headers
             )
         result = await unless_disconnected(request, orchestrator.process_request(inference))
     except ClientGone:
@@ -205,19 +213,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
         **_sampling(request, body),
     )
-    formatter = ChatFormatter(
-        response_id=f"chatcmpl-{inference.request_id}",
-        model=model,
-        token_text=_token_text(request),
-        logprobs=bool(body.logprobs),
-    )
-    return await _generate(
-        request,
-        inference,
-        formatter,
-        stream=bool(body.stream),
-        include_usage=body.include_usage(),
-    )
+    return await _answer(request, body, inference, ChatFormatter, "chatcmpl", model)
 
 
 @router.post(
@@ -235,19 +231,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         **_completion_prompt(body),
         **_sampling(request, body),
     )
-    formatter = CompletionFormatter(
-        response_id=f"cmpl-{inference.request_id}",
-        model=model,
-        token_text=_token_text(request),
-        logprobs=body.logprobs is not None,
-    )
-    return await _generate(
-        request,
-        inference,
-        formatter,
-        stream=bool(body.stream),
-        include_usage=body.include_usage(),
-    )
+    return await _answer(request, body, inference, CompletionFormatter, "cmpl", model)
 
 
 def _token_text(request: Request) -> TokenText:
