@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -99,8 +100,13 @@ async def test_cluster_view_follows_a_worker_killed_and_restarted(
         # Only the links the pipeline uses, each measured.
         links = {link["peer"]: link for link in view["links"] if link["device"] == "coordinator"}
         assert set(links) == {"worker-0", "worker-1"}
-        assert all(link["rtt_last_seconds"] > 0 for link in links.values())
         assert all(link["ping_total"]["ok"] >= 2 for link in links.values())
+        for link in links.values():
+            # The network's own round trip, the Ping RPC's, and what the RPC adds on top.
+            assert 0 < link["rtt_last_seconds"] < link["ping_rtt"]["max"]
+            assert link["rtt_method"] == ("tcp_info" if sys.platform == "linux" else "tcp_connect")
+            assert link["rtt_unavailable_reason"] is None
+            assert link["rpc_overhead"]["count"] >= 1
         stats = (await http.get("/api/stats")).json()
         by_stage = {s["device_id"]: s for s in stats["stages"]}
         assert by_stage["worker-1"]["steps_total"]["decode"] >= 4
@@ -126,6 +132,13 @@ async def test_cluster_view_follows_a_worker_killed_and_restarted(
         assert {d["device_id"]: d["status"] for d in health["devices"]}["worker-1"] == "critical"
         link = next(link for link in (await devices(http))["links"] if link["peer"] == "worker-1")
         assert link["ping_total"]["error"] + link["ping_total"]["timeout"] >= 1
+
+        async def probe_refused() -> bool:
+            # Its port refuses the TCP probe: no network round trip, and the reason why.
+            found = next(x for x in (await devices(http))["links"] if x["peer"] == "worker-1")
+            return "TCP probe of" in (found["rtt_unavailable_reason"] or "")
+
+        await wait_until(probe_refused, timeout=5)
 
         victim.start()
         await victim.wait_serving(cluster.config)

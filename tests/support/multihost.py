@@ -233,10 +233,11 @@ class ProcessReads:
             )
             self._stop.wait(self.spacing)
 
-    def around(self, at: float) -> tuple[Read, Read]:
-        """The reads just before and just after unix time ``at``."""
-        before = [r for r in self.reads if r.at <= at]
-        after = [r for r in self.reads if r.at >= at]
-        if not before or not after:
-            raise AssertionError(f"no reads around {at} ({len(self.reads)} reads)")
-        return before[-1], after[0]
+    def covering(self, start: float, end: float) -> list[Read]:
+        """The reads from the last one at or before ``start`` to the first at or after
+        ``end`` (unix seconds)."""
+        first = max((i for i, r in enumerate(self.reads) if r.at <= start), default=None)
+        last = min((i for i, r in enumerate(self.reads) if r.at >= end), default=None)
+        if first is None or last is None:
+            raise AssertionError(f"no reads around {start}..{end} ({len(self.reads)} reads)")
+        return self.reads[first : last + 1]

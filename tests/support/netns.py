@@ -63,11 +63,22 @@ def netns_unavailable_reason() -> str | None:
         return f"network namespaces need Linux (this is {sys.platform})"
     if _ip_command() is None:
         return "the `ip` command (iproute2) is not installed: run `make system-packages`"
-    probe = f"{PREFIX}{os.getpid()}-probe"
-    result = subprocess.run([IP, "netns", "add", probe], capture_output=True, text=True)
-    if result.returncode != 0:
-        return f"cannot create a network namespace (needs root): {result.stderr.strip()}"
-    subprocess.run([IP, "netns", "del", probe], capture_output=True)
+    pid = os.getpid()
+    veth = ["link", "add", f"mrv{pid}pa", "type", "veth", "peer", "name", f"mrv{pid}pb"]
+    steps = [
+        ("create a network namespace", ["netns", "add", f"{PREFIX}{pid}-probe"]),
+        ("create a bridge", ["link", "add", f"mrb{pid}p", "type", "bridge"]),
+        ("create a veth pair", veth),
+    ]
+    try:
+        for what, args in steps:
+            result = subprocess.run([IP, *args], capture_output=True, text=True, timeout=30)
+            if result.returncode != 0:
+                return f"cannot {what} (needs root): {result.stderr.strip()}"
+    finally:
+        for args in (["netns", "del", f"{PREFIX}{pid}-probe"], ["link", "del", f"mrb{pid}p"],
+                     ["link", "del", f"mrv{pid}pa"]):  # fmt: skip
+            subprocess.run([IP, *args], capture_output=True, timeout=30)
     return None
 
 

@@ -39,3 +39,9 @@ def test_split_address() -> None:
     assert split_address("10.0.0.2:50051") == ("10.0.0.2", 50051)
     assert split_address("[::1]:7") == ("::1", 7)
     assert split_address("worker.local:1") == ("worker.local", 1)
+
+
+def test_probe_of_a_host_name_resolves_it_first() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        result = probe_rtt("w0", f"localhost:{server.getsockname()[1]}", timeout=2.0)
+    assert result.seconds > 0

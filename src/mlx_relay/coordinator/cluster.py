@@ -108,8 +108,6 @@ class ClusterMonitor:
             return_exceptions=True,
         )
         self._record_ping(stage.device_id, ping_result)
-        ping = None if isinstance(ping_result, BaseException) else ping_result
-        await self._probe_network(stage, ping)
         if isinstance(status_result, BaseException):
             peer = self._mark_unreachable(stage, status_result)
         else:
@@ -118,6 +116,13 @@ class ClusterMonitor:
         # device status that the same poll just recorded.
         if self._health is not None:
             self._health.set_peer_state(stage.device_id, peer)
+        if isinstance(ping_result, WorkerTimedOut):
+            # The path is likely dead: a probe would only wait out its own deadline too.
+            error = "not probed: the Ping timed out"
+            self._collector.record_network_rtt(stage.device_id, None, error=error)
+        else:
+            ping = None if isinstance(ping_result, BaseException) else ping_result
+            await self._probe_network(stage, ping)
 
     def _record_ping(self, device_id: str, result: float | BaseException) -> None:
         if isinstance(result, BaseException):

@@ -17,6 +17,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from mlx_relay.coordinator.client import WorkerTimedOut
 from mlx_relay.core.errors import WorkerUnavailable
@@ -52,9 +53,11 @@ def _kernel_rtt(sock: socket.socket) -> float | None:
     return rtt_us / 1e6 if rtt_us > 0 else None
 
 
-def _handshake(host: str, port: int, timeout: float) -> LinkRtt:
-    started = time.perf_counter()
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+def _handshake(family: int, sockaddr: Any, timeout: float) -> LinkRtt:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        started = time.perf_counter()
+        sock.connect(sockaddr)
         connect_seconds = time.perf_counter() - started
         kernel = _kernel_rtt(sock)
     if kernel is not None:
@@ -77,17 +80,28 @@ def probe_rtt(
         WorkerUnavailable: no handshake completed within ``timeout`` seconds, or refused.
     """
     host, port = split_address(address)
-    best: LinkRtt | None = None
-    for _ in range(handshakes):
-        try:
-            result = _handshake(host, port, timeout)
-        except TimeoutError:
-            raise WorkerTimedOut(
-                device_id, f"TCP probe of {address}: no answer within {timeout:g} s"
-            ) from None
-        except OSError as exc:
-            raise WorkerUnavailable(device_id, f"TCP probe of {address} failed: {exc}") from None
-        if best is None or result.seconds < best.seconds:
-            best = result
-    assert best is not None
+    try:
+        # Resolved before any timing: a name lookup is no part of the round trip.
+        family, sockaddr, best = _first_answering(host, port, timeout)
+        for _ in range(handshakes - 1):
+            result = _handshake(family, sockaddr, timeout)
+            if result.seconds < best.seconds:
+                best = result
+    except TimeoutError:
+        raise WorkerTimedOut(
+            device_id, f"TCP probe of {address}: no answer within {timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise WorkerUnavailable(device_id, f"TCP probe of {address} failed: {exc}") from None
     return best
+
+
+def _first_answering(host: str, port: int, timeout: float) -> tuple[int, Any, LinkRtt]:
+    # Like gRPC, try each address the name resolves to (e.g. ::1, then 127.0.0.1).
+    error: OSError = OSError(f"{host} resolves to no address")
+    for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        try:
+            return family, sockaddr, _handshake(family, sockaddr, timeout)
+        except OSError as exc:
+            error = exc
+    raise error

@@ -222,8 +222,13 @@ class DeviceSampler:
             return None, None, None, f"MLX memory counters unavailable: {exc}"
 
     def sample(self) -> DeviceMetrics:
-        """Take one sample (blocking: run it off the event loop)."""
+        """Take one sample (blocking: run it off the event loop).
+
+        ``sampled_at`` is the instant the CPU interval ends; the other reads follow within
+        the time this call takes (milliseconds).
+        """
         platform_name, chip, mlx_version, mlx_device = self._static_info()
+        sampled_at = self._wall_clock()
         cpu, per_core, cpu_reason = self._cpu()
         memory = psutil.virtual_memory()
         disk = psutil.disk_usage(self._disk_path)
@@ -245,7 +250,7 @@ class DeviceSampler:
             chip=chip,
             mlx_version=mlx_version,
             mlx_device=mlx_device,
-            sampled_at=self._wall_clock(),
+            sampled_at=sampled_at,
             cpu_count=psutil.cpu_count() or 1,
             cpu_utilization_ratio=cpu,
             cpu_per_core_ratio=per_core,

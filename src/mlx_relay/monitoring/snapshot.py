@@ -73,7 +73,10 @@ class DeviceMetrics(_Snap):
     mlx_device: str | None = Field(
         default=None, description="MLX default device, e.g. 'gpu' or 'cpu'."
     )
-    sampled_at: float = Field(description="When this sample was taken, unix seconds.")
+    sampled_at: float = Field(
+        description="When this sample was taken (the end of its CPU interval; the other "
+        "reads follow within milliseconds), unix seconds."
+    )
 
     cpu_count: int = Field(description="Logical CPU cores.")
     cpu_utilization_ratio: float | None = Field(
