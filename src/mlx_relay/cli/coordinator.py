@@ -18,7 +18,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Wait until every worker of the configuration is SERVING, then serve the "
             "OpenAI-compatible API, the dashboard, /api, /ws, /metrics and /health on one "
-            "port until SIGINT or SIGTERM."
+            "port until SIGINT or SIGTERM. SIGHUP reloads the alerting rules from --config."
         ),
     )
     parser.add_argument("--config", "-c", required=True, help="cluster configuration (YAML)")
@@ -64,13 +64,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: ClusterConfig, args: argparse.Namespace) -> int:
+    from mlx_relay.cli.alert_reload import reload_on_hangup
+    from mlx_relay.monitoring.alerting import AlertEngine
     from mlx_relay.server.runtime import CoordinatorRuntime
 
     monitoring = not args.no_monitoring and config.monitoring.enabled
     runtime = CoordinatorRuntime(config, enable_monitoring=monitoring)
     workers = ", ".join(f"{w.id} ({w.address})" for w in config.workers)
     print(f"waiting for workers: {workers}", file=sys.stderr, flush=True)
-    with stop_signals() as stop:
+
+    def engine() -> AlertEngine | None:
+        return runtime.services.alert_engine if runtime.services is not None else None
+
+    with stop_signals() as stop, reload_on_hangup(engine, args.config):
         try:
             start = asyncio.create_task(runtime.start())
             stopping = asyncio.create_task(stop.wait())
