@@ -43,7 +43,7 @@ def write_config(path: Path, fire: float, clear: float) -> None:
 def firing_memory_engine(used: list[float]) -> AlertEngine:
     engine = AlertEngine(
         configured_rules(AlertingConfig(), InferenceConfig()),
-        lambda: memory(used[0]),
+        lambda wanted: memory(used[0]),
         config=AlertingConfig(),
     )
     engine.evaluate(0.0)

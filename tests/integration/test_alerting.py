@@ -19,10 +19,12 @@ PROMPT = "Each worker holds a contiguous range of transformer layers"
 FAST_RECEIVER = {"group_wait": 0, "group_interval": 0.2, "repeat_interval": 3600}
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def refusing_socket() -> socket.socket:
+    """A bound socket that never listens: connections are refused, and no other process can
+    take its port while it stays open."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 async def test_a_killed_worker_fires_stage_down_then_resolves_after_restart(
@@ -112,7 +114,8 @@ async def test_a_down_receiver_drops_notifications_and_inference_is_unchanged(
     async with monitored_process_cluster(tiny_model_dir, tmp_path) as cluster:
         orchestrator = cluster.orchestrator
         before = await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=12))
-        down = f"http://127.0.0.1:{closed_port()}/hook"
+        refusing = refusing_socket()
+        down = f"http://127.0.0.1:{refusing.getsockname()[1]}/hook"
         config = with_alerting(
             cluster,
             evaluation_interval=0.05,
@@ -150,3 +153,4 @@ async def test_a_down_receiver_drops_notifications_and_inference_is_unchanged(
             assert alert.annotations["summary"].startswith("build ")
         finally:
             await engine.stop()
+            refusing.close()

@@ -224,11 +224,28 @@ def test_invalid_syntax_is_refused() -> None:
         compile_expression("sum(mem")
 
 
+def test_a_clock_step_back_empties_the_ring() -> None:
+    store = counter_store([(100.0, 1.0), (110.0, 2.0)])
+    store.add(50.0, {"c_total": {series("c_total", device="a"): 3.0}})
+    assert len(store) == 1 and store.points() == 1
+    assert run("increase(c_total[1m])", store, 50) == {}
+
+
 def test_the_store_keeps_only_range_names_within_the_longest_range() -> None:
     store = SampleStore(["c_total"], 30)
     for t in range(0, 100, 10):
         store.add(float(t), {"c_total": {series("c_total"): 1.0}, "g": {series("g"): 2.0}})
-    # (90 - 30, 90] holds 70, 80, 90
-    assert len(store) == 3
-    assert all(set(inst) == {"c_total"} for _, inst in store.instants())
+    # (90 - 30, 90] holds 70, 80, 90; only c_total is kept over time
+    assert len(store) == 3 and store.points() == 3
+    assert store.window("g", 0, 90) == {}
+    assert store.window("c_total", 75, 90) == {series("c_total"): [(80.0, 1.0), (90.0, 1.0)]}
     assert store.latest["g"] == {series("g"): 2.0}
+
+
+def test_a_series_that_goes_away_is_forgotten() -> None:
+    store = SampleStore(["c_total"], 30)
+    store.add(0.0, {"c_total": {series("c_total", d="gone"): 1.0}})
+    for t in (10.0, 20.0, 30.0, 40.0):
+        store.add(t, {"c_total": {series("c_total", d="kept"): t}})
+    assert list(store.window("c_total", 0, 40)) == [series("c_total", d="kept")]
+    assert store.points() == 3

@@ -29,7 +29,7 @@ class Gauges:
     def __init__(self) -> None:
         self.values: dict[str, float] = {}
 
-    def __call__(self) -> Instant:
+    def __call__(self, wanted: frozenset[str] | None) -> Instant:
         return {
             "usage": {
                 label_set({"__name__": "usage", "device": d}): v for d, v in self.values.items()

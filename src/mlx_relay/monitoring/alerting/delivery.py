@@ -58,6 +58,7 @@ class DeliveryQueue:
         self.queue_size = queue_size
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.last_error: str | None = None
+        self.failing = False
         self._queue: deque[Any] = deque()
         self._ready = asyncio.Event()
         self._client = client
@@ -108,6 +109,9 @@ class DeliveryQueue:
                 response = await self._client.post(self.url, json=body, timeout=self.timeout)
                 if response.is_success:
                     self.counts["sent"] += 1
+                    if self.failing:
+                        logger.info("alert notifications to %s are delivered again", self.name)
+                    self.failing = False
                     return True
                 self.last_error = f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
@@ -116,10 +120,13 @@ class DeliveryQueue:
                 await self._sleep(delay)
                 delay *= 2
         self.counts["failed"] += 1
-        logger.warning(
+        # One warning when a receiver starts failing, not one per notification while it is down.
+        log = logger.debug if self.failing else logger.warning
+        log(
             "alert notification to %s failed after %d attempts: %s",
             self.name,
             self.max_attempts,
             self.last_error,
         )
+        self.failing = True
         return False

@@ -40,7 +40,8 @@ from mlx_relay.monitoring.alerting.webhook import WebhookGrouper
 
 logger = logging.getLogger(__name__)
 
-SampleSource = Callable[[], Instant]
+SampleSource = Callable[[frozenset[str] | None], Instant]
+"""Returns the current instant of the metric names given (of every name for None)."""
 ALERTS_SERIES = "ALERTS"
 ALERTMANAGER_RECEIVER = "alertmanager"
 MAX_RESOLVED = 50
@@ -51,7 +52,7 @@ class AlertEngine:
 
     Args:
         rules: The checked rules (see :func:`.rules.configured_rules`).
-        sample_source: Returns the current instant of every series.
+        sample_source: Returns the current instant of the metric names the rules read.
         config: Interval, receivers, Alertmanager URL, resolved retention.
         clock: Unix seconds; evaluation uses it only when ``evaluate`` is given no time.
     """
@@ -73,6 +74,7 @@ class AlertEngine:
         self._errors: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         self._resolved: deque[AlertInfo] = deque(maxlen=MAX_RESOLVED)
         self._store = SampleStore((), 0.0)
+        self._wanted: frozenset[str] | None = None
         self.evaluated_at: float | None = None
         self.evaluations = 0
         external = config.external_url or ""
@@ -116,9 +118,12 @@ class AlertEngine:
             for rule in rules:
                 for name in rule.expression.range_names:
                     ranges[name] = max(ranges.get(name, 0.0), rule.expression.max_range_seconds)
+            names = [rule.expression.names for rule in rules]
+            self._wanted = (
+                None if None in names else frozenset().union(*names) - {ALERTS_SERIES}  # type: ignore[arg-type]
+            )
             store = SampleStore(ranges, max(ranges.values(), default=0.0) + self.interval)
-            for timestamp, instant in self._store.instants():
-                store.add(timestamp, instant)
+            store.carry_over(self._store)
             self._store = store
         logger.info("alerting: %d rules loaded", len(rules))
 
@@ -134,7 +139,7 @@ class AlertEngine:
     def evaluate(self, now: float | None = None) -> list[Transition]:
         """One evaluation of every rule at ``now`` (default: the clock); thread-safe."""
         now = self._clock() if now is None else now
-        instant = self._sample_source()
+        instant = self._sample_source(self._wanted)
         with self._lock:
             instant[ALERTS_SERIES] = self._alerts_series()
             self._store.add(now, instant)

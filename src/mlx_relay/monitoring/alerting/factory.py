@@ -26,9 +26,10 @@ def build_alert_engine(
         ConfigError: The rules file or a rule is invalid.
     """
 
-    def sample_source() -> Instant:
+    def sample_source(wanted: frozenset[str] | None) -> Instant:
         summary = health.summary() if health is not None else None
-        return instant_from_families(snapshot_families(collector.snapshot(), summary, __version__))
+        families = snapshot_families(collector.snapshot(), summary, __version__)
+        return instant_from_families(families, wanted)
 
     if rules is None:
         rules = configured_rules(config.alerting, config.inference)

@@ -17,7 +17,7 @@ import math
 import operator
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import promql_parser
@@ -90,6 +90,8 @@ class Expression:
     node: Any
     range_names: frozenset[str]
     max_range_seconds: float
+    names: frozenset[str] | None = None
+    """Every metric name it reads; None when a selector has no name (it reads them all)."""
 
 
 def compile_expression(text: str) -> Expression:
@@ -103,22 +105,37 @@ def compile_expression(text: str) -> Expression:
         node = promql_parser.parse(text)
     except ValueError as exc:
         raise InvalidExpression(f"invalid PromQL: {exc}") from None
-    ranges: dict[str, float] = {}
-    _check(node, ranges)
+    reads = _Reads()
+    _check(node, reads)
     if isinstance(node, promql_parser.StringLiteral):
         raise InvalidExpression("a rule's expression must be a vector or a number")
-    return Expression(text, node, frozenset(ranges), max(ranges.values(), default=0.0))
+    return Expression(
+        text,
+        node,
+        frozenset(reads.ranges),
+        max(reads.ranges.values(), default=0.0),
+        None if reads.every_name else frozenset(reads.names),
+    )
 
 
-def _check(node: Any, ranges: dict[str, float]) -> None:
+@dataclass
+class _Reads:
+    """What an expression reads: metric names, and the longest range of each."""
+
+    ranges: dict[str, float] = field(default_factory=dict)
+    names: set[str] = field(default_factory=set)
+    every_name: bool = False
+
+
+def _check(node: Any, reads: _Reads) -> None:
     if isinstance(node, promql_parser.VectorSelector):
-        _check_selector(node)
+        _check_selector(node, reads)
     elif isinstance(node, promql_parser.MatrixSelector):
         raise UnsupportedExpression("range selector outside a range function")
     elif isinstance(node, promql_parser.NumberLiteral | promql_parser.StringLiteral):
         return
     elif isinstance(node, promql_parser.ParenExpr | promql_parser.UnaryExpr):
-        _check(node.expr, ranges)
+        _check(node.expr, reads)
     elif isinstance(node, promql_parser.BinaryExpr):
         op = str(node.op)
         if op not in ARITHMETIC and op not in COMPARISONS and op not in SET_OPERATORS:
@@ -129,21 +146,25 @@ def _check(node: Any, ranges: dict[str, float]) -> None:
             promql_parser.VectorMatchCardinality.OneToMany,
         ):
             raise UnsupportedExpression("group_left/group_right")
-        _check(node.lhs, ranges)
-        _check(node.rhs, ranges)
+        _check(node.lhs, reads)
+        _check(node.rhs, reads)
     elif isinstance(node, promql_parser.AggregateExpr):
         if str(node.op) not in AGGREGATIONS:
             raise UnsupportedExpression(str(node.op))
-        _check(node.expr, ranges)
+        _check(node.expr, reads)
     elif isinstance(node, promql_parser.Call):
-        _check_call(node, ranges)
+        _check_call(node, reads)
     elif isinstance(node, promql_parser.SubqueryExpr):
         raise UnsupportedExpression("subquery")
     else:
         raise UnsupportedExpression(type(node).__name__)
 
 
-def _check_selector(node: Any) -> None:
+def _check_selector(node: Any, reads: _Reads) -> None:
+    if node.name is None:
+        reads.every_name = True
+    else:
+        reads.names.add(node.name)
     if node.offset is not None:
         raise UnsupportedExpression("offset")
     if node.at is not None:
@@ -152,7 +173,7 @@ def _check_selector(node: Any) -> None:
         raise UnsupportedExpression("or in label matchers")
 
 
-def _check_call(node: Any, ranges: dict[str, float]) -> None:
+def _check_call(node: Any, reads: _Reads) -> None:
     name = node.func.name
     if name not in FUNCTIONS:
         raise UnsupportedExpression(f"{name}()")
@@ -161,14 +182,14 @@ def _check_call(node: Any, ranges: dict[str, float]) -> None:
         if not isinstance(argument, promql_parser.MatrixSelector):
             raise UnsupportedExpression(f"{name}() of a subquery")
         selector = argument.vector_selector
-        _check_selector(selector)
+        _check_selector(selector, reads)
         if selector.name is None:
             raise UnsupportedExpression("range selector without a metric name")
         seconds = argument.range.total_seconds()
-        ranges[selector.name] = max(ranges.get(selector.name, 0.0), seconds)
+        reads.ranges[selector.name] = max(reads.ranges.get(selector.name, 0.0), seconds)
         return
     for argument in node.args:
-        _check(argument, ranges)
+        _check(argument, reads)
 
 
 @dataclass(frozen=True)
