@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
-from mlx_relay.cli.options import TOKEN_ENV, stop_signals, with_http_overrides
+from mlx_relay.cli.options import add_http_arguments, stop_signals, with_http_overrides
 from mlx_relay.core.config import ClusterConfig
 
 
@@ -23,26 +23,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", "-c", required=True, help="cluster configuration (YAML)")
     add_http_arguments(parser)
-    return parser
-
-
-def add_http_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--host``, ``--port``, ``--token`` and ``--no-monitoring``, shared with ``up``."""
-    parser.add_argument(
-        "--host", default=None, help="address to bind (default: http.host, else 127.0.0.1)"
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=None,
-        help="HTTP port, 0 = any free port (default: http.port, else 8080)",
-    )
-    parser.add_argument(
-        "--token", default=None, help=f"bearer token for the API and dashboard (or ${TOKEN_ENV})"
-    )
     parser.add_argument(
         "--no-monitoring", action="store_true", help="no metrics, health checks or cluster polling"
     )
+    return parser
 
 
 def print_urls(url: str, monitoring: bool) -> None:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mlx_relay.cli.options import TOKEN_ENV, http_settings, stop_signals
+from mlx_relay.cli.options import TOKEN_ENV, add_http_arguments, http_settings, stop_signals
 from mlx_relay.core.config import ClusterConfig, HTTPConfig, MonitoringConfig
 from mlx_relay.core.errors import RelayError, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
@@ -38,14 +38,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
-    parser.add_argument(
-        "--port", type=int, default=None, help="port to bind, 0 = any free port (default: 8080)"
-    )
     parser.add_argument("--config", "-c", default=None, help="cluster configuration (YAML)")
-    parser.add_argument(
-        "--token", default=None, help=f"bearer token for /, /api and /ws (or ${TOKEN_ENV})"
-    )
+    add_http_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

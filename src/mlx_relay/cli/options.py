@@ -30,6 +30,22 @@ def check_port(port: int | None) -> None:
         raise ConfigError(f"--port: expected 0..65535, got {port}")
 
 
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--host``, ``--port`` and ``--token``: the command line's say over ``http:``."""
+    parser.add_argument(
+        "--host", default=None, help="address to bind (default: http.host, else 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="HTTP port, 0 = any free port (default: http.port, else 8080)",
+    )
+    parser.add_argument(
+        "--token", default=None, help=f"bearer token of the app (or ${TOKEN_ENV}; http.auth_token)"
+    )
+
+
 def http_settings(
     base: HTTPConfig, host: str | None, port: int | None, token: str | None
 ) -> HTTPConfig:

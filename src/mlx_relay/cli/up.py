@@ -20,10 +20,11 @@ from typing import Any
 
 import yaml
 
-from mlx_relay.cli.coordinator import add_http_arguments, print_urls
+from mlx_relay.cli.coordinator import print_urls
 from mlx_relay.cli.fleet import WorkerExited, WorkerFleet
 from mlx_relay.cli.options import (
     add_compute_arguments,
+    add_http_arguments,
     stop_signals,
     with_compute,
     with_http_overrides,
@@ -54,6 +55,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--model", "-m", default=None, help="model directory or .gguf (default: bundled)"
     )
     add_http_arguments(parser)
+    parser.add_argument(
+        "--no-monitoring", action="store_true", help="no metrics, health checks or cluster polling"
+    )
     add_compute_arguments(parser)
     return parser
 

@@ -91,32 +91,24 @@ def from_relay_error(exc: RelayError) -> OpenAIError:
     if isinstance(exc, InvalidRequest):
         return OpenAIError(400, str(exc), param=exc.param)
     if isinstance(exc, QueueFull):
-        return OpenAIError(
-            429,
-            f"the server is at capacity: {exc}",
-            code="queue_full",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+        return retry_later(429, f"the server is at capacity: {exc}", "queue_full")
     if isinstance(exc, PipelineNotReady):
         return service_unavailable(str(exc))
     if isinstance(exc, WorkerUnavailable):
-        return OpenAIError(
-            503,
-            f"a pipeline stage is unavailable: {exc}",
-            code="worker_unavailable",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+        return retry_later(503, f"a pipeline stage is unavailable: {exc}", "worker_unavailable")
     logger.error("request failed: %s", exc)
     return OpenAIError(500, f"inference failed: {exc}", error_type="server_error")
 
 
-def service_unavailable(message: str) -> OpenAIError:
+def retry_later(status: int, message: str, code: str) -> OpenAIError:
+    """A 429 or 503 that asks the client to retry after :data:`RETRY_AFTER_SECONDS`."""
     return OpenAIError(
-        503,
-        f"the model is not ready to serve: {message}",
-        code="pipeline_not_ready",
-        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        status, message, code=code, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
     )
+
+
+def service_unavailable(message: str) -> OpenAIError:
+    return retry_later(503, f"the model is not ready to serve: {message}", "pipeline_not_ready")
 
 
 def from_validation_error(exc: RequestValidationError) -> OpenAIError:
