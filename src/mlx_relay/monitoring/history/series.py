@@ -66,7 +66,7 @@ class SeriesSpec:
 
 
 def unit_of(name: str) -> str:
-    """The base unit a metric name's suffix declares (METRICS.md naming)."""
+    """The base unit a metric name's suffix declares (naming as in docs/monitoring-api.md)."""
     stem = name.removesuffix("_total").removesuffix("_sum").removesuffix("_count")
     if name.endswith("_count"):
         return ""
