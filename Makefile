@@ -65,6 +65,7 @@ bench: setup
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/monitoring_overhead.py
 	$(BIN)/python bench/history.py
+	$(BIN)/python bench/alerting_overhead.py
 
 # This engine vs llama.cpp (llama-cpp-python, the `bench` extra: compiled from source once).
 bench-engine: setup

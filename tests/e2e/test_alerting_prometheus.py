@@ -79,7 +79,7 @@ def alertmanager_server(receiver: AlertReceiver, work_dir: Path, log_file: Path)
     config_file.write_text(yaml.safe_dump(config))
     port = free_port()
     command = [
-        require(ALERTMANAGER),
+        require(ALERTMANAGER, package=ALERTMANAGER),
         f"--config.file={config_file}",
         f"--storage.path={work_dir / 'alertmanager-data'}",
         f"--web.listen-address=127.0.0.1:{port}",

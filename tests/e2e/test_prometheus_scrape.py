@@ -30,12 +30,12 @@ pytestmark = [
 METRICS_TOKEN = "scrape-token"
 
 
-def require(tool: str) -> str:
+def require(tool: str, package: str = "prometheus") -> str:
     path = shutil.which(tool)
     if path is None:
         pytest.fail(
             f"{tool} not found: install it with `make system-packages` "
-            "(or `sudo apt-get install -y prometheus`)."
+            f"(or `sudo apt-get install -y {package}`)."
         )
     return path
 

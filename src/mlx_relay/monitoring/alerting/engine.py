@@ -118,10 +118,11 @@ class AlertEngine:
             for rule in rules:
                 for name in rule.expression.range_names:
                     ranges[name] = max(ranges.get(name, 0.0), rule.expression.max_range_seconds)
-            names = [rule.expression.names for rule in rules]
-            self._wanted = (
-                None if None in names else frozenset().union(*names) - {ALERTS_SERIES}  # type: ignore[arg-type]
-            )
+            reads = [rule.expression.names for rule in rules]
+            self._wanted = None  # a selector without a metric name reads every family
+            if all(names is not None for names in reads):
+                wanted = {name for names in reads if names is not None for name in names}
+                self._wanted = frozenset(wanted - {ALERTS_SERIES})
             store = SampleStore(ranges, max(ranges.values(), default=0.0) + self.interval)
             store.carry_over(self._store)
             self._store = store
