@@ -3,16 +3,19 @@ webhook receiver on uvicorn, /api/alerts and /metrics of a real dashboard."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from mlx_relay.coordinator.requests import InferenceRequest
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from tests.support.alert_receiver import alert_receiver, alerts_named
 from tests.support.alerting import engine_for, monitored_process_cluster, with_alerting
+from tests.support.cluster import local_cluster
 from tests.support.dashboard_cluster import wait_for
 
 PROMPT = "Each worker holds a contiguous range of transformer layers"
@@ -154,3 +157,58 @@ async def test_a_down_receiver_drops_notifications_and_inference_is_unchanged(
         finally:
             await engine.stop()
             refusing.close()
+
+
+async def test_the_coordinator_runs_the_stock_rules_and_serves_them(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from mlx_relay.core.config import AlertingConfig
+    from mlx_relay.core.errors import ConfigError
+    from mlx_relay.server.runtime import CoordinatorRuntime
+
+    async with local_cluster(tiny_model_dir, 2, initialize=False) as cluster:
+        settings = AlertingConfig(evaluation_interval=0.2)
+        config = cluster.config.model_copy(update={"alerting": settings})
+        runtime = CoordinatorRuntime(config, port=0)
+        await runtime.start()
+        try:
+            assert runtime.services is not None
+            engine = runtime.services.alert_engine
+            assert engine is not None
+            await wait_for(lambda: engine.evaluations >= 2, timeout=20, what="evaluations")
+            async with httpx.AsyncClient(base_url=runtime.url, timeout=10) as http:
+                view = (await http.get("/api/alerts")).raise_for_status().json()
+                metrics = (await http.get("/metrics")).text
+        finally:
+            await runtime.stop()
+        assert view["enabled"] is True and view["evaluated_at"] is not None
+        assert len(view["rules"]) == 11
+        assert {r["alertname"] for r in view["rules"]} >= {"StageDown", "GenerationStalled"}
+        assert (
+            'mlxrelay_alerts{alertname="StageDown",severity="critical",state="firing"} 0.0'
+            in metrics
+        )
+        # stopped with the coordinator: no evaluation after stop
+        evaluations = engine.evaluations
+        await asyncio.sleep(0.5)
+        assert engine.evaluations == evaluations
+
+        # A rule outside the subset stops start-up before any worker is contacted.
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("groups: [{name: x, rules: [{alert: Top, expr: 'topk(1, up)'}]}]\n")
+        broken = config.model_copy(update={"alerting": AlertingConfig(rules_file=str(bad))})
+        with pytest.raises(
+            ConfigError, match=r"\(Top\)\.expr: unsupported PromQL construct 'topk'"
+        ):
+            await CoordinatorRuntime(broken, port=0).start()
+
+        off = config.model_copy(update={"alerting": AlertingConfig(enabled=False)})
+        runtime = CoordinatorRuntime(off, port=0)
+        await runtime.start()
+        try:
+            assert runtime.services is not None and runtime.services.alert_engine is None
+            async with httpx.AsyncClient(base_url=runtime.url, timeout=10) as http:
+                view = (await http.get("/api/alerts")).raise_for_status().json()
+        finally:
+            await runtime.stop()
+        assert view["enabled"] is False and view["rules"] == []
