@@ -18,6 +18,8 @@ import yaml
 
 from mlx_relay.cli.prometheus_config import render, rules_text
 from mlx_relay.core.config import ClusterConfig
+from mlx_relay.monitoring.alerting.state import Alert, AlertState
+from mlx_relay.monitoring.alerting.webhook import fingerprint, group_key, webhook_payload
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from tests.e2e.test_prometheus_scrape import free_port, prometheus_server, require
 from tests.support.alert_receiver import AlertReceiver, alert_receiver, alerts_named
@@ -90,6 +92,11 @@ def alertmanager_server(receiver: AlertReceiver, work_dir: Path, log_file: Path)
         yield f"http://127.0.0.1:{port}"
 
 
+def firing_alert(device: str) -> Alert:
+    labels = {"alertname": "StageDown", "device": device, "severity": "critical"}
+    return Alert("StageDown", labels, {}, AlertState.FIRING, 0.0, active_at=0.0)
+
+
 def stage_down_firing(device: str) -> Any:
     return lambda p: any(
         a["status"] == "firing" for a in alerts_named(p, "StageDown", device=device)
@@ -155,6 +162,18 @@ async def test_prometheus_fires_stage_down_through_alertmanager(
             assert any(
                 a["labels"]["alertname"] == "StageDown" and a["state"] == "firing" for a in alerts
             )
+            # Our own webhook payloads have exactly the fields and group key of the real one.
+            ours = webhook_payload(
+                "ops",
+                group_key({"alertname": "StageDown"}),
+                {"alertname": "StageDown"},
+                [firing_alert("worker-1")],
+                "http://relay",
+            )
+            assert set(ours) == set(payload)
+            assert set(ours["alerts"][0]) == set(entry)
+            assert payload["groupKey"] == ours["groupKey"]
+            assert entry["fingerprint"] == fingerprint(entry["labels"])
         finally:
             await dashboard.stop()
 

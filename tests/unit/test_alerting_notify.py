@@ -44,6 +44,7 @@ def test_group_wait_then_group_interval_then_resolved() -> None:
     (first,) = grouper.flush(130.0)
     assert first["version"] == "4" and first["status"] == "firing"
     assert first["receiver"] == "ops" and first["groupLabels"] == {"alertname": "StageDown"}
+    assert first["groupKey"] == '{}:{alertname="StageDown"}'
     assert first["commonLabels"]["device"] == "worker-0"
     assert first["externalURL"] == "http://relay:8080"
     (entry,) = first["alerts"]

@@ -101,19 +101,19 @@ class AlertEngine:
 
     @property
     def rules(self) -> list[AlertRule]:
-        return [state.rule for state in self._states.values()]
+        return [state.rule for state in list(self._states.values())]
 
     def reload(self, rules: list[AlertRule]) -> None:
         """Replace the rules; a rule kept (same name and labels) keeps its alerts' states."""
         with self._lock:
-            old = self._states
-            self._states = {}
+            states = {}
             for rule in rules:
                 state = RuleState(rule, self.config.resolved_retention)
-                previous = old.get(rule.key)
+                previous = self._states.get(rule.key)
                 if previous is not None:
                     state.active = previous.active
-                self._states[rule.key] = state
+                states[rule.key] = state
+            self._states = states  # one assignment: readers see the old rules or the new
             ranges: dict[str, float] = {}
             for rule in rules:
                 for name in rule.expression.range_names:

@@ -36,6 +36,12 @@ def fingerprint(labels: dict[str, str]) -> str:
     return f"{value:016x}"
 
 
+def group_key(group_labels: dict[str, str]) -> str:
+    """The group's key as Alertmanager writes it for its root route: ``{}:{alertname="X"}``."""
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(group_labels.items()))
+    return "{}:{" + inner + "}"
+
+
 def generator_url(external_url: str, alert: Alert) -> str:
     return f"{external_url.rstrip('/')}/api/alerts" if external_url else ""
 
@@ -125,7 +131,7 @@ class WebhookGrouper:
             if alert.state == AlertState.PENDING:
                 continue
             labels = self._group_labels(alert.labels)
-            key = "{}:" + ",".join(f"{k}={v!r}" for k, v in sorted(labels.items()))
+            key = group_key(labels)
             fp = fingerprint(alert.labels)
             group = self.groups.get(key)
             if alert.state != AlertState.FIRING:
