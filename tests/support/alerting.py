@@ -63,6 +63,23 @@ def background_process(command: list[str], log_file: Path) -> Iterator[subproces
             process.wait()
 
 
+def exported_series_names() -> set[str]:
+    """Every series name ``/metrics`` can have: the families of a fresh coordinator, plus the
+    alert families, with the suffixes of their types."""
+    from mlx_relay.core.config import InferenceConfig
+    from mlx_relay.monitoring.alerting.exposition import alert_families
+    from mlx_relay.monitoring.alerting.rules import configured_rules
+    from mlx_relay.monitoring.metrics import MetricsCollector
+    from mlx_relay.monitoring.prometheus_families import snapshot_families
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    collector = MetricsCollector("coordinator", role="coordinator")
+    rules = configured_rules(AlertingConfig(), InferenceConfig())
+    engine = AlertEngine(rules, lambda wanted: {}, config=AlertingConfig())
+    families = [*snapshot_families(collector.snapshot(), None, "0"), *alert_families(engine)]
+    return {f.name + suffix for f in families for suffix in suffixes[f.type]}
+
+
 async def wait_ready(base: str, what: str) -> None:
     """Wait until ``base/-/ready`` answers 200 (Prometheus and Alertmanager have it)."""
     async with httpx.AsyncClient(base_url=base, timeout=5) as http:

@@ -9,24 +9,9 @@ from typing import Any
 
 import promql_parser
 
-from mlx_relay.core.config import AlertingConfig, InferenceConfig
-from mlx_relay.monitoring.alerting.engine import AlertEngine
-from mlx_relay.monitoring.alerting.exposition import alert_families
-from mlx_relay.monitoring.alerting.rules import configured_rules
-from mlx_relay.monitoring.metrics import MetricsCollector
-from mlx_relay.monitoring.prometheus_families import snapshot_families
+from tests.support.alerting import exported_series_names
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "grafana" / "mlx-relay.json"
-SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-
-
-def exported_names() -> set[str]:
-    """Every series name /metrics can have, from the families of a fresh coordinator."""
-    collector = MetricsCollector("coordinator", role="coordinator")
-    rules = configured_rules(AlertingConfig(), InferenceConfig())
-    engine = AlertEngine(rules, lambda wanted: {}, config=AlertingConfig())
-    families = [*snapshot_families(collector.snapshot(), None, "0"), *alert_families(engine)]
-    return {f.name + suffix for f in families for suffix in SUFFIXES[f.type]}
 
 
 def selector_names(node: Any) -> set[str]:
@@ -50,7 +35,7 @@ def selector_names(node: Any) -> set[str]:
 def test_every_panel_query_parses_and_reads_exported_families() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["uid"] == "mlx-relay" and dashboard["panels"]
-    exported = exported_names()
+    exported = exported_series_names()
     assert "mlxrelay_time_to_first_token_seconds_bucket" in exported
     assert "mlxrelay_alerts" in exported
     seen: set[str] = set()
