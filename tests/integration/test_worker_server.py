@@ -104,6 +104,54 @@ async def test_non_last_stage_returns_hidden_states_for_every_position(
         assert response.device_id == "w1"
 
 
+async def test_decode_entries_of_several_requests_run_as_one_batch(
+    tiny_model_dir: Path,
+) -> None:
+    prompts = {"a": PROMPT, "b": PROMPT[:2], "c": [7] * 11}
+    expected = {
+        rid: [t.token_id for t in generate_tokens(load_model(tiny_model_dir), p, 6)]
+        for rid, p in prompts.items()
+    }
+    async with running_workers(worker_config(tiny_model_dir, [(0, 2), (2, 4)])) as workers:
+        stubs = [w.stub for w in workers]
+        for rid, prompt in prompts.items():
+            await pipeline_step(stubs, rid, 0, prompt[:-1])
+        state = {rid: (len(p) - 1, p[-1]) for rid, p in prompts.items()}
+        got: dict[str, list[int]] = {rid: [] for rid in prompts}
+        for step in range(6):
+            request = pb.ForwardRequest(
+                entries=[
+                    pb.ForwardEntry(
+                        request_id=rid,
+                        position=state[rid][0],
+                        tensor=encode_token_ids([state[rid][1]]),
+                        step=step,
+                    )
+                    for rid in prompts
+                ]
+            )
+            for stub in stubs:
+                response = await stub.Forward(request, timeout=30)
+                assert [r.request_id for r in response.results] == list(prompts)
+                for e, r in zip(request.entries, response.results, strict=True):
+                    if r.HasField("tensor"):
+                        e.tensor.CopyFrom(r.tensor)
+            for r in response.results:
+                got[r.request_id].append(r.token_id)
+                state[r.request_id] = (state[r.request_id][0] + 1, r.token_id)
+        assert got == expected
+        assert [w.server.batched_rows for w in workers] == [3, 3]
+
+        # EndSession frees a batched row on the MLX thread without waiting for a Forward.
+        for stub in stubs:
+            await stub.EndSession(pb.EndSessionRequest(request_id="b"), timeout=5)
+        deadline = time.monotonic() + 10
+        while any(w.server.batched_rows != 2 for w in workers):
+            assert time.monotonic() < deadline, [w.server.batched_rows for w in workers]
+            await asyncio.sleep(0.01)
+        assert [w.server.kv_sessions for w in workers] == [2, 2]
+
+
 async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)

@@ -12,6 +12,7 @@ wrong bearer token when ``network.auth_token`` is set), INTERNAL (a bug; logged)
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -105,6 +106,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def __init__(self, state: WorkerState) -> None:
         self.state = state
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def _runtime(self, context: grpc.aio.ServicerContext) -> StageRuntime:
         state = self.state
@@ -150,9 +152,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def _record(self, outcome: ForwardOutcome) -> None:
         collector = self.state.collector
         if collector is not None:
-            for seconds, length in zip(outcome.entry_seconds, outcome.lengths, strict=True):
-                phase = "prefill" if length > 1 else "decode"
-                collector.record_stage_forward(self.state.stage, phase, seconds, length)
+            for call in outcome.calls:
+                collector.record_stage_forward(
+                    self.state.stage, call.phase, call.seconds, call.tokens
+                )
         self.state.report_sessions()
 
     async def EndSession(
@@ -162,8 +165,20 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must not be empty")
         runtime = self.state.runtime
         existed = runtime.sessions.end(request.request_id) if runtime is not None else False
+        if runtime is not None and request.request_id in runtime.batches:
+            # Its positions sit in a decode batch: free them on the MLX thread now rather
+            # than at the stage's next Forward, without making this call wait for it.
+            task = asyncio.get_running_loop().create_task(self._release(runtime))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
         self.state.report_sessions()
         return pb.EndSessionResponse(request_id=request.request_id, existed=existed)
+
+    async def _release(self, runtime: StageRuntime) -> None:
+        try:
+            await self.state.executor.run(runtime.release_ended)
+        except RuntimeError:
+            logger.debug("batch rows not freed: the MLX thread is stopping")
 
     async def Ping(
         self, request: pb.PingRequest, context: grpc.aio.ServicerContext

@@ -66,7 +66,11 @@ class Step:
 
 @dataclass
 class KVSession:
-    """One request's KV cache on this stage and how many positions it holds."""
+    """One request's KV cache on this stage and how many positions it holds.
+
+    ``cache`` is the request's own per-layer caches, or empty while its positions live in
+    one of the stage's decode batch groups (``mlx_relay.model.batch``).
+    """
 
     request_id: str
     cache: list[Any]

@@ -18,7 +18,7 @@ from mlx_relay import wire
 from mlx_relay.core.errors import InvalidRequest
 from mlx_relay.core.types import LayerRange
 from mlx_relay.proto import relay_pb2 as pb
-from mlx_relay.worker.sessions import KVSessionStore, Step
+from mlx_relay.worker.sessions import KVSession, KVSessionStore, Step
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +52,23 @@ class CheckedEntry:
     sampling: Any = None
 
 
+@dataclass(frozen=True)
+class StageCall:
+    """One MLX call of a Forward: a prefill entry alone, or a batch of decode entries."""
+
+    phase: str
+    seconds: float
+    tokens: int
+    batch_size: int
+
+
 @dataclass
 class ForwardOutcome:
     """What one Forward call produced on the MLX thread."""
 
     results: list[pb.ForwardResult]
     compute_seconds: float
-    entry_seconds: list[float]
-    lengths: list[int]
+    calls: list[StageCall]
 
 
 class StageRuntime:
@@ -85,6 +94,9 @@ class StageRuntime:
             ttl_seconds=limits.session_ttl_seconds,
             max_length=limits.max_context,
         )
+        from mlx_relay.model.batch import BatchGroups
+
+        self.batches = BatchGroups()
 
     @classmethod
     def load(
@@ -179,50 +191,109 @@ class StageRuntime:
         return checked
 
     def forward(self, entries: Sequence[CheckedEntry]) -> ForwardOutcome:
-        """Run checked entries through the shard one by one (MLX thread).
+        """Run checked entries through the shard (MLX thread).
+
+        Each multi-position entry (a prompt or a chunk of one) runs alone; all one-position
+        entries (decode steps) run together in one batched call, whatever their requests'
+        cached lengths. Results come back in the entries' order.
 
         Raises:
             SessionNotFound, PositionMismatch, ContextOverflow, SessionLimitReached: the
                 entries do not fit the sessions; nothing was computed.
         """
-        from mlx_relay.model.sampling import sample
-
         started = time.perf_counter()
         sessions = self.sessions.open(
             [Step(c.entry.request_id, int(c.entry.position), c.length) for c in entries]
         )
-        results: list[pb.ForwardResult] = []
-        seconds: list[float] = []
+        # Rows of requests that ended (EndSession, expiry) leave their batch groups here at
+        # the latest, on the MLX thread.
+        self.release_ended()
+        results: list[pb.ForwardResult | None] = [None] * len(entries)
+        calls: list[StageCall] = []
         try:
-            for checked, session in zip(entries, sessions, strict=True):
-                entry_started = time.perf_counter()
-                entry = checked.entry
+            decode = [i for i, c in enumerate(entries) if c.length == 1]
+            for i, (checked, session) in enumerate(zip(entries, sessions, strict=True)):
+                if checked.length == 1:
+                    continue
+                call_started = time.perf_counter()
+                if session.request_id in self.batches:
+                    session.cache = self.batches.take(session.request_id)
                 output = self.shard(
-                    wire.decode(entry.tensor), session.cache, last_position_only=self.is_last
+                    wire.decode(checked.entry.tensor),
+                    session.cache,
+                    last_position_only=self.is_last,
                 )
-                result = pb.ForwardResult(request_id=entry.request_id)
-                if self.is_last:
-                    token = sample(output[0, -1], checked.sampling, int(entry.step))
-                    result.token_id = int(token.token_id)
-                    result.logprob = float(token.logprob)
-                    result.top_logprobs.extend(
-                        pb.TopLogprob(token_id=int(t), logprob=float(lp))
-                        for t, lp in token.top_logprobs
-                    )
-                else:
-                    # encode evaluates the hidden state and its wire view at once.
-                    result.tensor.CopyFrom(wire.encode(output.astype(self.shard.dtype)))
-                result.cached_tokens = self.sessions.advance(session, checked.length)
-                results.append(result)
-                seconds.append(time.perf_counter() - entry_started)
+                results[i] = self._result(checked, session, output)
+                seconds = time.perf_counter() - call_started
+                calls.append(StageCall("prefill", seconds, checked.length, 1))
+            if decode:
+                call_started = time.perf_counter()
+                self._decode(
+                    [entries[i] for i in decode], [sessions[i] for i in decode], decode, results
+                )
+                seconds = time.perf_counter() - call_started
+                calls.append(StageCall("decode", seconds, len(decode), len(decode)))
         except Exception:
             # A failed step may leave a cache half-written: these sessions cannot continue.
             for session in sessions:
                 self.sessions.end(session.request_id)
+            self.release_ended()
             raise
-        return ForwardOutcome(
-            results, time.perf_counter() - started, seconds, [c.length for c in entries]
-        )
+        done = [r for r in results if r is not None]
+        assert len(done) == len(entries)
+        return ForwardOutcome(done, time.perf_counter() - started, calls)
+
+    def release_ended(self) -> list[str]:
+        """Free the batch rows of requests whose sessions ended (MLX thread)."""
+        return self.batches.retain(set(self.sessions.request_ids()))
+
+    def _decode(
+        self,
+        entries: Sequence[CheckedEntry],
+        sessions: Sequence[KVSession],
+        slots: Sequence[int],
+        results: list[pb.ForwardResult | None],
+    ) -> None:
+        """One batched call for one-position entries; fills ``results[slots[k]]``."""
+        import mlx.core as mx
+
+        own = {s.request_id: s.cache for s in sessions if s.request_id not in self.batches}
+        group = self.batches.assemble([s.request_id for s in sessions], own)
+        for session in sessions:
+            if session.request_id in own:
+                session.cache = []  # its positions now live in the batch group
+        index = {s.request_id: k for k, s in enumerate(sessions)}
+        order = [index[rid] for rid in group.rows]
+        x = mx.concatenate([wire.decode(entries[k].entry.tensor) for k in order], axis=0)
+        try:
+            output = self.shard(x, group.caches, last_position_only=self.is_last)
+            if not self.is_last:
+                output = output.astype(self.shard.dtype)
+            mx.eval(output)
+        except Exception:
+            self.batches.discard(group)
+            raise
+        for row, k in enumerate(order):
+            results[slots[k]] = self._result(entries[k], sessions[k], output[row : row + 1])
+
+    def _result(self, checked: CheckedEntry, session: KVSession, output: Any) -> pb.ForwardResult:
+        """One entry's result from its ``(1, L, ...)`` output; advances its session."""
+        from mlx_relay.model.sampling import sample
+
+        entry = checked.entry
+        result = pb.ForwardResult(request_id=entry.request_id)
+        if self.is_last:
+            token = sample(output[0, -1], checked.sampling, int(entry.step))
+            result.token_id = int(token.token_id)
+            result.logprob = float(token.logprob)
+            result.top_logprobs.extend(
+                pb.TopLogprob(token_id=int(t), logprob=float(lp)) for t, lp in token.top_logprobs
+            )
+        else:
+            # encode evaluates the hidden state and its wire view at once.
+            result.tensor.CopyFrom(wire.encode(output.astype(self.shard.dtype)))
+        result.cached_tokens = self.sessions.advance(session, checked.length)
+        return result
 
 
 def _wire_dtype(dtype: Any) -> str:

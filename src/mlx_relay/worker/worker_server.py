@@ -139,6 +139,12 @@ class WorkerServer:
         return self._state.kv_sessions
 
     @property
+    def batched_rows(self) -> int:
+        """KV sessions whose positions sit in a decode batch group."""
+        runtime = self._state.runtime
+        return len(runtime.batches) if runtime is not None else 0
+
+    @property
     def address(self) -> str:
         return host_port(self.device.host, self.port)
 
