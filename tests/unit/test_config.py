@@ -249,6 +249,19 @@ def test_http_section_is_validated_like_every_other(tmp_path: Path) -> None:
     assert error_for(tmp_path, data) == "http.token: unknown key (check the spelling)"
 
 
+def test_batching_settings_are_checked(tmp_path: Path) -> None:
+    data = example()
+    data["inference"]["max_batch_size"] = 0
+    assert error_for(tmp_path, data) == "inference.max_batch_size: expected a value >= 1, got 0"
+    data = example()
+    data["inference"]["prefill_chunk_tokens"] = 8192
+    assert error_for(tmp_path, data) == (
+        "inference: prefill_chunk_tokens (8192) must not exceed max_prompt_tokens (4096), "
+        "the most positions a worker takes in one step"
+    )
+    assert ClusterConfig.model_validate(example()).inference.max_batch_size == 16
+
+
 def test_to_dict_reads_back_as_the_same_configuration() -> None:
     config = ClusterConfig.from_yaml(EXAMPLE).with_worker_ports({"worker-0": 6000})
     again = ClusterConfig.from_dict(yaml.safe_load(yaml.safe_dump(config.to_dict())))

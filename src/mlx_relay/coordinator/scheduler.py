@@ -1,0 +1,222 @@
+"""Continuous batching as a pure policy: which requests' steps go into the next micro-batch.
+
+The scheduler decides and never runs the model: :meth:`Scheduler.schedule` returns a
+:class:`StepPlan` (plain data: for each request, which positions this step covers), the
+caller runs it through the stages and reports back with :meth:`Scheduler.complete`. It
+knows positions, not token ids, and nothing of gRPC or time.
+
+Policy, for each micro-batch:
+
+- New requests join at step boundaries, in arrival order; finished or aborted ones leave.
+- A request's prompt, all but its last token, is prefilled in chunks; its last prompt token
+  is its first decode step, which samples its first token (the split a single process uses,
+  so batched runs give the same tokens).
+- Every decode-ready request that is not in flight gets a step (the least recently served
+  first, at most ``max_batch_size`` rows, one fewer while a prompt waits so that prompts
+  always advance); prefill chunks fill what is left of the rows and of
+  ``prefill_chunk_tokens``, prompts already started first. A long prompt therefore never
+  stalls the streams already running: it advances one chunk per step alongside them.
+- Up to ``max_micro_batches`` plans are in flight at once (one per stage keeps every stage
+  busy), and a request is in at most one of them.
+
+Admission (how many requests may run or wait, 429 past that) stays with
+:mod:`mlx_relay.coordinator.admission`; the scheduler batches the admitted ones.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """The policy's knobs (``inference`` in the cluster config, stage count for the last).
+
+    Attributes:
+        max_batch_size: most requests in one micro-batch.
+        prefill_chunk_tokens: most prompt positions one micro-batch prefills, over all its
+            requests.
+        max_micro_batches: most micro-batches in flight at once.
+    """
+
+    max_batch_size: int
+    prefill_chunk_tokens: int
+    max_micro_batches: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "prefill_chunk_tokens", "max_micro_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    """One request's part of a micro-batch: positions ``[position, position + length)``.
+
+    A decode step has length 1 and samples the request's token number ``step``.
+    """
+
+    request_id: str
+    phase: Phase
+    position: int
+    length: int
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one micro-batch runs: the scheduler's whole decision for one step."""
+
+    plan_id: int
+    steps: tuple[ScheduledStep, ...]
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [s.request_id for s in self.steps]
+
+    @property
+    def decode_count(self) -> int:
+        return sum(1 for s in self.steps if s.phase == "decode")
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(s.length for s in self.steps if s.phase == "prefill")
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prefill_length: int  # positions to prefill before the first decode step
+    arrival: int
+    computed: int = 0  # positions the stages hold
+    generated: int = 0  # decode steps completed
+    in_flight: int | None = None  # plan id
+    last_served: int = -1  # when it was last scheduled (a counter)
+    aborted: bool = False
+
+    @property
+    def decoding(self) -> bool:
+        return self.computed >= self.prefill_length
+
+
+@dataclass
+class Scheduler:
+    """Continuous batching over the requests it was given (see the module docstring)."""
+
+    settings: SchedulerSettings
+    _requests: dict[str, _Request] = field(default_factory=dict)
+    _in_flight: dict[int, StepPlan] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+    _arrivals: itertools.count[int] = field(default_factory=itertools.count)
+    _stamps: itertools.count[int] = field(default_factory=itertools.count)
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._requests
+
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches scheduled and not yet completed."""
+        return len(self._in_flight)
+
+    def add(self, request_id: str, prompt_length: int) -> None:
+        """A new request; it joins the next micro-batch that has room.
+
+        Raises:
+            ValueError: the id is taken, or the prompt is empty.
+        """
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} is already scheduled")
+        if prompt_length < 1:
+            raise ValueError("a request needs at least one prompt token")
+        self._requests[request_id] = _Request(request_id, prompt_length - 1, next(self._arrivals))
+
+    def abort(self, request_id: str) -> bool:
+        """Take a request out (finished early, cancelled, failed). One in flight leaves
+        when its micro-batch completes. Returns whether the scheduler held it."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        if request.in_flight is None:
+            del self._requests[request_id]
+        else:
+            request.aborted = True
+        return True
+
+    def schedule(self) -> StepPlan | None:
+        """The next micro-batch, or None when ``max_micro_batches`` are in flight or no
+        request has a step to take."""
+        settings = self.settings
+        if len(self._in_flight) >= settings.max_micro_batches:
+            return None
+        free = [r for r in self._requests.values() if r.in_flight is None and not r.aborted]
+        prefill = sorted(
+            (r for r in free if not r.decoding), key=lambda r: (r.computed == 0, r.arrival)
+        )
+        # With a prompt waiting, one row stays free for it: decodes never starve a prefill.
+        decode_rows = settings.max_batch_size - (
+            1 if prefill and settings.max_batch_size > 1 else 0
+        )
+        decode = sorted((r for r in free if r.decoding), key=lambda r: (r.last_served, r.arrival))[
+            :decode_rows
+        ]
+        for request in decode:  # in round-robin order, before the rows are sorted
+            request.last_served = next(self._stamps)
+        decode.sort(key=lambda r: r.arrival)
+        steps = [ScheduledStep(r.request_id, "decode", r.computed, 1, r.generated) for r in decode]
+        rows = settings.max_batch_size - len(steps)
+        budget = settings.prefill_chunk_tokens
+        for request in prefill:
+            if rows == 0 or budget == 0:
+                break
+            length = min(request.prefill_length - request.computed, budget)
+            steps.append(ScheduledStep(request.request_id, "prefill", request.computed, length))
+            rows -= 1
+            budget -= length
+        if not steps:
+            return None
+        plan = StepPlan(next(self._ids), tuple(steps))
+        for step in steps:
+            request = self._requests[step.request_id]
+            request.in_flight = plan.plan_id
+        self._in_flight[plan.plan_id] = plan
+        return plan
+
+    def complete(self, plan: StepPlan, finished: Iterable[str] = ()) -> None:
+        """A micro-batch ran: its requests advance; ``finished`` ones (EOS, stop string,
+        ``max_tokens``) leave, as do those aborted meanwhile.
+
+        Raises:
+            KeyError: the plan is not in flight.
+        """
+        del self._in_flight[plan.plan_id]
+        done = set(finished)
+        for step in plan.steps:
+            request = self._requests.get(step.request_id)
+            if request is None or request.in_flight != plan.plan_id:
+                continue
+            request.in_flight = None
+            request.computed += step.length
+            if step.phase == "decode":
+                request.generated += 1
+            if request.aborted or step.request_id in done:
+                del self._requests[step.request_id]
+
+    def fail(self, plan: StepPlan) -> list[str]:
+        """A micro-batch failed: its requests leave (their caches cannot be trusted).
+        Returns their ids."""
+        self._in_flight.pop(plan.plan_id, None)
+        failed = []
+        for step in plan.steps:
+            request = self._requests.get(step.request_id)
+            if request is not None and request.in_flight == plan.plan_id:
+                del self._requests[step.request_id]
+                failed.append(step.request_id)
+        return failed
