@@ -18,13 +18,17 @@ import argparse
 import statistics
 import time
 
-from mlx_relay import wire
-from mlx_relay.core.config import ModelConfig
-from mlx_relay.core.types import LayerRange
-from mlx_relay.model.load import read_model_info, resolve_model_dir
-from mlx_relay.model.shard import Shard
-from mlx_relay.proto import relay_pb2 as pb
-from mlx_relay.worker.stage import StageLimits, StageRuntime
+from mlx_relay.core.blas import load_blas
+
+load_blas()  # before MLX is imported, as the worker does
+
+from mlx_relay import wire  # noqa: E402
+from mlx_relay.core.config import ModelConfig  # noqa: E402
+from mlx_relay.core.types import LayerRange  # noqa: E402
+from mlx_relay.model.load import read_model_info, resolve_model_dir  # noqa: E402
+from mlx_relay.model.shard import Shard  # noqa: E402
+from mlx_relay.proto import relay_pb2 as pb  # noqa: E402
+from mlx_relay.worker.stage import StageLimits, StageRuntime  # noqa: E402
 
 LIMITS = StageLimits(max_prompt_tokens=4096, max_sessions=1024, session_ttl_seconds=3600.0)
 
@@ -71,9 +75,12 @@ def run_round(
 def main(args: argparse.Namespace) -> None:
     model_dir = resolve_model_dir(ModelConfig(), progress=True)
     layers = read_model_info(model_dir, model_dir.name).num_layers
-    shard = Shard.load(model_dir, LayerRange(0, layers))
+    shard = Shard.load(model_dir, LayerRange(0, layers), args.compute)
     stage = StageRuntime(shard, LIMITS)
-    print(f"model {model_dir.name}: one stage, all {shard.num_layers} layers, greedy")
+    print(
+        f"model {model_dir.name}: one stage, all {shard.num_layers} layers, "
+        f"{shard.compute} weights, greedy"
+    )
     print(f"{args.steps} decode steps per round, {args.rounds} rounds, medians\n")
     run_round(stage, 2, 2, True, "warm")
     run_round(stage, 2, 2, False, "warm-one")
@@ -98,4 +105,5 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compute", default="auto", help="model.compute: auto, quantized, float32")
     main(parser.parse_args())

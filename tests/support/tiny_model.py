@@ -19,6 +19,25 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
+# The model variants shard and batching tests run (keyword arguments of make_tiny_model_dir).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "llama": {"arch": "llama"},
+    "mistral": {"arch": "mistral"},
+    "qwen2": {"arch": "qwen2"},
+    "qwen3": {"arch": "qwen3"},
+    "llama-4bit": {"arch": "llama", "quantize": True},
+    "qwen3-4bit": {"arch": "qwen3", "quantize": True},
+    # Alternating sliding-window layers with a window shorter than the prompts: stages must
+    # rebuild both masks and the rotating caches exactly as the full model does.
+    "llama-sliding": {
+        "arch": "llama",
+        "config_overrides": {
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "sliding_window": 4,
+        },
+    },
+}
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_TOKEN = "<|im_end|>"
 CHAT_TEMPLATE = (

@@ -14,28 +14,10 @@ from mlx_relay.core.errors import ShardMismatch
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.load import load_model
 from mlx_relay.model.shard import Shard, parameter_arrays
-from tests.support.tiny_model import make_tiny_model_dir
+from tests.support.tiny_model import VARIANTS, make_tiny_model_dir
 
 PROMPT = [5, 17, 42, 3, 99, 7, 250, 11, 64]
 DECODE = [8, 120, 33, 2]
-
-VARIANTS = {
-    "llama": {"arch": "llama"},
-    "mistral": {"arch": "mistral"},
-    "qwen2": {"arch": "qwen2"},
-    "qwen3": {"arch": "qwen3"},
-    "llama-4bit": {"arch": "llama", "quantize": True},
-    "qwen3-4bit": {"arch": "qwen3", "quantize": True},
-    # Alternating sliding-window layers with a window shorter than the prompt: stages must
-    # rebuild both masks and the rotating caches exactly as the full model does.
-    "llama-sliding": {
-        "arch": "llama",
-        "config_overrides": {
-            "layer_types": ["sliding_attention", "full_attention"] * 2,
-            "sliding_window": 4,
-        },
-    },
-}
 
 SPLITS = [
     [LayerRange(0, 1), LayerRange(1, 4)],

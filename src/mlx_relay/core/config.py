@@ -157,19 +157,10 @@ class InferenceConfig(_Section):
     session_ttl_seconds: float = Field(default=300.0, gt=0)
     max_sessions: int = Field(default=64, ge=1)
     # Continuous batching (coordinator/scheduler.py): most requests in one micro-batch, and
-    # most prompt positions one micro-batch prefills (longer prompts go in chunks).
+    # most prompt positions one micro-batch prefills (longer prompts go in chunks; never
+    # more than max_prompt_tokens, the most positions a worker takes in one step).
     max_batch_size: int = Field(default=16, ge=1)
     prefill_chunk_tokens: int = Field(default=512, ge=1)
-
-    @model_validator(mode="after")
-    def _chunk_fits_a_step(self) -> InferenceConfig:
-        if self.prefill_chunk_tokens > self.max_prompt_tokens:
-            raise ValueError(
-                f"prefill_chunk_tokens ({self.prefill_chunk_tokens}) must not exceed "
-                f"max_prompt_tokens ({self.max_prompt_tokens}), the most positions a worker "
-                "takes in one step"
-            )
-        return self
 
 
 def _http_url(value: str) -> str:

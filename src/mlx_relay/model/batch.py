@@ -125,21 +125,10 @@ class BatchGroups:
                 group.keep_only(staying)
             else:
                 self._remove(group)
-            if base is None:
-                base = _Group(moving, moved)
-                self._add(base)
-            else:
-                base.extend(moving, moved)
-                self._claim(base, moving)
+            base = self._join(base, moving, moved)
         joining = [rid for rid in request_ids if rid in solo and rid not in self._group_of]
         if joining:
-            merged = merge_caches([solo[rid] for rid in joining])
-            if base is None:
-                base = _Group(joining, merged)
-                self._add(base)
-            else:
-                base.extend(joining, merged)
-                self._claim(base, joining)
+            base = self._join(base, joining, merge_caches([solo[rid] for rid in joining]))
         assert base is not None and set(base.rows) == wanted
         return base
 
@@ -180,6 +169,16 @@ class BatchGroups:
     def clear(self) -> None:
         self._groups.clear()
         self._group_of.clear()
+
+    def _join(self, base: _Group | None, rows: Sequence[str], caches: list[Any]) -> _Group:
+        """``rows`` (held in ``caches``) join ``base``, or become the base if there is none."""
+        if base is None:
+            base = _Group(list(rows), caches)
+            self._add(base)
+        else:
+            base.extend(rows, caches)
+            self._claim(base, rows)
+        return base
 
     def _add(self, group: _Group) -> None:
         self._groups.append(group)

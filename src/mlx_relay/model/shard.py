@@ -147,7 +147,12 @@ class Shard:
                 )
             h = x if x.dtype == self.dtype else x.astype(self.dtype)
 
-        if self._decode is not None and h.shape[1] == 1 and cache[0].keys is not None:
+        if (
+            self._decode is not None
+            and h.shape[1] == 1
+            and isinstance(cache[0], KVCache)  # a decode batch's caches run eagerly
+            and cache[0].keys is not None
+        ):
             return self._compiled_step(h, cache)
         if self._embed is not None:
             h = self._embed(h)

@@ -195,7 +195,8 @@ class StageRuntime:
 
         Each multi-position entry (a prompt or a chunk of one) runs alone; all one-position
         entries (decode steps) run together in one batched call, whatever their requests'
-        cached lengths. Results come back in the entries' order.
+        cached lengths. A lone decode step of a request that is in no batch runs on its own
+        caches (the compiled single-request step). Results come back in the entries' order.
 
         Raises:
             SessionNotFound, PositionMismatch, ContextOverflow, SessionLimitReached: the
@@ -212,8 +213,10 @@ class StageRuntime:
         calls: list[StageCall] = []
         try:
             decode = [i for i, c in enumerate(entries) if c.length == 1]
+            if len(decode) == 1 and sessions[decode[0]].request_id not in self.batches:
+                decode = []
             for i, (checked, session) in enumerate(zip(entries, sessions, strict=True)):
-                if checked.length == 1:
+                if i in decode:
                     continue
                 call_started = time.perf_counter()
                 if session.request_id in self.batches:
@@ -225,7 +228,8 @@ class StageRuntime:
                 )
                 results[i] = self._result(checked, session, output)
                 seconds = time.perf_counter() - call_started
-                calls.append(StageCall("prefill", seconds, checked.length, 1))
+                phase = "prefill" if checked.length > 1 else "decode"
+                calls.append(StageCall(phase, seconds, checked.length, 1))
             if decode:
                 call_started = time.perf_counter()
                 self._decode(
