@@ -126,6 +126,17 @@ def test_micro_batches_in_flight_hold_each_request_once() -> None:
     assert scheduler.in_flight == 0
 
 
+def test_requests_are_shared_out_over_the_micro_batches() -> None:
+    scheduler = make(batch=16, chunk=64, micro=3)
+    for i in range(7):
+        scheduler.add(f"r{i}", 1)
+    plans = [scheduler.schedule() for _ in range(3)]
+    assert [len(p.steps) for p in plans if p is not None] == [3, 3, 1]
+    assert sorted(r for p in plans if p is not None for r in p.request_ids) == [
+        f"r{i}" for i in range(7)
+    ]
+
+
 def test_with_more_micro_batches_than_requests_nothing_is_scheduled_twice() -> None:
     scheduler = make(batch=4, chunk=64, micro=3)
     scheduler.add("a", 1)

@@ -17,7 +17,8 @@ Policy, for each micro-batch:
   ``prefill_chunk_tokens``, prompts already started first. A long prompt therefore never
   stalls the streams already running: it advances one chunk per step alongside them.
 - Up to ``max_micro_batches`` plans are in flight at once (one per stage keeps every stage
-  busy), and a request is in at most one of them.
+  busy), and a request is in at most one of them: the requests are shared out, each plan
+  taking at most ``ceil(requests / max_micro_batches)`` rows.
 
 Admission (how many requests may run or wait, 429 past that) stays with
 :mod:`mlx_relay.coordinator.admission`; the scheduler batches the admitted ones.
@@ -160,10 +161,11 @@ class Scheduler:
         prefill = sorted(
             (r for r in free if not r.decoding), key=lambda r: (r.computed == 0, r.arrival)
         )
+        # The requests are shared out over the micro-batches, so that each stage has one.
+        live = sum(1 for r in self._requests.values() if not r.aborted)
+        batch_rows = min(settings.max_batch_size, -(-live // settings.max_micro_batches))
         # With a prompt waiting, one row stays free for it: decodes never starve a prefill.
-        decode_rows = settings.max_batch_size - (
-            1 if prefill and settings.max_batch_size > 1 else 0
-        )
+        decode_rows = batch_rows - (1 if prefill and batch_rows > 1 else 0)
         decode = sorted((r for r in free if r.decoding), key=lambda r: (r.last_served, r.arrival))[
             :decode_rows
         ]
@@ -171,7 +173,7 @@ class Scheduler:
             request.last_served = next(self._stamps)
         decode.sort(key=lambda r: r.arrival)
         steps = [ScheduledStep(r.request_id, "decode", r.computed, 1, r.generated) for r in decode]
-        rows = settings.max_batch_size - len(steps)
+        rows = batch_rows - len(steps)
         budget = settings.prefill_chunk_tokens
         for request in prefill:
             if rows == 0 or budget == 0:
