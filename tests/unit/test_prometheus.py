@@ -49,6 +49,7 @@ EXPECTED_FAMILIES = {
         {"model_name", "quantization", "num_layers", "num_stages"},
     ),
     "mlxrelay_stage_forward_duration_seconds": ("histogram", {"device", "stage", "phase"}),
+    "mlxrelay_stage_batch_size": ("histogram", {"device", "stage"}),
     "mlxrelay_stage_busy_seconds": ("counter", {"device", "stage"}),
     "mlxrelay_stage_steps": ("counter", {"device", "stage", "phase"}),
     "mlxrelay_stage_kv_sessions": ("gauge", {"device", "stage"}),
@@ -167,6 +168,7 @@ def recorded() -> Iterator[tuple[MetricsCollector, FakeClock]]:
     worker.record_stage_forward(0, "prefill", 0.004, 7)
     worker.record_stage_forward(0, "decode", 0.001, 1)
     worker.record_stage_forward(0, "decode", 0.0015, 1)
+    worker.record_stage_forward(0, "decode", 0.002, 5, batch_size=5)
     worker.set_kv_sessions(1)
     worker.record_device_sample(device_sample(clock.wall()))
     coordinator.update_remote_snapshot("worker-0", worker.export_metrics())
@@ -263,8 +265,14 @@ def test_histograms_use_the_catalogue_buckets_and_counts(
         value(forward, "mlxrelay_stage_forward_duration_seconds_bucket", phase="decode", le="0.001")
         == 1
     )
-    assert value(forward, "mlxrelay_stage_forward_duration_seconds_count", phase="decode") == 2
+    assert value(forward, "mlxrelay_stage_forward_duration_seconds_count", phase="decode") == 3
     assert value(forward, "mlxrelay_stage_forward_duration_seconds_count", phase="prefill") == 1
+
+    _, batch = families["mlxrelay_stage_batch_size"]
+    assert value(batch, "mlxrelay_stage_batch_size_bucket", device="worker-0", le="1.0") == 3
+    assert value(batch, "mlxrelay_stage_batch_size_bucket", device="worker-0", le="4.0") == 3
+    assert value(batch, "mlxrelay_stage_batch_size_bucket", device="worker-0", le="8.0") == 4
+    assert value(batch, "mlxrelay_stage_batch_size_sum", device="worker-0") == 8
 
     _, rtt = families["mlxrelay_network_rtt_seconds"]
     rtt_bounds = [
@@ -301,11 +309,11 @@ def test_counters_and_known_label_sets(recorded: tuple[MetricsCollector, FakeClo
     steps = families["mlxrelay_stage_steps"][1]
     assert (
         value(steps, "mlxrelay_stage_steps_total", device="worker-0", stage="0", phase="decode")
-        == 2
+        == 3
     )
     busy = families["mlxrelay_stage_busy_seconds"][1]
     assert value(busy, "mlxrelay_stage_busy_seconds_total", device="worker-0") == pytest.approx(
-        0.0065
+        0.0085
     )
     info = families["mlxrelay_stage_info"][1]
     assert (

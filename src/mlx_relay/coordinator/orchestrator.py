@@ -1,8 +1,9 @@
 """The coordinator's engine: connects to the stages and runs requests through them.
 
-``DistributedOrchestrator`` holds the tokenizer, one :class:`WorkerClient` per stage and
-admission control. Each request runs in its own
-:class:`~mlx_relay.coordinator.pipeline.RequestRun`, so requests interleave on the stages.
+``DistributedOrchestrator`` holds the tokenizer, one :class:`WorkerClient` per stage,
+admission control and the step loop that batches every running request's steps
+(:mod:`mlx_relay.coordinator.step_loop`); each request is a
+:class:`~mlx_relay.coordinator.pipeline.RequestRun` in that loop.
 Monitoring is handed in (a :class:`~mlx_relay.coordinator.telemetry.CoordinatorTelemetry`):
 the orchestrator records into it and tells it when the pipeline is up and down.
 """
@@ -20,6 +21,8 @@ from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.pipeline import RequestRun, RunTracker, Stage
 from mlx_relay.coordinator.prepare import PromptLimits, prepare_request
 from mlx_relay.coordinator.requests import InferenceRequest, InferenceResponse, TokenEvent
+from mlx_relay.coordinator.scheduler import SchedulerSettings
+from mlx_relay.coordinator.step_loop import StepLoop
 from mlx_relay.coordinator.telemetry import CoordinatorTelemetry
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import PipelineNotReady, RelayError, ShardMismatch, WorkerUnavailable
@@ -101,6 +104,7 @@ class DistributedOrchestrator:
             on_change=self._admission_changed,
         )
         self._tracker = RunTracker()
+        self._loop: StepLoop | None = None
         self._ready = False
         self._closed = False
 
@@ -166,6 +170,13 @@ class DistributedOrchestrator:
             WorkerClient.for_device(w, self.config.network, recorder=self.metrics_collector)
             for w in workers
         ]
+        inference = self.config.inference
+        settings = SchedulerSettings(
+            max_batch_size=inference.max_batch_size,
+            prefill_chunk_tokens=min(inference.prefill_chunk_tokens, inference.max_prompt_tokens),
+            max_micro_batches=len(self.stages),
+        )
+        self._loop = StepLoop(self.stages, self._clients, settings, self.metrics_collector)
         try:
             await self._wait_serving()
             await self._check_shards(info.num_layers)
@@ -248,8 +259,10 @@ class DistributedOrchestrator:
             )
         prepared = prepare_request(request, self.tokenizer, self._limits)
         self._admission.check()
+        assert self._loop is not None
         return RequestRun(
             prepared,
+            self._loop,
             self.stages,
             self._clients,
             self.tokenizer,
@@ -282,8 +295,8 @@ class DistributedOrchestrator:
             return
         self._closed = True
         live = list(self._tracker.runs)
-        for run in live:
-            run.stop("the coordinator is shutting down")
+        if self._loop is not None:
+            await self._loop.stop("the coordinator is shutting down")
         pending = [asyncio.ensure_future(run.end_sessions()) for run in live]
         pending += self._tracker.cleanups
         if pending:

@@ -1,8 +1,11 @@
-"""One request's trip through the stages: prefill, then one decode step per token.
+"""One request's life on the coordinator: admission, its tokens and text, its cleanup.
 
-Each request drives its own loop (stage 0 -> 1 -> ... -> last, which samples, then back to
-stage 0), so concurrent requests interleave on the stages. Hidden states pass from one stage
-to the next as the workers' own ``Tensor`` messages, never decoded here.
+The steps themselves run in the shared :class:`~mlx_relay.coordinator.step_loop.StepLoop`,
+which batches every running request's step into one ``Forward`` per stage; a
+:class:`RequestRun` is one member of it. The loop hands it each sampled token
+(:meth:`RequestRun.on_token`, which applies EOS, stop strings and ``max_tokens`` at once, so
+that a finished request takes no further step), and the run turns them into its caller's
+events.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_relay.coordinator.admission import Admission
-from mlx_relay.coordinator.client import StageError, WorkerClient
+from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.prepare import PreparedRequest
 from mlx_relay.coordinator.requests import (
     FinishReason,
@@ -26,12 +29,12 @@ from mlx_relay.coordinator.requests import (
     TokenLogprob,
     Usage,
 )
+from mlx_relay.coordinator.step_loop import StepLoop
 from mlx_relay.coordinator.stops import TextStream
-from mlx_relay.core.errors import PipelineNotReady
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.tokenizer import TextDecoder
 from mlx_relay.proto import relay_pb2
-from mlx_relay.wire import encode_sampling, encode_token_ids
+from mlx_relay.wire import encode_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +73,13 @@ class RequestOutcome:
 
 
 class RequestRun:
-    """Drives one prepared request through the pipeline; iterate :meth:`events` once.
+    """One prepared request in the step loop; iterate :meth:`events` once.
 
     Args:
         prepared: the validated request.
-        stages: the pipeline, in order, and one client per stage.
-        clients: the WorkerClient of each stage, same order.
+        loop: the step loop that runs every request's steps.
+        stages: the pipeline, in order.
+        clients: the WorkerClient of each stage, same order (for EndSession).
         tokenizer: decodes the generated ids into text.
         eos_ids: token ids that end generation.
         admission: where the request waits for a running slot.
@@ -87,6 +91,7 @@ class RequestRun:
     def __init__(
         self,
         prepared: PreparedRequest,
+        loop: StepLoop,
         stages: Sequence[Stage],
         clients: Sequence[WorkerClient],
         tokenizer: Any,
@@ -97,18 +102,24 @@ class RequestRun:
     ) -> None:
         self.prepared = prepared
         self.request_id = prepared.request.request_id
+        self.prompt_ids = prepared.prompt_ids
+        self.sampling = encode_sampling(prepared.params)
+        self._loop = loop
         self._stages = stages
         self._clients = clients
-        self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._admission = admission
         self._collector = collector
         self._tracker = tracker
         self._trace: Any = None
         self._sessions_opened = False
-        self._stopping: str | None = None
-        self._sampling = encode_sampling(prepared.params)
         self.outcome = RequestOutcome()
+        self._events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        self._text = TextStream(TextDecoder(tokenizer, self.prompt_ids), prepared.request.stop)
+        self._want_logprobs = prepared.request.logprobs or prepared.params.top_logprobs > 0
+        self._last_token = self.prompt_ids[-1]
+        self._admitted = 0.0
+        self._first_token_at: float | None = None
 
     async def events(self) -> AsyncGenerator[TokenEvent, None]:
         """Token events; the last one carries ``finish_reason`` and ``usage``. Closing the
@@ -128,7 +139,7 @@ class RequestRun:
                     )
                     self._trace.started()
                 try:
-                    async with aclosing(self._prefill_and_decode(admitted)) as events:
+                    async with aclosing(self._step_events(admitted)) as events:
                         async for event in events:
                             yield event
                 except (GeneratorExit, asyncio.CancelledError):
@@ -149,138 +160,115 @@ class RequestRun:
             if not outcome.timings.total:
                 outcome.timings.total = time.monotonic() - submitted
             if self._sessions_opened:
-                task = asyncio.get_running_loop().create_task(self.end_sessions())
+                task = asyncio.get_running_loop().create_task(self._leave_and_end())
                 self._tracker.add_cleanup(task)
                 if outcome.finish_reason in ("stop", "length"):
                     # Free the stages' caches before the caller sees the request as done; on
                     # failure the error is not held back behind the cleanup.
                     await asyncio.shield(task)
 
-    async def _prefill_and_decode(self, admitted: float) -> AsyncGenerator[TokenEvent, None]:
-        prepared = self.prepared
+    async def _step_events(self, admitted: float) -> AsyncGenerator[TokenEvent, None]:
+        self._admitted = admitted
+        self._loop.join(self)
+        self._sessions_opened = True
+        while True:
+            item = await self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    # -- what the step loop calls (Member) ---------------------------------------------------
+
+    def next_token(self) -> int:
+        return self._last_token
+
+    def on_token(self, result: relay_pb2.ForwardResult) -> bool:
+        """Take the request's next sampled token; True when the request is finished."""
+        outcome = self.outcome
+        now = time.monotonic()
+        if self._first_token_at is None:
+            self._first_token_at = now
+            outcome.timings.ttft = now - self.prepared.submitted_at
+            outcome.timings.prefill = now - self._admitted
+        token = result.token_id
+        if token in self._eos_ids:
+            self._finish("stop")
+            return True
+        outcome.token_ids.append(token)
+        self._last_token = token
+        logprob = None
+        if self._want_logprobs:
+            logprob = TokenLogprob(
+                token, result.logprob, [(t.token_id, t.logprob) for t in result.top_logprobs]
+            )
+            outcome.logprobs.append(logprob)
+        if self._trace is not None:
+            self._trace.token()
+        delta = self._text.add(token)
+        outcome.text_parts.append(delta)
+        index = len(outcome.token_ids) - 1
+        self._events.put_nowait(TokenEvent(self.request_id, token, delta, index, logprob))
+        if self._text.stopped:
+            self._finish("stop")
+            return True
+        if len(outcome.token_ids) >= self.prepared.max_tokens:
+            self._finish("length")
+            return True
+        return False
+
+    def on_stage(self, device_id: str, compute: float, network: float) -> None:
+        timings = self.outcome.timings
+        timings.stage_compute[device_id] = timings.stage_compute.get(device_id, 0.0) + compute
+        timings.network += network
+        if self._trace is not None:
+            self._trace.stage_time(device_id, compute)
+            self._trace.network_time(network)
+
+    def fail(self, error: BaseException) -> None:
+        self._events.put_nowait(error)
+
+    def _finish(self, finish: FinishReason) -> None:
         outcome = self.outcome
         timings = outcome.timings
-        prompt = prepared.prompt_ids
-        want_logprobs = prepared.request.logprobs or prepared.params.top_logprobs > 0
-        text = TextStream(TextDecoder(self._tokenizer, prompt), prepared.request.stop)
-        position = 0
-        if len(prompt) > 1:
-            # Prefill all but the last prompt token; the last one is the first decode step.
-            await self._forward_all(prompt[:-1], position, step=0)
-            position = len(prompt) - 1
-        token = prompt[-1]
-        first_token_at: float | None = None
-        finish: FinishReason = "length"
-        for step in range(prepared.max_tokens):
-            result = await self._forward_all([token], position, step=step)
-            position += 1
-            now = time.monotonic()
-            if first_token_at is None:
-                first_token_at = now
-                timings.ttft = now - prepared.submitted_at
-                timings.prefill = now - admitted
-            token = result.token_id
-            if token in self._eos_ids:
-                finish = "stop"
-                break
-            outcome.token_ids.append(token)
-            logprob = None
-            if want_logprobs:
-                logprob = TokenLogprob(
-                    token,
-                    result.logprob,
-                    [(t.token_id, t.logprob) for t in result.top_logprobs],
-                )
-                outcome.logprobs.append(logprob)
-            if self._trace is not None:
-                self._trace.token()
-            delta = text.add(token)
-            outcome.text_parts.append(delta)
-            yield TokenEvent(self.request_id, token, delta, len(outcome.token_ids) - 1, logprob)
-            if text.stopped:
-                finish = "stop"
-                break
-        tail = text.finish()
+        tail = self._text.finish()
         outcome.text_parts.append(tail)
         outcome.finish_reason = finish
         end = time.monotonic()
         generated = len(outcome.token_ids)
-        if first_token_at is not None:
-            timings.decode = end - first_token_at
-        running = end - admitted
+        if self._first_token_at is not None:
+            timings.decode = end - self._first_token_at
+        running = end - self._admitted
         timings.tokens_per_second = generated / running if running > 0 else 0.0
-        timings.total = end - prepared.submitted_at
+        timings.total = end - self.prepared.submitted_at
         if self._trace is not None:
             self._trace.finish(finish)
         logger.debug(
             "request %s: %d prompt + %d generated tokens, %s, %.3f s (queue %.3f s)",
             self.request_id,
-            len(prompt),
+            len(self.prompt_ids),
             generated,
             finish,
             timings.total,
             timings.queue,
         )
-        yield TokenEvent(
-            self.request_id,
-            None,
-            tail,
-            generated,
-            finish_reason=finish,
-            usage=Usage(len(prompt), generated),
+        self._events.put_nowait(
+            TokenEvent(
+                self.request_id,
+                None,
+                tail,
+                generated,
+                finish_reason=finish,
+                usage=Usage(len(self.prompt_ids), generated),
+            )
         )
 
-    async def _forward_all(
-        self, token_ids: Sequence[int], position: int, step: int
-    ) -> relay_pb2.ForwardResult:
-        """One step through every stage; returns the last stage's result (the sample)."""
-        tensor = encode_token_ids(token_ids)
-        timings = self.outcome.timings
-        result: relay_pb2.ForwardResult | None = None
-        for stage, client in zip(self._stages, self._clients, strict=True):
-            if self._stopping is not None:
-                raise PipelineNotReady(self._stopping)
-            entry = relay_pb2.ForwardEntry(
-                request_id=self.request_id,
-                position=position,
-                tensor=tensor,
-                sampling=self._sampling,
-                step=step,
-            )
-            self._sessions_opened = True
-            started = time.perf_counter()
-            response = await client.forward(relay_pb2.ForwardRequest(entries=[entry]))
-            rpc_seconds = time.perf_counter() - started
-            result = self._single_result(stage, response)
-            compute = response.compute_seconds
-            network = max(0.0, rpc_seconds - compute)
-            timings.stage_compute[stage.device_id] = (
-                timings.stage_compute.get(stage.device_id, 0.0) + compute
-            )
-            timings.network += network
-            if self._trace is not None and self._collector is not None:
-                self._trace.stage_time(stage.device_id, compute)
-                self._trace.network_time(network)
-                self._collector.record_transfer(stage.device_id, network)
-            tensor = result.tensor
-        assert result is not None
-        return result
-
-    def _single_result(
-        self, stage: Stage, response: relay_pb2.ForwardResponse
-    ) -> relay_pb2.ForwardResult:
-        if len(response.results) != 1 or response.results[0].request_id != self.request_id:
-            raise StageError(
-                stage.device_id,
-                "Forward",
-                "BAD_RESPONSE",
-                f"expected one result for request {self.request_id}, got {len(response.results)}",
-            )
-        return response.results[0]
-
-    def stop(self, reason: str) -> None:
-        """Make the run fail with :class:`PipelineNotReady` before its next forward call."""
-        self._stopping = reason
+    async def _leave_and_end(self) -> None:
+        # Once no micro-batch in flight holds the request, its sessions may end without
+        # failing another request's step.
+        await self._loop.leave(self.request_id)
+        await self.end_sessions()
 
     async def end_sessions(self) -> None:
         """EndSession on every stage, concurrently, once; failures are logged, not raised (a

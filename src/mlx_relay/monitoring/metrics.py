@@ -185,9 +185,12 @@ class MetricsCollector:
 
     # -- recording: stages (worker) ----------------------------------------------------------
 
-    def record_stage_forward(self, stage: int, phase: str, seconds: float, tokens: int) -> None:
-        """One forward call on this device's stage; ``phase`` is ``prefill`` or ``decode``."""
-        self._stage.record_forward(stage, phase, seconds, tokens)
+    def record_stage_forward(
+        self, stage: int, phase: str, seconds: float, tokens: int, batch_size: int = 1
+    ) -> None:
+        """One forward call on this device's stage; ``phase`` is ``prefill`` or ``decode``,
+        ``batch_size`` the requests it computed at once."""
+        self._stage.record_forward(stage, phase, seconds, tokens, batch_size)
 
     def set_kv_sessions(self, n: int) -> None:
         """Live KV-cache sessions on this device's stage."""

@@ -165,6 +165,11 @@ def stage_families(snapshot: Snapshot) -> Iterator[Metric]:
         "Compute time of one forward call on a stage.",
         labels=["device", "stage", "phase"],
     )
+    batch = HistogramMetricFamily(
+        PREFIX + "stage_batch_size",
+        "Requests computed in one forward call on a stage (a batched decode step).",
+        labels=["device", "stage"],
+    )
     busy = CounterMetricFamily(
         PREFIX + "stage_busy_seconds",
         "Forward compute time; rate() is the stage's utilisation.",
@@ -199,6 +204,8 @@ def stage_families(snapshot: Snapshot) -> Iterator[Metric]:
                 _add_histogram(forward, [device_id, label, phase], snap)
         for phase in _known_then_rest(PHASES, stage.steps_total):
             steps.add_metric([device_id, label, phase], stage.steps_total.get(phase, 0))
+        if stage.batch_size is not None:
+            _add_histogram(batch, [device_id, label], stage.batch_size)
         busy.add_metric([device_id, label], stage.busy_seconds_total)
         sessions.add_metric([device_id, label], stage.kv_sessions)
     for device_id, status in sorted(snapshot.devices.items()):
@@ -208,7 +215,7 @@ def stage_families(snapshot: Snapshot) -> Iterator[Metric]:
             engine = [status.backend or "", status.compute or "", status.blas or "", threads]
             layers = [str(status.layer_start), str(status.layer_end)]
             info.add_metric([device_id, label, *layers, *engine], 1)
-    yield from (forward, busy, steps, sessions, info)
+    yield from (forward, batch, busy, steps, sessions, info)
 
 
 def device_families(snapshot: Snapshot) -> Iterator[Metric]:

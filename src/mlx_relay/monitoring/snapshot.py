@@ -141,6 +141,10 @@ class StageMetrics(_Snap):
     forward_seconds: dict[str, LatencySummary] = Field(
         description="Recent-window summary of forward time by phase, seconds."
     )
+    batch_size: HistogramSnap | None = Field(
+        default=None,
+        description="Requests per forward call: a batched decode step counts all its requests.",
+    )
     busy_seconds_total: float = Field(description="Total forward compute time, seconds.")
     steps_total: dict[str, int] = Field(description="Forward calls served, by phase.")
     tokens_total: dict[str, int] = Field(description="Tokens processed, by phase.")

@@ -6,7 +6,13 @@ import threading
 from collections.abc import Callable
 
 from mlx_relay.monitoring.snapshot import PHASES, StageMetrics
-from mlx_relay.monitoring.windows import STAGE_FORWARD_BUCKETS, Histogram, RateWindow, SampleWindow
+from mlx_relay.monitoring.windows import (
+    STAGE_BATCH_BUCKETS,
+    STAGE_FORWARD_BUCKETS,
+    Histogram,
+    RateWindow,
+    SampleWindow,
+)
 
 UTILIZATION_WINDOW_SECONDS = 10.0
 
@@ -33,11 +39,14 @@ class StageRecorder:
         self.steps_total = dict.fromkeys(PHASES, 0)
         self.tokens_total = dict.fromkeys(PHASES, 0)
         self._histograms = {p: Histogram(STAGE_FORWARD_BUCKETS) for p in PHASES}
+        self._batch_sizes = Histogram(STAGE_BATCH_BUCKETS)
         self._samples = {p: SampleWindow(window_size, retention_seconds) for p in PHASES}
         self._busy = RateWindow(UTILIZATION_WINDOW_SECONDS)
         self.active = False
 
-    def record_forward(self, stage: int, phase: str, seconds: float, tokens: int) -> None:
+    def record_forward(
+        self, stage: int, phase: str, seconds: float, tokens: int, batch_size: int = 1
+    ) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         now = self._clock()
@@ -48,6 +57,7 @@ class StageRecorder:
             self.steps_total[phase] += 1
             self.tokens_total[phase] += tokens
             self._histograms[phase].observe(seconds)
+            self._batch_sizes.observe(batch_size)
             self._samples[phase].add(now, seconds)
             self._busy.add(now, seconds)
 
@@ -65,6 +75,7 @@ class StageRecorder:
                 device_id=self._device_id,
                 stage=self.stage,
                 forward_duration_seconds={p: h.snap() for p, h in self._histograms.items()},
+                batch_size=self._batch_sizes.snap(),
                 forward_seconds={p: w.summary(now) for p, w in self._samples.items()},
                 busy_seconds_total=self.busy_seconds_total,
                 steps_total=dict(self.steps_total),

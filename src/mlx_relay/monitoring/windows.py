@@ -35,6 +35,8 @@ NETWORK_RTT_BUCKETS = (
     0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02,
     0.05, 0.1, 0.2, 0.5, 1.0,
 )  # fmt: skip
+# Requests in one forward call on a stage (a batched decode step holds many).
+STAGE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 NETWORK_RPC_BUCKETS = (
     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
     1.0, 2.0, 5.0, 10.0,

@@ -154,7 +154,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if collector is not None:
             for call in outcome.calls:
                 collector.record_stage_forward(
-                    self.state.stage, call.phase, call.seconds, call.tokens
+                    self.state.stage, call.phase, call.seconds, call.tokens, call.batch_size
                 )
         self.state.report_sessions()
 

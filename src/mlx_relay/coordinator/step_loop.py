@@ -1,0 +1,225 @@
+"""The one loop that runs the scheduler's plans through the stages.
+
+Each :class:`~mlx_relay.coordinator.scheduler.StepPlan` becomes one ``Forward`` per stage,
+carrying an entry per request (stage 0 gets token ids, each later stage the previous one's
+hidden states, relayed through this process); the last stage's sampled tokens go to each
+request's :class:`Member`, which decides whether it is finished. Up to one plan per stage is
+in flight, each in its own task. Waiting in the scheduler is no RPC: each ``Forward`` has
+the whole ``network.request_timeout`` for itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from mlx_relay.coordinator.client import StageError, WorkerClient
+from mlx_relay.coordinator.scheduler import Scheduler, SchedulerSettings, StepPlan
+from mlx_relay.core.errors import PipelineNotReady
+from mlx_relay.proto import relay_pb2
+from mlx_relay.wire import encode_token_ids
+
+logger = logging.getLogger(__name__)
+
+
+class StageView(Protocol):
+    """What the loop needs of a stage (``pipeline.Stage``)."""
+
+    @property
+    def device_id(self) -> str: ...
+
+
+class Member(Protocol):
+    """A request as the loop drives it (``RequestRun``)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: relay_pb2.SamplingParams
+
+    def next_token(self) -> int:
+        """The input of the request's next decode step."""
+
+    def on_token(self, result: relay_pb2.ForwardResult) -> bool:
+        """The last stage sampled the request's next token; True when it is finished."""
+
+    def on_stage(self, device_id: str, compute: float, network: float) -> None:
+        """One of the request's steps spent this long on a stage and on the wire."""
+
+    def fail(self, error: BaseException) -> None:
+        """The request cannot go on (a stage failed, the coordinator stops)."""
+
+
+class StepLoop:
+    """Continuous batching over the pipeline: requests join with :meth:`join` and leave
+    when finished, failed or after :meth:`leave`.
+
+    Args:
+        stages: the pipeline, in order.
+        clients: one client per stage, same order.
+        settings: the scheduler's settings.
+        collector: the coordinator's MetricsCollector, or None.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[StageView],
+        clients: Sequence[WorkerClient],
+        settings: SchedulerSettings,
+        collector: Any | None = None,
+    ) -> None:
+        self._stages = stages
+        self._clients = clients
+        self._scheduler = Scheduler(settings)
+        self._collector = collector
+        self._members: dict[str, Member] = {}
+        self._left: dict[str, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped: str | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self._scheduler.in_flight
+
+    def join(self, member: Member) -> None:
+        """Schedule a request from the next step on.
+
+        Raises:
+            PipelineNotReady: the loop was stopped.
+        """
+        if self._stopped is not None:
+            raise PipelineNotReady(self._stopped)
+        self._scheduler.add(member.request_id, len(member.prompt_ids))
+        self._members[member.request_id] = member
+        self._pump()
+
+    def leave(self, request_id: str) -> asyncio.Future[None]:
+        """Take a request out; the future is done once no micro-batch holds it any more
+        (then its KV sessions may be ended without failing anyone else's step)."""
+        self._scheduler.abort(request_id)
+        done = asyncio.get_running_loop().create_future()
+        if request_id in self._scheduler:
+            self._left[request_id] = done
+        else:
+            self._members.pop(request_id, None)
+            done.set_result(None)
+        return done
+
+    async def stop(self, reason: str) -> None:
+        """Fail every request with :class:`PipelineNotReady` and cancel the steps in flight."""
+        self._stopped = reason
+        for member in list(self._members.values()):
+            member.fail(PipelineNotReady(reason))
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for future in self._left.values():
+            if not future.done():
+                future.set_result(None)
+
+    def _pump(self) -> None:
+        """Start as many planned micro-batches as the scheduler allows."""
+        while self._stopped is None and (plan := self._scheduler.schedule()) is not None:
+            task = asyncio.get_running_loop().create_task(self._execute(plan))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, plan: StepPlan) -> None:
+        try:
+            results = await self._forward_all(plan)
+        except asyncio.CancelledError:
+            self._scheduler.fail(plan)
+            raise
+        except Exception as exc:
+            for request_id in self._scheduler.fail(plan):
+                member = self._members.pop(request_id, None)
+                if member is not None and request_id not in self._left:
+                    member.fail(exc)
+            self._settle(plan)
+            self._pump()
+            return
+        finished = []
+        for step in plan.steps:
+            member = self._members.get(step.request_id)
+            if step.phase != "decode" or member is None or step.request_id in self._left:
+                continue
+            try:
+                done = member.on_token(results[step.request_id])
+            except Exception as exc:  # a bug in one request must not stop the others
+                logger.exception("request %s failed on its token", step.request_id)
+                member.fail(exc)
+                done = True
+            if done:
+                finished.append(step.request_id)
+        self._scheduler.complete(plan, finished)
+        for request_id in finished:
+            self._members.pop(request_id, None)
+        self._settle(plan)
+        self._pump()
+
+    def _settle(self, plan: StepPlan) -> None:
+        """Resolve the :meth:`leave` futures of requests no micro-batch holds any more."""
+        for request_id in plan.request_ids:
+            if request_id in self._scheduler:
+                continue
+            self._members.pop(request_id, None)
+            future = self._left.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    async def _forward_all(self, plan: StepPlan) -> dict[str, relay_pb2.ForwardResult]:
+        """One step of the plan through every stage; the last stage's results by request."""
+        entries = []
+        for step in plan.steps:
+            member = self._members[step.request_id]
+            if step.phase == "prefill":
+                ids = member.prompt_ids[step.position : step.position + step.length]
+            else:
+                ids = [member.next_token()]
+            entries.append(
+                relay_pb2.ForwardEntry(
+                    request_id=step.request_id,
+                    position=step.position,
+                    tensor=encode_token_ids(ids),
+                    sampling=member.sampling,
+                    step=step.step,
+                )
+            )
+        results: list[relay_pb2.ForwardResult] = []
+        for stage, client in zip(self._stages, self._clients, strict=True):
+            started = time.perf_counter()
+            response = await client.forward(relay_pb2.ForwardRequest(entries=entries))
+            rpc_seconds = time.perf_counter() - started
+            results = _matching_results(stage.device_id, entries, response)
+            compute = response.compute_seconds
+            network = max(0.0, rpc_seconds - compute)
+            if self._collector is not None:
+                self._collector.record_transfer(stage.device_id, network)
+            for entry in entries:
+                member_ = self._members.get(entry.request_id)
+                if member_ is not None:
+                    member_.on_stage(stage.device_id, compute, network)
+            for entry, result in zip(entries, results, strict=True):
+                if result.HasField("tensor"):
+                    entry.tensor.CopyFrom(result.tensor)
+        return {r.request_id: r for r in results}
+
+
+def _matching_results(
+    device_id: str,
+    entries: Sequence[relay_pb2.ForwardEntry],
+    response: relay_pb2.ForwardResponse,
+) -> list[relay_pb2.ForwardResult]:
+    got = [r.request_id for r in response.results]
+    wanted = [e.request_id for e in entries]
+    if got != wanted:
+        raise StageError(
+            device_id,
+            "Forward",
+            "BAD_RESPONSE",
+            f"expected results for {len(wanted)} requests in order, got {len(got)}",
+        )
+    return list(response.results)

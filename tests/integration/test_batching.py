@@ -1,0 +1,133 @@
+"""Continuous batching over real gRPC workers: concurrent requests of different lengths,
+arriving at different times, each give exactly what they give alone in one process."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlx_relay.coordinator.orchestrator import InferenceRequest
+from mlx_relay.model.sampling import SamplingParams
+from tests.integration.test_pipeline import PROMPTS, prompt_ids, wait_for
+from tests.support.cluster import local_cluster
+from tests.support.reference import cached_tokenizer, reference_tokens
+
+SEEDED = {"temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 77}
+
+
+def cases(model_dir: Path) -> list[dict[str, Any]]:
+    """Nine requests: four prompt lengths, max_tokens 5 to 21, a stop string cut from the
+    reference output, one seeded sampled request."""
+    out: list[dict[str, Any]] = []
+    for i in range(9):
+        prompt = PROMPTS[i % len(PROMPTS)] + " again" * (i // len(PROMPTS))
+        out.append({"prompt": prompt, "max_tokens": 5 + 2 * i})
+    out[4].update(SEEDED)
+    tokenizer = cached_tokenizer(model_dir)
+    reference = expected_tokens(model_dir, out[6])
+    text = tokenizer.decode(reference)
+    out[6]["stop"] = [text[len(text) // 2 : len(text) // 2 + 2]]
+    return out
+
+
+def expected_tokens(model_dir: Path, case: dict[str, Any]) -> list[int]:
+    params = SamplingParams(**{k: case[k] for k in SEEDED if k in case})
+    ids = prompt_ids(model_dir, case["prompt"])
+    return [t.token_id for t in reference_tokens(model_dir, ids, case["max_tokens"], params)]
+
+
+def expected_text(model_dir: Path, case: dict[str, Any]) -> str:
+    text = cached_tokenizer(model_dir).decode(expected_tokens(model_dir, case))
+    for stop in case.get("stop", []):
+        if stop in text:
+            text = text[: text.index(stop)]
+    return text
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 3])
+async def test_concurrent_requests_arriving_at_different_times_match_single_process(
+    tiny_model_dir: Path, num_workers: int
+) -> None:
+    requests = cases(tiny_model_dir)
+    async with local_cluster(tiny_model_dir, num_workers, worker_monitoring=True) as cluster:
+        orchestrator = cluster.orchestrator
+        batched_rows: list[int] = []
+        texts: dict[int, str] = {}
+        tokens: dict[int, list[int]] = {}
+        started = [asyncio.Event() for _ in requests]
+
+        async def one(i: int) -> None:
+            if i > 0:
+                await started[i - 1].wait()  # arrives once the one before it streams
+            stream = orchestrator.stream_request(InferenceRequest(**requests[i]))
+            parts: list[str] = []
+            ids: list[int] = []
+            async for event in stream:
+                started[i].set()
+                batched_rows.append(sum(w.batched_rows for w in cluster.workers))
+                parts.append(event.text)
+                if event.token_id is not None:
+                    ids.append(event.token_id)
+                if i == 8 and len(ids) == 3:
+                    break  # the last one is cancelled mid-batch
+            started[i].set()
+            texts[i], tokens[i] = "".join(parts), ids
+
+        await asyncio.gather(*(one(i) for i in range(len(requests))))
+        await wait_for(lambda: sum(w.kv_sessions for w in cluster.workers) == 0)
+        await wait_for(lambda: sum(w.batched_rows for w in cluster.workers) == 0)
+        assert orchestrator.running_requests == 0
+        # Each stage recorded how many requests its forward calls computed at once.
+        for worker in cluster.workers:
+            batch = worker.collector.export_metrics()["stages"][worker.device_id]["batch_size"]
+            assert batch["count"] > 0
+            assert batch["sum"] > batch["count"], "some forward calls batched several requests"
+
+    assert max(batched_rows) >= 3 * num_workers, "requests must really share steps"
+    for i, case in enumerate(requests):
+        expected = expected_tokens(tiny_model_dir, case)
+        if i == 8:
+            assert tokens[i] == expected[:3]
+        elif "stop" in case:
+            assert texts[i] == expected_text(tiny_model_dir, case)
+            assert tokens[i] == expected[: len(tokens[i])]
+        else:
+            assert tokens[i] == expected, case
+            assert texts[i] == cached_tokenizer(tiny_model_dir).decode(expected)
+
+
+async def test_a_long_prompt_prefills_in_chunks_beside_running_streams(
+    tiny_model_dir: Path,
+) -> None:
+    long_prompt = " ".join(PROMPTS * 3)
+    ids = prompt_ids(tiny_model_dir, long_prompt)
+    assert len(ids) > 48  # more than 6 chunks of 8
+    log: list[tuple[str, int | None]] = []
+
+    async def consume(name: str, request: InferenceRequest, first: asyncio.Event) -> None:
+        async for event in cluster.orchestrator.stream_request(request):
+            log.append((name, event.token_id))
+            first.set()
+
+    async with local_cluster(tiny_model_dir, 2, inference={"prefill_chunk_tokens": 8}) as cluster:
+        firsts = [asyncio.Event() for _ in range(4)]
+        shorts = [
+            asyncio.create_task(consume(f"s{i}", InferenceRequest(prompt=p, max_tokens=30), e))
+            for i, (p, e) in enumerate(zip(PROMPTS[:3], firsts, strict=False))
+        ]
+        for event in firsts[:3]:
+            await event.wait()
+        log.append(("long submitted", None))
+        long = InferenceRequest(prompt=long_prompt, max_tokens=6)
+        await asyncio.gather(consume("long", long, firsts[3]), *shorts)
+
+    submitted = log.index(("long submitted", None))
+    first_long = next(i for i, (name, _) in enumerate(log) if name == "long")
+    during = [name for name, _ in log[submitted:first_long]]
+    # The running streams kept streaming while the long prompt prefilled chunk by chunk.
+    assert all(during.count(f"s{i}") >= 4 for i in range(3)), during
+    got = [token for name, token in log if name == "long" and token is not None]
+    assert got == [t.token_id for t in reference_tokens(tiny_model_dir, ids, 6)]
