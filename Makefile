@@ -68,8 +68,16 @@ bench: setup
 	$(BIN)/python bench/alerting_overhead.py
 
 # This engine vs llama.cpp (llama-cpp-python, the `bench` extra: compiled from source once).
+# llama.cpp's default -march=native build enables AMX, which crashes in VMs that advertise
+# but do not grant it: build for AVX-512 (or AVX2) without AMX unless CMAKE_ARGS is given.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
+LLAMA_AVX512 := -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON
 bench-engine: setup
-	$(BIN)/pip install --quiet -e ".[bench]"
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || { \
+		args="$(LLAMA_CMAKE_ARGS)"; \
+		grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null && args="$$args $(LLAMA_AVX512)"; \
+		echo "building llama-cpp-python (a few minutes)"; \
+		CMAKE_ARGS="$${CMAKE_ARGS:-$$args}" $(BIN)/pip install --quiet -e ".[bench]"; }
 	$(BIN)/python bench/engine.py
 
 clean:
