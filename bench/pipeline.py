@@ -14,24 +14,28 @@ On the bundled model (greedy):
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import shutil
-import statistics
-import tempfile
-import time
-from pathlib import Path
-from typing import Any
+from mlx_relay.core.blas import default_threads, load_blas, set_threads
 
-import yaml
+load_blas()  # before MLX is imported below, as in the worker processes
 
-from mlx_relay.cli.fleet import WorkerFleet
-from mlx_relay.cli.up import config_data, with_free_worker_ports
-from mlx_relay.coordinator.orchestrator import DistributedOrchestrator, InferenceRequest
-from mlx_relay.core.config import ClusterConfig, ModelConfig
-from mlx_relay.model.generate import generate_tokens
-from mlx_relay.model.load import load_model, resolve_model_dir
-from mlx_relay.model.tokenizer import encode_prompt, eos_token_ids, load_tokenizer
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import yaml  # noqa: E402
+
+from mlx_relay.cli.fleet import WorkerFleet  # noqa: E402
+from mlx_relay.cli.up import with_free_worker_ports  # noqa: E402
+from mlx_relay.coordinator.orchestrator import DistributedOrchestrator, InferenceRequest  # noqa: E402
+from mlx_relay.core.config import ClusterConfig, ModelConfig  # noqa: E402
+from mlx_relay.model.generate import generate_tokens  # noqa: E402
+from mlx_relay.model.load import load_model, resolve_model_dir  # noqa: E402
+from mlx_relay.model.tokenizer import encode_prompt, eos_token_ids, load_tokenizer  # noqa: E402
 
 # A raw completion prompt: short (prefill stays a small part of each request) and it keeps
 # the model counting for as many tokens as asked.
@@ -100,7 +104,7 @@ async def main(args: argparse.Namespace) -> None:
     config = local_config(model_dir, 2)
     work_dir = Path(tempfile.mkdtemp(prefix="mlx-relay-bench-"))
     config_path = work_dir / "cluster.yaml"
-    config_path.write_text(yaml.safe_dump(config_data(config)))
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
     fleet = WorkerFleet(config, config_path, work_dir, monitoring=args.monitoring)
     fleet.start()
     orchestrator = DistributedOrchestrator(config, enable_monitoring=args.monitoring)
@@ -108,7 +112,9 @@ async def main(args: argparse.Namespace) -> None:
         while not await fleet.poll_serving():
             await asyncio.sleep(0.2)
         await orchestrator.initialize()
-        model = load_model(model_dir)
+        set_threads(default_threads(1))
+        # The same weights the workers pick (model.compute: auto), so the tokens must match.
+        model = load_model(model_dir, compute="auto")
         print(f"model {model_dir.name}: prompt {len(prompt)} tokens, {args.max_tokens} new tokens")
         print(
             f"pipeline: {', '.join(f'{s.device_id} {s.layer_range}' for s in orchestrator.stages)}"
