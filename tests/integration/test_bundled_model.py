@@ -106,12 +106,18 @@ def _run(stages: list[Shard], inputs: list[mx.array]) -> list[mx.array]:
 
 
 @pytest.fixture(scope="module")
-def whole_model_logits(bundled_model_dir: Path, prompt: list[int]) -> dict[str, list[mx.array]]:
+def models(bundled_model_dir: Path, full_model: Any) -> dict[str, Any]:
+    """The whole model per compute path (stages below share its arrays: loading each
+    stage's share on its own is tested with workers and in tests/unit/test_backend.py)."""
+    return {"quantized": full_model, "float32": load_model(bundled_model_dir, compute="float32")}
+
+
+@pytest.fixture(scope="module")
+def whole_model_logits(models: dict[str, Any], prompt: list[int]) -> dict[str, list[mx.array]]:
     """The whole model as one stage, per compute path: prompt logits, then decode steps."""
     inputs = [mx.array([prompt]), *(mx.array([[t]]) for t in DECODE)]
     return {
-        compute: _run([Shard.load(bundled_model_dir, LayerRange(0, 30), compute)], inputs)
-        for compute in COMPUTE
+        compute: _run([Shard(models[compute], LayerRange(0, 30))], inputs) for compute in COMPUTE
     }
 
 
@@ -126,13 +132,13 @@ def whole_model_logits(bundled_model_dir: Path, prompt: list[int]) -> dict[str, 
     ids=["7+23", "22+8", "10+10+10"],
 )
 def test_stages_reproduce_the_full_forward(
-    bundled_model_dir: Path,
+    models: dict[str, Any],
     prompt: list[int],
     whole_model_logits: dict[str, list[mx.array]],
     split: list[LayerRange],
     compute: str,
 ) -> None:
-    stages = [Shard.load(bundled_model_dir, r, compute) for r in split]
+    stages = [Shard(models[compute], r) for r in split]
     inputs = [mx.array([prompt]), *(mx.array([[t]]) for t in DECODE)]
     got = _run(stages, inputs)
     for step, expected in enumerate(whole_model_logits[compute]):
@@ -143,14 +149,14 @@ def test_stages_reproduce_the_full_forward(
 
 @pytest.mark.parametrize("compute", COMPUTE)
 def test_a_stage_computes_what_mlx_lm_computes(
-    bundled_model_dir: Path,
+    models: dict[str, Any],
     prompt: list[int],
     whole_model_logits: dict[str, list[mx.array]],
     compute: str,
 ) -> None:
     # mlx-lm's own forward: the prompt exactly; compiled decode steps attend over the whole
     # KV buffer with its unused tail masked, so they agree to float32 rounding.
-    model = load_model(bundled_model_dir, compute=compute)
+    model = models[compute]
     cache = make_prompt_cache(model)
     expected = [model(mx.array([prompt]), cache=cache)]
     expected += [model(mx.array([[t]]), cache=cache) for t in DECODE]
@@ -170,9 +176,9 @@ CHATS = [
 
 
 def test_float32_compute_picks_the_quantized_greedy_tokens(
-    bundled_model_dir: Path, full_model: Any, tokenizer: Any
+    models: dict[str, Any], full_model: Any, tokenizer: Any
 ) -> None:
-    dense = load_model(bundled_model_dir, compute="float32")
+    dense = models["float32"]
     assert Shard(dense, LayerRange(0, 30)).compute == "float32"
     assert Shard(full_model, LayerRange(0, 30)).compute == "quantized"
     for chat in CHATS:
