@@ -5,10 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-setup
 SYSTEM_STAMP := $(VENV)/.stamp-system
+ENGINE_STAMP := $(VENV)/.stamp-engine
 PROTO_DIR := src/mlx_relay/proto
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages run test check proto clean bench bench-engine
+.PHONY: setup system-packages engine-packages run test check proto clean bench bench-engine
 
 setup: $(STAMP)
 
@@ -26,27 +27,42 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	fi
 	touch $(STAMP)
 
-# From Debian's packages: the browser, Prometheus and Alertmanager for the end-to-end tests,
-# iproute2 (`ip`) for the multi-host tests' network namespaces, OpenBLAS for MLX's CPU
-# matmuls (loaded at start by every computing process) and g++, with
-# which MLX builds its compiled CPU kernels (see README, Performance). Re-checked when this
-# file changes.
+# What the engine needs to be fast on CPU, from Debian's packages: OpenBLAS for MLX's float32
+# matmuls (loaded at start by every computing process) and g++, with which MLX builds its
+# compiled CPU kernels (see README, Compute engine). `make run` needs only these. Re-checked
+# when this file changes.
 OPENBLAS := /usr/lib/$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('MULTIARCH') or '')")/openblas-pthread/libopenblas.so.0
-$(SYSTEM_STAMP): Makefile | $(VENV)/bin/python
-	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null && command -v g++ >/dev/null && { command -v ip || test -x /usr/sbin/ip || test -x /sbin/ip; } >/dev/null && [ -f "$(OPENBLAS)" ]; then \
-		echo "chromium, prometheus, alertmanager, g++, iproute2 and OpenBLAS already installed"; \
+$(ENGINE_STAMP): Makefile | $(VENV)/bin/python
+	@if command -v g++ >/dev/null && [ -f "$(OPENBLAS)" ]; then \
+		echo "OpenBLAS and g++ already installed"; \
 	elif command -v apt-get >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver prometheus prometheus-alertmanager libopenblas0-pthread g++ iproute2; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends libopenblas0-pthread g++; \
 	else \
-		echo "note: no apt-get; browser, Prometheus, Alertmanager and multi-host tests will report what is missing, and MLX keeps its slow bundled BLAS"; \
+		echo "note: no apt-get; MLX keeps its slow bundled BLAS unless libopenblas0-pthread is installed"; \
+	fi
+	touch $(ENGINE_STAMP)
+
+engine-packages: $(ENGINE_STAMP)
+
+# For the tests, from Debian's packages: the browser, Prometheus and Alertmanager for the
+# end-to-end tests, iproute2 (`ip`) for the multi-host tests' network namespaces.
+$(SYSTEM_STAMP): Makefile $(ENGINE_STAMP) | $(VENV)/bin/python
+	@if command -v chromium >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null && { command -v ip || test -x /usr/sbin/ip || test -x /sbin/ip; } >/dev/null; then \
+		echo "chromium, prometheus, alertmanager and iproute2 already installed"; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver prometheus prometheus-alertmanager iproute2; \
+	else \
+		echo "note: no apt-get; browser, Prometheus, Alertmanager and multi-host tests will report what is missing"; \
 	fi
 	touch $(SYSTEM_STAMP)
 
 system-packages: $(SYSTEM_STAMP)
 
-run: setup
+run: setup engine-packages
 	$(BIN)/mlx-relay up
 
 test: setup system-packages
@@ -61,7 +77,7 @@ check: setup
 proto: setup
 	$(BIN)/python -m mlx_relay.proto.generate
 
-bench: setup
+bench: setup engine-packages
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/monitoring_overhead.py
 	$(BIN)/python bench/history.py
@@ -72,7 +88,7 @@ bench: setup
 # but do not grant it: build for AVX-512 (or AVX2) without AMX unless CMAKE_ARGS is given.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
 LLAMA_AVX512 := -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON
-bench-engine: setup
+bench-engine: setup engine-packages
 	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || { \
 		args="$(LLAMA_CMAKE_ARGS)"; \
 		grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null && args="$$args $(LLAMA_AVX512)"; \
