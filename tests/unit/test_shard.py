@@ -36,19 +36,31 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def _mlx_lm_logits(path: Path, compute: str) -> list[mx.array]:
+    model = load_model(path, compute=compute)
+    cache = make_prompt_cache(model)
+    logits = [model(mx.array([PROMPT]), cache=cache)]
+    for token in DECODE:
+        logits.append(model(mx.array([[token]]), cache=cache))
+    mx.eval(logits)
+    return logits
+
+
 @pytest.fixture(scope="module")
 def reference(model_dirs: dict[str, Path]) -> dict[str, list[mx.array]]:
     """mlx-lm's own full forward: prompt logits, then one set of logits per decode token."""
-    out: dict[str, list[mx.array]] = {}
-    for name, path in model_dirs.items():
-        model = load_model(path)
-        cache = make_prompt_cache(model)
-        logits = [model(mx.array([PROMPT]), cache=cache)]
-        for token in DECODE:
-            logits.append(model(mx.array([[token]]), cache=cache))
-        mx.eval(logits)
-        out[name] = logits
-    return out
+    return {name: _mlx_lm_logits(path, "quantized") for name, path in model_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def dense_reference(model_dirs: dict[str, Path]) -> dict[str, list[mx.array]]:
+    """The same with the quantized variants dequantized to float32 (``model.compute``)."""
+    return {name: _mlx_lm_logits(model_dirs[name], "float32") for name in QUANTIZED}
+
+
+QUANTIZED = [name for name, kwargs in VARIANTS.items() if kwargs.get("quantize")]
+# Every variant as stored; the quantized ones also on the dense float32 path.
+COMPUTE_CASES = [(v, "quantized") for v in VARIANTS] + [(v, "float32") for v in QUANTIZED]
 
 
 def _run_pipeline(stages: list[Shard], caches: list[list[object]], x: mx.array) -> mx.array:
@@ -57,17 +69,21 @@ def _run_pipeline(stages: list[Shard], caches: list[list[object]], x: mx.array) 
     return x
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize(("variant", "compute"), COMPUTE_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("split", SPLITS, ids=lambda s: "+".join(str(len(r)) for r in s))
 def test_stages_reproduce_the_full_forward(
     variant: str,
+    compute: str,
     split: list[LayerRange],
     model_dirs: dict[str, Path],
     reference: dict[str, list[mx.array]],
+    dense_reference: dict[str, list[mx.array]],
 ) -> None:
-    stages = [Shard.load(model_dirs[variant], r) for r in split]
+    stages = [Shard.load(model_dirs[variant], r, compute) for r in split]
     caches = [s.make_cache() for s in stages]
-    expected = reference[variant]
+    expected = (reference if compute == "quantized" else dense_reference)[variant]
+    if variant in QUANTIZED:
+        assert {s.compute for s in stages} == {compute}
 
     got = _run_pipeline(stages, caches, mx.array([PROMPT]))
     assert got.shape == (1, len(PROMPT), stages[-1].vocab_size)
