@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/pipeline.py                       # bundled model, 3 rounds, 32 tokens
     .venv/bin/python bench/pipeline.py --rounds 5 --max-tokens 48 --concurrency 1 2 4 8
+    .venv/bin/python bench/pipeline.py --micro-batches 1       # one micro-batch in flight
 
 On the bundled model (greedy):
   decode     decode tokens/s of one request, single process (``generate_tokens``) vs a
              2-worker pipeline of real ``mlx-relay worker`` processes on loopback, alternating
              rounds; medians, their ratio and the added milliseconds per token. The pipeline's
              tokens must equal the single process's (checked every round).
-  aggregate  total generated tokens/s with 1, 4 and 8 requests in flight at once (each
-             request's prefill included): with several requests, both stages work at once.
+  aggregate  total generated tokens/s with 1, 4, 8 and 16 requests in flight at once (each
+             request's prefill included, in one run against 1 in flight): the requests are
+             batched continuously, one micro-batch per stage unless --micro-batches says.
 """
 
 from __future__ import annotations
@@ -81,12 +83,16 @@ async def aggregate(
     return sum(r.usage.completion_tokens for r in responses) / elapsed
 
 
-def local_config(model_dir: Path, workers: int) -> ClusterConfig:
+def local_config(model_dir: Path, workers: int, micro_batches: int | None) -> ClusterConfig:
     devices: list[dict[str, Any]] = [
         {"id": f"worker-{i}", "host": "127.0.0.1", "port": 0, "layers": "auto"}
         for i in range(workers)
     ]
-    data = {"model": {"path": str(model_dir)}, "devices": devices}
+    data = {
+        "model": {"path": str(model_dir)},
+        "devices": devices,
+        "inference": {"micro_batches": micro_batches},
+    }
     return with_free_worker_ports(ClusterConfig.from_dict(data), avoid=0)
 
 
@@ -101,7 +107,7 @@ async def main(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(model_dir)
     prompt = encode_prompt(tokenizer, prompt=PROMPT, chat=False)
     eos = eos_token_ids(tokenizer)
-    config = local_config(model_dir, 2)
+    config = local_config(model_dir, 2, args.micro_batches)
     work_dir = Path(tempfile.mkdtemp(prefix="mlx-relay-bench-"))
     config_path = work_dir / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config.to_dict()))
@@ -120,7 +126,8 @@ async def main(args: argparse.Namespace) -> None:
             f"pipeline: {', '.join(f'{s.device_id} {s.layer_range}' for s in orchestrator.stages)}"
         )
         print(
-            f"monitoring {'on' if args.monitoring else 'off'}; {args.rounds} alternating rounds\n"
+            f"monitoring {'on' if args.monitoring else 'off'}; {args.rounds} alternating rounds; "
+            f"micro-batches in flight: {args.micro_batches or len(orchestrator.stages)}\n"
         )
 
         await pipeline_round(orchestrator, 4)  # warm-up: channels, caches, code paths
@@ -157,7 +164,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=None,
+        help="inference.micro_batches (default: one per stage; 1 suits one machine)",
+    )
     parser.add_argument(
         "--monitoring", action="store_true", help="run with monitoring on (default: off)"
     )

@@ -47,12 +47,19 @@ def expected_text(model_dir: Path, case: dict[str, Any]) -> str:
     return text
 
 
-@pytest.mark.parametrize("num_workers", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("num_workers", "micro_batches"),
+    [(1, None), (2, None), (3, None), (2, 1)],
+    ids=["1-stage", "2-stages", "3-stages", "2-stages-1-micro-batch"],
+)
 async def test_concurrent_requests_arriving_at_different_times_match_single_process(
-    tiny_model_dir: Path, num_workers: int
+    tiny_model_dir: Path, num_workers: int, micro_batches: int | None
 ) -> None:
     requests = cases(tiny_model_dir)
-    async with local_cluster(tiny_model_dir, num_workers, worker_monitoring=True) as cluster:
+    inference = {"micro_batches": micro_batches}
+    async with local_cluster(
+        tiny_model_dir, num_workers, worker_monitoring=True, inference=inference
+    ) as cluster:
         orchestrator = cluster.orchestrator
         batched_rows: list[int] = []
         texts: dict[int, str] = {}

@@ -258,6 +258,9 @@ def test_batching_settings_are_checked(tmp_path: Path) -> None:
     assert error_for(tmp_path, data) == (
         "inference.prefill_chunk_tokens: expected a value >= 1, got -1"
     )
+    data = example()
+    data["inference"]["micro_batches"] = 0
+    assert error_for(tmp_path, data) == "inference.micro_batches: expected a value >= 1, got 0"
     assert ClusterConfig.model_validate(example()).inference.max_batch_size == 16
 
 

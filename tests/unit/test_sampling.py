@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_relay.core.errors import InvalidRequest
-from mlx_relay.model.sampling import SamplingParams, sample
+from mlx_relay.model.sampling import SamplingParams, greedy_rows, sample
 
 LOGITS = [1.0, 3.0, 2.5, -1.0, 0.0, 2.9, -4.0, 0.5]
 
@@ -71,7 +71,7 @@ def test_seeded_sampling_is_reproducible_per_step_and_varies_across_steps() -> N
 def test_seeded_sampling_is_the_same_in_another_process() -> None:
     code = (
         "import mlx.core as mx\n"
-        "from mlx_relay.model.sampling import SamplingParams, sample\n"
+        "from mlx_relay.model.sampling import SamplingParams, greedy_rows, sample\n"
         "p = SamplingParams(temperature=1.0, seed=99)\n"
         "print([sample(mx.zeros(64), p, s).token_id for s in range(10)])\n"
     )
@@ -140,3 +140,10 @@ def test_invalid_parameters_are_rejected(kwargs: dict[str, float], param: str) -
     with pytest.raises(InvalidRequest) as info:
         SamplingParams(**kwargs)  # type: ignore[arg-type]
     assert info.value.param == param
+
+
+def test_greedy_rows_pick_what_sample_picks_row_by_row() -> None:
+    mx.random.seed(3)
+    logits = mx.random.normal((6, 384)) * 4
+    rows = greedy_rows(logits)
+    assert rows == [sample(logits[i], SamplingParams(), step=i) for i in range(6)]

@@ -174,7 +174,7 @@ class DistributedOrchestrator:
         settings = SchedulerSettings(
             max_batch_size=inference.max_batch_size,
             prefill_chunk_tokens=min(inference.prefill_chunk_tokens, inference.max_prompt_tokens),
-            max_micro_batches=len(self.stages),
+            max_micro_batches=inference.micro_batches or len(self.stages),
         )
         self._loop = StepLoop(self.stages, self._clients, settings, self.metrics_collector)
         try:

@@ -161,6 +161,10 @@ class InferenceConfig(_Section):
     # more than max_prompt_tokens, the most positions a worker takes in one step).
     max_batch_size: int = Field(default=16, ge=1)
     prefill_chunk_tokens: int = Field(default=512, ge=1)
+    # Micro-batches in flight at once; None = one per stage, so that with stages on
+    # separate devices every stage has work. Stages sharing one machine's cores do better
+    # with 1: one larger batch instead of overlapping smaller ones.
+    micro_batches: int | None = Field(default=None, ge=1)
 
 
 def _http_url(value: str) -> str:

@@ -97,6 +97,19 @@ def sample(logits: mx.array, params: SamplingParams, step: int) -> SampledToken:
     return SampledToken(int(values[0]), float(values[1]), top)
 
 
+def greedy_rows(logits: mx.array) -> list[SampledToken]:
+    """The most likely token of each row of ``(B, V)`` logits, in one evaluation: what
+    :func:`sample` picks with ``temperature=0`` and no ``top_logprobs``, row by row."""
+    logits = logits.astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    tokens = mx.argmax(logprobs, axis=-1)
+    chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    mx.eval(tokens, chosen)
+    ids: list[int] = tokens.tolist()  # type: ignore[assignment]
+    values: list[float] = chosen.tolist()  # type: ignore[assignment]
+    return [SampledToken(t, lp) for t, lp in zip(ids, values, strict=True)]
+
+
 def step_key(seed: int, step: int) -> mx.array:
     """The random key for one step of a seeded generation.
 

@@ -277,17 +277,32 @@ class StageRuntime:
         except Exception:
             self.batches.discard(group)
             raise
-        for row, k in enumerate(order):
-            results[slots[k]] = self._result(entries[k], sessions[k], output[row : row + 1])
+        greedy: dict[int, Any] = {}
+        if self.is_last:
+            # Greedy rows are picked in one evaluation; sampled ones one by one (own seeds).
+            from mlx_relay.model.sampling import greedy_rows
 
-    def _result(self, checked: CheckedEntry, session: KVSession, output: Any) -> pb.ForwardResult:
-        """One entry's result from its ``(1, L, ...)`` output; advances its session."""
+            rows = [row for row, k in enumerate(order) if _is_greedy(entries[k].sampling)]
+            if rows:
+                picked = greedy_rows(output[mx.array(rows), -1])
+                greedy = dict(zip(rows, picked, strict=True))
+        for row, k in enumerate(order):
+            results[slots[k]] = self._result(
+                entries[k], sessions[k], output[row : row + 1], greedy.get(row)
+            )
+
+    def _result(
+        self, checked: CheckedEntry, session: KVSession, output: Any, token: Any = None
+    ) -> pb.ForwardResult:
+        """One entry's result from its ``(1, L, ...)`` output (on the last stage ``token``,
+        when already sampled); advances its session."""
         from mlx_relay.model.sampling import sample
 
         entry = checked.entry
         result = pb.ForwardResult(request_id=entry.request_id)
         if self.is_last:
-            token = sample(output[0, -1], checked.sampling, int(entry.step))
+            if token is None:
+                token = sample(output[0, -1], checked.sampling, int(entry.step))
             result.token_id = int(token.token_id)
             result.logprob = float(token.logprob)
             result.top_logprobs.extend(
@@ -298,6 +313,10 @@ class StageRuntime:
             result.tensor.CopyFrom(wire.encode(output.astype(self.shard.dtype)))
         result.cached_tokens = self.sessions.advance(session, checked.length)
         return result
+
+
+def _is_greedy(params: Any) -> bool:
+    return bool(params.temperature == 0 and params.top_logprobs == 0)
 
 
 def _wire_dtype(dtype: Any) -> str:
