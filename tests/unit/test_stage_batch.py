@@ -15,7 +15,7 @@ from mlx_relay.model.generate import generate_tokens
 from mlx_relay.model.sampling import SampledToken, SamplingParams
 from mlx_relay.model.shard import Shard
 from mlx_relay.proto import relay_pb2 as pb
-from mlx_relay.worker.stage import StageLimits, StageRuntime
+from mlx_relay.worker.stage import StageCall, StageLimits, StageRuntime
 from tests.support.reference import cached_model
 from tests.support.tiny_model import VARIANTS, make_tiny_model_dir
 
@@ -71,11 +71,18 @@ def _entry(live: _Live, token_ids: list[int]) -> pb.ForwardEntry:
     )
 
 
-def _through(stages: list[StageRuntime], entries: list[pb.ForwardEntry]) -> list[pb.ForwardResult]:
+def _through(
+    stages: list[StageRuntime],
+    entries: list[pb.ForwardEntry],
+    calls: list[StageCall] | None = None,
+) -> list[pb.ForwardResult]:
     request = pb.ForwardRequest(entries=entries)
     results: list[pb.ForwardResult] = []
     for stage in stages:
-        results = stage.forward(stage.check(request)).results
+        outcome = stage.forward(stage.check(request))
+        results = outcome.results
+        if calls is not None:
+            calls += outcome.calls
         assert [r.request_id for r in results] == [e.request_id for e in request.entries]
         request = pb.ForwardRequest(
             entries=[
@@ -92,10 +99,13 @@ def _through(stages: list[StageRuntime], entries: list[pb.ForwardEntry]) -> list
     return results
 
 
-def drive(stages: list[StageRuntime], plans: list[Plan]) -> tuple[dict[str, list], list[int]]:
+def drive(
+    stages: list[StageRuntime], plans: list[Plan], calls: list[StageCall] | None = None
+) -> tuple[dict[str, list], list[int]]:
     """Run the plans tick by tick, every live request's step in one Forward per stage.
 
-    Returns each request's sampled tokens and the number of decode entries per tick.
+    Returns each request's sampled tokens and the number of decode entries per tick;
+    ``calls`` gets every stage's MLX calls.
     """
     live: dict[str, _Live] = {}
     done: dict[str, list[SampledToken]] = {}
@@ -116,7 +126,7 @@ def drive(stages: list[StageRuntime], plans: list[Plan]) -> tuple[dict[str, list
                 entries.append(_entry(state, [state.token]))
                 stepping.append(state)
         widths.append(len(stepping))
-        results = _through(stages, entries) if entries else []
+        results = _through(stages, entries, calls) if entries else []
         by_id = {r.request_id: r for r in results}
         for state in list(live.values()):
             result = by_id.get(state.plan.request_id)
@@ -179,7 +189,7 @@ def mixed_plans() -> list[Plan]:
         [12, 250, 300],
     ]
     plans = [
-        Plan(f"r{i}", prompt, max_tokens=6 + (5 * i) % 11, arrives=(3 * i) % 7)
+        Plan(f"r{i}", prompt, max_tokens=6 + (5 * i) % 11, arrives=(3 * i) % 4)
         for i, prompt in enumerate(prompts)
     ]
     plans[2].skips = {4, 5, 9}
@@ -196,9 +206,11 @@ def test_a_batch_gives_each_request_its_tokens_alone(
 ) -> None:
     stages = runtimes(model_dirs[variant], SPLITS[stage_count])
     plans = mixed_plans()
-    got, widths = drive(stages, plans)
+    calls: list[StageCall] = []
+    got, widths = drive(stages, plans, calls)
 
     assert max(widths) >= 5, "the plans must really batch several decode steps"
+    assert max(c.batch_size for c in calls if c.phase == "prefill") >= 2, "and prefills"
     for plan in plans:
         expected = alone(model_dirs[variant], plan)[: len(got[plan.request_id])]
         tokens = [t.token_id for t in got[plan.request_id]]

@@ -11,8 +11,10 @@ Rows join and leave at any step. :meth:`BatchGroups.assemble` makes one group ho
 the requests of a call: the group that already holds most of them is the base; its other
 rows split off into a group of their own (so requests that alternate between two calls, as
 micro-batches do, keep two stable groups), rows of other groups move over, and requests
-with their own caches are merged in. :meth:`BatchGroups.take` gives a row its own caches
-back, :meth:`BatchGroups.retain` drops the rows of requests that ended.
+with their own caches are merged in. :meth:`BatchGroups.adopt` makes a group of new
+requests whose prompts were prefilled together (left-padded, in caches from
+:func:`empty_batch_caches`), :meth:`BatchGroups.take` gives a row its own caches back,
+:meth:`BatchGroups.retain` drops the rows of requests that ended.
 
 Exactness: a padded key contributes an exact zero to attention and rows never mix, so a
 full-attention row gives bit for bit the logits of the same request alone. A
@@ -60,6 +62,20 @@ class _Group:
 def merge_caches(solo: Sequence[Sequence[Any]]) -> list[Any]:
     """One batched cache per layer from several requests' own caches (rows in order)."""
     return [type(layer[0]).merge(list(layer)) for layer in zip(*solo, strict=True)]
+
+
+def empty_batch_caches(shard: Any, left_padding: Sequence[int]) -> list[Any]:
+    """Empty batched caches for a shard's layers, for prompts left-padded by these amounts
+    (one batched prefill of several new requests)."""
+    from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, RotatingKVCache
+
+    pads = list(left_padding)
+    return [
+        BatchRotatingKVCache(c.max_size, pads)
+        if isinstance(c, RotatingKVCache)
+        else BatchKVCache(pads)
+        for c in shard.make_cache()
+    ]
 
 
 def cache_states(caches: Sequence[Any]) -> list[Any]:
@@ -131,6 +147,14 @@ class BatchGroups:
             base = self._join(base, joining, merge_caches([solo[rid] for rid in joining]))
         assert base is not None and set(base.rows) == wanted
         return base
+
+    def adopt(self, request_ids: Sequence[str], caches: list[Any]) -> _Group:
+        """A new group of requests whose batched caches were just filled (a batched
+        prefill); none of them may be in a group yet."""
+        assert not any(rid in self._group_of for rid in request_ids)
+        group = _Group(list(request_ids), caches)
+        self._add(group)
+        return group
 
     def take(self, request_id: str) -> list[Any]:
         """The request's row as its own per-layer caches (evaluated); it leaves its group."""

@@ -193,10 +193,12 @@ class StageRuntime:
     def forward(self, entries: Sequence[CheckedEntry]) -> ForwardOutcome:
         """Run checked entries through the shard (MLX thread).
 
-        Each multi-position entry (a prompt or a chunk of one) runs alone; all one-position
-        entries (decode steps) run together in one batched call, whatever their requests'
-        cached lengths. A lone decode step of a request that is in no batch runs on its own
-        caches (the compiled single-request step). Results come back in the entries' order.
+        The first prompt chunks of several new requests run together in one call, left-padded
+        to the longest; other multi-position entries (later chunks) run alone; all
+        one-position entries (decode steps) run together in one batched call, whatever their
+        requests' cached lengths. A lone decode step of a request that is in no batch runs on
+        its own caches (the compiled single-request step). Results come back in the entries'
+        order.
 
         Raises:
             SessionNotFound, PositionMismatch, ContextOverflow, SessionLimitReached: the
@@ -215,8 +217,26 @@ class StageRuntime:
             decode = [i for i, c in enumerate(entries) if c.length == 1]
             if len(decode) == 1 and sessions[decode[0]].request_id not in self.batches:
                 decode = []
+            fresh = [
+                i
+                for i, c in enumerate(entries)
+                if c.length > 1
+                and c.entry.position == 0
+                and sessions[i].request_id not in self.batches
+            ]
+            if len(fresh) > 1:
+                call_started = time.perf_counter()
+                self._prefill(
+                    [entries[i] for i in fresh], [sessions[i] for i in fresh], fresh, results
+                )
+                seconds = time.perf_counter() - call_started
+                tokens = sum(entries[i].length for i in fresh)
+                calls.append(StageCall("prefill", seconds, tokens, len(fresh)))
+            else:
+                fresh = []
+            batched = set(decode) | set(fresh)
             for i, (checked, session) in enumerate(zip(entries, sessions, strict=True)):
-                if i in decode:
+                if i in batched:
                     continue
                 call_started = time.perf_counter()
                 if session.request_id in self.batches:
@@ -269,6 +289,42 @@ class StageRuntime:
         index = {s.request_id: k for k, s in enumerate(sessions)}
         order = [index[rid] for rid in group.rows]
         x = mx.concatenate([wire.decode(entries[k].entry.tensor) for k in order], axis=0)
+        output = self._run_group(x, group)
+        self._batch_results(entries, sessions, slots, results, output, order, [0] * len(order))
+
+    def _prefill(
+        self,
+        entries: Sequence[CheckedEntry],
+        sessions: Sequence[KVSession],
+        slots: Sequence[int],
+        results: list[pb.ForwardResult | None],
+    ) -> None:
+        """One batched call for the first prompt chunks of several new requests, left-padded
+        to the longest; their rows then form a new batch group. Fills ``results[slots[k]]``."""
+        import mlx.core as mx
+
+        from mlx_relay.model.batch import empty_batch_caches
+
+        longest = max(c.length for c in entries)
+        pads = [longest - c.length for c in entries]
+        parts = []
+        for checked, pad in zip(entries, pads, strict=True):
+            part = wire.decode(checked.entry.tensor)
+            widths = [(0, 0), (pad, 0)] + ([] if self.is_first else [(0, 0)])
+            parts.append(mx.pad(part, widths) if pad else part)
+        caches = empty_batch_caches(self.shard, pads)
+        group = self.batches.adopt([s.request_id for s in sessions], caches)
+        for session in sessions:
+            session.cache = []  # its positions live in the batch group
+        output = self._run_group(mx.concatenate(parts, axis=0), group)
+        order = list(range(len(entries)))
+        self._batch_results(entries, sessions, slots, results, output, order, pads)
+
+    def _run_group(self, x: Any, group: Any) -> Any:
+        """The shard's evaluated output for a batch group's rows; a failed step discards the
+        group (its caches may be half-written)."""
+        import mlx.core as mx
+
         try:
             output = self.shard(x, group.caches, last_position_only=self.is_last)
             if not self.is_last:
@@ -277,6 +333,22 @@ class StageRuntime:
         except Exception:
             self.batches.discard(group)
             raise
+        return output
+
+    def _batch_results(
+        self,
+        entries: Sequence[CheckedEntry],
+        sessions: Sequence[KVSession],
+        slots: Sequence[int],
+        results: list[pb.ForwardResult | None],
+        output: Any,
+        order: Sequence[int],
+        pads: Sequence[int],
+    ) -> None:
+        """Each row's result: row ``r`` of ``output`` is entry ``order[r]``, after
+        ``pads[order[r]]`` positions of left padding."""
+        import mlx.core as mx
+
         greedy: dict[int, Any] = {}
         if self.is_last:
             # Greedy rows are picked in one evaluation; sampled ones one by one (own seeds).
@@ -287,9 +359,8 @@ class StageRuntime:
                 picked = greedy_rows(output[mx.array(rows), -1])
                 greedy = dict(zip(rows, picked, strict=True))
         for row, k in enumerate(order):
-            results[slots[k]] = self._result(
-                entries[k], sessions[k], output[row : row + 1], greedy.get(row)
-            )
+            part = output[row : row + 1] if self.is_last else output[row : row + 1, pads[k] :]
+            results[slots[k]] = self._result(entries[k], sessions[k], part, greedy.get(row))
 
     def _result(
         self, checked: CheckedEntry, session: KVSession, output: Any, token: Any = None
