@@ -71,6 +71,26 @@ class ForwardOutcome:
     calls: list[StageCall]
 
 
+@dataclass
+class _Rows:
+    """The entries of one batched call: ``results[slots[k]]`` receives entry ``k``'s."""
+
+    entries: list[CheckedEntry]
+    sessions: list[KVSession]
+    slots: list[int]
+    results: list[pb.ForwardResult | None]
+
+    @classmethod
+    def of(
+        cls,
+        entries: Sequence[CheckedEntry],
+        sessions: Sequence[KVSession],
+        slots: list[int],
+        results: list[pb.ForwardResult | None],
+    ) -> _Rows:
+        return cls([entries[i] for i in slots], [sessions[i] for i in slots], slots, results)
+
+
 class StageRuntime:
     """A loaded shard plus its KV sessions.
 
@@ -217,18 +237,13 @@ class StageRuntime:
             decode = [i for i, c in enumerate(entries) if c.length == 1]
             if len(decode) == 1 and sessions[decode[0]].request_id not in self.batches:
                 decode = []
+            new = [c.length > 1 and c.entry.position == 0 for c in entries]
             fresh = [
-                i
-                for i, c in enumerate(entries)
-                if c.length > 1
-                and c.entry.position == 0
-                and sessions[i].request_id not in self.batches
+                i for i, s in enumerate(sessions) if new[i] and s.request_id not in self.batches
             ]
             if len(fresh) > 1:
                 call_started = time.perf_counter()
-                self._prefill(
-                    [entries[i] for i in fresh], [sessions[i] for i in fresh], fresh, results
-                )
+                self._prefill(_Rows.of(entries, sessions, fresh, results))
                 seconds = time.perf_counter() - call_started
                 tokens = sum(entries[i].length for i in fresh)
                 calls.append(StageCall("prefill", seconds, tokens, len(fresh)))
@@ -252,9 +267,7 @@ class StageRuntime:
                 calls.append(StageCall(phase, seconds, checked.length, 1))
             if decode:
                 call_started = time.perf_counter()
-                self._decode(
-                    [entries[i] for i in decode], [sessions[i] for i in decode], decode, results
-                )
+                self._decode(_Rows.of(entries, sessions, decode, results))
                 seconds = time.perf_counter() - call_started
                 calls.append(StageCall("decode", seconds, len(decode), len(decode)))
         except Exception:
@@ -271,16 +284,11 @@ class StageRuntime:
         """Free the batch rows of requests whose sessions ended (MLX thread)."""
         return self.batches.retain(set(self.sessions.request_ids()))
 
-    def _decode(
-        self,
-        entries: Sequence[CheckedEntry],
-        sessions: Sequence[KVSession],
-        slots: Sequence[int],
-        results: list[pb.ForwardResult | None],
-    ) -> None:
-        """One batched call for one-position entries; fills ``results[slots[k]]``."""
+    def _decode(self, rows: _Rows) -> None:
+        """One batched call for one-position entries."""
         import mlx.core as mx
 
+        entries, sessions = rows.entries, rows.sessions
         own = {s.request_id: s.cache for s in sessions if s.request_id not in self.batches}
         group = self.batches.assemble([s.request_id for s in sessions], own)
         for session in sessions:
@@ -290,21 +298,16 @@ class StageRuntime:
         order = [index[rid] for rid in group.rows]
         x = mx.concatenate([wire.decode(entries[k].entry.tensor) for k in order], axis=0)
         output = self._run_group(x, group)
-        self._batch_results(entries, sessions, slots, results, output, order, [0] * len(order))
+        self._batch_results(rows, output, order, [0] * len(order))
 
-    def _prefill(
-        self,
-        entries: Sequence[CheckedEntry],
-        sessions: Sequence[KVSession],
-        slots: Sequence[int],
-        results: list[pb.ForwardResult | None],
-    ) -> None:
+    def _prefill(self, rows: _Rows) -> None:
         """One batched call for the first prompt chunks of several new requests, left-padded
-        to the longest; their rows then form a new batch group. Fills ``results[slots[k]]``."""
+        to the longest; their rows then form a new batch group."""
         import mlx.core as mx
 
         from mlx_relay.model.batch import empty_batch_caches
 
+        entries, sessions = rows.entries, rows.sessions
         longest = max(c.length for c in entries)
         pads = [longest - c.length for c in entries]
         parts = []
@@ -318,7 +321,7 @@ class StageRuntime:
             session.cache = []  # its positions live in the batch group
         output = self._run_group(mx.concatenate(parts, axis=0), group)
         order = list(range(len(entries)))
-        self._batch_results(entries, sessions, slots, results, output, order, pads)
+        self._batch_results(rows, output, order, pads)
 
     def _run_group(self, x: Any, group: Any) -> Any:
         """The shard's evaluated output for a batch group's rows; a failed step discards the
@@ -336,31 +339,27 @@ class StageRuntime:
         return output
 
     def _batch_results(
-        self,
-        entries: Sequence[CheckedEntry],
-        sessions: Sequence[KVSession],
-        slots: Sequence[int],
-        results: list[pb.ForwardResult | None],
-        output: Any,
-        order: Sequence[int],
-        pads: Sequence[int],
+        self, rows: _Rows, output: Any, order: Sequence[int], pads: Sequence[int]
     ) -> None:
         """Each row's result: row ``r`` of ``output`` is entry ``order[r]``, after
         ``pads[order[r]]`` positions of left padding."""
         import mlx.core as mx
 
+        entries, sessions = rows.entries, rows.sessions
         greedy: dict[int, Any] = {}
         if self.is_last:
             # Greedy rows are picked in one evaluation; sampled ones one by one (own seeds).
             from mlx_relay.model.sampling import greedy_rows
 
-            rows = [row for row, k in enumerate(order) if _is_greedy(entries[k].sampling)]
-            if rows:
-                picked = greedy_rows(output[mx.array(rows), -1])
-                greedy = dict(zip(rows, picked, strict=True))
+            wanted = [row for row, k in enumerate(order) if _is_greedy(entries[k].sampling)]
+            if wanted:
+                picked = greedy_rows(output[mx.array(wanted), -1])
+                greedy = dict(zip(wanted, picked, strict=True))
         for row, k in enumerate(order):
             part = output[row : row + 1] if self.is_last else output[row : row + 1, pads[k] :]
-            results[slots[k]] = self._result(entries[k], sessions[k], part, greedy.get(row))
+            rows.results[rows.slots[k]] = self._result(
+                entries[k], sessions[k], part, greedy.get(row)
+            )
 
     def _result(
         self, checked: CheckedEntry, session: KVSession, output: Any, token: Any = None
