@@ -45,7 +45,9 @@ async def test_after_a_restart_the_charts_show_what_came_before(
             sent = await send_completions(runtime.url, 4, max_tokens=8, token=TOKEN)
             await asyncio.sleep(1.5)  # a few chart points with tokens/s > 0
         stopped = time.time()
-        await asyncio.sleep(1.5)  # down for a while
+        # Down for longer than two of the live view's 2.5 s backfill buckets, so that the
+        # gap cannot hide inside the bucket that holds the last points before the stop.
+        await asyncio.sleep(6.0)
         async with coordinator(config) as runtime, async_playwright() as playwright:
             browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:

@@ -47,11 +47,12 @@
 
   async function fetchCharts(after, before, points) {
     const fields = CHART_FIELDS.filter((f) => state.available.has(f));
-    const out = { times: [], values: {} };
+    const out = { times: [], values: {}, step: 0 };
     if (!fields.length) return out;
     const params = new URLSearchParams({ after, before, points, group: "avg" });
     for (const f of fields) params.append("series", `chart.${f}`);
     const data = await getJson("/api/history", params);
+    out.step = data.step_seconds;
     out.times = data.timestamps.map((t) => t + data.step_seconds / 2);
     for (const s of data.series) out.values[s.key.slice("chart.".length)] = s.values;
     return out;
@@ -69,16 +70,22 @@
     const live = snapshot.history;
     const first = live.length ? live[0].timestamp : Infinity;
     const back = state.backfill;
+    const step = back.step || interval;
     const times = [];
     const rows = [];
+    let dataEnd = -Infinity; // end of the last backfilled bucket that holds a value
     back.times.forEach((t, i) => {
       if (t < first - interval) {
         times.push(t);
         rows.push((f) => (back.values[f] ? back.values[f][i] : null));
+        const held = Object.values(back.values).some((v) => v[i] !== null && v[i] !== undefined);
+        if (held) dataEnd = t + step / 2;
       }
     });
-    if (times.length && first - times[times.length - 1] > 3 * interval && live.length) {
-      times.push(times[times.length - 1] + interval); // a gap: nothing was recorded
+    // More than a bucket (or three samples) between the stored data and the live points:
+    // nothing was recorded in between, so draw a gap rather than a line across it.
+    if (times.length && live.length && first - dataEnd > Math.max(step, 3 * interval)) {
+      times.push((times[times.length - 1] + first) / 2);
       rows.push(() => null);
     }
     for (const p of live) {
