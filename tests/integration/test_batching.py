@@ -138,3 +138,25 @@ async def test_a_long_prompt_prefills_in_chunks_beside_running_streams(
     assert all(during.count(f"s{i}") >= 4 for i in range(3)), during
     got = [token for name, token in log if name == "long" and token is not None]
     assert got == [t.token_id for t in reference_tokens(tiny_model_dir, ids, 6)]
+
+
+async def test_a_prompt_larger_than_one_message_completes_in_chunks(tmp_path: Path) -> None:
+    """4,000 prompt positions of hidden states (128 float32 each) make 2 MB: more than
+    ``max_message_mb: 1`` in one message, a quarter of it in chunks of 512 positions."""
+    from tests.support.tiny_model import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(
+        tmp_path / "long-context",
+        hidden_size=128,
+        config_overrides={"max_position_embeddings": 8192},
+    )
+    prompt = [(7 * i) % 300 + 10 for i in range(4000)]
+    assert len(prompt) * 128 * 4 > 1024 * 1024
+    network = {"max_message_mb": 1}
+    async with local_cluster(model_dir, 2, network=network) as cluster:
+        response = await cluster.orchestrator.process_request(
+            InferenceRequest(prompt_tokens=prompt, max_tokens=4)
+        )
+        assert sum(w.kv_sessions for w in cluster.workers) == 0
+    assert response.usage.prompt_tokens == 4000
+    assert response.token_ids == [t.token_id for t in reference_tokens(model_dir, prompt, 4)]
