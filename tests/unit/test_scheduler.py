@@ -157,6 +157,7 @@ def test_an_aborted_request_in_flight_leaves_when_its_micro_batch_completes() ->
     scheduler.complete(plan)
     assert "a" not in scheduler and "b" in scheduler
     assert run(scheduler).request_ids == ["b"]
+    assert scheduler.idle() == ["b"]
     assert scheduler.abort("b") and not scheduler.abort("b")
     assert len(scheduler) == 0 and scheduler.schedule() is None
 

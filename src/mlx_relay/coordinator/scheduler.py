@@ -139,6 +139,10 @@ class Scheduler:
             raise ValueError("a request needs at least one prompt token")
         self._requests[request_id] = _Request(request_id, prompt_length - 1, next(self._arrivals))
 
+    def idle(self) -> list[str]:
+        """The requests in no micro-batch now (waiting for their next step)."""
+        return [r.request_id for r in self._requests.values() if r.in_flight is None]
+
     def abort(self, request_id: str) -> bool:
         """Take a request out (finished early, cancelled, failed). One in flight leaves
         when its micro-batch completes. Returns whether the scheduler held it."""

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from mlx_relay.coordinator.client import StageError, WorkerClient
 from mlx_relay.coordinator.scheduler import Scheduler, SchedulerSettings, StepPlan
-from mlx_relay.core.errors import PipelineNotReady
+from mlx_relay.core.errors import PipelineNotReady, WorkerUnavailable
 from mlx_relay.proto import relay_pb2
 from mlx_relay.wire import encode_token_ids
 
@@ -134,10 +134,21 @@ class StepLoop:
             self._scheduler.fail(plan)
             raise
         except Exception as exc:
-            for request_id in self._scheduler.fail(plan):
+            failed = self._scheduler.fail(plan)
+            if isinstance(exc, WorkerUnavailable):
+                # The stage is down or stuck: the requests waiting for their next step would
+                # only wait for it once more, a whole deadline later. They fail now with the
+                # same named error; those in another micro-batch fail by their own deadline.
+                for request_id in self._scheduler.idle():
+                    self._scheduler.abort(request_id)
+                    failed.append(request_id)
+            for request_id in failed:
                 member = self._members.pop(request_id, None)
                 if member is not None and request_id not in self._left:
                     member.fail(exc)
+                future = self._left.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
             self._settle(plan)
             self._pump()
             return
