@@ -72,13 +72,14 @@ async def start_services(config: ClusterConfig, *, enable_monitoring: bool = Tru
         metrics_collector=telemetry.collector if telemetry is not None else None,
         health_monitor=telemetry.health if telemetry is not None else None,
     )
-    if rules is not None and telemetry is not None:
-        engine = build_alert_engine(config, telemetry.collector, telemetry.health, rules=rules)
-        await engine.start()
-        services.alert_engine = engine
     try:
+        if rules is not None and telemetry is not None:
+            engine = build_alert_engine(config, telemetry.collector, telemetry.health, rules=rules)
+            await engine.start()
+            services.alert_engine = engine
         services.history = await _start_history(services)
     except BaseException:
+        # The orchestrator is connected already: close it rather than leak its channels.
         await stop_services(services)
         raise
     return services
