@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import os
 import signal
@@ -452,7 +453,18 @@ async def test_cli_worker_serves_until_sigint(tiny_model_dir: Path, tmp_path: Pa
             process.wait()
 
 
-async def test_cpu_saturation_alone_keeps_the_stage_serving(tiny_model_dir: Path) -> None:
+async def _watch_rounds(watch: Any, count: int) -> None:
+    """Wait until ``count`` more health-watch rounds ran (after the state the test set)."""
+    target = watch.rounds + count
+    deadline = time.monotonic() + 10
+    while watch.rounds < target:
+        assert time.monotonic() < deadline, f"only {watch.rounds} health-watch rounds ran"
+        await asyncio.sleep(0.02)
+
+
+async def test_cpu_and_memory_pressure_are_warnings_a_full_disk_stops_serving(
+    tiny_model_dir: Path,
+) -> None:
     from mlx_relay.monitoring import HealthCheck, HealthStatus
 
     config = worker_config(tiny_model_dir, [(0, 4)], monitoring={"collection_interval": 0.1})
@@ -461,12 +473,22 @@ async def test_cpu_saturation_alone_keeps_the_stage_serving(tiny_model_dir: Path
         for name in ("system_resources", "process_health"):
             health.unregister_check(name)
         levels = {"cpu_status": "critical", "memory_status": "healthy", "disk_status": "healthy"}
+        process = {"status": "healthy", "open_fds_percent": 10.0}
 
         def resources() -> dict[str, Any]:
             worst = "critical" if "critical" in levels.values() else "healthy"
             return {"status": HealthStatus(worst), "message": "injected", "details": dict(levels)}
 
+        def process_check() -> dict[str, Any]:
+            details = {"open_fds_percent": process["open_fds_percent"]}
+            return {
+                "status": HealthStatus(process["status"]),
+                "message": "injected",
+                "details": details,
+            }
+
         health.register_check(HealthCheck("system_resources", "injected", resources, 0.05))
+        health.register_check(HealthCheck("process_health", "injected", process_check, 0.05))
         await wait_for_health(worker.channel, SERVING)
         # Busy CPU: reported CRITICAL, still serving (under load this is the normal state).
         for _ in range(20):
@@ -475,15 +497,59 @@ async def test_cpu_saturation_alone_keeps_the_stage_serving(tiny_model_dir: Path
                 break
             await asyncio.sleep(0.05)
         assert status.health_status == "critical"
-        # Three health-watch verdicts after the CRITICAL report must leave it serving.
         watch = worker.server.health_watch
-        target = watch.rounds + 3
-        deadline = time.monotonic() + 10
-        while watch.rounds < target:
-            assert time.monotonic() < deadline, f"only {watch.rounds} health-watch rounds ran"
-            await asyncio.sleep(0.02)
+        # Three health-watch verdicts after the CRITICAL report must leave it serving.
+        await _watch_rounds(watch, 3)
+        assert await health_status(worker.channel) == SERVING
+        # Memory under pressure (the machine's and the process's resident set): a warning
+        # too; holding the layers in memory is the worker's job.
+        levels["memory_status"] = "critical"
+        process["status"] = "critical"
+        await asyncio.sleep(0.15)  # let both injected checks run with the new verdicts
+        await _watch_rounds(watch, 3)
         assert (await worker.stub.GetStatus(pb.StatusRequest())).health_status == "critical"
         assert await health_status(worker.channel) == SERVING
-        # Memory exhausted: the stage cannot serve safely and leaves the pipeline.
-        levels["memory_status"] = "critical"
+        # A full disk: the stage cannot serve and leaves the pipeline, and comes back after.
+        levels["disk_status"] = "critical"
         await wait_for_health(worker.channel, NOT_SERVING)
+        levels["disk_status"] = "healthy"
+        await wait_for_health(worker.channel, SERVING)
+        # Out of file descriptors: cannot accept connections or open files, NOT_SERVING.
+        process["open_fds_percent"] = 99.0
+        await wait_for_health(worker.channel, NOT_SERVING)
+
+
+async def test_background_loops_survive_a_failing_round(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = worker_config(
+        tiny_model_dir,
+        [(0, 4)],
+        inference={"session_ttl_seconds": 0.2},
+        monitoring={"collection_interval": 0.1},
+    )
+    async with running_workers(config, enable_monitoring=True) as (worker,):
+        for loop in (worker.server.health_watch, worker.server.session_sweep):
+            real_step, calls = loop._step, {"n": 0}
+
+            async def failing_once(
+                real_step: Any = real_step, calls: dict[str, int] = calls
+            ) -> None:
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise RuntimeError("injected failure")
+                await real_step()
+
+            loop._step = failing_once
+            with caplog.at_level(logging.ERROR, logger="mlx_relay.worker.background"):
+                await _watch_rounds(loop, 3)
+            assert loop.failures == 1 and calls["n"] >= 3
+            assert any(
+                "round failed" in r.getMessage()
+                and r.exc_info
+                and "injected failure" in str(r.exc_info[1])
+                for r in caplog.records
+            ), caplog.text
+            caplog.clear()
+        # The health watch still gives verdicts after its failed round.
+        assert await health_status(worker.channel) == SERVING

@@ -133,6 +133,38 @@ def judge_peers(peers: Mapping[str, PeerState]) -> CheckResult:
     return result(HealthStatus.HEALTHY, f"all {len(peers)} peers reachable and healthy", **details)
 
 
+# Share of the process's file-descriptor limit in use: warning, critical.
+FD_LEVELS = Level(80.0, 95.0)
+# Built-in checks whose CRITICAL is, by itself, a warning about load or neighbours rather
+# than a stage that cannot serve: memory pressure (holding layers in memory is a worker's
+# job), a saturated CPU (what serving load looks like) and unreachable peers.
+_RESOURCES_CHECK = "system_resources"
+_PROCESS_CHECK = "process_health"
+_PEERS_CHECK = "distributed_health"
+
+
+def serving_blockers(checks: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Why a stage cannot serve, from its checks' snapshots (``name -> {"status", "details"}``):
+    a full disk, a process out of file descriptors, or any other CRITICAL check (the service
+    check, one a deployment registered). Empty when it can serve, whatever memory, CPU and
+    peers say."""
+    blockers: list[str] = []
+    for name, check in checks.items():
+        if check.get("status") != HealthStatus.CRITICAL:
+            continue
+        details = check.get("details") or {}
+        if name == _RESOURCES_CHECK:
+            if details.get("disk_status") == HealthStatus.CRITICAL:
+                blockers.append("disk full")
+        elif name == _PROCESS_CHECK:
+            fd_percent = details.get("open_fds_percent")
+            if fd_percent is not None and FD_LEVELS.classify(fd_percent) is HealthStatus.CRITICAL:
+                blockers.append("out of file descriptors")
+        elif name != _PEERS_CHECK:
+            blockers.append(f"{name} critical")
+    return blockers
+
+
 def judge_process(
     rss_bytes: int,
     memory_total_bytes: int,
@@ -155,7 +187,7 @@ def judge_process(
     if open_fds is not None and fd_limit:
         fd_percent = 100.0 * open_fds / fd_limit
         details["open_fds_percent"] = fd_percent
-        fd_status = Level(80.0, 95.0).classify(fd_percent)
+        fd_status = FD_LEVELS.classify(fd_percent)
         status = worst_status([status, fd_status])
         message += f", {open_fds}/{fd_limit} fds"
     return result(status, message, **details)

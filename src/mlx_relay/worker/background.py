@@ -20,14 +20,19 @@ logger = logging.getLogger(__name__)
 class PeriodicTask:
     """Runs ``step`` every ``interval`` seconds in the background until stopped.
 
+    A step that raises is logged with its traceback and counted in ``failures``; the loop
+    goes on with the next round.
+
     Attributes:
-        rounds: completed steps since :meth:`start`.
+        rounds: steps run since :meth:`start` (failed ones included).
+        failures: steps that raised.
     """
 
     def __init__(self, name: str, interval: float, step: Callable[[], Awaitable[None]]) -> None:
         self.name = name
         self.interval = interval
         self.rounds = 0
+        self.failures = 0
         self._step = step
         self._task: asyncio.Task[None] | None = None
 
@@ -42,13 +47,21 @@ class PeriodicTask:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self._step()
+            try:
+                await self._step()
+            except Exception:
+                # One failed round must not end the loop: the next one may well succeed.
+                self.failures += 1
+                logger.exception(
+                    "%s: round failed; the next runs in %.2fs", self.name, self.interval
+                )
             self.rounds += 1
 
 
 class ServingHealthWatch(PeriodicTask):
     """Keeps ``grpc.health.v1`` true to the stage: SERVING while its layers are loaded and no
-    CRITICAL check takes it out of the pipeline, NOT_SERVING otherwise.
+    health check says it cannot serve (:meth:`WorkerState.takes_traffic`), NOT_SERVING
+    otherwise.
 
     Args:
         state: the worker's shared state (runtime, health monitor, stopping).

@@ -25,6 +25,7 @@ import grpc
 
 from mlx_relay.core.errors import InvalidRequest, RelayError, ShardMismatch
 from mlx_relay.core.types import LayerRange
+from mlx_relay.monitoring.health_rules import serving_blockers
 from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
 from mlx_relay.worker.executor import MLXExecutor
@@ -82,23 +83,17 @@ class WorkerState:
         return str(getattr(status, "value", status))
 
     def takes_traffic(self) -> bool:
-        """False while a CRITICAL check means this stage cannot serve.
+        """False while a health check says this stage cannot serve: a full disk, a process out
+        of file descriptors, or a CRITICAL check other than memory, CPU and peers (see
+        :func:`~mlx_relay.monitoring.health_rules.serving_blockers`).
 
-        A saturated CPU is what serving load looks like, so CPU alone never takes a stage out
-        of the pipeline (it still shows as CRITICAL in the health summary).
+        Memory pressure and a saturated CPU are warnings: holding layers in memory and
+        computing flat out are what a serving worker does. They still show as CRITICAL in
+        the health summary.
         """
         if self.health is None:
             return True
-        for check in self.health.get_health_summary()["checks"].values():
-            if check["status"] != "critical":
-                continue
-            details = check.get("details") or {}
-            cpu_only = check["name"] == "system_resources" and not any(
-                details.get(f"{resource}_status") == "critical" for resource in ("memory", "disk")
-            )
-            if not cpu_only:
-                return False
-        return True
+        return not serving_blockers(self.health.get_health_summary()["checks"])
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):

@@ -4,8 +4,8 @@ Lifecycle: :meth:`WorkerServer.start` binds the port (so ``port`` is known and t
 service answers NOT_SERVING at once) and begins loading this stage's layers on the MLX
 thread; :meth:`WorkerServer.wait_until_ready` waits for the load (``start(wait=True)``
 does both). Health turns SERVING when the layers are loaded, and NOT_SERVING again while
-a CRITICAL health check says the stage cannot serve (CPU saturation alone does not) or while
-it stops.
+a health check says the stage cannot serve (a full disk, no file descriptors left; memory
+pressure, CPU saturation and unreachable peers are only warnings) or while it stops.
 
 ``WorkerServer`` composes separate pieces: the gRPC lifecycle
 (:class:`~mlx_relay.worker.grpc_endpoint.WorkerGrpcServer`), model loading
