@@ -78,6 +78,20 @@ async def test_wrong_or_missing_api_key_is_401(served: Served) -> None:
             assert response.headers["www-authenticate"].startswith("Bearer")
 
 
+async def test_the_api_and_its_schema_take_the_token_in_the_header_only(served: Served) -> None:
+    async with httpx.AsyncClient(base_url=served.url, timeout=30) as anonymous:
+        # A token in a URL ends up in proxy logs: /v1, /health and the schema refuse it.
+        in_query = await anonymous.get("/v1/models", params={"token": TOKEN})
+        assert assert_error(in_query, 401, None)["code"] == "invalid_api_key"
+        assert (await anonymous.get("/health", params={"token": TOKEN})).status_code == 401
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert (await anonymous.get(path)).status_code == 401, path
+            assert (await anonymous.get(path, params={"token": TOKEN})).status_code == 401, path
+            assert (await anonymous.get(path, headers=AUTH)).status_code == 200, path
+        schema = (await anonymous.get("/openapi.json", headers=AUTH)).json()
+        assert "/v1/chat/completions" in schema["paths"]
+
+
 @pytest.mark.parametrize(
     ("body", "param", "needle"),
     [

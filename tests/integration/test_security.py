@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,8 +19,11 @@ import websockets
 
 from mlx_relay.core.addresses import is_loopback
 from mlx_relay.core.config import HTTPConfig
+from mlx_relay.core.errors import ConfigError
 from mlx_relay.core.http_access import TokenBucketLimiter, exposure_warning, tokens_match
-from mlx_relay.monitoring.dashboard import MonitoringDashboard
+from mlx_relay.core.http_server import HTTPServer
+from mlx_relay.core.log_redaction import redact
+from mlx_relay.monitoring.dashboard import MonitoringDashboard, build_dashboard_app
 from mlx_relay.monitoring.metrics import MetricsCollector
 
 TOKEN = "s3cret-token"
@@ -66,12 +71,68 @@ async def test_a_token_guards_page_api_and_metrics() -> None:
             assert refused.headers["www-authenticate"].startswith("Bearer")
             assert (await http.get(path, headers=bearer("wrong"))).status_code == 401
             assert (await http.get(path, headers=bearer(TOKEN))).status_code == 200, path
-            assert (await http.get(path, params={"token": TOKEN})).status_code == 200, path
+        # ?token= only for the page (a browser link); /api/* and /metrics want the header.
+        assert (await http.get("/", params={"token": TOKEN})).status_code == 200
+        for path in ("/api/metrics", "/api/stats", "/metrics"):
+            assert (await http.get(path, params={"token": TOKEN})).status_code == 401, path
         # Scripts and styles hold no data: the page can load them without a header.
         assert (await http.get("/static/dashboard.css")).status_code == 200
         page = await http.get("/", params={"token": TOKEN})
         assert page.headers["referrer-policy"] == "no-referrer"
         assert TOKEN not in page.text
+
+
+async def test_a_token_guards_the_schema_and_its_pages() -> None:
+    async with serving(HTTPConfig()) as (_, http):
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert (await http.get(path)).status_code == 200, path
+    async with serving(HTTPConfig(auth_token=TOKEN)) as (_, http):
+        for path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"):
+            refused = await http.get(path)
+            assert refused.status_code == 401, path
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+            assert (await http.get(path, params={"token": TOKEN})).status_code == 401, path
+            assert (await http.get(path, headers=bearer("wrong"))).status_code == 401, path
+            assert (await http.get(path, headers=bearer(TOKEN))).status_code == 200, path
+        assert (
+            "/api/metrics"
+            in (await http.get("/openapi.json", headers=bearer(TOKEN))).json()["paths"]
+        )
+
+
+async def test_no_token_in_any_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Every request line is logged (access log on, debug level); none shows the token,
+    whether it came in the query string, the Authorization header or a WebSocket URL."""
+    collector = MetricsCollector("coordinator", 0.1, role="coordinator")
+    app, _ = build_dashboard_app(collector, None, HTTPConfig(auth_token=TOKEN), update_interval=0.1)
+    server = HTTPServer(app, "127.0.0.1", 0, log_level="debug", access_log=True)
+    with caplog.at_level(logging.DEBUG):
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+                assert (await http.get("/", params={"token": TOKEN})).status_code == 200
+                assert (await http.get("/api/metrics", headers=bearer(TOKEN))).status_code == 200
+                assert (await http.get("/api/metrics", params={"token": TOKEN})).status_code == 401
+            url = server.url.replace("http://", "ws://") + f"/ws?token={TOKEN}"
+            async with websockets.connect(url) as connection:
+                await connection.recv()
+        finally:
+            await server.stop()
+    # The server's lines: the test's own clients (httpx, websockets) log what they send.
+    client_loggers = ("httpx", "httpcore", "websockets.client")
+    lines = [r.getMessage() for r in caplog.records if not r.name.startswith(client_loggers)]
+    assert not [line for line in lines if TOKEN in line]
+    # The request lines were logged, with the token masked (the test saw what it checks).
+    assert any("GET /?token=[redacted]" in line for line in lines), lines
+    assert any("/ws?token=[redacted]" in line for line in lines), lines
+    assert any("GET /api/metrics HTTP" in line for line in lines), lines
+
+
+def test_redaction_masks_query_tokens_and_bearer_credentials() -> None:
+    assert redact("GET /?token=abc&x=1 HTTP/1.1") == "GET /?token=[redacted]&x=1 HTTP/1.1"
+    assert redact("GET /ws?a=1&token=abc") == "GET /ws?a=1&token=[redacted]"
+    assert redact("authorization: Bearer abc.def") == "authorization: Bearer [redacted]"
+    assert redact("tokens=3 max_tokens=4") == "tokens=3 max_tokens=4"
 
 
 async def test_metrics_token_and_metrics_open() -> None:
@@ -209,6 +270,40 @@ def test_cli_warns_on_open_bind_and_takes_the_token_from_the_environment() -> No
         url = f"http://127.0.0.1:{port}/api/health"
         assert httpx.get(url, timeout=10).status_code == 401
         assert httpx.get(url, headers=bearer(TOKEN), timeout=10).status_code == 200
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT shutdown of a subprocess is POSIX")
+def test_cli_reads_the_token_from_a_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{TOKEN}\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "MLX_RELAY_AUTH_TOKEN"}
+    with cli_dashboard(["--token-file", str(token_file)], env) as (stderr, port):
+        assert TOKEN not in stderr
+        url = f"http://127.0.0.1:{port}/api/health"
+        assert httpx.get(url, timeout=10).status_code == 401
+        assert httpx.get(url, headers=bearer(TOKEN), timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("name", ["up", "coordinator", "dashboard", "chat"])
+def test_every_command_that_takes_a_token_takes_a_token_file(name: str, tmp_path: Path) -> None:
+    from mlx_relay.cli import build_parser
+    from mlx_relay.cli.options import given_token
+
+    parser = build_parser()
+    command = [name, "--config", "c.yaml"] if name == "coordinator" else [name]
+    token_file = tmp_path / "token"
+    token_file.write_text(f"  {TOKEN}  \nignored\n", encoding="utf-8")
+    args = parser.parse_args([*command, "--token-file", str(token_file)])
+    assert given_token(args) == TOKEN
+    assert given_token(parser.parse_args([*command, "--token", "t"])) == "t"
+    with pytest.raises(SystemExit):  # one or the other
+        parser.parse_args([*command, "--token", "t", "--token-file", str(token_file)])
+    empty = tmp_path / "empty"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"--token-file .*empty: expected a token"):
+        given_token(parser.parse_args([*command, "--token-file", str(empty)]))
+    with pytest.raises(ConfigError, match=r"--token-file .*missing: cannot read"):
+        given_token(parser.parse_args([*command, "--token-file", str(tmp_path / "missing")]))
 
 
 def test_one_set_of_access_rules_per_app() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -15,7 +14,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from mlx_relay.cli.options import TOKEN_ENV
+from mlx_relay.cli.options import add_token_arguments, given_token, token_from
 from mlx_relay.core.errors import RelayError
 
 HELP = "Type a message; /reset starts over, /exit (or Ctrl-D) quits."
@@ -35,7 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--url", default="http://127.0.0.1:8080", help="coordinator URL (default: %(default)s)"
     )
-    parser.add_argument("--token", help=f"bearer token (default: ${TOKEN_ENV})")
+    add_token_arguments(parser, "bearer token of the server")
     parser.add_argument("--model", help="model id (default: the one the server serves)")
     parser.add_argument("--system", help="a system message to start the conversation with")
     parser.add_argument("--max-tokens", type=int, default=256, help="most tokens per reply")
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         # One log line per HTTP request would break up the conversation.
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+    token = token_from(given_token(args))
     with ChatSession(
         args.url,
         token=token,

@@ -7,7 +7,12 @@ import asyncio
 import sys
 from typing import Any
 
-from mlx_relay.cli.options import add_http_arguments, stop_signals, with_http_overrides
+from mlx_relay.cli.options import (
+    add_http_arguments,
+    given_token,
+    stop_signals,
+    with_http_overrides,
+)
 from mlx_relay.core.config import ClusterConfig
 
 
@@ -43,7 +48,7 @@ def print_urls(url: str, monitoring: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = ClusterConfig.from_yaml(args.config)
-    config = with_http_overrides(config, args.host, args.port, args.token)
+    config = with_http_overrides(config, args.host, args.port, given_token(args))
     return asyncio.run(_serve(config, args))
 
 

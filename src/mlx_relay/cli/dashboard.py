@@ -13,7 +13,13 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from mlx_relay.cli.options import TOKEN_ENV, add_http_arguments, http_settings, stop_signals
+from mlx_relay.cli.options import (
+    TOKEN_ENV,
+    add_http_arguments,
+    given_token,
+    http_settings,
+    stop_signals,
+)
 from mlx_relay.core.config import ClusterConfig, HTTPConfig, MonitoringConfig
 from mlx_relay.core.errors import RelayError, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
@@ -46,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     cluster = ClusterConfig.from_yaml(args.config) if args.config else None
     monitoring = cluster.monitoring if cluster is not None else MonitoringConfig()
     base = cluster.http if cluster is not None else HTTPConfig()
-    settings = http_settings(base, args.host, args.port, args.token)
+    settings = http_settings(base, args.host, args.port, given_token(args))
     return asyncio.run(_serve(settings, monitoring, cluster))
 
 

@@ -24,6 +24,45 @@ def token_from(given: str | None) -> str | None:
     return given or os.environ.get(TOKEN_ENV) or None
 
 
+def add_token_arguments(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--token`` and ``--token-file`` (one of them): a token on the command line shows in
+    the process list and the shell history, a file does not."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--token", default=None, help=f"{help_text} (or ${TOKEN_ENV})")
+    group.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="read the bearer token from FILE (its first line) instead of --token",
+    )
+
+
+def read_token_file(path: str) -> str:
+    """The token held in ``path``: its first line, without surrounding whitespace.
+
+    Raises:
+        ConfigError: the file cannot be read or holds no token.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            token = handle.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--token-file {path}: cannot read it ({exc})") from exc
+    if not token:
+        raise ConfigError(f"--token-file {path}: expected a token on its first line, found none")
+    return token
+
+
+def given_token(args: argparse.Namespace) -> str | None:
+    """The token the command line gives: ``--token``, or the content of ``--token-file``
+    (the environment and the config are the callers' fallbacks)."""
+    path = getattr(args, "token_file", None)
+    if path is not None:
+        return read_token_file(path)
+    token: str | None = getattr(args, "token", None)
+    return token
+
+
 def check_port(port: int | None) -> None:
     """Refuse a ``--port`` outside 0..65535 (None: not given)."""
     if port is not None and not 0 <= port <= 65535:
@@ -31,7 +70,8 @@ def check_port(port: int | None) -> None:
 
 
 def add_http_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--host``, ``--port`` and ``--token``: the command line's say over ``http:``."""
+    """``--host``, ``--port`` and ``--token``/``--token-file``: the command line's say over
+    ``http:``."""
     parser.add_argument(
         "--host", default=None, help="address to bind (default: http.host, else 127.0.0.1)"
     )
@@ -41,9 +81,7 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="HTTP port, 0 = any free port (default: http.port, else 8080)",
     )
-    parser.add_argument(
-        "--token", default=None, help=f"bearer token of the app (or ${TOKEN_ENV}; http.auth_token)"
-    )
+    add_token_arguments(parser, "bearer token of the app (default: http.auth_token)")
 
 
 def http_settings(

@@ -25,6 +25,7 @@ from mlx_relay.cli.fleet import WorkerExited, WorkerFleet
 from mlx_relay.cli.options import (
     add_compute_arguments,
     add_http_arguments,
+    given_token,
     stop_signals,
     with_compute,
     with_http_overrides,
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from mlx_relay.monitoring.alerting import configured_rules
 
     config = with_compute(
-        with_http_overrides(_base_config(args), args.host, args.port, args.token), args
+        with_http_overrides(_base_config(args), args.host, args.port, given_token(args)), args
     )
     if config.alerting.enabled:
         configured_rules(config.alerting, config.inference)  # a bad rule fails before any worker

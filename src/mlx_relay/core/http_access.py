@@ -1,9 +1,11 @@
 """Who may use the HTTP app: bearer tokens, a per-client rate limit, CORS, the exposure warning.
 
-One mechanism for every route family: the server's (``/v1``, ``/health``) and the
-monitoring routes (``/``, ``/api/*``, ``/ws``, ``/metrics``). :func:`install_access` puts one
-:class:`AccessControl` on the app; the routes depend on :func:`require_token`,
-:func:`require_metrics_token` and :func:`rate_limit`, which read it from there. Settings come
+One mechanism for every route family: the server's (``/v1``, ``/health``), the monitoring
+routes (``/``, ``/api/*``, ``/ws``, ``/metrics``) and the API's description (``/docs``,
+``/redoc``, ``/openapi.json``, guarded by :class:`SchemaGuard`). :func:`install_access` puts
+one :class:`AccessControl` on the app; the routes depend on :func:`require_token`,
+:func:`require_page_token`, :func:`require_metrics_token` and :func:`rate_limit`, which read
+it from there. Only the dashboard page and ``/ws`` accept the token as ``?token=``. Settings come
 from :class:`~mlx_relay.core.config.HTTPConfig`, built at the entry point; nothing here reads
 the environment. Tokens are compared in constant time.
 """
@@ -20,7 +22,10 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, HTTPException, Request, WebSocket, status
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mlx_relay.core.addresses import exposure_warning as _exposure_warning
 from mlx_relay.core.config import HTTPConfig
@@ -37,16 +42,23 @@ def tokens_match(given: str | None, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-def presented_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
-    """The token a client presented: ``Authorization: Bearer <t>`` first, else ``?token=<t>``.
+def presented_token(
+    headers: Mapping[str, str], query: Mapping[str, str] | None = None
+) -> str | None:
+    """The token a client presented: ``Authorization: Bearer <t>`` first, else ``?token=<t>``
+    when ``query`` is given.
 
-    The query form exists for browsers: a page link and a WebSocket cannot set headers.
+    The query form exists for browsers: a page link and a WebSocket cannot set headers. Only
+    the dashboard page (``/``) and ``/ws`` pass the query: a token in a URL ends up in proxy
+    logs and browser history, so every other route takes the header alone.
     """
     header = headers.get("authorization")
     if header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
+    if query is None:
+        return None
     return query.get(TOKEN_QUERY_PARAM) or None
 
 
@@ -66,21 +78,28 @@ class BearerAuth:
     def enabled(self) -> bool:
         return self.token is not None
 
-    def allows(self, headers: Mapping[str, str], query: Mapping[str, str]) -> bool:
+    def allows(self, headers: Mapping[str, str], query: Mapping[str, str] | None = None) -> bool:
+        """Whether the header (or, when ``query`` is given, ``?token=``) holds the token."""
         if self.token is None:
             return True
         return tokens_match(presented_token(headers, query), self.token)
 
-    async def __call__(self, request: Request) -> None:
-        if not self.allows(request.headers, request.query_params):
-            raise HTTPException(
-                status_code=status.HTTP_401_UNAUTHORIZED,
-                detail="missing or invalid bearer token",
-                headers={"WWW-Authenticate": f'Bearer realm="{self.realm}"'},
-            )
+    def challenge(self) -> HTTPException:
+        """The 401 answered to a request without the token."""
+        return HTTPException(
+            status_code=status.HTTP_401_UNAUTHORIZED,
+            detail="missing or invalid bearer token",
+            headers={"WWW-Authenticate": f'Bearer realm="{self.realm}"'},
+        )
 
-    def allows_websocket(self, websocket: WebSocket) -> bool:
-        return self.allows(websocket.headers, websocket.query_params)
+    async def __call__(self, request: Request) -> None:
+        """Header only: see :func:`presented_token`."""
+        if not self.allows(request.headers):
+            raise self.challenge()
+
+    def allows_page(self, connection: HTTPConnection) -> bool:
+        """The dashboard page and ``/ws``: the header, or ``?token=``."""
+        return self.allows(connection.headers, connection.query_params)
 
 
 def metrics_auth(settings: HTTPConfig) -> BearerAuth:
@@ -207,8 +226,46 @@ def install_access(app: FastAPI, settings: HTTPConfig) -> AccessControl:
         return existing
     access = AccessControl(settings)
     setattr(app.state, STATE_ATTRIBUTE, access)
+    if access.auth.enabled:
+        app.add_middleware(SchemaGuard, paths=schema_paths(app), auth=access.auth)
     install_cors(app, settings)
     return access
+
+
+def schema_paths(app: FastAPI) -> frozenset[str]:
+    """The paths FastAPI serves the API's description on: ``/openapi.json``, ``/docs``
+    (and its OAuth2 redirect) and ``/redoc``, as configured on ``app``."""
+    urls = (app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url)
+    return frozenset(url for url in urls if url)
+
+
+class SchemaGuard:
+    """ASGI middleware: the routes FastAPI adds for the schema and its pages ask for the
+    bearer token (header only) like every other route.
+
+    Args:
+        app: the wrapped ASGI app.
+        paths: the guarded paths (:func:`schema_paths`).
+        auth: the app's token check.
+    """
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str], auth: BearerAuth) -> None:
+        self.app = app
+        self.paths = paths
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        guarded = scope["type"] == "http" and scope["path"] in self.paths
+        if guarded and not self.auth.allows(Headers(scope=scope)):
+            refused = self.auth.challenge()
+            response = JSONResponse(
+                {"detail": refused.detail},
+                status_code=refused.status_code,
+                headers=refused.headers,
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def access_of(connection: HTTPConnection) -> AccessControl:
@@ -220,8 +277,17 @@ def access_of(connection: HTTPConnection) -> AccessControl:
 
 
 async def require_token(request: Request) -> None:
-    """The dependency of every guarded route: the app's bearer token, when one is set."""
+    """The dependency of every guarded route: the app's bearer token in the
+    ``Authorization`` header, when one is set."""
     await access_of(request).auth(request)
+
+
+async def require_page_token(request: Request) -> None:
+    """The dependency of the dashboard page: the token in the header or in ``?token=``
+    (a browser following a link cannot set a header)."""
+    auth = access_of(request).auth
+    if not auth.allows_page(request):
+        raise auth.challenge()
 
 
 async def require_metrics_token(request: Request) -> None:
@@ -244,4 +310,4 @@ async def rate_limit(request: Request) -> None:
 def websocket_allowed(websocket: WebSocket) -> bool:
     """Whether a WebSocket handshake presents the app's token (a WebSocket route cannot
     answer 401, so it closes the handshake itself when this is false)."""
-    return access_of(websocket).auth.allows_websocket(websocket)
+    return access_of(websocket).auth.allows_page(websocket)

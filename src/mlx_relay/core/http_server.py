@@ -19,6 +19,7 @@ import uvicorn
 
 from mlx_relay.core.addresses import http_url
 from mlx_relay.core.errors import BindError
+from mlx_relay.core.log_redaction import install_token_redaction
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class HTTPServer:
         self.port = port
         self.graceful_shutdown = graceful_shutdown
         self._name = name
+        install_token_redaction()  # uvicorn logs paths with their query strings
         self._config = uvicorn.Config(
             app,
             log_level=log_level,

@@ -12,6 +12,7 @@ from mlx_relay.core.http_access import (
     install_access,
     rate_limit,
     require_metrics_token,
+    require_page_token,
     require_token,
 )
 from mlx_relay.monitoring.alerting.engine import AlertEngine
@@ -59,7 +60,8 @@ def mount_monitoring(
 ) -> MonitoringContext:
     """Serve ``/``, ``/static``, ``/api/*``, ``/ws`` and ``/metrics`` from ``app``.
 
-    ``/``, ``/api/*`` and ``/ws`` require ``settings.auth_token`` when set; ``/api/*`` is rate
+    ``/``, ``/api/*`` and ``/ws`` require ``settings.auth_token`` when set (``?token=`` is
+    accepted by ``/`` and ``/ws`` only); ``/api/*`` is rate
     limited per client; ``/metrics`` follows ``metrics_token`` / ``metrics_open``; CORS follows
     ``settings.cors_origins``: all of it is :mod:`mlx_relay.core.http_access`, installed on the
     app once for every route family.
@@ -99,7 +101,7 @@ def mount_monitoring(
         app.include_router(router, dependencies=[limit, auth])
     if history is not None:
         _mount_history(app, history, registry, [limit, auth])
-    app.include_router(page.router, dependencies=[auth])
+    app.include_router(page.router, dependencies=[Depends(require_page_token)])
     app.include_router(ws_routes.router)  # checks the token itself: see ws.py
     app.include_router(exposition.router, dependencies=[Depends(require_metrics_token)])
     app.mount(page.STATIC_PATH, page.static_files(), name="monitoring-static")
