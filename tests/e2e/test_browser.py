@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mlx_relay.coordinator.requests import InferenceRequest
 from mlx_relay.core.blas import loaded_blas
 from mlx_relay.core.config import HTTPConfig
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from mlx_relay.monitoring.metrics import MetricsCollector
-from tests.support.dashboard_cluster import dashboard_cluster, run_requests
+from tests.support.dashboard_cluster import DashboardEnv, dashboard_cluster, run_requests
 
 pytestmark = [
     pytest.mark.browser,
@@ -41,6 +44,19 @@ def require_chromium() -> None:
             f"{CHROMIUM} not found: install it with `make system-packages` "
             "(or `sudo apt-get install -y chromium`); never `playwright install`."
         )
+
+
+async def run_concurrent(env: DashboardEnv, count: int, max_tokens: int) -> None:
+    """``count`` requests at once through the pipeline, so that they batch."""
+    orchestrator = env.cluster.orchestrator
+    await asyncio.gather(
+        *(
+            orchestrator.process_request(
+                InferenceRequest(prompt=f"concurrent {i}", max_tokens=max_tokens)
+            )
+            for i in range(count)
+        )
+    )
 
 
 class BrowserLog:
@@ -108,6 +124,24 @@ async def test_dashboard_shows_the_cluster_and_live_request_count(
             assert await page.locator("#links tbody tr").count() == 2
             assert await page.text_content("#connection-state") == "live"
             assert await page.locator("#connection-banner").is_hidden()
+            # Concurrent requests share each Forward: every stage shows a batch size above 1.
+            await run_concurrent(env, 8, max_tokens=16)
+            for device_id in ("worker-0", "worker-1"):
+                field = f'#stages .stage[data-device-id="{device_id}"] [data-field="batch-size"]'
+                await page.wait_for_function(
+                    "(selector) => { const node = document.querySelector(selector);"
+                    " const m = node && node.textContent.match(/^batch ([0-9.]+) mean/);"
+                    " return m !== null && Number(m[1]) > 1; }",
+                    arg=field,
+                    timeout=15_000,
+                )
+                text = await page.text_content(field) or ""
+                assert re.fullmatch(r"batch \d+\.\d mean · \d+ last", text), text
+                occupancy = page.locator(f'#stages .stage[data-device-id="{device_id}"]')
+                in_flight = await occupancy.locator('[data-field="in-flight"]').text_content()
+                assert re.fullmatch(r"\d+ in flight", in_flight or ""), in_flight
+                bubble = await occupancy.locator('[data-field="bubble"]').text_content()
+                assert re.fullmatch(r"bubble [0-9.]+ %", bubble or ""), bubble
             # Let the charts draw a few points of history before the picture is taken.
             await page.wait_for_function(
                 "() => Number(document.body.dataset.sequence || 0) >= 8", timeout=15_000

@@ -53,6 +53,8 @@ EXPECTED_FAMILIES = {
     "mlxrelay_stage_busy_seconds": ("counter", {"device", "stage"}),
     "mlxrelay_stage_steps": ("counter", {"device", "stage", "phase"}),
     "mlxrelay_stage_kv_sessions": ("gauge", {"device", "stage"}),
+    "mlxrelay_stage_microbatches_in_flight": ("gauge", {"device", "stage"}),
+    "mlxrelay_stage_bubble_ratio": ("gauge", {"device", "stage"}),
     "mlxrelay_stage_info": (
         "gauge",
         {"device", "stage", "layer_start", "layer_end", "backend", "compute", "blas", "threads"},
@@ -182,6 +184,8 @@ def recorded() -> Iterator[tuple[MetricsCollector, FakeClock]]:
     coordinator.record_rpc("worker-0", "Forward", 0.003, "OK", sent_bytes=100, received_bytes=250)
     coordinator.record_rpc("worker-0", "Forward", 0.5, "DEADLINE_EXCEEDED")
     coordinator.record_transfer("worker-0", 0.002)
+    coordinator.set_requests_scheduled(3)
+    coordinator.stage_forward_started("worker-0", 0, 3)  # still outstanding
     coordinator.record_device_sample(device_sample(clock.wall()))
     yield coordinator, clock
 
@@ -230,6 +234,15 @@ def test_every_family_has_its_type_and_labels(
             assert set(sample.labels) - {"le"} == labels, (name, sample)
     unexpected = {n for n in families if n.startswith("mlxrelay_")} - set(EXPECTED_FAMILIES)
     assert not unexpected
+
+
+def test_stage_occupancy_gauges(recorded: tuple[MetricsCollector, FakeClock]) -> None:
+    families = scrape(recorded[0])
+    _, in_flight = families["mlxrelay_stage_microbatches_in_flight"]
+    assert value(in_flight, "mlxrelay_stage_microbatches_in_flight", device="worker-0") == 1
+    _, bubble = families["mlxrelay_stage_bubble_ratio"]
+    # A Forward has been outstanding since the requests arrived: no idle time yet.
+    assert value(bubble, "mlxrelay_stage_bubble_ratio", device="worker-0", stage="0") == 0
 
 
 def test_histograms_use_the_catalogue_buckets_and_counts(

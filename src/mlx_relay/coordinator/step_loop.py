@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mlx_relay.coordinator.client import StageError, WorkerClient
@@ -30,6 +31,9 @@ class StageView(Protocol):
 
     @property
     def device_id(self) -> str: ...
+
+    @property
+    def index(self) -> int: ...
 
 
 class Member(Protocol):
@@ -105,6 +109,7 @@ class StepLoop:
         else:
             self._members.pop(request_id, None)
             done.set_result(None)
+        self._report_held()
         return done
 
     async def stop(self, reason: str) -> None:
@@ -119,6 +124,8 @@ class StepLoop:
         for future in self._left.values():
             if not future.done():
                 future.set_result(None)
+        if self._collector is not None:
+            self._collector.set_requests_scheduled(0)
 
     def _pump(self) -> None:
         """Start as many planned micro-batches as the scheduler allows."""
@@ -126,6 +133,13 @@ class StepLoop:
             task = asyncio.get_running_loop().create_task(self._execute(plan))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        self._report_held()
+
+    def _report_held(self) -> None:
+        """Tell the collector how many unfinished requests the loop holds (the bubble is
+        the time a stage has no Forward while this is above zero)."""
+        if self._collector is not None:
+            self._collector.set_requests_scheduled(len(self._scheduler))
 
     async def _execute(self, plan: StepPlan) -> None:
         try:
@@ -201,11 +215,10 @@ class StepLoop:
             )
         results: list[relay_pb2.ForwardResult] = []
         for stage, client in zip(self._stages, self._clients, strict=True):
-            started = time.perf_counter()
-            response = await client.forward(relay_pb2.ForwardRequest(entries=entries))
-            rpc_seconds = time.perf_counter() - started
-            results = _matching_results(stage.device_id, entries, response)
-            compute = response.compute_seconds
+            response = await self._forward(stage, client, entries)
+            rpc_seconds = response.rpc_seconds
+            results = _matching_results(stage.device_id, entries, response.reply)
+            compute = response.reply.compute_seconds
             network = max(0.0, rpc_seconds - compute)
             if self._collector is not None:
                 self._collector.record_transfer(stage.device_id, network)
@@ -217,6 +230,30 @@ class StepLoop:
                 if result.HasField("tensor"):
                     entry.tensor.CopyFrom(result.tensor)
         return {r.request_id: r for r in results}
+
+    async def _forward(
+        self, stage: StageView, client: WorkerClient, entries: list[relay_pb2.ForwardEntry]
+    ) -> _Answer:
+        """One ``Forward`` to one stage, timed; the collector sees it outstanding."""
+        collector = self._collector
+        token = None
+        if collector is not None:
+            token = collector.stage_forward_started(stage.device_id, stage.index, len(entries))
+        compute = 0.0
+        started = time.perf_counter()
+        try:
+            reply = await client.forward(relay_pb2.ForwardRequest(entries=entries))
+            compute = reply.compute_seconds
+        finally:
+            if collector is not None:
+                collector.stage_forward_finished(stage.device_id, token, compute)
+        return _Answer(reply, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    reply: relay_pb2.ForwardResponse
+    rpc_seconds: float
 
 
 def _matching_results(

@@ -23,6 +23,7 @@ from mlx_relay.core.tasks import cancel_and_wait
 from mlx_relay.monitoring.device import DeviceSampler
 from mlx_relay.monitoring.inference import InferenceRecorder, RequestLog, RequestTrace
 from mlx_relay.monitoring.network import NetworkRecorder
+from mlx_relay.monitoring.occupancy import OccupancyRecorder
 from mlx_relay.monitoring.snapshot import (
     DeviceMetrics,
     DeviceStatus,
@@ -90,6 +91,7 @@ class MetricsCollector:
         self._stage = StageRecorder(
             device_id, self._lock, clock, retention_seconds=retention_seconds
         )
+        self._occupancy = OccupancyRecorder(self._lock, clock)
         self._network = NetworkRecorder(
             device_id, self._lock, clock, wall_clock, retention_seconds=retention_seconds
         )
@@ -195,6 +197,24 @@ class MetricsCollector:
     def set_kv_sessions(self, n: int) -> None:
         """Live KV-cache sessions on this device's stage."""
         self._stage.set_kv_sessions(n)
+
+    # -- recording: stage occupancy (coordinator) --------------------------------------------
+
+    def stage_forward_started(self, device_id: str, stage: int | None, batch_size: int) -> int:
+        """The coordinator sends a ``Forward`` of ``batch_size`` requests to a stage; pass
+        the returned token to :meth:`stage_forward_finished`."""
+        return self._occupancy.forward_started(device_id, stage, batch_size)
+
+    def stage_forward_finished(
+        self, device_id: str, token: int, compute_seconds: float = 0.0
+    ) -> None:
+        """That ``Forward`` is back (answer or error); ``compute_seconds`` as the stage
+        reported it."""
+        self._occupancy.forward_finished(device_id, token, compute_seconds)
+
+    def set_requests_scheduled(self, n: int) -> None:
+        """Unfinished requests the coordinator's step loop holds now (for the bubble)."""
+        self._occupancy.set_requests_held(n)
 
     # -- recording: network ------------------------------------------------------------------
 
@@ -360,6 +380,7 @@ class MetricsCollector:
         inference = self._inference.snap()
         network = self._network.snap()
         own_stage = self._stage.snap()
+        occupancy = self._occupancy.snap()
         with self._lock:
             stages = dict(self._remote_stages)
             if self._stage.active:
@@ -382,6 +403,7 @@ class MetricsCollector:
                 devices=devices,
                 inference=inference,
                 stages=stages,
+                occupancy=occupancy,
                 network=NetworkMetrics(links=links, rpc=network.rpc),
                 history=list(self._history),
             )

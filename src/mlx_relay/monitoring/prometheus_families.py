@@ -218,6 +218,27 @@ def stage_families(snapshot: Snapshot) -> Iterator[Metric]:
     yield from (forward, batch, busy, steps, sessions, info)
 
 
+def occupancy_families(snapshot: Snapshot) -> Iterator[Metric]:
+    """The coordinator's view of each stage: micro-batches in flight and the bubble."""
+    in_flight = GaugeMetricFamily(
+        PREFIX + "stage_microbatches_in_flight",
+        "Forward calls the coordinator sent to the stage and has no answer to yet.",
+        labels=["device", "stage"],
+    )
+    bubble = GaugeMetricFamily(
+        PREFIX + "stage_bubble_ratio",
+        "Share of the last 10 s the coordinator held unfinished requests and had no Forward "
+        "outstanding on the stage (lower bound of its idle share; see docs/monitoring-api.md).",
+        labels=["device", "stage"],
+    )
+    for device_id, occupancy in sorted(snapshot.occupancy.items()):
+        label = _stage_label(occupancy.stage)
+        in_flight.add_metric([device_id, label], occupancy.microbatches_in_flight)
+        bubble.add_metric([device_id, label], occupancy.bubble_ratio)
+    yield in_flight
+    yield bubble
+
+
 def device_families(snapshot: Snapshot) -> Iterator[Metric]:
     samples = sorted(device_metrics_by_id(snapshot).items())
     for field, (name, help_text) in DEVICE_GAUGES.items():
@@ -377,6 +398,7 @@ def snapshot_families(
     """Every docs/monitoring-api.md family for one snapshot, in catalogue order."""
     yield from inference_families(snapshot)
     yield from stage_families(snapshot)
+    yield from occupancy_families(snapshot)
     yield from device_families(snapshot)
     yield from network_families(snapshot)
     yield from health_families(snapshot, health, version)

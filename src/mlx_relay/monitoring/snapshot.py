@@ -154,6 +154,33 @@ class StageMetrics(_Snap):
     )
 
 
+class StageOccupancy(_Snap):
+    """How busy the coordinator keeps one stage, from its own timestamps (definitions in
+    docs/monitoring-api.md, "Stage occupancy")."""
+
+    device_id: str = Field(description="Worker holding the stage.")
+    stage: int | None = Field(default=None, description="Stage index, 0 = first.")
+    microbatches_in_flight: int = Field(
+        description="Forward calls sent to the stage and not yet answered, now."
+    )
+    batch_size_last: int | None = Field(
+        default=None, description="Requests in the latest Forward sent to the stage."
+    )
+    batch_size_mean: float | None = Field(
+        default=None, description="Mean requests per Forward over the window; None if none."
+    )
+    forwards: int = Field(default=0, description="Forward calls sent in the window.")
+    bubble_ratio: float = Field(
+        description="Share of the window the step loop held requests and no Forward was "
+        "outstanding on the stage, 0..1 (a lower bound of the stage's idle share)."
+    )
+    bubble_ratio_max: float = Field(
+        description="bubble_ratio plus the outstanding time the stage did not compute (an "
+        "upper bound of its idle share while requests were held), 0..1."
+    )
+    window_seconds: float = Field(description="Length of the window, seconds (10 once warm).")
+
+
 class DeviceStatus(_Snap):
     """One device in the cluster view (a worker shows itself; the coordinator shows all)."""
 
@@ -345,6 +372,11 @@ class Snapshot(_Snap):
     devices: dict[str, DeviceStatus] = Field(description="Cluster view keyed by device id.")
     inference: InferenceMetrics
     stages: dict[str, StageMetrics] = Field(description="Pipeline stages keyed by device id.")
+    occupancy: dict[str, StageOccupancy] = Field(
+        default_factory=dict,
+        description="The coordinator's view of each stage's batches and bubble, by device id "
+        "(empty on a worker).",
+    )
     network: NetworkMetrics
     history: list[HistoryPoint] = Field(description="Chart history, oldest first, bounded.")
 

@@ -7,7 +7,7 @@ in 0..1, unix-second timestamps. No prompt or completion text appears anywhere.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -26,6 +26,7 @@ from mlx_relay.monitoring.snapshot import (
     RecentError,
     Snapshot,
     StageMetrics,
+    StageOccupancy,
     ThroughputWindow,
 )
 
@@ -96,6 +97,16 @@ class StageSummary(BaseModel):
     )
     kv_sessions: int = Field(description="Live KV-cache sessions.")
     is_bottleneck: bool = Field(description="The stage with the most compute time.")
+    batch_size_mean: float | None = Field(
+        None, description="Requests per Forward over the last 10 s (coordinator's view)."
+    )
+    batch_size_last: int | None = Field(None, description="Requests in the latest Forward.")
+    microbatches_in_flight: int | None = Field(
+        None, description="Forward calls outstanding on the stage now."
+    )
+    bubble_ratio: float | None = Field(
+        None, description="Share of the last 10 s the stage idled while requests were held."
+    )
 
 
 class StatsResponse(BaseModel):
@@ -259,9 +270,21 @@ def stats_view(snapshot: Snapshot) -> StatsResponse:
                 forward_seconds=s.forward_seconds,
                 kv_sessions=s.kv_sessions,
                 is_bottleneck=s.device_id == bottleneck,
+                **_occupancy_fields(snapshot.occupancy.get(s.device_id)),
             )
             for s in stages
         ],
         bottleneck_device=bottleneck,
         recent_errors=inference.recent_errors,
     )
+
+
+def _occupancy_fields(occupancy: StageOccupancy | None) -> dict[str, Any]:
+    if occupancy is None:
+        return {}
+    return {
+        "batch_size_mean": occupancy.batch_size_mean,
+        "batch_size_last": occupancy.batch_size_last,
+        "microbatches_in_flight": occupancy.microbatches_in_flight,
+        "bubble_ratio": occupancy.bubble_ratio,
+    }

@@ -107,8 +107,36 @@
             `${fmt.count((s.steps_total.decode || 0) + (s.steps_total.prefill || 0))} calls · ${s.kv_sessions} KV sessions`
         )
       );
+      line.appendChild(renderOccupancy(s, (snapshot.occupancy || {})[s.device_id]));
       container.appendChild(line);
     }
+  }
+
+  // The coordinator's view of a stage: how many requests each Forward carries, how many
+  // Forwards are outstanding, and the share of the last 10 s it idled while requests waited.
+  // A standalone dashboard has no step loop: the batch size then comes from the stage's
+  // own histogram (mean since start).
+  function renderOccupancy(stage, occupancy) {
+    const row = el("div", "stage-occupancy muted");
+    const histogram = stage.batch_size;
+    let batch = "–";
+    if (occupancy && occupancy.batch_size_mean !== null) {
+      batch = `${occupancy.batch_size_mean.toFixed(1)} mean · ${occupancy.batch_size_last} last`;
+    } else if (histogram && histogram.count > 0) {
+      batch = `${(histogram.sum / histogram.count).toFixed(1)} mean since start`;
+    }
+    const parts = [
+      ["batch-size", `batch ${batch}`],
+      ["in-flight", `${occupancy ? occupancy.microbatches_in_flight : "–"} in flight`],
+      ["bubble", `bubble ${occupancy ? fmt.percent(occupancy.bubble_ratio) : "n/a"}`],
+    ];
+    parts.forEach(([field, text], i) => {
+      if (i > 0) row.appendChild(document.createTextNode(" · "));
+      const span = el("span", "", text);
+      span.dataset.field = field;
+      row.appendChild(span);
+    });
+    return row;
   }
 
   // Column keys of the links table, in order (data-column on each cell).
