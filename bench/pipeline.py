@@ -3,6 +3,7 @@
     .venv/bin/python bench/pipeline.py                       # bundled model, 3 rounds, 32 tokens
     .venv/bin/python bench/pipeline.py --rounds 5 --max-tokens 48 --concurrency 1 2 4 8
     .venv/bin/python bench/pipeline.py --micro-batches 1       # one micro-batch in flight
+    .venv/bin/python bench/pipeline.py --sections ttft         # one figure only
 
 On the bundled model (greedy):
   decode     decode tokens/s of one request, single process (``generate_tokens``) vs a
@@ -12,6 +13,10 @@ On the bundled model (greedy):
   aggregate  total generated tokens/s with 1, 4, 8 and 16 requests in flight at once (each
              request's prefill included, in one run against 1 in flight): the requests are
              batched continuously, one micro-batch per stage unless --micro-batches says.
+  ttft       time to first token of a new short request while 15 others decode, against the
+             same request on an idle pipeline (alternating rounds, medians and their ratio;
+             the target is <= 2x): the new request's prefill joins the running decode steps
+             instead of waiting for them.
 """
 
 from __future__ import annotations
@@ -83,6 +88,42 @@ async def aggregate(
     return sum(r.usage.completion_tokens for r in responses) / elapsed
 
 
+async def time_to_first_token(orchestrator: DistributedOrchestrator) -> float:
+    """Seconds from sending a new short request to its first token."""
+    started = time.perf_counter()
+    first: float | None = None
+    async for event in orchestrator.stream_request(InferenceRequest(prompt=PROMPT, max_tokens=1)):
+        if event.token_id is not None and first is None:
+            first = time.perf_counter() - started
+    assert first is not None, "the request produced no token"
+    return first
+
+
+async def loaded_time_to_first_token(
+    orchestrator: DistributedOrchestrator, background: int, max_tokens: int
+) -> tuple[float, int]:
+    """TTFT of a new short request once ``background`` requests are all decoding; also how
+    many of them were still decoding when it got its token."""
+    decoding = [asyncio.Event() for _ in range(background)]
+
+    async def decode(started: asyncio.Event) -> None:
+        request = InferenceRequest(prompt=PROMPT, max_tokens=max_tokens)
+        async for event in orchestrator.stream_request(request):
+            if event.token_id is not None:
+                started.set()
+
+    tasks = [asyncio.create_task(decode(event)) for event in decoding]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in decoding)), timeout=120)
+        seconds = await time_to_first_token(orchestrator)
+        still = sum(not t.done() for t in tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return seconds, still
+
+
 def local_config(model_dir: Path, workers: int, micro_batches: int | None) -> ClusterConfig:
     devices: list[dict[str, Any]] = [
         {"id": f"worker-{i}", "host": "127.0.0.1", "port": 0, "layers": "auto"}
@@ -132,32 +173,66 @@ async def main(args: argparse.Namespace) -> None:
 
         await pipeline_round(orchestrator, 4)  # warm-up: channels, caches, code paths
         single_process_round(model, prompt, 4)
-        single: list[float] = []
-        pipe: list[float] = []
-        for i in range(args.rounds):
-            rate, expected = single_process_round(model, prompt, args.max_tokens)
-            single.append(rate)
-            rate, got = await pipeline_round(orchestrator, args.max_tokens)
-            pipe.append(rate)
-            if expected and expected[-1] in eos:
-                expected = expected[:-1]
-            assert got == expected, f"round {i}: pipeline tokens differ from single process"
-            print(f"round {i + 1}: single {single[-1]:6.2f} tok/s   pipeline {pipe[-1]:6.2f} tok/s")
-
-        s, p = statistics.median(single), statistics.median(pipe)
-        print("\n== decode (one request, greedy) ==")
-        print(f"single process   {spread(single)} tok/s")
-        print(f"2-stage pipeline {spread(pipe)} tok/s")
-        print(f"ratio pipeline/single {p / s:.3f}; added {1000 * (1 / p - 1 / s):.1f} ms per token")
-
-        print("\n== aggregate (requests in flight at once, prefill included) ==")
-        for concurrent in args.concurrency:
-            rates = [await aggregate(orchestrator, concurrent, args.max_tokens) for _ in range(2)]
-            print(f"{concurrent:2d} concurrent: {spread(rates)} tok/s")
+        if "decode" in args.sections:
+            await decode_section(args, orchestrator, model, prompt, eos)
+        if "aggregate" in args.sections:
+            print("\n== aggregate (requests in flight at once, prefill included) ==")
+            for concurrent in args.concurrency:
+                rates = [
+                    await aggregate(orchestrator, concurrent, args.max_tokens) for _ in range(2)
+                ]
+                print(f"{concurrent:2d} concurrent: {spread(rates)} tok/s")
+        if "ttft" in args.sections:
+            await ttft_section(args, orchestrator)
     finally:
         await orchestrator.shutdown()
         fleet.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+async def ttft_section(args: argparse.Namespace, orchestrator: DistributedOrchestrator) -> None:
+    background = args.ttft_background
+    print(f"\n== time to first token: idle vs {background} requests decoding ==")
+    idle: list[float] = []
+    loaded: list[float] = []
+    for i in range(args.rounds):
+        idle.append(await time_to_first_token(orchestrator))
+        seconds, still = await loaded_time_to_first_token(orchestrator, background, 256)
+        loaded.append(seconds)
+        print(
+            f"round {i + 1}: idle {1000 * idle[-1]:7.1f} ms   loaded {1000 * loaded[-1]:7.1f} ms"
+            f"   ({still} of {background} still decoding at its first token)"
+        )
+    i_med, l_med = statistics.median(idle), statistics.median(loaded)
+    print(f"idle   median {1000 * i_med:7.1f} ms")
+    print(f"loaded median {1000 * l_med:7.1f} ms")
+    print(f"ratio loaded/idle {l_med / i_med:.2f} (target <= 2)")
+
+
+async def decode_section(
+    args: argparse.Namespace,
+    orchestrator: DistributedOrchestrator,
+    model: Any,
+    prompt: list[int],
+    eos: Any,
+) -> None:
+    single: list[float] = []
+    pipe: list[float] = []
+    for i in range(args.rounds):
+        rate, expected = single_process_round(model, prompt, args.max_tokens)
+        single.append(rate)
+        rate, got = await pipeline_round(orchestrator, args.max_tokens)
+        pipe.append(rate)
+        if expected and expected[-1] in eos:
+            expected = expected[:-1]
+        assert got == expected, f"round {i}: pipeline tokens differ from single process"
+        print(f"round {i + 1}: single {single[-1]:6.2f} tok/s   pipeline {pipe[-1]:6.2f} tok/s")
+
+    s, p = statistics.median(single), statistics.median(pipe)
+    print("\n== decode (one request, greedy) ==")
+    print(f"single process   {spread(single)} tok/s")
+    print(f"2-stage pipeline {spread(pipe)} tok/s")
+    print(f"ratio pipeline/single {p / s:.3f}; added {1000 * (1 / p - 1 / s):.1f} ms per token")
 
 
 if __name__ == "__main__":
@@ -170,6 +245,15 @@ if __name__ == "__main__":
         type=int,
         default=None,
         help="inference.micro_batches (default: one per stage; 1 suits one machine)",
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=["decode", "aggregate", "ttft"],
+        default=["decode", "aggregate", "ttft"],
+    )
+    parser.add_argument(
+        "--ttft-background", type=int, default=15, help="requests decoding during the ttft figure"
     )
     parser.add_argument(
         "--monitoring", action="store_true", help="run with monitoring on (default: off)"
