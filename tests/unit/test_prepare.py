@@ -82,3 +82,45 @@ def test_sampling_parameters_are_carried(tokenizer: Any) -> None:
     params = prepared.params
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.7, 0.9, 5, 3)
     assert prepared.submitted_at > 0
+
+
+class _NoTokenizer:
+    """Fails the test if the prompt reaches the tokenizer."""
+
+    has_chat_template = True
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("tokenized a prompt that the limits refuse")
+
+    apply_chat_template = encode
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "needle"),
+    [
+        ({"prompt": "ab" * 40}, "prompt", "80 bytes; at most 64"),
+        ({"prompt": "é" * 33}, "prompt", "66 bytes; at most 64"),
+        ({"messages": [{"role": "user", "content": "x" * 40}] * 2}, "messages", "80 bytes"),
+        ({"messages": [{"role": "user", "content": "x"}] * 4}, "messages", "at most 3"),
+        ({"prompt": "hi", "stop": ["abcdef"]}, "stop", "6 characters; at most 5"),
+    ],
+)
+def test_input_limits_are_checked_before_tokenizing(
+    fields: dict[str, Any], param: str, needle: str
+) -> None:
+    limits = PromptLimits(
+        max_prompt_tokens=64,
+        max_context=128,
+        vocab_size=384,
+        max_prompt_bytes=64,
+        max_messages=3,
+        max_stop_length=5,
+    )
+    with pytest.raises(InvalidRequest, match=needle) as caught:
+        prepare_request(InferenceRequest(**fields), _NoTokenizer(), limits)
+    assert caught.value.param == param
+
+
+def test_the_default_byte_cap_follows_max_prompt_tokens() -> None:
+    assert PromptLimits(100, None, 384).prompt_bytes == 3200
+    assert PromptLimits(100, None, 384, max_prompt_bytes=10).prompt_bytes == 10

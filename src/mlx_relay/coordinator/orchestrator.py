@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any
 
 from mlx_relay.coordinator.admission import Admission
 from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.pipeline import RequestRun, RunTracker, Stage
-from mlx_relay.coordinator.prepare import PromptLimits, prepare_request
+from mlx_relay.coordinator.prepare import PreparedRequest, PromptLimits, prepare_request
 from mlx_relay.coordinator.requests import InferenceRequest, InferenceResponse, TokenEvent
 from mlx_relay.coordinator.scheduler import SchedulerSettings
 from mlx_relay.coordinator.step_loop import StepLoop
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Name prefix of the thread that tokenizes prompts and renders chat templates.
+TOKENIZER_THREAD = "mlx-relay-tokenizer"
 
 
 class WorkersUnreachable(WorkerUnavailable):
@@ -98,6 +102,9 @@ class DistributedOrchestrator:
         self._clients: list[WorkerClient] = []
         self._eos_ids: set[int] = set()
         self._limits: PromptLimits | None = None
+        # Tokenizing and chat templating run here, never on the event loop (one thread: the
+        # tokenizer is not shared between threads).
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix=TOKENIZER_THREAD)
         self._admission = Admission(
             config.inference.max_running_requests,
             config.inference.max_waiting_requests,
@@ -163,8 +170,14 @@ class DistributedOrchestrator:
         max_context = info.max_context
         if self.config.model.max_context is not None:
             max_context = min(max_context, self.config.model.max_context)
+        inference = self.config.inference
         self._limits = PromptLimits(
-            self.config.inference.max_prompt_tokens, max_context, info.vocab_size
+            inference.max_prompt_tokens,
+            max_context,
+            info.vocab_size,
+            max_prompt_bytes=inference.max_prompt_bytes,
+            max_messages=inference.max_messages,
+            max_stop_length=inference.max_stop_length,
         )
         self._clients = [
             WorkerClient.for_device(w, self.config.network, recorder=self.metrics_collector)
@@ -226,10 +239,11 @@ class DistributedOrchestrator:
     def stream_request(self, request: InferenceRequest) -> AsyncIterator[TokenEvent]:
         """Start a request and return its token events.
 
-        The request is validated at once (so errors come before any event); it runs when
-        iteration begins. The last event has ``finish_reason`` and ``usage``. Closing the
-        iterator early (``aclose``, or cancelling the consuming task) aborts the request:
-        finish reason ``abort``, EndSession on every stage.
+        The request is validated and its prompt tokenized at once, on the calling thread (so
+        errors come before any event); :meth:`start_stream` does the same off the event
+        loop. It runs when iteration begins. The last event has ``finish_reason`` and
+        ``usage``. Closing the iterator early (``aclose``, or cancelling the consuming task)
+        aborts the request: finish reason ``abort``, EndSession on every stage.
 
         Raises:
             InvalidRequest: a parameter is invalid (the error names it).
@@ -237,27 +251,49 @@ class DistributedOrchestrator:
                 iteration, if the queue filled up meanwhile).
             PipelineNotReady: not initialised, or shut down.
         """
-        return self._new_run(request).events()
+        prepared = prepare_request(request, self.tokenizer, self._ready_limits())
+        return self._new_run(prepared).events()
+
+    async def start_stream(self, request: InferenceRequest) -> AsyncIterator[TokenEvent]:
+        """As :meth:`stream_request`, with the prompt tokenized (and the chat template
+        rendered) on the tokenizer's thread: a huge prompt does not stall the event loop,
+        so every other stream goes on meanwhile.
+
+        Raises:
+            InvalidRequest, QueueFull, PipelineNotReady: as :meth:`stream_request`.
+        """
+        return self._new_run(await self._prepare(request)).events()
 
     async def process_request(self, request: InferenceRequest) -> InferenceResponse:
-        """Run a request to completion and return the whole response.
+        """Run a request to completion and return the whole response (the prompt tokenized
+        off the event loop, as :meth:`start_stream`).
 
         Raises:
             InvalidRequest, QueueFull, PipelineNotReady: as :meth:`stream_request`.
             WorkerUnavailable: a stage failed or missed its deadline (the error names it).
         """
-        run = self._new_run(request)
+        run = self._new_run(await self._prepare(request))
         async with aclosing(run.events()) as events:
             async for _ in events:
                 pass
         return run.response()
 
-    def _new_run(self, request: InferenceRequest) -> RequestRun:
+    def _ready_limits(self) -> PromptLimits:
         if not self.ready or self._limits is None:
             raise PipelineNotReady(
                 "the coordinator is shutting down" if self._closed else "call initialize() first"
             )
-        prepared = prepare_request(request, self.tokenizer, self._limits)
+        return self._limits
+
+    async def _prepare(self, request: InferenceRequest) -> PreparedRequest:
+        limits = self._ready_limits()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenizing, prepare_request, request, self.tokenizer, limits
+        )
+
+    def _new_run(self, prepared: PreparedRequest) -> RequestRun:
+        self._ready_limits()  # the coordinator may have shut down while tokenizing
         self._admission.check()
         assert self._loop is not None
         return RequestRun(
@@ -304,6 +340,7 @@ class DistributedOrchestrator:
         if self.telemetry is not None:
             await self.telemetry.detach()
         await self._close_clients()
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
         logger.info("coordinator shut down")
 
     async def _close_clients(self) -> None:

@@ -1,4 +1,10 @@
-"""Checking a request and turning it into prompt token ids, before it takes any resource."""
+"""Checking a request and turning it into prompt token ids, before it takes any resource.
+
+The cheap checks come first: parameters, the number of messages, stop strings, and the
+prompt's size in UTF-8 bytes, so that an oversized prompt is refused before the tokenizer
+(or the chat template) spends any time on it. The orchestrator runs :func:`prepare_request`
+off the event loop (``DistributedOrchestrator.start_stream`` and ``process_request``).
+"""
 
 from __future__ import annotations
 
@@ -14,16 +20,32 @@ from mlx_relay.model.tokenizer import encode_prompt
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+# Default prompt-size cap in UTF-8 bytes per accepted prompt token (no tokenizer's tokens
+# are longer on real text, so a prompt past this could never fit).
+BYTES_PER_PROMPT_TOKEN = 32
+DEFAULT_MAX_MESSAGES = 1024
+DEFAULT_MAX_STOP_LENGTH = 256
 
 
 @dataclass(frozen=True)
 class PromptLimits:
     """What the cluster accepts: ``max_prompt_tokens`` from the configuration, the model's
-    context length (None if unknown) and vocabulary size."""
+    context length (None if unknown) and vocabulary size, and the input limits checked before
+    tokenizing: the prompt's UTF-8 bytes (None: :data:`BYTES_PER_PROMPT_TOKEN` per
+    ``max_prompt_tokens``), chat messages, characters of one stop string."""
 
     max_prompt_tokens: int
     max_context: int | None
     vocab_size: int
+    max_prompt_bytes: int | None = None
+    max_messages: int = DEFAULT_MAX_MESSAGES
+    max_stop_length: int = DEFAULT_MAX_STOP_LENGTH
+
+    @property
+    def prompt_bytes(self) -> int:
+        if self.max_prompt_bytes is not None:
+            return self.max_prompt_bytes
+        return BYTES_PER_PROMPT_TOKEN * self.max_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -60,8 +82,8 @@ def prepare_request(
             f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {params.top_logprobs}",
             param="top_logprobs",
         )
-    _check_stops(request.stop)
-    prompt_ids, param = _prompt_ids(request, tokenizer, limits.vocab_size)
+    _check_stops(request.stop, limits.max_stop_length)
+    prompt_ids, param = _prompt_ids(request, tokenizer, limits)
     if not prompt_ids:
         raise InvalidRequest("the prompt is empty after tokenization", param=param)
     longest = limits.max_prompt_tokens
@@ -81,8 +103,9 @@ def prepare_request(
 
 
 def _prompt_ids(
-    request: InferenceRequest, tokenizer: Any, vocab_size: int
+    request: InferenceRequest, tokenizer: Any, limits: PromptLimits
 ) -> tuple[list[int], str]:
+    vocab_size = limits.vocab_size
     given = [
         name
         for name in ("prompt", "messages", "prompt_tokens")
@@ -103,16 +126,37 @@ def _prompt_ids(
             )
         return list(ids), "prompt_tokens"
     if request.messages is not None:
-        _check_messages(request.messages)
+        _check_messages(request.messages, limits.max_messages)
+        text_bytes = sum(_utf8_length(m["content"]) for m in request.messages)
+        _check_prompt_bytes(text_bytes, limits.prompt_bytes, "messages")
         return encode_prompt(tokenizer, messages=request.messages), "messages"
     if not isinstance(request.prompt, str) or not request.prompt:
         raise InvalidRequest("the prompt must be a non-empty string", param="prompt")
+    _check_prompt_bytes(_utf8_length(request.prompt), limits.prompt_bytes, "prompt")
     return encode_prompt(tokenizer, prompt=request.prompt, chat=False), "prompt"
 
 
-def _check_messages(messages: Any) -> None:
+def _utf8_length(text: str) -> int:
+    return len(text.encode("utf-8", errors="surrogatepass"))
+
+
+def _check_prompt_bytes(size: int, limit: int, param: str) -> None:
+    if size > limit:
+        raise InvalidRequest(
+            f"the {param} text has {size} bytes; at most {limit} are accepted "
+            "(inference.max_prompt_bytes)",
+            param=param,
+        )
+
+
+def _check_messages(messages: Any, limit: int) -> None:
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list", param="messages")
+    if len(messages) > limit:
+        raise InvalidRequest(
+            f"{len(messages)} messages; at most {limit} are accepted (inference.max_messages)",
+            param="messages",
+        )
     for i, message in enumerate(messages):
         if not (
             isinstance(message, dict)
@@ -130,11 +174,18 @@ def _check_max_tokens(value: Any) -> None:
         raise InvalidRequest(f"max_tokens must be an integer >= 1, got {value!r}", "max_tokens")
 
 
-def _check_stops(stops: Any) -> None:
+def _check_stops(stops: Any, max_length: int) -> None:
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise InvalidRequest("stop must be a list of non-empty strings", param="stop")
     if len(stops) > MAX_STOP_STRINGS:
         raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > max_length:
+        raise InvalidRequest(
+            f"a stop string has {longest} characters; at most {max_length} are accepted "
+            "(inference.max_stop_length)",
+            param="stop",
+        )
 
 
 def _number(value: Any, param: str) -> float:

@@ -126,6 +126,8 @@ class HTTPConfig(_Section):
     metrics_open: bool = False
     rate_limit_per_minute: int = Field(default=600, ge=1)
     cors_origins: list[str] = Field(default_factory=list)
+    # Largest request body accepted, bytes; a larger one is answered 413 before it is parsed.
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024)
 
 
 class MonitoringConfig(_Section):
@@ -154,6 +156,12 @@ class InferenceConfig(_Section):
     max_waiting_requests: int = Field(default=64, ge=0)
     default_max_tokens: int = Field(default=256, ge=1)
     max_prompt_tokens: int = Field(default=4096, ge=1)
+    # Input limits, checked before the prompt is tokenized (coordinator/prepare.py): the
+    # prompt's (or the messages' text) UTF-8 bytes, None = 32 per max_prompt_tokens (no
+    # tokenizer's tokens are longer on real text); chat messages; characters of a stop string.
+    max_prompt_bytes: int | None = Field(default=None, ge=1)
+    max_messages: int = Field(default=1024, ge=1)
+    max_stop_length: int = Field(default=256, ge=1)
     session_ttl_seconds: float = Field(default=300.0, gt=0)
     max_sessions: int = Field(default=64, ge=1)
     # Continuous batching (coordinator/scheduler.py): most requests in one micro-batch, and

@@ -20,6 +20,7 @@ from mlx_relay.core.http_access import install_access
 from mlx_relay.monitoring.alerting import build_alert_engine, configured_rules
 from mlx_relay.monitoring.api import mount_monitoring
 from mlx_relay.server import openai, readiness
+from mlx_relay.server.body_limit import BodySizeLimit
 from mlx_relay.server.deps import AppServices
 
 __all__ = ["AppServices", "create_app", "include_routes", "start_services", "stop_services"]
@@ -37,6 +38,7 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
     """Every router of the coordinator's app, one line each."""
     settings = services.config.http
     install_access(app, settings)  # tokens, rate limit and CORS of every route below
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)  # 413 past the cap
     app.include_router(readiness.router)  # GET /health
     app.include_router(openai.router)  # /v1: OpenAI-compatible inference API
     if services.metrics_collector is not None:  # /, /static, /api/*, /ws, /metrics

@@ -145,9 +145,11 @@ async def _answer(
     headers = {"X-Request-Id": inference.request_id}
     try:
         if body.stream:
+            # Tokenized off the event loop; refused here (400, 429, 503) before any event.
+            events = await unless_disconnected(request, orchestrator.start_stream(inference))
 
             def start() -> AsyncIterator[TokenEvent]:
-                return orchestrator.stream_request(inference)
+                return events
 
             return await open_stream(
                 request, start, formatter, include_usage=body.include_usage(), headers=headers
