@@ -166,6 +166,27 @@ async def test_websocket_requires_the_token() -> None:
             assert '"type":"snapshot"' in await asyncio.wait_for(connection.recv(), 10)
 
 
+async def test_websocket_clients_past_the_cap_are_closed_with_1013() -> None:
+    async with serving(HTTPConfig(max_websocket_clients=2)) as (dashboard, _):
+        url = f"ws://127.0.0.1:{dashboard.port}/ws"
+        async with websockets.connect(url) as first, websockets.connect(url) as second:
+            for connection in (first, second):
+                assert '"type":"snapshot"' in await asyncio.wait_for(connection.recv(), 10)
+            async with websockets.connect(url) as third:
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await asyncio.wait_for(third.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+            assert len(dashboard.context.broadcaster.clients()) == 2
+        # Once the clients left, new ones are served again.
+        for _ in range(500):
+            if not dashboard.context.broadcaster.clients():
+                break
+            await asyncio.sleep(0.01)
+        async with websockets.connect(url) as fourth, websockets.connect(url) as fifth:
+            for connection in (fourth, fifth):
+                assert '"type":"snapshot"' in await asyncio.wait_for(connection.recv(), 10)
+
+
 async def test_rate_limit_answers_429_with_retry_after() -> None:
     async with serving(HTTPConfig(rate_limit_per_minute=5)) as (_, http):
         statuses = [(await http.get("/api/health")).status_code for _ in range(5)]

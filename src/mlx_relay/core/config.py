@@ -128,6 +128,8 @@ class HTTPConfig(_Section):
     cors_origins: list[str] = Field(default_factory=list)
     # Largest request body accepted, bytes; a larger one is answered 413 before it is parsed.
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024)
+    # Live WebSocket clients (/ws) at once; one more is closed with code 1013 (try again later).
+    max_websocket_clients: int = Field(default=64, ge=1)
 
 
 class MonitoringConfig(_Section):

@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 # How a send or receive ends when the peer has gone (uvicorn's ClientDisconnected is an OSError).
 _EXPECTED_CLOSE_ERRORS = (WebSocketDisconnect, OSError, RuntimeError)
 
+# Close code for a client past the cap (RFC 6455 registry: "Try Again Later").
+TRY_AGAIN_LATER = 1013
+
 PayloadBuilder = Callable[[str, int], str]
 """Builds one message: ``(kind, sequence) -> JSON text``; kind is 'snapshot' or 'update'."""
 
@@ -82,16 +85,24 @@ class SnapshotBroadcaster:
             new client for its initial snapshot.
         interval: Seconds between updates (the collection interval).
         queue_size: Messages a client may have pending before the oldest is dropped.
+        max_clients: Clients served at once; one more is closed with
+            :data:`TRY_AGAIN_LATER` right after its handshake. None: no cap.
     """
 
     def __init__(
-        self, build_payload: PayloadBuilder, interval: float, *, queue_size: int = 4
+        self,
+        build_payload: PayloadBuilder,
+        interval: float,
+        *,
+        queue_size: int = 4,
+        max_clients: int | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self._build_payload = build_payload
         self.interval = interval
         self._queue_size = queue_size
+        self.max_clients = max_clients
         self._clients: dict[int, LiveClient] = {}
         self._next_id = 0
         self._sequence = 0
@@ -109,6 +120,11 @@ class SnapshotBroadcaster:
         """Run one accepted WebSocket until it disconnects: initial snapshot, then updates."""
         if self._closed:
             await websocket.close(code=1001)
+            return
+        # No await between this check and the registration below: the cap holds exactly.
+        if self.max_clients is not None and len(self._clients) >= self.max_clients:
+            logger.warning("refusing a WebSocket client: %d connected already", len(self._clients))
+            await websocket.close(code=TRY_AGAIN_LATER, reason="too many live clients")
             return
         self._next_id += 1
         client = LiveClient(self._next_id, websocket, self._queue_size)

@@ -25,6 +25,7 @@ class MonitoringContext:
         registry: The Prometheus registry ``/metrics`` renders.
         update_interval: Seconds between WebSocket updates; default: the collection interval.
         alerts: The alert engine, if alerting is on.
+        max_websocket_clients: Live clients of ``/ws`` at once; None: no cap.
     """
 
     collector: MetricsCollector
@@ -32,11 +33,14 @@ class MonitoringContext:
     registry: CollectorRegistry
     update_interval: float | None = None
     alerts: AlertEngine | None = None
+    max_websocket_clients: int | None = None
     broadcaster: SnapshotBroadcaster = field(init=False)
 
     def __post_init__(self) -> None:
         interval = self.update_interval or self.collector.collection_interval
-        self.broadcaster = SnapshotBroadcaster(self.live_update, interval)
+        self.broadcaster = SnapshotBroadcaster(
+            self.live_update, interval, max_clients=self.max_websocket_clients
+        )
 
     def snapshot(self) -> Snapshot:
         return self.collector.snapshot()

@@ -91,6 +91,7 @@ def mount_monitoring(
         registry=registry,
         update_interval=update_interval,
         alerts=alerts,
+        max_websocket_clients=settings.max_websocket_clients,
     )
     setattr(app.state, STATE_ATTRIBUTE, context)
 

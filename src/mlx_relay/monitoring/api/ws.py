@@ -16,6 +16,8 @@ async def live_updates(websocket: WebSocket, context: ContextDep) -> None:
 
     With a token configured, present it as ``Authorization: Bearer`` or ``?token=``; a
     refused handshake is closed with code 1008 (policy violation) before it is accepted.
+    Past ``http.max_websocket_clients`` live clients, one more is accepted and closed at once
+    with code 1013 (try again later).
     """
     if not websocket_allowed(websocket):
         await websocket.close(code=status.WS_1008_POLICY_VIOLATION)
