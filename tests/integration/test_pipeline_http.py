@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from mlx_relay.core.errors import BindError
 from mlx_relay.core.http_server import HTTPServer
 from mlx_relay.server.app import AppServices, create_app
 from tests.support.cluster import local_cluster
+from tests.support.rounds import wait_rounds
 
 
 async def test_health_names_the_stage_that_stops_serving(tiny_model_dir: Path) -> None:
@@ -23,7 +25,9 @@ async def test_health_names_the_stage_that_stops_serving(tiny_model_dir: Path) -
             assert server.port > 0
             ok = await client.get(f"{server.url}/health")
             assert ok.status_code == 200
-            assert ok.json() == {
+            body = ok.json()
+            assert isinstance(body.pop("checked_at"), float)
+            assert body == {
                 "status": "ok",
                 "stages": [
                     {"device_id": "worker-0", "stage": 0, "layers": [0, 2], "status": "SERVING"},
@@ -33,6 +37,9 @@ async def test_health_names_the_stage_that_stops_serving(tiny_model_dir: Path) -
                 "detail": None,
             }
             await cluster.workers[1].stop(grace=0)
+            # /health answers from the last poll: the next one sees the stage gone.
+            poll = cluster.orchestrator.health_poll
+            await wait_rounds(poll, 1)
             down = await client.get(f"{server.url}/health")
             assert down.status_code == 503
             body = down.json()
@@ -42,6 +49,34 @@ async def test_health_names_the_stage_that_stops_serving(tiny_model_dir: Path) -
         port = server.port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))  # released after stop
+
+
+async def test_health_answers_from_the_last_poll(tiny_model_dir: Path) -> None:
+    """Fifty /health calls send no health RPC of their own: every RPC a worker gets is one
+    of the coordinator's polls (one per worker per poll)."""
+    async with local_cluster(tiny_model_dir, 2, monitoring={"poll_interval": 0.2}) as cluster:
+        orchestrator = cluster.orchestrator
+        rpcs = {"n": 0}
+        for worker_client in orchestrator._clients:
+            real = worker_client.health
+
+            async def counted(*args: Any, real: Any = real, **kwargs: Any) -> str:
+                rpcs["n"] += 1
+                return str(await real(*args, **kwargs))
+
+            worker_client.health = counted  # type: ignore[method-assign]
+        poll = orchestrator.health_poll
+        services = AppServices(cluster.config, orchestrator)
+        async with HTTPServer(create_app(services)) as server, httpx.AsyncClient() as client:
+            await wait_rounds(poll, 1)
+            rounds, before = poll.rounds, rpcs["n"]
+            answers = [await client.get(f"{server.url}/health") for _ in range(50)]
+            # The poll may be mid-round: count only whole rounds, with the one in flight.
+            await wait_rounds(poll, 1)
+            polled, sent = poll.rounds - rounds, rpcs["n"] - before
+        assert all(a.status_code == 200 for a in answers)
+        assert sent <= 2 * polled, (sent, polled)
+        assert polled < 50  # the test did not just outpace fifty polls
 
 
 async def test_health_without_a_ready_pipeline(tiny_model_dir: Path) -> None:

@@ -161,9 +161,15 @@ async def test_coordinator_role_serves_workers_started_elsewhere(
             )
             assert [s["status"] for s in health["stages"]] == ["SERVING", "SERVING"]
             await cluster.workers[1].stop(grace=0)
-            response = await asyncio.to_thread(
-                httpx.get, f"http://127.0.0.1:{port}/health", timeout=10.0
-            )
+            # /health answers from the coordinator's last poll (every poll_interval, 2 s).
+            deadline = time.monotonic() + 20
+            while True:
+                response = await asyncio.to_thread(
+                    httpx.get, f"http://127.0.0.1:{port}/health", timeout=10.0
+                )
+                if response.status_code != 200 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
             assert response.status_code == 503
             assert response.json()["failing"] == ["worker-1"]
             code = await asyncio.to_thread(stop, coordinator, signal.SIGTERM, log)

@@ -33,6 +33,7 @@ from mlx_relay.proto import relay_pb2_grpc as pb_grpc
 from mlx_relay.wire import encode_token_ids
 from mlx_relay.worker.stage import StageRuntime
 from mlx_relay.worker.worker_server import WorkerServer
+from tests.support.rounds import wait_rounds
 from tests.support.worker_cluster import (
     entry,
     generate,
@@ -453,15 +454,6 @@ async def test_cli_worker_serves_until_sigint(tiny_model_dir: Path, tmp_path: Pa
             process.wait()
 
 
-async def _watch_rounds(watch: Any, count: int) -> None:
-    """Wait until ``count`` more health-watch rounds ran (after the state the test set)."""
-    target = watch.rounds + count
-    deadline = time.monotonic() + 10
-    while watch.rounds < target:
-        assert time.monotonic() < deadline, f"only {watch.rounds} health-watch rounds ran"
-        await asyncio.sleep(0.02)
-
-
 async def test_cpu_and_memory_pressure_are_warnings_a_full_disk_stops_serving(
     tiny_model_dir: Path,
 ) -> None:
@@ -499,14 +491,14 @@ async def test_cpu_and_memory_pressure_are_warnings_a_full_disk_stops_serving(
         assert status.health_status == "critical"
         watch = worker.server.health_watch
         # Three health-watch verdicts after the CRITICAL report must leave it serving.
-        await _watch_rounds(watch, 3)
+        await wait_rounds(watch, 3)
         assert await health_status(worker.channel) == SERVING
         # Memory under pressure (the machine's and the process's resident set): a warning
         # too; holding the layers in memory is the worker's job.
         levels["memory_status"] = "critical"
         process["status"] = "critical"
         await asyncio.sleep(0.15)  # let both injected checks run with the new verdicts
-        await _watch_rounds(watch, 3)
+        await wait_rounds(watch, 3)
         assert (await worker.stub.GetStatus(pb.StatusRequest())).health_status == "critical"
         assert await health_status(worker.channel) == SERVING
         # A full disk: the stage cannot serve and leaves the pipeline, and comes back after.
@@ -541,8 +533,8 @@ async def test_background_loops_survive_a_failing_round(
                 await real_step()
 
             loop._step = failing_once
-            with caplog.at_level(logging.ERROR, logger="mlx_relay.worker.background"):
-                await _watch_rounds(loop, 3)
+            with caplog.at_level(logging.ERROR, logger="mlx_relay.core.tasks"):
+                await wait_rounds(loop, 3)
             assert loop.failures == 1 and calls["n"] >= 3
             assert any(
                 "round failed" in r.getMessage()

@@ -23,6 +23,7 @@ from mlx_relay.coordinator.pipeline import RequestRun, RunTracker, Stage
 from mlx_relay.coordinator.prepare import PreparedRequest, PromptLimits, prepare_request
 from mlx_relay.coordinator.requests import InferenceRequest, InferenceResponse, TokenEvent
 from mlx_relay.coordinator.scheduler import SchedulerSettings
+from mlx_relay.coordinator.stage_health import StageHealthPoll
 from mlx_relay.coordinator.step_loop import StepLoop
 from mlx_relay.coordinator.telemetry import CoordinatorTelemetry
 from mlx_relay.core.config import ClusterConfig
@@ -102,6 +103,8 @@ class DistributedOrchestrator:
         self._clients: list[WorkerClient] = []
         self._eos_ids: set[int] = set()
         self._limits: PromptLimits | None = None
+        # What GET /health answers: each stage's state as of the last poll.
+        self.health_poll = StageHealthPoll(self.stage_health, config.monitoring.poll_interval)
         # Tokenizing and chat templating run here, never on the event loop (one thread: the
         # tokenizer is not shared between threads).
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix=TOKENIZER_THREAD)
@@ -195,9 +198,11 @@ class DistributedOrchestrator:
             await self._check_shards(info.num_layers)
             if self.telemetry is not None:
                 await self.telemetry.attach(self.stages, self._clients, info)
+            await self.health_poll.refresh()
         except BaseException:
             await self._close_clients()
             raise
+        self.health_poll.start()
         self._ready = True
         logger.info(
             "pipeline ready: %s over %d stages (%s)",
@@ -313,7 +318,8 @@ class DistributedOrchestrator:
             self.metrics_collector.set_waiting(waiting)
 
     async def stage_health(self) -> list[tuple[str, str]]:
-        """Each stage's ``(device_id, status)``: SERVING, NOT_SERVING or UNREACHABLE."""
+        """Each stage's ``(device_id, status)``: SERVING, NOT_SERVING or UNREACHABLE, asked
+        now (one health RPC per worker); :attr:`health_poll` keeps the last answer."""
 
         async def one(client: WorkerClient) -> tuple[str, str]:
             try:
@@ -331,6 +337,7 @@ class DistributedOrchestrator:
             return
         self._closed = True
         live = list(self._tracker.runs)
+        await self.health_poll.stop()
         if self._loop is not None:
             await self._loop.stop("the coordinator is shutting down")
         pending = [asyncio.ensure_future(run.end_sessions()) for run in live]

@@ -1,6 +1,11 @@
 """``GET /health``, the readiness probe: is every pipeline stage serving? For load balancers
 and ``mlx-relay up``. (The monitoring system's health checks are ``GET /api/health``.)
 
+It answers from the coordinator's last poll of the stages
+(:class:`~mlx_relay.coordinator.stage_health.StageHealthPoll`, every
+``monitoring.poll_interval`` seconds), so however often it is called, each worker gets one
+health RPC per interval.
+
 When the app has a bearer token (``http.auth_token``), ``/health`` asks for it like every
 other route; load balancers then send it as ``Authorization: Bearer TOKEN``.
 """
@@ -29,6 +34,9 @@ class ReadinessResponse(BaseModel):
     stages: list[StageState] = Field(description="Every stage, in pipeline order.")
     failing: list[str] = Field(default_factory=list, description="Stages not SERVING.")
     detail: str | None = Field(default=None, description="Why the cluster is unavailable.")
+    checked_at: float | None = Field(
+        default=None, description="When the stages were last polled, unix seconds."
+    )
 
 
 @router.get(
@@ -37,8 +45,8 @@ class ReadinessResponse(BaseModel):
     responses={503: {"model": ReadinessResponse, "description": "A stage is not serving."}},
 )
 async def get_readiness(services: ServicesDep) -> JSONResponse:
-    """200 when every stage answers SERVING on ``grpc.health.v1``; 503 naming the failing
-    stages otherwise (or while the pipeline is not initialised)."""
+    """200 when every stage answered SERVING on ``grpc.health.v1`` at the last poll; 503
+    naming the failing stages otherwise (or while the pipeline is not initialised)."""
     orchestrator = services.orchestrator
     if orchestrator is None:
         return _reply(ReadinessResponse(status="ok", stages=[], detail="no pipeline (dashboard)"))
@@ -46,7 +54,8 @@ async def get_readiness(services: ServicesDep) -> JSONResponse:
         return _reply(
             ReadinessResponse(status="unavailable", stages=[], detail="pipeline not initialised"),
         )
-    states = dict(await orchestrator.stage_health())
+    poll = orchestrator.health_poll
+    states = dict(poll.states or [])
     stages = [
         StageState(
             device_id=stage.device_id,
@@ -58,12 +67,18 @@ async def get_readiness(services: ServicesDep) -> JSONResponse:
     ]
     failing = [s.device_id for s in stages if s.status != "SERVING"]
     if not failing:
-        return _reply(ReadinessResponse(status="ok", stages=stages))
+        return _reply(ReadinessResponse(status="ok", stages=stages, checked_at=poll.checked_at))
     detail = "not serving: " + ", ".join(
         f"{s.device_id} ({s.status})" for s in stages if s.status != "SERVING"
     )
     return _reply(
-        ReadinessResponse(status="unavailable", stages=stages, failing=failing, detail=detail)
+        ReadinessResponse(
+            status="unavailable",
+            stages=stages,
+            failing=failing,
+            detail=detail,
+            checked_at=poll.checked_at,
+        )
     )
 
 

@@ -1,61 +1,20 @@
 """A worker's two background loops: the serving-health watch and the idle-session sweep.
 
-Each counts its completed rounds (``rounds``), so a test can wait for rounds that ran
-instead of sleeping and hoping.
+Both are :class:`~mlx_relay.core.tasks.PeriodicTask`: each counts its rounds (``rounds``), so
+a test can wait for rounds that ran instead of sleeping and hoping, and a round that raises
+is logged and the loop goes on.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from mlx_relay.core.tasks import cancel_and_wait
+from mlx_relay.core.tasks import PeriodicTask
 from mlx_relay.worker.grpc_endpoint import WorkerGrpcServer
 from mlx_relay.worker.service import WorkerState
 
 logger = logging.getLogger(__name__)
-
-
-class PeriodicTask:
-    """Runs ``step`` every ``interval`` seconds in the background until stopped.
-
-    A step that raises is logged with its traceback and counted in ``failures``; the loop
-    goes on with the next round.
-
-    Attributes:
-        rounds: steps run since :meth:`start` (failed ones included).
-        failures: steps that raised.
-    """
-
-    def __init__(self, name: str, interval: float, step: Callable[[], Awaitable[None]]) -> None:
-        self.name = name
-        self.interval = interval
-        self.rounds = 0
-        self.failures = 0
-        self._step = step
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=self.name)
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self._step()
-            except Exception:
-                # One failed round must not end the loop: the next one may well succeed.
-                self.failures += 1
-                logger.exception(
-                    "%s: round failed; the next runs in %.2fs", self.name, self.interval
-                )
-            self.rounds += 1
 
 
 class ServingHealthWatch(PeriodicTask):
