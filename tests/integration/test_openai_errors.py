@@ -92,6 +92,13 @@ async def test_the_api_and_its_schema_take_the_token_in_the_header_only(served: 
         assert "/v1/chat/completions" in schema["paths"]
 
 
+async def test_the_schema_says_what_the_api_refuses(raw: httpx.AsyncClient) -> None:
+    schemas = (await raw.get("/openapi.json")).json()["components"]["schemas"]
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        assert schemas[name]["properties"]["model"]["minLength"] == 1, name
+    assert schemas["ChatCompletionRequest"]["properties"]["messages"]["minItems"] == 1
+
+
 @pytest.mark.parametrize(
     ("body", "param", "needle"),
     [
@@ -116,6 +123,7 @@ async def test_the_api_and_its_schema_take_the_token_in_the_header_only(served: 
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
         ({"n": 3, "stream": True}, "n", "n=1"),
         ({"model": None}, "model", "valid string"),
+        ({"model": ""}, "model", "at least 1 character"),
         ({"stop": 7}, "stop", "valid string"),
     ],
 )

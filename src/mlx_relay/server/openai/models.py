@@ -53,7 +53,7 @@ class StreamOptions(_Request):
 class _GenerationRequest(_Request):
     """Fields shared by chat and text completions."""
 
-    model: str
+    model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -86,7 +86,8 @@ class _GenerationRequest(_Request):
 
 
 class ChatCompletionRequest(_GenerationRequest):
-    messages: list[ChatMessage]
+    # The schema says what the validator below enforces (which words the error itself).
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
