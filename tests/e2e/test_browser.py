@@ -107,6 +107,12 @@ async def test_dashboard_shows_the_cluster_and_live_request_count(
                 await engine.text_content()
                 == f"cpu \u00b7 float32 \u00b7 BLAS {blas} \u00d7 {threads}"
             )
+            # Workers not supervised by `mlx-relay up` have no restart count; one that is shows it.
+            restarts = worker_card.locator(".row.restarts")
+            assert await restarts.is_hidden()
+            env.collector.set_worker_restarts("worker-1", 2)
+            await restarts.wait_for(state="visible", timeout=15_000)
+            assert await restarts.locator(".row-value").text_content() == "2"
 
             generated = await run_requests(env, 3, max_tokens=4)
             await page.wait_for_function(

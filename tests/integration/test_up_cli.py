@@ -61,6 +61,13 @@ def listening_ports(process: psutil.Process) -> set[int]:
     }
 
 
+def reap(process: subprocess.Popen[bytes]) -> None:
+    """Kill ``process`` if it still runs (a test's clean-up)."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
 def stop(process: subprocess.Popen[bytes], sig: int, log: Path) -> int:
     process.send_signal(sig)
     try:
@@ -100,9 +107,7 @@ def test_up_serves_then_stops_everything_on_sigint(tiny_model_dir: Path, tmp_pat
         assert reply.json()["usage"]["completion_tokens"] >= 1
         assert stop(up, signal.SIGINT, log) == 0
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        reap(up)
     output = log.read_text()
     assert f"http://127.0.0.1:{port}/v1" in output
     assert f"http://127.0.0.1:{port}/health" in output
@@ -110,28 +115,33 @@ def test_up_serves_then_stops_everything_on_sigint(tiny_model_dir: Path, tmp_pat
     assert all(port_is_free(p) for p in ports), ports
 
 
-def test_up_reports_a_worker_that_dies_during_start_up(
+def test_up_gives_up_on_a_worker_that_dies_on_every_start(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     worker_ports = free_ports(2)
+    port = free_ports(1)[0]
     data = cluster_dict(tiny_model_dir, 2, ports=worker_ports)
+    data["supervision"] = {"max_restarts": 2, "backoff_initial": 0.2, "backoff_max": 0.5}
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump(data))
     log = tmp_path / "up.log"
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", worker_ports[1]))  # worker-1 cannot bind its port
+        taken.bind(("127.0.0.1", worker_ports[1]))  # worker-1 can never bind its port
         taken.listen()
-        up = start(["up", "--config", str(config), "--port", str(free_ports(1)[0])], log)
+        up = start(["up", "--config", str(config), "--port", str(port)], log)
         try:
             code = up.wait(timeout=START_TIMEOUT)
         finally:
-            if up.poll() is None:
-                up.kill()
-                up.wait()
+            reap(up)
     output = log.read_text()
     assert code == 1, output
-    assert "worker 'worker-1' exited" in output
-    assert port_is_free(worker_ports[0])
+    # Restarted twice with backoff, then given up on, by name.
+    assert "worker worker-1 exited with code 2: restart 1 in 0.2 s" in output
+    assert "worker worker-1 exited with code 2: restart 2 in 0.4 s" in output
+    assert "restart 3" not in output
+    assert "worker 'worker-1' exited with code 2, 3 time(s) within 60 s: giving up" in output
+    assert "worker worker-0 exited" not in output
+    assert port_is_free(worker_ports[0]) and port_is_free(port)
     assert not [
         p.pid for p in psutil.process_iter(["cmdline"]) if str(config) in (p.info["cmdline"] or [])
     ]
@@ -175,7 +185,5 @@ async def test_coordinator_role_serves_workers_started_elsewhere(
             code = await asyncio.to_thread(stop, coordinator, signal.SIGTERM, log)
             assert code == 0
         finally:
-            if coordinator.poll() is None:
-                coordinator.kill()
-                coordinator.wait()
+            reap(coordinator)
         assert port_is_free(port)

@@ -82,6 +82,7 @@ EXPECTED_FAMILIES = {
     "mlxrelay_health_status": ("gauge", {"device", "check", "status"}),
     "mlxrelay_device_up": ("gauge", {"device"}),
     "mlxrelay_device_last_seen_timestamp_seconds": ("gauge", {"device"}),
+    "mlxrelay_worker_restarts": ("counter", {"device"}),
     "mlxrelay_build_info": ("gauge", {"version", "mlx_version"}),
     "grpc_client_handled": (
         "counter",
@@ -173,6 +174,7 @@ def recorded() -> Iterator[tuple[MetricsCollector, FakeClock]]:
     worker.record_stage_forward(0, "decode", 0.002, 5, batch_size=5)
     worker.set_kv_sessions(1)
     worker.record_device_sample(device_sample(clock.wall()))
+    coordinator.set_worker_restarts("worker-0", 2)  # kept across the worker's own snapshot
     coordinator.update_remote_snapshot("worker-0", worker.export_metrics())
     coordinator.update_device_status("worker-1", role="worker", stage=1)
     coordinator.update_remote_snapshot("worker-1", None, error="connection refused")
@@ -218,6 +220,16 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
     found = [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
     assert len(found) == 1, (name, labels, found)
     return found[0]
+
+
+def test_worker_restarts_only_for_supervised_workers(
+    recorded: tuple[MetricsCollector, FakeClock],
+) -> None:
+    _, samples = scrape(recorded[0])["mlxrelay_worker_restarts"]
+    assert [(s.name, s.labels, s.value) for s in samples] == [
+        ("mlxrelay_worker_restarts_total", {"device": "worker-0"}, 2.0)
+    ]
+    assert recorded[0].snapshot().devices["worker-1"].restarts is None
 
 
 def test_every_family_has_its_type_and_labels(

@@ -1,4 +1,7 @@
-"""Worker processes of a local cluster (``mlx-relay up``): start, watch, stop, never orphan.
+"""Worker processes of a local cluster (``mlx-relay up``): start, supervise, stop, never orphan.
+
+A worker that exits is started again after a backoff and given up on after repeated exits
+in a short window (:class:`~mlx_relay.cli.restart_policy.RestartPolicy`).
 
 Each worker is ``python -m mlx_relay.cli worker`` in its own session, so Ctrl-C reaches only
 the parent, which then stops everything in order. On Linux a child also gets SIGTERM if the
@@ -16,9 +19,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_relay.cli.restart_policy import RestartPolicy
 from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import RelayError
@@ -57,11 +62,14 @@ def worker_command(
 
 
 class WorkerExited(RelayError):
-    """A worker process ended while the cluster was starting."""
+    """A worker process kept exiting: the supervisor gave up on it."""
 
-    def __init__(self, device_id: str, returncode: int | None, log_tail: str) -> None:
+    def __init__(
+        self, device_id: str, returncode: int | None, log_tail: str, *, exits: int, window: float
+    ) -> None:
         super().__init__(
-            f"worker {device_id!r} exited with code {returncode} during start-up"
+            f"worker {device_id!r} exited with code {returncode}, {exits} time(s) within "
+            f"{window:g} s: giving up on it"
             + (f"; its last output:\n{log_tail}" if log_tail else "")
         )
         self.device_id = device_id
@@ -77,6 +85,8 @@ class WorkerProcess:
     serving: bool = False
     status: str = "starting"
     started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    restart_at: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -106,10 +116,20 @@ class WorkerFleet:
         config_path: the same configuration as a file, for the child processes.
         log_dir: where each worker's output goes (``<device-id>.log``).
         monitoring: run the workers' own monitoring.
+        clock: monotonic clock of the restart policy.
+
+    Attributes:
+        on_restart: called with a worker's id and its restart count after each restart.
     """
 
     def __init__(
-        self, config: ClusterConfig, config_path: Path, log_dir: Path, *, monitoring: bool
+        self,
+        config: ClusterConfig,
+        config_path: Path,
+        log_dir: Path,
+        *,
+        monitoring: bool,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -117,38 +137,81 @@ class WorkerFleet:
         self.workers = [
             WorkerProcess(w.id, w.address, log_dir / f"{w.id}.log") for w in config.workers
         ]
+        self._policies = {w.device_id: RestartPolicy(config.supervision) for w in self.workers}
+        self._clock = clock
+        self.on_restart: Callable[[str, int], None] | None = None
 
     def start(self) -> None:
         """Start every worker process (returns at once; they load in the background)."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for worker in self.workers:
-            command = worker_command(self.config_path, worker.device_id, monitoring=self.monitoring)
-            with open(worker.log_path, "ab") as log:
-                worker.process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent if _LIBC is not None else None,
-                )
-            worker.started_at = time.monotonic()
-            logger.debug("started %s as pid %d", worker.device_id, worker.process.pid)
+            self._spawn(worker)
 
-    def dead(self) -> list[WorkerProcess]:
-        """Workers whose process has ended."""
-        return [w for w in self.workers if w.process is not None and not w.alive]
+    def _spawn(self, worker: WorkerProcess) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        command = worker_command(self.config_path, worker.device_id, monitoring=self.monitoring)
+        with open(worker.log_path, "ab") as log:
+            worker.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if _LIBC is not None else None,
+            )
+        worker.started_at = time.monotonic()
+        logger.debug("started %s as pid %d", worker.device_id, worker.process.pid)
 
-    async def poll_serving(self) -> bool:
-        """Ask every not-yet-serving worker for its health once; True when all serve.
+    def supervise(self) -> None:
+        """Restart workers whose backoff has passed; schedule a restart for each new exit.
 
         Raises:
-            WorkerExited: a worker process has ended.
+            WorkerExited: a worker exited too often within the window: given up on.
         """
-        for worker in self.dead():
-            raise WorkerExited(worker.device_id, worker.returncode, worker.log_tail())
-        pending = [w for w in self.workers if not w.serving]
+        now = self._clock()
+        for worker in self.workers:
+            if worker.restart_at is not None:
+                if now >= worker.restart_at:
+                    worker.restart_at = None
+                    worker.restarts += 1
+                    worker.status = "restarting"
+                    self._spawn(worker)
+                    if self.on_restart is not None:
+                        self.on_restart(worker.device_id, worker.restarts)
+            elif worker.process is not None and not worker.alive:
+                self._schedule_restart(worker, now)
+
+    def _schedule_restart(self, worker: WorkerProcess, now: float) -> None:
+        policy = self._policies[worker.device_id]
+        delay = policy.on_exit(now)
+        code = worker.returncode
+        worker.serving = False
+        if delay is None:
+            window = policy.config.window
+            exits = policy.recent_exits(now)
+            raise WorkerExited(
+                worker.device_id, code, worker.log_tail(), exits=exits, window=window
+            )
+        worker.restart_at = now + delay
+        worker.status = f"exited ({code}), restarting in {delay:g} s"
+        logger.warning(
+            "worker %s exited with code %s: restart %d in %g s (output in %s)",
+            worker.device_id,
+            code,
+            worker.restarts + 1,
+            delay,
+            worker.log_path,
+        )
+
+    async def poll_serving(self) -> bool:
+        """Supervise, then ask every not-yet-serving worker for its health once; True when
+        all serve.
+
+        Raises:
+            WorkerExited: a worker exited too often within the window: given up on.
+        """
+        self.supervise()
+        pending = [w for w in self.workers if not w.serving and w.alive]
         await asyncio.gather(*(self._check(w) for w in pending))
         return all(w.serving for w in self.workers)
 

@@ -3,7 +3,8 @@
 Without ``--config`` it makes a configuration with N workers on free loopback ports and
 ``auto`` layers over the model (the bundled one by default). The model is resolved (imported
 from GGUF if needed) once, before any worker starts. Ctrl-C or SIGTERM stops the coordinator,
-then every worker; no process is left behind.
+then every worker; no process is left behind. A worker that exits is restarted with backoff
+(``supervision:`` in the configuration); one given up on stops the cluster with exit code 1.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, WorkerUnavailable
 
 STARTUP_TIMEOUT = 600.0
+SUPERVISE_INTERVAL = 0.25
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -145,6 +147,8 @@ async def _up(config: ClusterConfig, monitoring: bool) -> int:
             starting = asyncio.create_task(runtime.start())
             if not await _until(starting, stop, fleet):
                 return 130
+            services = runtime.services
+            _count_restarts(fleet, services.metrics_collector if services else None)
             print_urls(runtime.url, monitoring)
             print(f"worker logs in {work_dir}", file=sys.stderr, flush=True)
             await _serve_until_stopped(stop, fleet)
@@ -193,32 +197,39 @@ async def _wait_for_workers(fleet: WorkerFleet, stop: asyncio.Event) -> bool:
 
 
 async def _until(task: asyncio.Task[None], stop: asyncio.Event, fleet: WorkerFleet) -> bool:
-    """Wait for ``task`` unless stopped or a worker dies first (the task is cancelled)."""
+    """Wait for ``task`` while supervising the workers; False if stopped first. The task is
+    cancelled when stopped or when a worker is given up on (WorkerExited is raised)."""
     while not task.done():
-        dead = fleet.dead()
-        if stop.is_set() or dead:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            if dead:
-                worker = dead[0]
-                raise WorkerExited(worker.device_id, worker.returncode, worker.log_tail())
+        try:
+            fleet.supervise()
+        except WorkerExited:
+            await _cancel(task)
+            raise
+        if stop.is_set():
+            await _cancel(task)
             return False
         await asyncio.wait({task}, timeout=0.25)
     task.result()
     return True
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _count_restarts(fleet: WorkerFleet, collector: Any | None) -> None:
+    """Show each worker's restarts in the coordinator's cluster view, now and on each restart."""
+    if collector is None:
+        return
+    for worker in fleet.workers:
+        collector.set_worker_restarts(worker.device_id, worker.restarts)
+    fleet.on_restart = collector.set_worker_restarts
+
+
 async def _serve_until_stopped(stop: asyncio.Event, fleet: WorkerFleet) -> None:
-    reported: set[str] = set()
+    """Supervise the workers until stopped (WorkerExited when one is given up on)."""
     while not stop.is_set():
-        for worker in fleet.dead():
-            if worker.device_id not in reported:
-                reported.add(worker.device_id)
-                print(
-                    f"worker {worker.device_id} exited with code {worker.returncode}; "
-                    f"its last output:\n{worker.log_tail()}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        fleet.supervise()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
+            await asyncio.wait_for(stop.wait(), SUPERVISE_INTERVAL)

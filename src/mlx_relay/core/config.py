@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mlx_relay.core.errors import ConfigError
 from mlx_relay.core.history_config import HistoryConfig
+from mlx_relay.core.supervision_config import SupervisionConfig
 from mlx_relay.core.types import LayerRange
 from mlx_relay.core.validation import FieldProblem, describe, kind_of
 
@@ -266,7 +267,7 @@ COORDINATOR_ADDRESS_KEYS = ("host", "port")
 
 class ClusterConfig(_Section):
     """The whole cluster: model, devices in pipeline order, the HTTP app, monitoring,
-    network, inference, alerting, history."""
+    network, inference, alerting, history, supervision."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     devices: list[DeviceConfig]
@@ -276,6 +277,7 @@ class ClusterConfig(_Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     alerting: AlertingConfig = Field(default_factory=AlertingConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 MAX_HISTORY_POINTS = 3600
 MAX_DEVICES = 256
-_STATUS_FIELDS = frozenset(DeviceStatus.model_fields) - {"device_id", "metrics"}
+_STATUS_FIELDS = frozenset(DeviceStatus.model_fields) - {"device_id", "metrics", "restarts"}
 
 
 class Sampler(Protocol):
@@ -331,6 +331,11 @@ class MetricsCollector:
             current = DeviceStatus(device_id=device_id)
         self._devices[device_id] = current.model_copy(update=update)
 
+    def set_worker_restarts(self, device_id: str, restarts: int) -> None:
+        """How often the worker's process has been restarted (``mlx-relay up``'s supervisor)."""
+        with self._lock:
+            self._status(device_id, {"restarts": restarts})
+
     def device_status(self, device_id: str) -> DeviceStatus | None:
         """One device of the cluster view as last recorded, or None if it is unknown."""
         with self._lock:
@@ -357,7 +362,7 @@ class MetricsCollector:
                 self._status(device_id, {"up": False, "last_error": message})
             return
         own = remote.devices.get(device_id) or remote.devices.get(remote.device_id)
-        update: dict[str, Any] = own.model_dump(exclude={"device_id"}) if own else {}
+        update: dict[str, Any] = own.model_dump(exclude={"device_id", "restarts"}) if own else {}
         update.update(
             role=remote.role,
             metrics=remote.device,

@@ -375,14 +375,21 @@ def health_families(
         "Last successful status poll, unix seconds.",
         labels=["device"],
     )
+    restarts = CounterMetricFamily(
+        PREFIX + "worker_restarts",
+        "Times mlx-relay up restarted the worker's process (supervised workers only).",
+        labels=["device"],
+    )
     for device_id, device in sorted(snapshot.devices.items()):
         is_up = device_id == own or bool(device.up)
         up.add_metric([device_id], 1 if is_up else 0)
         if device.last_seen_timestamp is not None:
             last_seen.add_metric([device_id], device.last_seen_timestamp)
+        if device.restarts is not None:
+            restarts.add_metric([device_id], device.restarts)
     if own not in snapshot.devices:
         up.add_metric([own], 1)
-    yield from (up, last_seen)
+    yield from (up, last_seen, restarts)
 
     build = GaugeMetricFamily(
         PREFIX + "build_info", "mlx-relay build (value 1).", labels=["version", "mlx_version"]

@@ -218,6 +218,10 @@ class DeviceStatus(_Snap):
         default=None, description="Last successful status poll or local update, unix seconds."
     )
     last_error: str | None = Field(default=None, description="Last poll or RPC error, if any.")
+    restarts: int | None = Field(
+        default=None,
+        description="Times `mlx-relay up` restarted the process; None when not supervised.",
+    )
     metrics: DeviceMetrics | None = Field(default=None, description="Latest resource sample.")
 
 

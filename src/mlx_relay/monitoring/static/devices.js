@@ -67,8 +67,11 @@
     const compute = row("Compute");
     const engine = row("Engine");
     engine.line.classList.add("engine");
-    for (const r of [cpu, mem, rss, mlx, gpu, compute, engine]) card.appendChild(r.line);
-    const parts = { card, role, health, placement, seen, cpu, cpuMeter, mem, memMeter, rss, mlx, gpu, compute, engine };
+    const restarts = row("Restarts");
+    restarts.line.classList.add("restarts");
+    restarts.line.hidden = true;
+    for (const r of [cpu, mem, rss, mlx, gpu, compute, engine, restarts]) card.appendChild(r.line);
+    const parts = { card, role, health, placement, seen, cpu, cpuMeter, mem, memMeter, rss, mlx, gpu, compute, engine, restarts };
     cards.set(deviceId, parts);
     return parts;
   }
@@ -99,6 +102,11 @@
       parts.seen.textContent = `up · seen ${fmt.ago(device.last_seen_timestamp)}`;
       parts.seen.className = "seen";
     }
+
+    // Only workers supervised by `mlx-relay up` have a restart count.
+    const supervised = device.restarts !== null && device.restarts !== undefined;
+    parts.restarts.line.hidden = !supervised;
+    if (supervised) parts.restarts.value.textContent = String(device.restarts);
 
     if (!m) {
       for (const r of [parts.cpu, parts.mem, parts.rss, parts.mlx, parts.gpu]) r.value.textContent = "no sample yet";

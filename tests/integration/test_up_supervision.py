@@ -1,0 +1,87 @@
+"""``mlx-relay up`` restarts a worker process that was killed: the pipeline serves again,
+the coordinator keeps running, and the restart is counted in /metrics and /api/devices."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.test_up_cli import START_TIMEOUT, reap, start, stop, wait_healthy
+from tests.support.cluster import free_ports
+
+
+def worker_processes(up: psutil.Process) -> dict[str, psutil.Process]:
+    found = {}
+    for child in up.children(recursive=True):
+        command = child.cmdline()
+        if "worker" in command and "--device-id" in command:
+            found[command[command.index("--device-id") + 1]] = child
+    return found
+
+
+def restarts_in_metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10.0).text
+    return {
+        sample.labels["device"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "mlxrelay_worker_restarts"
+        for sample in family.samples
+        if sample.name == "mlxrelay_worker_restarts_total"
+    }
+
+
+def restarts_in_devices(url: str) -> dict[str, int | None]:
+    devices = httpx.get(f"{url}/api/devices", timeout=10.0).json()["devices"]
+    return {d["device_id"]: d.get("restarts") for d in devices}
+
+
+def wait_for(condition: Callable[[], bool], what: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()}")
+
+
+def test_up_restarts_a_killed_worker_and_serves_again(tiny_model_dir: Path, tmp_path: Path) -> None:
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "up.log"
+    up = start(["up", "--workers", "2", "--port", str(port), "--model", str(tiny_model_dir)], log)
+    try:
+        wait_healthy(up, url, log)
+        parent = psutil.Process(up.pid)
+        before = worker_processes(parent)
+        assert sorted(before) == ["worker-0", "worker-1"]
+        assert restarts_in_metrics(url) == {"worker-0": 0.0, "worker-1": 0.0}
+        assert restarts_in_devices(url)["worker-1"] == 0
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        request = {"model": model, "prompt": "hello", "max_tokens": 5, "temperature": 0}
+        first = httpx.post(f"{url}/v1/completions", json=request, timeout=60.0)
+        assert first.status_code == 200, first.text
+
+        before["worker-1"].send_signal(signal.SIGKILL)
+        wait_for(lambda: restarts_in_metrics(url).get("worker-1") == 1.0, "a restart", log)
+        after = worker_processes(parent)
+        assert after["worker-1"].pid != before["worker-1"].pid
+        assert after["worker-0"].pid == before["worker-0"].pid
+        assert restarts_in_devices(url) == {"coordinator": None, "worker-0": 0, "worker-1": 1}
+        wait_healthy(up, url, log)  # the coordinator sees the new worker serving
+
+        again = httpx.post(f"{url}/v1/completions", json=request, timeout=60.0)
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
+        assert stop(up, signal.SIGINT, log) == 0
+    finally:
+        reap(up)
+    output = log.read_text()
+    assert output.count("worker worker-1 exited with code -9: restart 1 in 1 s") == 1, output
+    assert "worker worker-0 exited" not in output
+    assert "giving up" not in output
