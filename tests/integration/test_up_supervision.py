@@ -4,16 +4,24 @@ the coordinator keeps running, and the restart is counted in /metrics and /api/d
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import psutil
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.test_up_cli import START_TIMEOUT, reap, start, stop, wait_healthy
-from tests.support.cluster import free_ports
+from tests.integration.test_up_cli import (
+    START_TIMEOUT,
+    reap,
+    start,
+    stop,
+    wait_healthy,
+)
+from tests.support.cluster import cluster_dict, free_ports
 
 
 def worker_processes(up: psutil.Process) -> dict[str, psutil.Process]:
@@ -23,6 +31,16 @@ def worker_processes(up: psutil.Process) -> dict[str, psutil.Process]:
         if "worker" in command and "--device-id" in command:
             found[command[command.index("--device-id") + 1]] = child
     return found
+
+
+def nothing_listens_on(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def restarts_in_metrics(url: str) -> dict[str, float]:
@@ -85,3 +103,34 @@ def test_up_restarts_a_killed_worker_and_serves_again(tiny_model_dir: Path, tmp_
     assert output.count("worker worker-1 exited with code -9: restart 1 in 1 s") == 1, output
     assert "worker worker-0 exited" not in output
     assert "giving up" not in output
+
+
+def test_up_gives_up_on_a_worker_killed_again_and_again(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    port = free_ports(1)[0]
+    url = f"http://127.0.0.1:{port}"
+    worker_ports = free_ports(2)
+    data = cluster_dict(tiny_model_dir, 2, ports=worker_ports)
+    data["supervision"] = {"max_restarts": 1, "backoff_initial": 0.2}
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump(data))
+    log = tmp_path / "up.log"
+    up = start(["up", "--config", str(config), "--port", str(port)], log)
+    try:
+        wait_healthy(up, url, log)
+        parent = psutil.Process(up.pid)
+        worker_processes(parent)["worker-0"].send_signal(signal.SIGKILL)
+        wait_for(lambda: restarts_in_devices(url).get("worker-0") == 1, "a restart", log)
+        worker_processes(parent)["worker-0"].send_signal(signal.SIGKILL)  # 2 exits > 1
+        code = up.wait(timeout=START_TIMEOUT)
+    finally:
+        reap(up)
+    output = log.read_text()
+    assert code == 1, output
+    assert "worker 'worker-0' exited with code -9, 2 time(s) within 60 s: giving up" in output
+    assert not [
+        p.pid for p in psutil.process_iter(["cmdline"]) if str(config) in (p.info["cmdline"] or [])
+    ]
+    # A killed worker's connections linger in TIME_WAIT; nothing listens on any port.
+    assert all(nothing_listens_on(p) for p in [port, *worker_ports])
