@@ -68,6 +68,15 @@ def reap(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def exit_code_and_output(process: subprocess.Popen[bytes], log: Path) -> tuple[int, str]:
+    """Wait for ``process`` to exit by itself (killed past START_TIMEOUT); its code and output."""
+    try:
+        code = process.wait(timeout=START_TIMEOUT)
+    finally:
+        reap(process)
+    return code, log.read_text()
+
+
 def stop(process: subprocess.Popen[bytes], sig: int, log: Path) -> int:
     process.send_signal(sig)
     try:
@@ -129,11 +138,7 @@ def test_up_gives_up_on_a_worker_that_dies_on_every_start(
         taken.bind(("127.0.0.1", worker_ports[1]))  # worker-1 can never bind its port
         taken.listen()
         up = start(["up", "--config", str(config), "--port", str(port)], log)
-        try:
-            code = up.wait(timeout=START_TIMEOUT)
-        finally:
-            reap(up)
-    output = log.read_text()
+        code, output = exit_code_and_output(up, log)
     assert code == 1, output
     # Restarted twice with backoff, then given up on, by name.
     assert "worker worker-1 exited with code 2: restart 1 in 0.2 s" in output

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_up_cli import (
     START_TIMEOUT,
+    exit_code_and_output,
     reap,
     start,
     stop,
@@ -123,10 +124,9 @@ def test_up_gives_up_on_a_worker_killed_again_and_again(
         worker_processes(parent)["worker-0"].send_signal(signal.SIGKILL)
         wait_for(lambda: restarts_in_devices(url).get("worker-0") == 1, "a restart", log)
         worker_processes(parent)["worker-0"].send_signal(signal.SIGKILL)  # 2 exits > 1
-        code = up.wait(timeout=START_TIMEOUT)
+        code, output = exit_code_and_output(up, log)
     finally:
         reap(up)
-    output = log.read_text()
     assert code == 1, output
     assert "worker 'worker-0' exited with code -9, 2 time(s) within 60 s: giving up" in output
     assert not [
