@@ -44,6 +44,12 @@ def nothing_listens_on(port: int) -> bool:
     return True
 
 
+def serving_since(url: str, since: float) -> bool:
+    """Every stage SERVING at a poll of the coordinator later than ``since`` (unix s)."""
+    response = httpx.get(f"{url}/health", timeout=10.0)
+    return response.status_code == 200 and response.json()["checked_at"] > since
+
+
 def restarts_in_metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10.0).text
     return {
@@ -92,7 +98,9 @@ def test_up_restarts_a_killed_worker_and_serves_again(tiny_model_dir: Path, tmp_
         assert after["worker-1"].pid != before["worker-1"].pid
         assert after["worker-0"].pid == before["worker-0"].pid
         assert restarts_in_devices(url) == {"coordinator": None, "worker-0": 0, "worker-1": 1}
-        wait_healthy(up, url, log)  # the coordinator sees the new worker serving
+        restarted_at = time.time()
+        # /health answers from the coordinator's last poll: wait for one of the new worker.
+        wait_for(lambda: serving_since(url, restarted_at), "the restarted worker serving", log)
 
         again = httpx.post(f"{url}/v1/completions", json=request, timeout=60.0)
         assert again.status_code == 200, again.text
