@@ -85,7 +85,9 @@ def test_up_restarts_a_killed_worker_and_serves_again(tiny_model_dir: Path, tmp_
         parent = psutil.Process(up.pid)
         before = worker_processes(parent)
         assert sorted(before) == ["worker-0", "worker-1"]
-        assert restarts_in_metrics(url) == {"worker-0": 0.0, "worker-1": 0.0}
+        # The counts join the cluster view right after the HTTP server starts.
+        zero = {"worker-0": 0.0, "worker-1": 0.0}
+        wait_for(lambda: restarts_in_metrics(url) == zero, "restart counts of 0", log)
         assert restarts_in_devices(url)["worker-1"] == 0
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         request = {"model": model, "prompt": "hello", "max_tokens": 5, "temperature": 0}
