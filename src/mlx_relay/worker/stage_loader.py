@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_relay.core.blas import default_threads, same_host, set_threads
 from mlx_relay.core.config import ClusterConfig, DeviceConfig
-from mlx_relay.core.errors import ShardMismatch
+from mlx_relay.core.errors import PartitionError, ShardMismatch
 from mlx_relay.core.types import LayerRange
+from mlx_relay.model.backend import backend_name, choose_compute
+from mlx_relay.model.footprint import read_footprint, stage_bytes
 from mlx_relay.model.load import ModelInfo, read_model_info, resolve_model_dir
 from mlx_relay.model.partition import assign_layers
 from mlx_relay.worker.executor import MLXExecutor
@@ -57,11 +60,63 @@ def blas_threads(config: ClusterConfig, device: DeviceConfig) -> int:
     return default_threads(len(here))
 
 
+def check_fit(
+    config: ClusterConfig,
+    device: DeviceConfig,
+    placement: Placement,
+    limits: StageLimits,
+    backend: str,
+) -> None:
+    """Refuse, before any weight is read, a layer range that cannot fit this worker.
+
+    The weights are sized from the safetensors headers in the form the stage will compute
+    with (dense float32 where ``model.compute`` resolves to it). With ``memory_budget_gb``
+    set (10^9 bytes), weights plus the KV budget (``max_sessions`` x ``max_context`` tokens
+    over its layers) must fit it; without, the weights must fit the machine's memory.
+
+    Raises:
+        PartitionError: one line naming the range, the numbers and the cap.
+    """
+    import psutil
+
+    footprint = read_footprint(placement.model_dir)
+    layers = placement.layer_range
+    stored = stage_bytes(footprint, layers, dense=False, kv_tokens=0)
+    dense_size = stage_bytes(footprint, layers, dense=True, kv_tokens=0)
+    memory = psutil.virtual_memory()
+    budget = device.memory_budget_gb
+    cap = int(budget * 1e9) if budget is not None else memory.total
+    quantized = placement.info.quantization != "none"
+    share = config.model.dense_memory_share
+    choice = choose_compute(
+        config.model.compute, backend, dense_size, min(cap, memory.available), share, quantized
+    )
+    dense = choice.compute == "float32"
+    weights = dense_size if dense else stored
+    kv_tokens = limits.max_sessions * limits.max_context if budget is not None else 0
+    need = stage_bytes(footprint, layers, dense=dense, kv_tokens=kv_tokens)
+    if need <= cap:
+        return
+    gb = 1e9
+    where = f"memory_budget_gb {budget:g}" if budget is not None else "this machine's memory"
+    raise PartitionError(
+        f"worker {device.id}: layers {layers} need {need / gb:.2f} GB "
+        f"({choice.compute} weights {weights / gb:.2f} GB + KV budget "
+        f"{(need - weights) / gb:.2f} GB for {kv_tokens} tokens) but {where} is "
+        f"{cap / gb:.2f} GB; give it fewer layers or a larger budget"
+    )
+
+
 async def load_stage(
-    config: ClusterConfig, executor: MLXExecutor, placement: Placement, threads: int
+    config: ClusterConfig,
+    executor: MLXExecutor,
+    placement: Placement,
+    threads: int,
+    device: DeviceConfig | None = None,
 ) -> StageRuntime:
-    """Load the placement's layers on the MLX thread, with the configured limits and weight
-    form (``model.compute``), the BLAS running ``threads`` threads."""
+    """Check the placement fits (:func:`check_fit`, when ``device`` is given), then load its
+    layers on the MLX thread, with the configured limits and weight form (``model.compute``),
+    the BLAS running ``threads`` threads."""
     inference = config.inference
     limits = StageLimits(
         max_prompt_tokens=inference.max_prompt_tokens,
@@ -70,6 +125,9 @@ async def load_stage(
         max_context=config.model.max_context or placement.info.max_context,
     )
     model = config.model
+    if device is not None:
+        backend = await executor.run(backend_name)
+        await asyncio.to_thread(check_fit, config, device, placement, limits, backend)
     await executor.run(set_threads, threads)
     return await executor.run(
         StageRuntime.load,

@@ -250,7 +250,7 @@ class WorkerServer:
                     info.name, info.quantization, info.num_layers, len(self.config.workers)
                 )
             state.runtime = await load_stage(
-                self.config, self._executor, placement, self.blas_threads
+                self.config, self._executor, placement, self.blas_threads, self.device
             )
         except Exception as exc:
             state.load_error = exc
