@@ -97,14 +97,18 @@ def check_fit(
     need = stage_bytes(footprint, layers, dense=dense, kv_tokens=kv_tokens)
     if need <= cap:
         return
-    gb = 1e9
     where = f"memory_budget_gb {budget:g}" if budget is not None else "this machine's memory"
     raise PartitionError(
-        f"worker {device.id}: layers {layers} need {need / gb:.2f} GB "
-        f"({choice.compute} weights {weights / gb:.2f} GB + KV budget "
-        f"{(need - weights) / gb:.2f} GB for {kv_tokens} tokens) but {where} is "
-        f"{cap / gb:.2f} GB; give it fewer layers or a larger budget"
+        f"worker {device.id}: layers {layers} need {size_text(need)} "
+        f"({choice.compute} weights {size_text(weights)} + KV budget "
+        f"{size_text(need - weights)} for {kv_tokens} tokens) but {where} is "
+        f"{size_text(cap)}; give it fewer layers or a larger budget"
     )
+
+
+def size_text(size: float) -> str:
+    """Bytes as GB (10^9) with two decimals, or MB below a GB."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.2f} MB"
 
 
 async def load_stage(
