@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,32 @@ def test_footprint_from_safetensors_headers(tmp_path: Path) -> None:
     assert whole == sum(plain.layer_dense_bytes) + plain.embed_dense_bytes + (
         plain.head_dense_bytes + 3 * costs.kv_bytes_per_layer
     )
+
+
+def test_stages_on_one_host_share_a_fitted_overhead_and_speed() -> None:
+    # One host: 3 layers took 3.5 ms, 1 layer 1.5 ms -> 0.5 ms per call + 1 ms per layer.
+    costs = uniform_costs(4)
+    samples = [
+        StageSample("a", LayerRange(0, 3), decode_seconds=0.0035, host="h"),
+        StageSample("b", LayerRange(3, 4), decode_seconds=0.0015, host="h"),
+    ]
+    advice = advise(samples, costs)
+    for device in advice.devices:
+        assert device.overhead_seconds == pytest.approx(0.0005)
+        assert device.decode_layer_seconds == pytest.approx(0.001)
+    assert advice.proposed.split == (LayerRange(0, 2), LayerRange(2, 4))
+    assert advice.proposed.step_seconds == pytest.approx(0.0025)
+    assert advice.gain_ratio == pytest.approx(0.0035 / 0.0025 - 1)
+    # Two hosts are fitted apart: each its own pooled speed, no overhead.
+    apart = device_costs([replace(s, host=s.device_id) for s in samples], costs)
+    assert [d.overhead_seconds for d in apart] == [0.0, 0.0]
+    assert [d.decode_layer_seconds for d in apart] == pytest.approx([0.0035 / 3, 0.0015])
+
+
+def test_links_add_to_latency_not_to_the_step() -> None:
+    costs = uniform_costs(2)
+    slow_link = DeviceCost("a", 0.001, None, None, link_seconds=0.5, measured=True)
+    other = DeviceCost("b", 0.001, None, None, link_seconds=0.0, measured=True)
+    prediction = predict([slow_link, other], [LayerRange(0, 1), LayerRange(1, 2)], costs)
+    assert prediction.step_seconds == pytest.approx(0.001)
+    assert prediction.latency_seconds == pytest.approx(0.502)

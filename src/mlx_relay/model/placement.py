@@ -3,21 +3,25 @@ that minimises its predicted decode step under each device's memory cap (pure fu
 
 The model (docs/architecture.md, "Placement"):
 
-- a device's compute time per layer is measured: its mean decode forward time divided by
-  the layers it holds, the output head counted as ``head_layers`` layers on the last stage
-  (the head's parameter count over one layer's, so time is taken to follow parameters on
-  one device); the embedding is a table lookup and costs nothing here;
+- a stage's decode forward time is ``overhead + per_layer x units``, its units being its
+  layers plus, on the last stage, the output head counted as ``head_layers`` layers (the
+  head's parameter count over one layer's: time is taken to follow parameters on one
+  device); the embedding is a table lookup and costs nothing here. Stages on one host share
+  one speed: with two or more different unit counts measured there, ``overhead`` and
+  ``per_layer`` are the least-squares line through their mean forward times; otherwise
+  ``overhead`` is 0 and ``per_layer`` the host's total time over its total units;
 - prefill is modelled the same way, per prompt token;
 - a stage's memory is its layers' weights, the embedding on the first stage and the head
   (and final norm) on the last, plus the KV budget of its layers;
-- the batched pipeline's decode step is the slowest stage or link (the stages work on
-  different micro-batches at once); one request's latency is the sum of every stage and link.
+- the batched pipeline's decode step is the slowest stage (the stages work on different
+  micro-batches at once, links carrying them meanwhile); one request's latency is the sum
+  of every stage and link.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mlx_relay.core.errors import PartitionError
 from mlx_relay.core.types import LayerRange
@@ -37,6 +41,8 @@ class StageSample:
     memory_cap_bytes: int | None = None
     link_seconds: float = 0.0
     """Mean transit of one hop into this stage (coordinator or previous stage to it)."""
+    host: str | None = None
+    """Stages with the same host share one speed; ``None``: a host of its own."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class DeviceCost:
     memory_cap_bytes: int | None
     link_seconds: float
     measured: bool
+    overhead_seconds: float = 0.0
+    """Fixed cost of one decode forward call, whatever the layers."""
 
 
 @dataclass(frozen=True)
@@ -108,37 +116,71 @@ class Advice:
 
 
 def device_costs(samples: Sequence[StageSample], costs: ModelCosts) -> list[DeviceCost]:
-    """Per layer compute time of each device, from its measured stage.
+    """Each device's decode speed (overhead and time per layer), from the measured stages of
+    its host.
 
-    A device not measured yet gets the mean per layer time of the measured ones (1.0, a
+    A host with nothing measured gets the mean speed of the measured ones (per layer 1.0, a
     relative unit, when none is measured).
     """
-    per_layer: list[float | None] = []
-    per_token: list[float | None] = []
-    for s in samples:
-        units = len(s.layers) + (costs.head_layers if s.layers.end == costs.num_layers else 0.0)
-        per_layer.append(s.decode_seconds / units if s.decode_seconds is not None else None)
-        prefill = s.prefill_seconds_per_token
-        per_token.append(prefill / units if prefill is not None else None)
-    known = [v for v in per_layer if v is not None]
-    fill = sum(known) / len(known) if known else 1.0
-    return [
-        DeviceCost(
-            device_id=s.device_id,
-            decode_layer_seconds=layer if layer is not None else fill,
-            prefill_layer_seconds_per_token=token,
-            memory_cap_bytes=s.memory_cap_bytes,
-            link_seconds=s.link_seconds,
-            measured=layer is not None,
-        )
-        for s, layer, token in zip(samples, per_layer, per_token, strict=True)
+    units = [
+        len(s.layers) + (costs.head_layers if s.layers.end == costs.num_layers else 0.0)
+        for s in samples
     ]
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.host if s.host is not None else f"\0{i}", []).append(i)
+    speed: dict[int, tuple[float, float]] = {}
+    for members in groups.values():
+        points = [(units[i], samples[i].decode_seconds) for i in members]
+        fitted = _fit([(u, t) for u, t in points if t is not None])
+        if fitted is not None:
+            speed.update(dict.fromkeys(members, fitted))
+    known = list(speed.values())
+    fill = (
+        (sum(a for a, _ in known) / len(known), sum(b for _, b in known) / len(known))
+        if known
+        else (0.0, 1.0)
+    )
+    result = []
+    for i, s in enumerate(samples):
+        overhead, per_layer = speed.get(i, fill)
+        prefill = s.prefill_seconds_per_token
+        result.append(
+            DeviceCost(
+                device_id=s.device_id,
+                decode_layer_seconds=per_layer,
+                prefill_layer_seconds_per_token=prefill / units[i] if prefill is not None else None,
+                memory_cap_bytes=s.memory_cap_bytes,
+                link_seconds=s.link_seconds,
+                measured=s.decode_seconds is not None,
+                overhead_seconds=overhead,
+            )
+        )
+    return result
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(overhead, per unit) of ``time = overhead + per_unit x units`` through ``points``."""
+    if not points:
+        return None
+    total_units = sum(u for u, _ in points)
+    pooled = (0.0, sum(t for _, t in points) / total_units if total_units else 0.0)
+    mean_u = total_units / len(points)
+    mean_t = sum(t for _, t in points) / len(points)
+    spread = sum((u - mean_u) ** 2 for u, _ in points)
+    if spread <= 1e-12:
+        return pooled
+    slope = sum((u - mean_u) * (t - mean_t) for u, t in points) / spread
+    overhead = mean_t - slope * mean_u
+    if slope <= 0 or overhead < 0:
+        return pooled
+    return overhead, slope
 
 
 def stage_seconds(device: DeviceCost, layers: LayerRange, costs: ModelCosts) -> float:
     """Predicted decode forward time of ``device`` holding ``layers``."""
     head = costs.head_layers if layers.end == costs.num_layers else 0.0
-    return device.decode_layer_seconds * (len(layers) + head)
+    return device.overhead_seconds + device.decode_layer_seconds * (len(layers) + head)
 
 
 def predict(
@@ -152,7 +194,7 @@ def predict(
     return Prediction(
         split=tuple(split),
         stage_seconds=times,
-        step_seconds=max([*times, *links]),
+        step_seconds=max(times),
         latency_seconds=sum(times) + sum(links),
         stage_bytes=tuple(costs.stage_bytes(r) for r in split),
     )
@@ -183,7 +225,6 @@ def best_split(devices: Sequence[DeviceCost], costs: ModelCosts) -> Prediction:
     best[0][0] = 0.0
     for j in range(1, k + 1):
         device = devices[j - 1]
-        floor = device.link_seconds
         last_i = n - (k - j)
         for i in range(j, last_i + 1):
             for p in range(j - 1, i):
@@ -192,7 +233,7 @@ def best_split(devices: Sequence[DeviceCost], costs: ModelCosts) -> Prediction:
                 layers = LayerRange(p, i)
                 if not fits(device, layers, costs):
                     continue
-                value = max(best[j - 1][p], stage_seconds(device, layers, costs), floor)
+                value = max(best[j - 1][p], stage_seconds(device, layers, costs))
                 if value < best[j][i]:
                     best[j][i], cut[j][i] = value, p
     if best[k][n] == _INF:
@@ -235,12 +276,13 @@ def what_if(
     known = {d.device_id for d in devices}
     unknown = [w for w in without if w not in known]
     if unknown:
-        raise PartitionError(f"no device {', '.join(unknown)} (devices: {', '.join(sorted(known))})")
+        raise PartitionError(
+            f"no device {', '.join(unknown)} (devices: {', '.join(sorted(known))})"
+        )
     kept = [d for d in devices if d.device_id not in without]
-    speeds = [d.decode_layer_seconds for d in devices if d.measured] or [
-        d.decode_layer_seconds for d in devices
-    ]
-    speed = sum(speeds) / len(speeds)
+    measured = [d for d in devices if d.measured] or list(devices)
+    speed = sum(d.decode_layer_seconds for d in measured) / max(1, len(measured))
+    overhead = sum(d.overhead_seconds for d in measured) / max(1, len(measured))
     template = devices[-1] if devices else None
     for index, cap in enumerate(add_device_bytes, start=1):
         link = template.link_seconds if template is not None else 0.0
@@ -252,14 +294,7 @@ def what_if(
                 memory_cap_bytes=int(cap),
                 link_seconds=link,
                 measured=False,
+                overhead_seconds=overhead,
             )
         )
     return Advice(tuple(kept), None, best_split(kept, costs))
-
-
-def with_caps(devices: Sequence[DeviceCost], caps: dict[str, int]) -> list[DeviceCost]:
-    """``devices`` with the memory caps in ``caps`` (by device id) replacing theirs."""
-    return [
-        replace(d, memory_cap_bytes=caps[d.device_id]) if d.device_id in caps else d
-        for d in devices
-    ]

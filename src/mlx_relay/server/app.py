@@ -22,6 +22,7 @@ from mlx_relay.monitoring.api import mount_monitoring
 from mlx_relay.server import openai, readiness
 from mlx_relay.server.body_limit import BodySizeLimit
 from mlx_relay.server.deps import AppServices
+from mlx_relay.server.placement import mount_placement
 
 __all__ = ["AppServices", "create_app", "include_routes", "start_services", "stop_services"]
 
@@ -50,6 +51,7 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
             alerts=services.alert_engine,
             history=services.history.store if services.history is not None else None,
         )
+        mount_placement(app, services.config, services.metrics_collector.snapshot)  # placement
 
 
 async def start_services(config: ClusterConfig, *, enable_monitoring: bool = True) -> AppServices:

@@ -93,7 +93,8 @@ def check_fit(
     )
     dense = choice.compute == "float32"
     weights = dense_size if dense else stored
-    kv_tokens = limits.max_sessions * limits.max_context if budget is not None else 0
+    context = limits.max_context or placement.info.max_context
+    kv_tokens = limits.max_sessions * context if budget is not None else 0
     need = stage_bytes(footprint, layers, dense=dense, kv_tokens=kv_tokens)
     if need <= cap:
         return

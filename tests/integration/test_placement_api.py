@@ -1,0 +1,88 @@
+"""The placement advisor on a live 2-worker cluster started with a skewed split: after some
+requests, /api/placement and /metrics propose a more balanced split with a predicted gain."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mlx_relay.coordinator.requests import InferenceRequest
+from mlx_relay.core.http_server import HTTPServer
+from mlx_relay.server.app import AppServices, create_app
+from mlx_relay.server.placement import PlacementView
+from tests.support.cluster import local_cluster
+from tests.support.dashboard_cluster import FAST_MONITORING, wait_for
+
+STEP = re.compile(r'^mlxrelay_placement_predicted_step_seconds\{split="(\w+)"\} (\S+)$', re.M)
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 layers wide enough that a layer's compute outweighs a forward call's fixed cost."""
+    from tests.support.tiny_model import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("wide"), num_layers=4, hidden_size=512)
+
+
+async def test_skewed_split_gets_a_balanced_proposal(wide_model_dir: Path) -> None:
+    async with local_cluster(
+        wide_model_dir,
+        2,
+        enable_monitoring=True,
+        layers=[(0, 3), (3, 4)],
+        monitoring=FAST_MONITORING,
+    ) as cluster:
+        orchestrator = cluster.orchestrator
+        services = AppServices(
+            cluster.config,
+            orchestrator,
+            metrics_collector=orchestrator.metrics_collector,
+            health_monitor=orchestrator.health_monitor,
+        )
+        async with (
+            HTTPServer(create_app(services)) as server,
+            httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+        ):
+            before = PlacementView.model_validate((await http.get("/api/placement")).json())
+            assert before.source == "model"
+            for i in range(4):
+                await orchestrator.process_request(
+                    InferenceRequest(prompt=f"placement {i}", max_tokens=16)
+                )
+
+            async def measured() -> PlacementView | None:
+                view = PlacementView.model_validate((await http.get("/api/placement")).json())
+                return view if view.source == "measured" else None
+
+            view = await wait_for(measured, timeout=15, what="measured stage timings")
+            assert view.current is not None and view.proposed is not None
+            current = [(s.layer_start, s.layer_end) for s in view.current.stages]
+            proposed = [(s.layer_start, s.layer_end) for s in view.proposed.stages]
+            assert current == [(0, 3), (3, 4)]
+            assert proposed[0][1] < 3, proposed  # fewer layers on the overloaded first stage
+            assert view.predicted_gain_ratio is not None and view.predicted_gain_ratio > 0
+            assert view.proposed.predicted_step_seconds < view.current.predicted_step_seconds
+            # The step is the slowest stage; one request's latency adds every stage and link.
+            for split in (view.current, view.proposed):
+                slowest = max(s.predicted_seconds for s in split.stages)
+                assert split.predicted_step_seconds >= slowest
+                assert split.predicted_latency_seconds >= sum(
+                    s.predicted_seconds for s in split.stages
+                )
+            text = (await http.get("/metrics")).text
+            steps = {name: float(value) for name, value in STEP.findall(text)}
+            assert set(steps) == {"current", "proposed"}
+            assert steps["proposed"] < steps["current"]
+
+            what_if = await http.get("/api/placement", params={"without": "worker-1"})
+            alone = PlacementView.model_validate(what_if.json())
+            assert alone.proposed is not None
+            assert [(s.device_id, s.layer_start, s.layer_end) for s in alone.proposed.stages] == [
+                ("worker-0", 0, 4)
+            ]
+            unknown = await http.get("/api/placement", params={"without": "worker-9"})
+            assert unknown.status_code == 400
+            assert "no device worker-9" in unknown.json()["detail"]
