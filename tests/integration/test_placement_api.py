@@ -3,17 +3,20 @@ requests, /api/placement and /metrics propose a more balanced split with a predi
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
+from mlx_relay.cli import main
 from mlx_relay.coordinator.requests import InferenceRequest
 from mlx_relay.core.http_server import HTTPServer
 from mlx_relay.server.app import AppServices, create_app
 from mlx_relay.server.placement import PlacementView
-from tests.support.cluster import local_cluster
+from tests.support.cluster import cluster_dict, local_cluster
 from tests.support.dashboard_cluster import FAST_MONITORING, wait_for
 
 STEP = re.compile(r'^mlxrelay_placement_predicted_step_seconds\{split="(\w+)"\} (\S+)$', re.M)
@@ -27,7 +30,9 @@ def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("wide"), num_layers=4, hidden_size=512)
 
 
-async def test_skewed_split_gets_a_balanced_proposal(wide_model_dir: Path) -> None:
+async def test_skewed_split_gets_a_balanced_proposal(
+    wide_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     async with local_cluster(
         wide_model_dir,
         2,
@@ -83,6 +88,23 @@ async def test_skewed_split_gets_a_balanced_proposal(wide_model_dir: Path) -> No
             assert [(s.device_id, s.layer_start, s.layer_end) for s in alone.proposed.stages] == [
                 ("worker-0", 0, 4)
             ]
+            # The command asks the running coordinator named by the config's http address.
+            data = cluster_dict(
+                wide_model_dir,
+                2,
+                layers=[(0, 3), (3, 4)],
+                ports=[w.port for w in cluster.workers],
+                http={"port": server.port},
+            )
+            config_path = tmp_path / "cluster.yaml"
+            config_path.write_text(yaml.safe_dump(data), encoding="utf-8")
+            capsys.readouterr()
+            code = await asyncio.to_thread(main, ["placement", "--config", str(config_path)])
+            assert code == 0
+            out = capsys.readouterr().out
+            assert out.startswith("placement from live stage timings")
+            assert "worker-0     layers [0, 3)" in out.split("proposed:")[0]
+            assert "predicted gain: +" in out
             unknown = await http.get("/api/placement", params={"without": "worker-9"})
             assert unknown.status_code == 400
             assert "no device worker-9" in unknown.json()["detail"]

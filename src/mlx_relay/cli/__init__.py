@@ -23,6 +23,7 @@ COMMANDS = (
     "prometheus_config",
     "model",
     "chat",
+    "placement",
 )
 
 

@@ -24,6 +24,7 @@ from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import PartitionError
 from mlx_relay.core.http_access import rate_limit, require_token
 from mlx_relay.core.types import LayerRange
+from mlx_relay.model.backend import backend_name
 from mlx_relay.model.footprint import Footprint, read_footprint
 from mlx_relay.model.load import read_model_info, resolve_model_dir
 from mlx_relay.model.partition import assign_layers
@@ -162,6 +163,9 @@ def _dense(config: ClusterConfig, snapshot: Snapshot | None) -> bool:
         forms = {s.compute for d, s in statuses if d in workers and s.compute}
         if forms:
             return "float32" in forms
+    if config.model.compute == "auto":
+        # As a stage resolves it on this machine's backend (docs/architecture.md).
+        return backend_name() == "cpu"
     return config.model.compute == "float32"
 
 
