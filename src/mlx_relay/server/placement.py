@@ -37,9 +37,9 @@ from mlx_relay.model.placement import (
     device_costs,
     what_if,
 )
+from mlx_relay.monitoring.api.deps import PLACEMENT_ATTRIBUTE
 from mlx_relay.monitoring.snapshot import Snapshot
 
-STATE_ATTRIBUTE = "placement"
 STEP_FAMILY = "mlxrelay_placement_predicted_step_seconds"
 
 router = APIRouter(tags=["monitoring"])
@@ -284,7 +284,7 @@ class PlacementCollector(Collector):
 def mount_placement(app: FastAPI, config: ClusterConfig, snapshot: Any) -> None:
     """Serve ``GET /api/placement`` and add the placement family to ``/metrics``."""
     source = PlacementSource(config, snapshot)
-    setattr(app.state, STATE_ATTRIBUTE, source)
+    setattr(app.state, PLACEMENT_ATTRIBUTE, source)
     registry = app.state.monitoring.registry
     PlacementCollector(source, registry)
     app.include_router(router, dependencies=[Depends(rate_limit), Depends(require_token)])
@@ -298,7 +298,7 @@ async def get_placement(
 ) -> PlacementView:
     """The current and the proposed layer split with their predicted decode step and the
     predicted gain; ``add_device_gb`` and ``without`` ask what-ifs."""
-    source: PlacementSource = getattr(request.app.state, STATE_ATTRIBUTE)
+    source: PlacementSource = getattr(request.app.state, PLACEMENT_ATTRIBUTE)
     try:
         return await asyncio.to_thread(source.view, add_device_gb, without)
     except PartitionError as exc:

@@ -11,6 +11,8 @@ from mlx_relay.monitoring.api.context import MonitoringContext
 from mlx_relay.monitoring.snapshot import Snapshot
 
 STATE_ATTRIBUTE = "monitoring"
+# Set by the coordinator's app when it serves GET /api/placement (the dashboard shows a panel).
+PLACEMENT_ATTRIBUTE = "placement"
 
 
 def get_context(connection: HTTPConnection) -> MonitoringContext:

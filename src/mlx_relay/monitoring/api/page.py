@@ -10,7 +10,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from mlx_relay import __version__
-from mlx_relay.monitoring.api.deps import ContextDep
+from mlx_relay.monitoring.api.deps import PLACEMENT_ATTRIBUTE, ContextDep
 from mlx_relay.monitoring.api.history import STATE_ATTRIBUTE as HISTORY_ATTRIBUTE
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -49,6 +49,7 @@ def dashboard_page(request: Request, context: ContextDep) -> HTMLResponse:
             "static": STATIC_PATH,
             "update_interval": context.broadcaster.interval,
             "history": hasattr(request.app.state, HISTORY_ATTRIBUTE),
+            "placement": hasattr(request.app.state, PLACEMENT_ATTRIBUTE),
         },
         headers=PAGE_HEADERS,
     )
