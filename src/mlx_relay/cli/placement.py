@@ -1,5 +1,5 @@
 """``mlx-relay placement``: the current and the proposed layer split, with their predicted
-decode step and the gain (docs/architecture.md, "Placement").
+decode step and the gain (docs/monitoring-api.md, "Placement").
 
 It asks the running coordinator (``GET /api/placement`` at the config's ``http`` address),
 whose figures come from live stage timings. When no coordinator answers there, it computes

@@ -1,7 +1,7 @@
 """Placement advice: a cost model of the pipeline from measurements, and the contiguous split
 that minimises its predicted decode step under each device's memory cap (pure functions).
 
-The model (docs/architecture.md, "Placement"):
+The model (docs/monitoring-api.md, "Placement"):
 
 - a stage's decode forward time is ``overhead + per_layer x units``, its units being its
   layers plus, on the last stage, the output head counted as ``head_layers`` layers (the

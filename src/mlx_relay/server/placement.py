@@ -66,6 +66,7 @@ class SplitView(BaseModel):
 class DeviceView(BaseModel):
     device_id: str
     decode_layer_seconds: float = Field(description="Decode forward time per layer.")
+    overhead_seconds: float = Field(default=0.0, description="Fixed cost of a forward call.")
     prefill_layer_seconds_per_token: float | None = None
     memory_cap_bytes: int | None = None
     link_seconds: float = Field(description="Transit of the hop into this stage.")
@@ -164,7 +165,7 @@ def _dense(config: ClusterConfig, snapshot: Snapshot | None) -> bool:
         if forms:
             return "float32" in forms
     if config.model.compute == "auto":
-        # As a stage resolves it on this machine's backend (docs/architecture.md).
+        # As a stage resolves it on this machine's backend (mlx_relay.model.backend).
         return backend_name() == "cpu"
     return config.model.compute == "float32"
 
@@ -199,6 +200,7 @@ def _device_view(device: DeviceCost) -> DeviceView:
     return DeviceView(
         device_id=device.device_id,
         decode_layer_seconds=device.decode_layer_seconds,
+        overhead_seconds=device.overhead_seconds,
         prefill_layer_seconds_per_token=device.prefill_layer_seconds_per_token,
         memory_cap_bytes=device.memory_cap_bytes,
         link_seconds=device.link_seconds,
