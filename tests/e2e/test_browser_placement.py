@@ -10,14 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mlx_relay.coordinator.requests import InferenceRequest
-from mlx_relay.core.http_server import HTTPServer
-from mlx_relay.server.app import AppServices, create_app
 from mlx_relay.server.placement import PlacementView
 from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, BrowserLog, require_chromium
 from tests.integration.test_placement_api import wide_model_dir  # noqa: F401 (fixture)
-from tests.support.cluster import local_cluster
-from tests.support.dashboard_cluster import FAST_MONITORING
+from tests.support.placement_cluster import run_requests, skewed_cluster_app
 
 pytestmark = [
     pytest.mark.browser,
@@ -36,51 +32,34 @@ async def test_panel_shows_current_and_proposed_split_with_the_gain(
     from playwright.async_api import async_playwright
 
     async with (
-        local_cluster(
-            wide_model_dir,
-            2,
-            enable_monitoring=True,
-            layers=[(0, 3), (3, 4)],
-            monitoring=FAST_MONITORING,
-        ) as cluster,
+        skewed_cluster_app(wide_model_dir) as (cluster, server),
         async_playwright() as playwright,
     ):
-        orchestrator = cluster.orchestrator
-        services = AppServices(
-            cluster.config,
-            orchestrator,
-            metrics_collector=orchestrator.metrics_collector,
-            health_monitor=orchestrator.health_monitor,
-        )
-        for i in range(4):
-            await orchestrator.process_request(
-                InferenceRequest(prompt=f"placement {i}", max_tokens=16)
+        await run_requests(cluster)
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1440, "height": 900})
+            log = BrowserLog(page)
+            await page.goto(server.url)
+            await page.wait_for_function(
+                "document.querySelector('#placement-note').textContent"
+                ".includes('live stage timings')",
+                timeout=30_000,
             )
-        async with HTTPServer(create_app(services)) as server:
-            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = await browser.new_page(viewport={"width": 1440, "height": 900})
-                log = BrowserLog(page)
-                await page.goto(server.url)
-                await page.wait_for_function(
-                    "document.querySelector('#placement-note').textContent"
-                    ".includes('live stage timings')",
-                    timeout=30_000,
-                )
-                await page.screenshot(path=str(output_dir / "placement.png"), full_page=True)
-                current = await page.locator("tr.placement-current .placement-split").inner_text()
-                proposed = await page.locator("tr.placement-proposed .placement-split").inner_text()
-                gain = await page.locator("#placement-gain").inner_text()
-                async with httpx.AsyncClient(base_url=server.url) as http:
-                    view = PlacementView.model_validate((await http.get("/api/placement")).json())
-                assert view.proposed is not None and view.predicted_gain_ratio is not None
-                assert "worker-0 [0, 3)" in current and "worker-1 [3, 4)" in current
-                expected = " · ".join(
-                    f"{s.device_id} [{s.layer_start}, {s.layer_end})" for s in view.proposed.stages
-                )
-                assert proposed == expected
-                assert view.proposed.stages[0].layer_end < 3
-                assert gain.startswith("+") and gain.endswith("%")
-                assert log.errors == []
-            finally:
-                await browser.close()
+            await page.screenshot(path=str(output_dir / "placement.png"), full_page=True)
+            current = await page.locator("tr.placement-current .placement-split").inner_text()
+            proposed = await page.locator("tr.placement-proposed .placement-split").inner_text()
+            gain = await page.locator("#placement-gain").inner_text()
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                view = PlacementView.model_validate((await http.get("/api/placement")).json())
+            assert view.proposed is not None and view.predicted_gain_ratio is not None
+            assert "worker-0 [0, 3)" in current and "worker-1 [3, 4)" in current
+            expected = " · ".join(
+                f"{s.device_id} [{s.layer_start}, {s.layer_end})" for s in view.proposed.stages
+            )
+            assert proposed == expected
+            assert view.proposed.stages[0].layer_end < 3
+            assert gain.startswith("+") and gain.endswith("%")
+            assert log.errors == []
+        finally:
+            await browser.close()
