@@ -45,3 +45,18 @@ def test_what_ifs(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert err.strip() == (
         "mlx-relay placement: error: no device worker-7 (devices: worker-0, worker-1)"
     )
+
+
+def test_metrics_family_is_empty_while_the_model_cannot_be_read(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from mlx_relay.core.config import ClusterConfig
+    from mlx_relay.server.placement import PlacementCollector, PlacementSource
+
+    data = cluster_dict(tmp_path / "missing-model", 2)
+    registry = CollectorRegistry()
+    PlacementCollector(PlacementSource(ClusterConfig.from_dict(data), lambda: None), registry)
+    text = generate_latest(registry).decode()
+    assert "# TYPE mlxrelay_placement_predicted_step_seconds gauge" in text
+    assert 'mlxrelay_placement_predicted_step_seconds{split="current"}' not in text

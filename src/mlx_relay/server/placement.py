@@ -11,6 +11,7 @@ coordinator) every device is unmeasured and the times are in layer units (1.0 = 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,7 +22,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from pydantic import BaseModel, Field
 
 from mlx_relay.core.config import ClusterConfig
-from mlx_relay.core.errors import PartitionError
+from mlx_relay.core.errors import PartitionError, RelayError
 from mlx_relay.core.http_access import rate_limit, require_token
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.backend import backend_name
@@ -39,6 +40,8 @@ from mlx_relay.model.placement import (
 )
 from mlx_relay.monitoring.api.deps import PLACEMENT_ATTRIBUTE
 from mlx_relay.monitoring.snapshot import Snapshot
+
+logger = logging.getLogger(__name__)
 
 STEP_FAMILY = "mlxrelay_placement_predicted_step_seconds"
 
@@ -276,7 +279,13 @@ class PlacementCollector(Collector):
             "Predicted batched decode step of the current and the proposed layer split, seconds.",
             labels=["split"],
         )
-        view = self._source.view()
+        try:
+            view = self._source.view()
+        except RelayError as exc:
+            # A scrape never fails for the advisor: the family is empty until it can answer.
+            logger.debug("no placement prediction for /metrics: %s", exc)
+            yield family
+            return
         for name, split in (("current", view.current), ("proposed", view.proposed)):
             if split is not None:
                 family.add_metric([name], split.predicted_step_seconds)
