@@ -1,11 +1,13 @@
 """The one loop that runs the scheduler's plans through the stages.
 
-Each :class:`~mlx_relay.coordinator.scheduler.StepPlan` becomes one ``Forward`` per stage,
-carrying an entry per request (stage 0 gets token ids, each later stage the previous one's
-hidden states, relayed through this process); the last stage's sampled tokens go to each
-request's :class:`Member`, which decides whether it is finished. Up to one plan per stage is
+Each :class:`~mlx_relay.coordinator.scheduler.StepPlan` becomes one ``Forward`` to the first
+stage, carrying an entry per request (token ids) and the route (the later stages' ids and
+addresses): each stage relays its hidden states to the next itself
+(:mod:`mlx_relay.worker.relay`) and the last stage's sampled tokens come back up the chain to
+each request's :class:`Member`, which decides whether it is finished. Up to one plan per stage is
 in flight, each in its own task. Waiting in the scheduler is no RPC: each ``Forward`` has
-the whole ``network.request_timeout`` for itself.
+the whole ``network.request_timeout`` for itself (each hop gets what its caller has left,
+less a margin, so a failing stage is named before the coordinator's deadline passes).
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ class StepLoop:
     ) -> None:
         self._stages = stages
         self._clients = clients
+        self._route = [
+            relay_pb2.Hop(device_id=stage.device_id, address=client.address)
+            for stage, client in zip(stages[1:], clients[1:], strict=True)
+        ]
         self._scheduler = Scheduler(settings)
         self._collector = collector
         self._members: dict[str, Member] = {}
@@ -213,40 +219,62 @@ class StepLoop:
                     step=step.step,
                 )
             )
-        results: list[relay_pb2.ForwardResult] = []
-        for stage, client in zip(self._stages, self._clients, strict=True):
-            response = await self._forward(stage, client, entries)
-            rpc_seconds = response.rpc_seconds
-            results = _matching_results(stage.device_id, entries, response.reply)
-            compute = response.reply.compute_seconds
-            network = max(0.0, rpc_seconds - compute)
-            if self._collector is not None:
+        answer = await self._forward(entries)
+        reply = answer.reply
+        last = self._stages[-1].device_id
+        results = _matching_results(last, entries, reply)
+        for stage, compute, network in self._stage_times(reply, answer.rpc_seconds):
+            if self._collector is not None and stage.index == 0:
                 self._collector.record_transfer(stage.device_id, network)
             for entry in entries:
                 member_ = self._members.get(entry.request_id)
                 if member_ is not None:
                     member_.on_stage(stage.device_id, compute, network)
-            for entry, result in zip(entries, results, strict=True):
-                if result.HasField("tensor"):
-                    entry.tensor.CopyFrom(result.tensor)
         return {r.request_id: r for r in results}
 
-    async def _forward(
-        self, stage: StageView, client: WorkerClient, entries: list[relay_pb2.ForwardEntry]
-    ) -> _Answer:
-        """One ``Forward`` to one stage, timed; the collector sees it outstanding."""
+    def _stage_times(
+        self, reply: relay_pb2.ForwardResponse, rpc_seconds: float
+    ) -> list[tuple[StageView, float, float]]:
+        """Each stage's compute and network seconds in one relayed step: a stage's network
+        time is its call's time less its compute and less the call it made to the next."""
+        timings = list(reply.stages)
+        if [t.device_id for t in timings] != [s.device_id for s in self._stages]:
+            raise StageError(
+                self._stages[0].device_id,
+                "Forward",
+                "BAD_RESPONSE",
+                f"expected timings of stages {[s.device_id for s in self._stages]}, "
+                f"got {[t.device_id for t in timings]}",
+            )
+        calls = [rpc_seconds] + [t.rpc_seconds for t in timings[1:]] + [0.0]
+        return [
+            (stage, t.compute_seconds, max(0.0, calls[i] - t.compute_seconds - calls[i + 1]))
+            for i, (stage, t) in enumerate(zip(self._stages, timings, strict=True))
+        ]
+
+    async def _forward(self, entries: list[relay_pb2.ForwardEntry]) -> _Answer:
+        """One relayed ``Forward``: token ids to the first stage, the route to the others.
+        The collector sees the micro-batch outstanding on every stage until it is back."""
         collector = self._collector
-        token = None
+        tokens: list[int] = []
         if collector is not None:
-            token = collector.stage_forward_started(stage.device_id, stage.index, len(entries))
-        compute = 0.0
+            tokens = [
+                collector.stage_forward_started(stage.device_id, stage.index, len(entries))
+                for stage in self._stages
+            ]
+        reply: relay_pb2.ForwardResponse | None = None
         started = time.perf_counter()
         try:
-            reply = await client.forward(relay_pb2.ForwardRequest(entries=entries))
-            compute = reply.compute_seconds
+            reply = await self._clients[0].forward(
+                relay_pb2.ForwardRequest(entries=entries, route=self._route)
+            )
         finally:
             if collector is not None:
-                collector.stage_forward_finished(stage.device_id, token, compute)
+                computed = {t.device_id: t.compute_seconds for t in reply.stages} if reply else {}
+                for stage, token in zip(self._stages, tokens, strict=True):
+                    collector.stage_forward_finished(
+                        stage.device_id, token, computed.get(stage.device_id, 0.0)
+                    )
         return _Answer(reply, time.perf_counter() - started)
 
 

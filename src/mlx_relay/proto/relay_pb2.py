@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0brelay.proto\x12\x0bmlxrelay.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"y\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\"\x96\x01\n\x0c\x46orwardEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12#\n\x06tensor\x18\x03 \x01(\x0b\x32\x13.mlxrelay.v1.Tensor\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.mlxrelay.v1.SamplingParams\x12\x0c\n\x04step\x18\x05 \x01(\x03\"<\n\x0e\x46orwardRequest\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.mlxrelay.v1.ForwardEntry\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb1\x01\n\rForwardResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.mlxrelay.v1.Tensor\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.mlxrelay.v1.TopLogprob\x12\x15\n\rcached_tokens\x18\x06 \x01(\x03\"j\n\x0f\x46orwardResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.mlxrelay.v1.ForwardResult\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"9\n\x12\x45ndSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\"C\n\x0bPingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\"W\n\x0cPingResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\x12\x11\n\tdevice_id\x18\x04 \x01(\t\"#\n\rStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x85\x03\n\x0eStatusResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\x12\x12\n\nnum_layers\x18\x06 \x01(\x05\x12\x14\n\x0cmodel_loaded\x18\x07 \x01(\x08\x12\x12\n\nmodel_name\x18\x08 \x01(\t\x12\x13\n\x0bkv_sessions\x18\t \x01(\x05\x12\x15\n\rhealth_status\x18\n \x01(\t\x12\x14\n\x0cmetrics_json\x18\x0b \x01(\t\x12\x13\n\x0bhealth_json\x18\x0c \x01(\t\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x13\n\x0bhidden_size\x18\x0e \x01(\x05\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x10 \x01(\t\x12\x0f\n\x07\x63ompute\x18\x11 \x01(\t\x12\x0c\n\x04\x62las\x18\x12 \x01(\t\x12\x14\n\x0c\x62las_threads\x18\x13 \x01(\x05\x32\xa0\x02\n\x06Worker\x12\x44\n\x07\x46orward\x12\x1b.mlxrelay.v1.ForwardRequest\x1a\x1c.mlxrelay.v1.ForwardResponse\x12M\n\nEndSession\x12\x1e.mlxrelay.v1.EndSessionRequest\x1a\x1f.mlxrelay.v1.EndSessionResponse\x12;\n\x04Ping\x12\x18.mlxrelay.v1.PingRequest\x1a\x19.mlxrelay.v1.PingResponse\x12\x44\n\tGetStatus\x12\x1a.mlxrelay.v1.StatusRequest\x1a\x1b.mlxrelay.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0brelay.proto\x12\x0bmlxrelay.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"y\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\"\x96\x01\n\x0c\x46orwardEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12#\n\x06tensor\x18\x03 \x01(\x0b\x32\x13.mlxrelay.v1.Tensor\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.mlxrelay.v1.SamplingParams\x12\x0c\n\x04step\x18\x05 \x01(\x03\")\n\x03Hop\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"]\n\x0e\x46orwardRequest\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.mlxrelay.v1.ForwardEntry\x12\x1f\n\x05route\x18\x02 \x03(\x0b\x32\x10.mlxrelay.v1.Hop\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb1\x01\n\rForwardResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.mlxrelay.v1.Tensor\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.mlxrelay.v1.TopLogprob\x12\x15\n\rcached_tokens\x18\x06 \x01(\x03\"N\n\x0bStageTiming\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x13\n\x0brpc_seconds\x18\x03 \x01(\x01\"\x94\x01\n\x0f\x46orwardResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.mlxrelay.v1.ForwardResult\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.mlxrelay.v1.StageTiming\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"9\n\x12\x45ndSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\"C\n\x0bPingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\"W\n\x0cPingResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\x12\x11\n\tdevice_id\x18\x04 \x01(\t\"#\n\rStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x85\x03\n\x0eStatusResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\x12\x12\n\nnum_layers\x18\x06 \x01(\x05\x12\x14\n\x0cmodel_loaded\x18\x07 \x01(\x08\x12\x12\n\nmodel_name\x18\x08 \x01(\t\x12\x13\n\x0bkv_sessions\x18\t \x01(\x05\x12\x15\n\rhealth_status\x18\n \x01(\t\x12\x14\n\x0cmetrics_json\x18\x0b \x01(\t\x12\x13\n\x0bhealth_json\x18\x0c \x01(\t\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x13\n\x0bhidden_size\x18\x0e \x01(\x05\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x10 \x01(\t\x12\x0f\n\x07\x63ompute\x18\x11 \x01(\t\x12\x0c\n\x04\x62las\x18\x12 \x01(\t\x12\x14\n\x0c\x62las_threads\x18\x13 \x01(\x05\x32\xa0\x02\n\x06Worker\x12\x44\n\x07\x46orward\x12\x1b.mlxrelay.v1.ForwardRequest\x1a\x1c.mlxrelay.v1.ForwardResponse\x12M\n\nEndSession\x12\x1e.mlxrelay.v1.EndSessionRequest\x1a\x1f.mlxrelay.v1.EndSessionResponse\x12;\n\x04Ping\x12\x18.mlxrelay.v1.PingRequest\x1a\x19.mlxrelay.v1.PingResponse\x12\x44\n\tGetStatus\x12\x1a.mlxrelay.v1.StatusRequest\x1a\x1b.mlxrelay.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,26 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_end=203
   _globals['_FORWARDENTRY']._serialized_start=206
   _globals['_FORWARDENTRY']._serialized_end=356
-  _globals['_FORWARDREQUEST']._serialized_start=358
-  _globals['_FORWARDREQUEST']._serialized_end=418
-  _globals['_TOPLOGPROB']._serialized_start=420
-  _globals['_TOPLOGPROB']._serialized_end=467
-  _globals['_FORWARDRESULT']._serialized_start=470
-  _globals['_FORWARDRESULT']._serialized_end=647
-  _globals['_FORWARDRESPONSE']._serialized_start=649
-  _globals['_FORWARDRESPONSE']._serialized_end=755
-  _globals['_ENDSESSIONREQUEST']._serialized_start=757
-  _globals['_ENDSESSIONREQUEST']._serialized_end=796
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=798
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=855
-  _globals['_PINGREQUEST']._serialized_start=857
-  _globals['_PINGREQUEST']._serialized_end=924
-  _globals['_PINGRESPONSE']._serialized_start=926
-  _globals['_PINGRESPONSE']._serialized_end=1013
-  _globals['_STATUSREQUEST']._serialized_start=1015
-  _globals['_STATUSREQUEST']._serialized_end=1050
-  _globals['_STATUSRESPONSE']._serialized_start=1053
-  _globals['_STATUSRESPONSE']._serialized_end=1442
-  _globals['_WORKER']._serialized_start=1445
-  _globals['_WORKER']._serialized_end=1733
+  _globals['_HOP']._serialized_start=358
+  _globals['_HOP']._serialized_end=399
+  _globals['_FORWARDREQUEST']._serialized_start=401
+  _globals['_FORWARDREQUEST']._serialized_end=494
+  _globals['_TOPLOGPROB']._serialized_start=496
+  _globals['_TOPLOGPROB']._serialized_end=543
+  _globals['_FORWARDRESULT']._serialized_start=546
+  _globals['_FORWARDRESULT']._serialized_end=723
+  _globals['_STAGETIMING']._serialized_start=725
+  _globals['_STAGETIMING']._serialized_end=803
+  _globals['_FORWARDRESPONSE']._serialized_start=806
+  _globals['_FORWARDRESPONSE']._serialized_end=954
+  _globals['_ENDSESSIONREQUEST']._serialized_start=956
+  _globals['_ENDSESSIONREQUEST']._serialized_end=995
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=997
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1054
+  _globals['_PINGREQUEST']._serialized_start=1056
+  _globals['_PINGREQUEST']._serialized_end=1123
+  _globals['_PINGRESPONSE']._serialized_start=1125
+  _globals['_PINGRESPONSE']._serialized_end=1212
+  _globals['_STATUSREQUEST']._serialized_start=1214
+  _globals['_STATUSREQUEST']._serialized_end=1249
+  _globals['_STATUSRESPONSE']._serialized_start=1252
+  _globals['_STATUSRESPONSE']._serialized_end=1641
+  _globals['_WORKER']._serialized_start=1644
+  _globals['_WORKER']._serialized_end=1932
 # @@protoc_insertion_point(module_scope)

@@ -46,11 +46,21 @@ class ForwardEntry(_message.Message):
     step: int
     def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
 
+class Hop(_message.Message):
+    __slots__ = ("device_id", "address")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    address: str
+    def __init__(self, device_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
 class ForwardRequest(_message.Message):
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "route")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[ForwardEntry]
-    def __init__(self, entries: _Optional[_Iterable[_Union[ForwardEntry, _Mapping]]] = ...) -> None: ...
+    route: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, entries: _Optional[_Iterable[_Union[ForwardEntry, _Mapping]]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -76,15 +86,27 @@ class ForwardResult(_message.Message):
     cached_tokens: int
     def __init__(self, request_id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
+class StageTiming(_message.Message):
+    __slots__ = ("device_id", "compute_seconds", "rpc_seconds")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RPC_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    compute_seconds: float
+    rpc_seconds: float
+    def __init__(self, device_id: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., rpc_seconds: _Optional[float] = ...) -> None: ...
+
 class ForwardResponse(_message.Message):
-    __slots__ = ("results", "device_id", "compute_seconds")
+    __slots__ = ("results", "device_id", "compute_seconds", "stages")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ForwardResult]
     device_id: str
     compute_seconds: float
-    def __init__(self, results: _Optional[_Iterable[_Union[ForwardResult, _Mapping]]] = ..., device_id: _Optional[str] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    def __init__(self, results: _Optional[_Iterable[_Union[ForwardResult, _Mapping]]] = ..., device_id: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("request_id",)

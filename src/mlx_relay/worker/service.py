@@ -29,6 +29,7 @@ from mlx_relay.monitoring.health_rules import serving_blockers
 from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
 from mlx_relay.worker.executor import MLXExecutor
+from mlx_relay.worker.relay import PeerClients, abort_for, relay
 from mlx_relay.worker.sessions import SessionLimitReached, SessionNotFound
 from mlx_relay.worker.stage import ForwardOutcome, StageRuntime
 
@@ -60,6 +61,7 @@ class WorkerState:
     layer_range: LayerRange | None = None
     model_info: Any = None
     runtime: StageRuntime | None = None
+    peers: PeerClients | None = None
     load_error: BaseException | None = None
     stopping: bool = False
     started_at: float = field(default_factory=time.monotonic)
@@ -138,11 +140,38 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             logger.exception("Forward failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"forward failed: {exc}")
         self._record(outcome)
-        return pb.ForwardResponse(
+        own = pb.ForwardResponse(
             results=outcome.results,
             device_id=self.state.device_id,
             compute_seconds=outcome.compute_seconds,
+            stages=[
+                pb.StageTiming(
+                    device_id=self.state.device_id, compute_seconds=outcome.compute_seconds
+                )
+            ],
         )
+        if not request.route:
+            return own
+        # The MLX thread is free again: this stage takes its next micro-batch while this
+        # one runs downstream.
+        return await self._relay(request, own, context)
+
+    async def _relay(
+        self,
+        request: pb.ForwardRequest,
+        own: pb.ForwardResponse,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ForwardResponse:
+        state = self.state
+        try:
+            if state.peers is None or state.runtime is None or state.runtime.is_last:
+                raise InvalidRequest(f"worker {state.device_id} is the last stage: no route")
+            return await relay(state.peers, request, own, context, state.collector)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RelayError as exc:
+            await abort_for(context, exc, state.device_id)
+        raise AssertionError("unreachable")
 
     def _record(self, outcome: ForwardOutcome) -> None:
         collector = self.state.collector

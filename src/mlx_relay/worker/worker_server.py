@@ -30,6 +30,7 @@ from mlx_relay.core.types import LayerRange
 from mlx_relay.worker.background import ServingHealthWatch, SessionSweep
 from mlx_relay.worker.executor import MLXExecutor
 from mlx_relay.worker.grpc_endpoint import WorkerGrpcServer
+from mlx_relay.worker.relay import PeerClients
 from mlx_relay.worker.service import WorkerServicer, WorkerState
 from mlx_relay.worker.stage_loader import blas_threads, find_placement, load_stage
 from mlx_relay.worker.telemetry import WorkerTelemetry
@@ -93,6 +94,10 @@ class WorkerServer:
         if self.telemetry is not None:
             self._state.collector = self.telemetry.collector
             self._state.health = self.telemetry.health
+        following = workers[self.stage + 1].id if self.stage + 1 < len(workers) else None
+        self._state.peers = PeerClients(
+            device.id, following, config.network, recorder=self._state.collector
+        )
         self._grpc = WorkerGrpcServer(device.id, config.network, WorkerServicer(self._state))
         interval = min(config.monitoring.collection_interval, HEALTH_WATCH_MAX_INTERVAL)
         self.health_watch = ServingHealthWatch(self._state, self._grpc, self._report, interval)
@@ -214,6 +219,8 @@ class WorkerServer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._load_task
         await self._grpc.stop(grace)
+        if self._state.peers is not None:
+            await self._state.peers.close()
         await self._executor.shutdown()
         if self._state.runtime is not None:
             self._state.runtime.sessions.clear()

@@ -1,0 +1,328 @@
+"""gRPC client of one worker: one channel, explicit limits, deadlines and retries.
+
+The coordinator calls every stage with it, and a worker calls its next stage with it when it
+relays a ``Forward`` (:mod:`mlx_relay.worker.relay`).
+
+Every call has a deadline from ``config.network``. Idempotent calls (``Ping``, ``GetStatus``,
+health, ``EndSession``) are retried with exponential backoff when the worker is UNAVAILABLE;
+``Forward`` never is, because a retried step would advance a KV cache twice. gRPC failures
+leave this module as the typed errors of :mod:`mlx_relay.core.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mlx_relay.core.config import DeviceConfig, NetworkConfig
+from mlx_relay.core.errors import QueueFull, RelayError, WorkerUnavailable
+from mlx_relay.proto import relay_pb2, relay_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Reconnect quickly after a worker restarts: gRPC's default backoff grows to two minutes.
+_RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+)
+# Trailing metadata of a relayed Forward that failed downstream: the failing stage's id.
+FAILED_DEVICE_KEY = "mlx-relay-failed-device"
+_HEALTH_NAMES = {
+    health_pb2.HealthCheckResponse.UNKNOWN: "UNKNOWN",
+    health_pb2.HealthCheckResponse.SERVING: "SERVING",
+    health_pb2.HealthCheckResponse.NOT_SERVING: "NOT_SERVING",
+    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: "SERVICE_UNKNOWN",
+}
+
+
+class StageError(RelayError):
+    """A worker answered a call with an error other than being unreachable or full
+    (INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED, an internal error...)."""
+
+    def __init__(self, device_id: str, method: str, code: str, detail: str) -> None:
+        super().__init__(f"worker {device_id!r} answered {method} with {code}: {detail}")
+        self.device_id = device_id
+        self.method = method
+        self.code = code
+        self.detail = detail
+
+
+class WorkerTimedOut(WorkerUnavailable):
+    """A worker did not answer before the call's deadline."""
+
+
+class RpcRecorder(Protocol):
+    """Where per-call metrics go (``MetricsCollector.record_rpc``)."""
+
+    def record_rpc(
+        self,
+        peer: str,
+        method: str,
+        seconds: float,
+        code: str,
+        sent_bytes: int = 0,
+        received_bytes: int = 0,
+    ) -> None: ...
+
+
+class RpcMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Records each unary call's latency, payload bytes and status code.
+
+    Args:
+        peer: the device id of the worker at the other end of the channel.
+        recorder: receives one ``record_rpc`` per finished call.
+    """
+
+    def __init__(self, peer: str, recorder: RpcRecorder) -> None:
+        self.peer = peer
+        self.recorder = recorder
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[Any, Any], Awaitable[Any]],
+        client_call_details: Any,
+        request: Any,
+    ) -> Any:
+        method = _short_method(client_call_details.method)
+        sent = request.ByteSize()
+        start = time.perf_counter()
+        call = await continuation(client_call_details, request)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as exc:
+            self._record(method, time.perf_counter() - start, exc.code().name, sent, 0)
+            raise
+        except asyncio.CancelledError:
+            self._record(method, time.perf_counter() - start, "CANCELLED", sent, 0)
+            raise
+        self._record(method, time.perf_counter() - start, "OK", sent, response.ByteSize())
+        return response
+
+    def _record(self, method: str, seconds: float, code: str, sent: int, received: int) -> None:
+        try:
+            self.recorder.record_rpc(self.peer, method, seconds, code, sent, received)
+        except Exception:  # a metrics problem must never fail an inference call
+            logger.exception("recording %s call to %s failed", method, self.peer)
+
+
+def _short_method(method: str | bytes) -> str:
+    name = method.decode() if isinstance(method, bytes) else method
+    return name.rsplit("/", 1)[-1]
+
+
+def translate_rpc_error(
+    device_id: str, method: str, exc: grpc.aio.AioRpcError, timeout: float | None = None
+) -> RelayError:
+    """The typed error for a failed call: unreachable or too slow -> WorkerUnavailable,
+    RESOURCE_EXHAUSTED -> QueueFull, anything else -> StageError."""
+    code = exc.code()
+    detail = exc.details() or code.name
+    relayed = _failed_device(exc)
+    if relayed is not None and relayed != device_id:
+        # A stage further down the route failed: name it, with its own reason.
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return WorkerTimedOut(relayed, detail)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return WorkerUnavailable(relayed, detail)
+        device_id = relayed
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        within = f" within {timeout:g} s" if timeout else ""
+        return WorkerTimedOut(device_id, f"no answer to {method}{within} (deadline exceeded)")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return WorkerUnavailable(device_id, f"{method} failed: unreachable ({detail})")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if "larger than max" in detail:
+            # gRPC's own message size limit, not a full worker.
+            return StageError(
+                device_id, method, code.name, f"{detail} (see network.max_message_mb)"
+            )
+        return QueueFull(f"worker {device_id!r} is full: {detail}")
+    return StageError(device_id, method, code.name, detail)
+
+
+def _failed_device(exc: grpc.aio.AioRpcError) -> str | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == FAILED_DEVICE_KEY:
+            return str(value)
+    return None
+
+
+class WorkerClient:
+    """Calls one worker over a single ``grpc.aio`` channel.
+
+    Create it inside a running event loop. The channel reconnects by itself after the worker
+    restarts, so a client outlives its worker's restarts.
+
+    Args:
+        device_id: the worker's device id (names it in errors and metrics).
+        address: ``host:port`` of its gRPC server.
+        network: deadlines, retries, message size limit and auth token.
+        recorder: receives per-call metrics (a ``MetricsCollector``), or None.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        address: str,
+        network: NetworkConfig,
+        *,
+        recorder: RpcRecorder | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.address = address
+        self.network = network
+        limit = network.max_message_mb * 1024 * 1024
+        options = [
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            *_RECONNECT_OPTIONS,
+        ]
+        interceptors = [RpcMetricsInterceptor(device_id, recorder)] if recorder else None
+        self._channel = grpc.aio.insecure_channel(
+            address, options=options, interceptors=interceptors
+        )
+        self._stub = relay_pb2_grpc.WorkerStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata: Sequence[tuple[str, str]] | None = (
+            (("authorization", f"Bearer {network.auth_token}"),) if network.auth_token else None
+        )
+
+    @classmethod
+    def for_device(
+        cls, device: DeviceConfig, network: NetworkConfig, *, recorder: RpcRecorder | None = None
+    ) -> WorkerClient:
+        return cls(device.id, device.address, network, recorder=recorder)
+
+    async def forward(
+        self, request: relay_pb2.ForwardRequest, *, timeout: float | None = None
+    ) -> relay_pb2.ForwardResponse:
+        """Run one step on the worker's layers. Never retried."""
+        return await self._call(
+            "Forward", self._stub.Forward, request, timeout or self.network.request_timeout
+        )
+
+    async def end_session(self, request_id: str, *, timeout: float | None = None) -> bool:
+        """Free the request's KV cache on the worker; True if it held one."""
+        response = await self._retrying(
+            "EndSession",
+            self._stub.EndSession,
+            relay_pb2.EndSessionRequest(request_id=request_id),
+            timeout or self.network.request_timeout,
+        )
+        return bool(response.existed)
+
+    async def ping(
+        self, payload: bytes = b"", *, timeout: float | None = None, retry: bool = True
+    ) -> float:
+        """Round-trip time in seconds of a Ping carrying ``payload`` on this channel."""
+        request = relay_pb2.PingRequest(payload=payload, sent_at=time.monotonic())
+        start = time.perf_counter()
+        response = await self._retrying(
+            "Ping", self._stub.Ping, request, timeout or self.network.ping_timeout, retry
+        )
+        rtt = time.perf_counter() - start
+        if response.payload != payload:
+            raise StageError(self.device_id, "Ping", "DATA_LOSS", "echoed payload differs")
+        return rtt
+
+    async def get_status(
+        self, *, timeout: float | None = None, retry: bool = True
+    ) -> relay_pb2.StatusResponse:
+        """The worker's shard, metrics and health."""
+        return await self._retrying(
+            "GetStatus",
+            self._stub.GetStatus,
+            relay_pb2.StatusRequest(),
+            timeout or self.network.request_timeout,
+            retry,
+        )
+
+    async def health(self, *, timeout: float | None = None, retry: bool = True) -> str:
+        """The worker's overall ``grpc.health.v1`` status: SERVING, NOT_SERVING, ..."""
+        response = await self._retrying(
+            "Check",
+            self._health.Check,
+            health_pb2.HealthCheckRequest(service=""),
+            timeout or self.network.ping_timeout,
+            retry,
+        )
+        return _HEALTH_NAMES.get(response.status, "UNKNOWN")
+
+    async def wait_serving(self, timeout: float) -> None:
+        """Wait until the worker reports SERVING.
+
+        Raises:
+            WorkerUnavailable: not SERVING after ``timeout`` seconds; the message carries the
+                last status or error seen.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        last = "no answer yet"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerUnavailable(
+                    self.device_id,
+                    f"not serving at {self.address} after {timeout:g} s (last: {last})",
+                )
+            try:
+                status = await self.health(
+                    timeout=min(self.network.ping_timeout, remaining), retry=False
+                )
+                if status == "SERVING":
+                    return
+                last = f"health {status}"
+            except RelayError as exc:
+                last = str(exc)
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 1.0)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _retrying(
+        self,
+        method: str,
+        fn: Callable[..., Awaitable[T]],
+        request: Any,
+        timeout: float,
+        retry: bool = True,
+    ) -> T:
+        attempts = 1 + (self.network.retries if retry else 0)
+        for attempt in range(attempts):
+            try:
+                return await self._call(method, fn, request, timeout, translate=False)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
+                    raise translate_rpc_error(self.device_id, method, exc, timeout) from None
+                delay = self.network.retry_backoff * 2**attempt
+                logger.debug("%s to %s unavailable, retry in %.2f s", method, self.device_id, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _call(
+        self,
+        method: str,
+        fn: Callable[..., Awaitable[T]],
+        request: Any,
+        timeout: float,
+        *,
+        translate: bool = True,
+    ) -> T:
+        try:
+            return await fn(request, timeout=timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            if not translate:
+                raise
+            raise translate_rpc_error(self.device_id, method, exc, timeout) from None
