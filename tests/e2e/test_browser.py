@@ -127,7 +127,22 @@ async def test_dashboard_shows_the_cluster_and_live_request_count(
             await page.locator("#stages .stage.bottleneck").wait_for(timeout=15_000)
             assert await page.locator("#stages .stage").count() == 2
             assert await page.locator("#stages .stage.bottleneck").count() == 1
-            assert await page.locator("#links tbody tr").count() == 2
+            # The links the pipeline really uses: coordinator -> worker-0 (token ids) and
+            # worker-0 -> worker-1 (hidden states, reported by worker-0); the coordinator's
+            # link to worker-1 carries only its poll.
+            relayed = page.locator("#links tbody tr", has_text="worker-0 → worker-1")
+            await relayed.wait_for(timeout=15_000)
+            sent = await relayed.locator('[data-column="sent"]').text_content()
+            assert sent and not sent.startswith("0 "), sent
+            assert await page.locator("#links tbody tr").count() == 3
+            for link in ("coordinator→worker-0", "worker-0→worker-1"):
+                arrow = page.locator(f'#devices .arrow[data-link="{link}"]')
+                await page.wait_for_function(
+                    "(selector) => document.querySelector(selector).classList.contains('carries')",
+                    arg=f'#devices .arrow[data-link="{link}"]',
+                    timeout=15_000,
+                )
+                assert "sent" in (await arrow.get_attribute("title") or "")
             assert await page.text_content("#connection-state") == "live"
             assert await page.locator("#connection-banner").is_hidden()
             # Concurrent requests share each Forward: every stage shows a batch size above 1.

@@ -125,6 +125,32 @@ async def test_stuck_worker_hits_the_deadline_and_recovers(
         assert after.token_ids == before.token_ids
 
 
+async def test_stuck_downstream_stage_is_named_within_the_deadline(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # worker-0 relays to worker-1 itself: its hop's deadline is what the coordinator's call
+    # has left, less a margin, so the stuck worker-1 is named before the coordinator's
+    # deadline would blame worker-0.
+    async with process_cluster(tiny_model_dir, tmp_path, 2, network=NETWORK) as cluster:
+        orchestrator = cluster.orchestrator
+        before = await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=6))
+        stuck = cluster.processes[1]
+        os.kill(stuck.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(WorkerTimedOut) as failed:
+                await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=6))
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(stuck.pid, signal.SIGCONT)
+        assert failed.value.device_id == "worker-1"
+        assert "no answer to Forward within" in str(failed.value)
+        assert elapsed < REQUEST_TIMEOUT + SLACK
+        await wait_all_serving(cluster)
+        after = await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=6))
+        assert after.token_ids == before.token_ids
+
+
 async def test_initialize_lists_every_unreachable_worker(tiny_model_dir: Path) -> None:
     missing_port = free_ports(1)[0]
     data = cluster_dict(tiny_model_dir, 3, network={"connect_timeout": 1.0})

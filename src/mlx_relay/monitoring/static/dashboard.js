@@ -128,7 +128,9 @@
     const parts = [
       ["batch-size", `batch ${batch}`],
       ["in-flight", `${occupancy ? occupancy.microbatches_in_flight : "–"} in flight`],
-      ["bubble", `bubble ${occupancy ? fmt.percent(occupancy.bubble_ratio) : "n/a"}`],
+      // The upper bound: with the relay a micro-batch is outstanding on every stage at once,
+      // so the lower bound is about 0 whenever the pipeline holds one (docs/monitoring-api.md).
+      ["bubble", `bubble ${occupancy ? fmt.percent(occupancy.bubble_ratio_max) : "n/a"}`],
     ];
     parts.forEach(([field, text], i) => {
       if (i > 0) row.appendChild(document.createTextNode(" · "));

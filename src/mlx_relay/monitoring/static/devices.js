@@ -167,11 +167,26 @@
     if (container.dataset.order !== order) {
       container.replaceChildren();
       devices.forEach((device, i) => {
-        if (i > 0) container.appendChild(el("div", "arrow", "→"));
+        if (i > 0) {
+          const arrow = el("div", "arrow", "→");
+          arrow.dataset.link = `${devices[i - 1].device_id}→${device.device_id}`;
+          container.appendChild(arrow);
+        }
         const parts = cards.get(device.device_id) || createCard(device.device_id);
         container.appendChild(parts.card);
       });
       container.dataset.order = order;
+    }
+    // Each arrow is the link that carries the pipeline's Forward calls between the two:
+    // coordinator → first worker (token ids), then worker → worker (hidden states).
+    const links = {};
+    for (const link of snapshot.network.links) links[`${link.device}→${link.peer}`] = link;
+    for (const arrow of container.querySelectorAll(".arrow")) {
+      const link = links[arrow.dataset.link];
+      arrow.classList.toggle("carries", Boolean(link && link.transmit_bytes_total > 0));
+      arrow.title = link
+        ? `${arrow.dataset.link}: ${fmt.bytes(link.transmit_bytes_total)} sent, ${fmt.bytes(link.receive_bytes_total)} received`
+        : `${arrow.dataset.link}: no traffic recorded yet`;
     }
     for (const device of devices) {
       updateCard(cards.get(device.device_id), device, snapshot, statusOf[device.device_id] || "unknown");
