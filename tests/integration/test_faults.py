@@ -94,13 +94,17 @@ async def test_killed_worker_fails_its_requests_then_recovers_after_restart(
         assert orchestrator.running_requests == 0
 
 
+@pytest.mark.parametrize("stuck_stage", [0, 1], ids=["first-stage", "downstream-stage"])
 async def test_stuck_worker_hits_the_deadline_and_recovers(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, stuck_stage: int
 ) -> None:
+    # worker-0 relays to worker-1 itself: its hop's deadline is what the coordinator's call
+    # has left, less a margin, so a stuck worker-1 is named before the coordinator's own
+    # deadline would blame worker-0.
     async with process_cluster(tiny_model_dir, tmp_path, 2, network=NETWORK) as cluster:
         orchestrator = cluster.orchestrator
         before = await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=6))
-        stuck = cluster.processes[0]
+        stuck = cluster.processes[stuck_stage]
         os.kill(stuck.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -117,35 +121,11 @@ async def test_stuck_worker_hits_the_deadline_and_recovers(
             os.kill(stuck.pid, signal.SIGCONT)
         for failed in outcomes:
             assert isinstance(failed, WorkerTimedOut), failed
-            assert failed.device_id == "worker-0"
-            assert f"within {REQUEST_TIMEOUT:g} s" in str(failed)
-        assert REQUEST_TIMEOUT * 0.9 <= elapsed < REQUEST_TIMEOUT + SLACK
-        await wait_all_serving(cluster)
-        after = await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=6))
-        assert after.token_ids == before.token_ids
-
-
-async def test_stuck_downstream_stage_is_named_within_the_deadline(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    # worker-0 relays to worker-1 itself: its hop's deadline is what the coordinator's call
-    # has left, less a margin, so the stuck worker-1 is named before the coordinator's
-    # deadline would blame worker-0.
-    async with process_cluster(tiny_model_dir, tmp_path, 2, network=NETWORK) as cluster:
-        orchestrator = cluster.orchestrator
-        before = await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=6))
-        stuck = cluster.processes[1]
-        os.kill(stuck.pid, signal.SIGSTOP)
-        try:
-            started = time.monotonic()
-            with pytest.raises(WorkerTimedOut) as failed:
-                await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=6))
-            elapsed = time.monotonic() - started
-        finally:
-            os.kill(stuck.pid, signal.SIGCONT)
-        assert failed.value.device_id == "worker-1"
-        assert "no answer to Forward within" in str(failed.value)
-        assert elapsed < REQUEST_TIMEOUT + SLACK
+            assert failed.device_id == f"worker-{stuck_stage}"
+            assert "no answer to Forward within" in str(failed)
+            if stuck_stage == 0:
+                assert f"within {REQUEST_TIMEOUT:g} s" in str(failed)
+        assert REQUEST_TIMEOUT * 0.8 <= elapsed < REQUEST_TIMEOUT + SLACK
         await wait_all_serving(cluster)
         after = await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=6))
         assert after.token_ids == before.token_ids

@@ -26,7 +26,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from mlx_relay.coordinator import client as client_module
+from mlx_relay import worker_client as client_module
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.server.runtime import CoordinatorRuntime
 from tests.support.cluster import free_ports
@@ -97,8 +97,12 @@ class Coordinator:
         return response.json()
 
     async def links(self) -> dict[str, dict[str, Any]]:
+        """The coordinator's own links by peer (the workers' links to their next stage are
+        in the list too, measured in the worker processes)."""
         devices = await self.get("/api/devices")
-        return {link["peer"]: link for link in devices["links"]}
+        return {
+            link["peer"]: link for link in devices["links"] if link["device"] == "coordinator"
+        }
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -355,13 +359,14 @@ async def test_readme_commands_run_as_written(
 
             async def measured() -> dict[str, Any] | None:
                 devices = (await http.get("/api/devices")).json()
-                links = devices["links"]
+                links = [link for link in devices["links"] if link["device"] == "coordinator"]
                 ready = len(links) == 2 and all(link["rtt"]["count"] >= 3 for link in links)
-                return devices if ready else None
+                return links if ready else None
 
-            devices = await wait_for(measured, timeout=20, what="3 probes per link")
+            links = await wait_for(measured, timeout=20, what="3 probes per link")
+            devices = (await http.get("/api/devices")).json()
         assert [d["up"] for d in devices["devices"] if d["role"] == "worker"] == [True, True]
-        for link in devices["links"]:
+        for link in links:
             assert link["rtt"]["p50"] < 0.001, link
     finally:
         process.send_signal(signal.SIGINT)
@@ -391,8 +396,11 @@ async def test_dashboard_shows_the_split_link_figures(
                        .filter(td => td.textContent !== '\\u2013').length === 2""",
                 timeout=15_000,
             )
-            rows = page.locator("#links tbody tr")
+            rows = page.locator("#links tbody tr", has_text="coordinator →")
             assert await rows.count() == 2
+            # The hidden states' hop, reported by worker-0 (no one pings it: no RTT).
+            relayed = page.locator("#links tbody tr", has_text="worker-0 → worker-1")
+            await relayed.wait_for(timeout=15_000)
             for i in range(2):
                 row = rows.nth(i)
                 cell = row.locator('td[data-column="network-rtt"]')
