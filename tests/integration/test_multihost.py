@@ -100,9 +100,7 @@ class Coordinator:
         """The coordinator's own links by peer (the workers' links to their next stage are
         in the list too, measured in the worker processes)."""
         devices = await self.get("/api/devices")
-        return {
-            link["peer"]: link for link in devices["links"] if link["device"] == "coordinator"
-        }
+        return {link["peer"]: link for link in devices["links"] if link["device"] == "coordinator"}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
