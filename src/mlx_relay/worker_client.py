@@ -212,6 +212,18 @@ class WorkerClient:
             "Forward", self._stub.Forward, request, timeout or self.network.request_timeout
         )
 
+    async def connected(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the channel to be connected (it reconnects by
+        itself, after up to a second's backoff, once a restarted worker is back); True if
+        it is. A call made while the channel waits out its backoff fails at once."""
+        if self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return True
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def end_session(self, request_id: str, *, timeout: float | None = None) -> bool:
         """Free the request's KV cache on the worker; True if it held one."""
         response = await self._retrying(

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 # Share of the remaining deadline a hop keeps for answering its caller, and its floor (s).
 DEADLINE_MARGIN_SHARE = 0.1
 DEADLINE_MARGIN_MIN = 0.05
+# Longest wait for the channel to the next stage to reconnect before a hop (s): the
+# client's longest reconnect backoff.
+RECONNECT_WAIT = 1.0
 
 
 def hop_timeout(remaining: float | None, default: float) -> float:
@@ -124,6 +127,10 @@ async def relay(
     client = peers.client(hop)
     timeout = hop_timeout(context.time_remaining(), peers.network.request_timeout)
     started = time.perf_counter()
+    # A next stage that was restarted is reached once the channel's backoff is over: wait
+    # for it (a dead one still fails at once after that) rather than fail the step.
+    await client.connected(min(RECONNECT_WAIT, timeout / 2))
+    timeout = max(0.001, timeout - (time.perf_counter() - started))
     reply = await client.forward(
         pb.ForwardRequest(entries=next_entries(request.entries, own.results), route=rest),
         timeout=timeout,
