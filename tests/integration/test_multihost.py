@@ -322,7 +322,8 @@ async def test_workers_bound_beyond_loopback_without_a_token_warn(
     guarded.write_text(yaml.safe_dump(data))
     run = start_worker(net.hosts[0], guarded, "worker-0", config_path.with_name("guarded.log"))
     try:
-        wait_for_log(run, "listening on")
+        # Stop it once loaded: a Ctrl-C during the load waits for the load to finish.
+        wait_for_log(run, "serving layers")
     finally:
         run.process.send_signal(signal.SIGINT)
         run.process.wait(timeout=30)
