@@ -12,7 +12,11 @@ import httpx
 import pytest
 
 from tests.support.dashboard_cluster import PROMPT_MARKER, wait_for
-from tests.support.history_cluster import coordinator, history_workers, send_completions
+from tests.support.history_cluster import (
+    coordinator,
+    history_workers,
+    send_completions_with_usage,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -35,7 +39,8 @@ async def test_history_and_request_log_survive_a_coordinator_restart(
     async with history_workers(tiny_model_dir, store_path) as config:
         async with coordinator(config) as runtime:
             started = time.time()
-            sent = await send_completions(runtime.url, 3)
+            usage = await send_completions_with_usage(runtime.url, 3)
+            sent = list(usage)
             async with httpx.AsyncClient(base_url=runtime.url) as http:
 
                 async def stored() -> list[dict] | None:
@@ -92,9 +97,13 @@ async def test_history_and_request_log_survive_a_coordinator_restart(
             async with httpx.AsyncClient(base_url=runtime.url) as http:
                 log = (await http.get("/api/requests", params={"order": "oldest"})).json()
                 assert [r["request_id"] for r in log["requests"]] == sent
+                # Each record holds the token counts its client was told.
+                assert [(r["prompt_tokens"], r["generated_tokens"]) for r in log["requests"]] == [
+                    (u["prompt_tokens"], u["completion_tokens"]) for u in usage.values()
+                ]
+                assert sum(u["completion_tokens"] for u in usage.values()) > 0
                 first = log["requests"][0]
                 assert first["status"] == "ok" and first["finish_reason"] in ("stop", "length")
-                assert first["generated_tokens"] > 0 and first["prompt_tokens"] > 0
                 assert first["ttft_seconds"] <= first["e2e_seconds"]
                 assert set(first["stage_seconds"]) == {"worker-0", "worker-1"}
                 assert PROMPT_MARKER not in (await http.get("/api/requests")).text

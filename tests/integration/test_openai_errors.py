@@ -199,7 +199,14 @@ async def test_unknown_model_is_400_model_not_found(
 async def test_full_queue_is_429_until_a_slot_frees(
     served: Served, client: AsyncOpenAI, raw: httpx.AsyncClient
 ) -> None:
-    long_request = {"model": served.model, "messages": HELLO, "max_tokens": 400, "stream": True}
+    # Greedy: a sampled stream could meet the end-of-sequence token early and free its slot.
+    long_request = {
+        "model": served.model,
+        "messages": HELLO,
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+    }
     async with raw.stream("POST", "/v1/chat/completions", json=long_request) as running:
         assert running.status_code == 200
         lines = running.aiter_lines()

@@ -47,7 +47,9 @@ def wait_healthy(process: subprocess.Popen[bytes], url: str, log: Path) -> dict:
 
 
 def port_is_free(port: int) -> bool:
+    # As a server binds: closed connections still in TIME_WAIT do not hold the port.
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -4,7 +4,6 @@ the coordinator keeps running, and the restart is counted in /metrics and /api/d
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.test_up_cli import (
     START_TIMEOUT,
     exit_code_and_output,
+    port_is_free,
     reap,
     start,
     stop,
@@ -32,16 +32,6 @@ def worker_processes(up: psutil.Process) -> dict[str, psutil.Process]:
         if "worker" in command and "--device-id" in command:
             found[command[command.index("--device-id") + 1]] = child
     return found
-
-
-def nothing_listens_on(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def serving_since(url: str, since: float) -> bool:
@@ -143,4 +133,4 @@ def test_up_gives_up_on_a_worker_killed_again_and_again(
         p.pid for p in psutil.process_iter(["cmdline"]) if str(config) in (p.info["cmdline"] or [])
     ]
     # A killed worker's connections linger in TIME_WAIT; nothing listens on any port.
-    assert all(nothing_listens_on(p) for p in [port, *worker_ports])
+    assert all(port_is_free(p) for p in [port, *worker_ports])

@@ -56,8 +56,15 @@ def with_token(config: ClusterConfig, token: str) -> ClusterConfig:
 async def send_completions(
     url: str, count: int, max_tokens: int = 6, token: str | None = None
 ) -> list[str]:
-    """``count`` completions through the OpenAI API; returns their request ids."""
-    ids: list[str] = []
+    """``count`` greedy completions through the OpenAI API; returns their request ids."""
+    return list(await send_completions_with_usage(url, count, max_tokens, token))
+
+
+async def send_completions_with_usage(
+    url: str, count: int, max_tokens: int = 6, token: str | None = None
+) -> dict[str, dict[str, int]]:
+    """``count`` greedy completions, in order; each request id with the usage its client got."""
+    sent: dict[str, dict[str, int]] = {}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with httpx.AsyncClient(base_url=url, timeout=60, headers=headers) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
@@ -66,8 +73,9 @@ async def send_completions(
                 "model": model,
                 "prompt": f"{PROMPT_MARKER} history {i}",
                 "max_tokens": max_tokens,
+                "temperature": 0,
             }
             response = await http.post("/v1/completions", json=body)
             response.raise_for_status()
-            ids.append(response.headers["X-Request-Id"])
-    return ids
+            sent[response.headers["X-Request-Id"]] = response.json()["usage"]
+    return sent
