@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -115,16 +116,24 @@ def test_resolve_imports_a_gguf_once(
     monkeypatch.setattr(import_cache, "convert_gguf", fail)
     assert resolve_model_dir(model, progress=False) == model_dir
 
+    # The same file touched, or copied to another path (another checkout sharing the cache):
+    # not imported again.
+    stat = gguf_file.stat()
+    os.utime(gguf_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert resolve_model_dir(model, progress=False) == model_dir
+    copy = tmp_path / "elsewhere" / gguf_file.name
+    copy.parent.mkdir()
+    shutil.copyfile(gguf_file, copy)
+    moved = ModelConfig(path=str(copy), cache_dir=str(tmp_path / "cache"))
+    assert resolve_model_dir(moved, progress=False) == model_dir
+
     # A changed source file is imported again.
     calls: list[Path] = []
     monkeypatch.setattr(import_cache, "convert_gguf", _recording_convert(calls))
-    stat = gguf_file.stat()
-    os.utime(gguf_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    try:
-        assert resolve_model_dir(model, progress=False) == model_dir
-    finally:
-        os.utime(gguf_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert len(calls) == 1
+    with copy.open("ab") as fh:
+        fh.write(bytes(64))
+    assert resolve_model_dir(moved, progress=False) == model_dir
+    assert calls == [copy]
     assert (model_dir / "config.json").is_file()
     assert sorted(p.name for p in model_dir.parent.iterdir()) == ["tiny-llama.Q0"]
 

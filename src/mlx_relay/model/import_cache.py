@@ -2,11 +2,14 @@
 
 Each import goes to a temporary directory beside its destination and is renamed into
 place, so readers never see half a model. A marker file records the source file's size and
-mtime so that a changed GGUF is imported again.
+mtime, and a fingerprint of its content, so that a changed GGUF is imported again while
+the same file at another path (another checkout or virtual environment sharing the cache) is
+not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +28,8 @@ logger = logging.getLogger(__name__)
 # Written last into an imported directory; bump the version when the import output changes.
 IMPORT_MARKER = "mlx_relay_import.json"
 IMPORT_VERSION = 1
+# The fingerprint hashes this many bytes at the start, middle and end of the file.
+_SAMPLE_BYTES = 1 << 20
 
 
 def cached_import(gguf: Path, out_dir: Path, progress: bool, name: str) -> Path:
@@ -35,21 +40,46 @@ def cached_import(gguf: Path, out_dir: Path, progress: bool, name: str) -> Path:
             recorded = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             recorded = {}
-        if recorded.get("source") == _source_stamp(gguf):
+        if _same_source(recorded.get("source"), gguf):
             return out_dir
         logger.info("%s changed since it was imported; importing it again", gguf)
     # A fresh import never replaces a directory another process may be loading from.
     return import_into(gguf, out_dir, progress, replace=out_dir.exists(), name=name)
 
 
-def _source_stamp(gguf: Path) -> dict[str, Any]:
+def _same_source(recorded: Any, gguf: Path) -> bool:
+    if not isinstance(recorded, dict) or recorded.get("version") != IMPORT_VERSION:
+        return False
+    stamp = _file_stamp(gguf)
+    if all(recorded.get(key) == value for key, value in stamp.items()):
+        return True
+    # Another path or mtime: the same file if its size and sampled content match.
+    return recorded.get("size") == stamp["size"] and recorded.get("fingerprint") == (
+        _fingerprint(gguf)
+    )
+
+
+def _file_stamp(gguf: Path) -> dict[str, Any]:
     stat = gguf.stat()
-    return {
-        "path": str(gguf.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "version": IMPORT_VERSION,
-    }
+    return {"path": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _fingerprint(gguf: Path) -> str:
+    """SHA-256 over the size and three samples of the file (start, middle, end): a few
+    milliseconds for a model of any size."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with gguf.open("rb") as fh:
+        for offset in sorted(
+            {0, max(0, size // 2 - _SAMPLE_BYTES // 2), max(0, size - _SAMPLE_BYTES)}
+        ):
+            fh.seek(offset)
+            digest.update(fh.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _source_stamp(gguf: Path) -> dict[str, Any]:
+    return {**_file_stamp(gguf), "fingerprint": _fingerprint(gguf), "version": IMPORT_VERSION}
 
 
 def import_into(gguf: Path, out_dir: Path, progress: bool, replace: bool, name: str | None) -> Path:
