@@ -233,6 +233,49 @@ async def test_critical_health_turns_not_serving_and_back(tiny_model_dir: Path) 
         assert (await worker.stub.GetStatus(pb.StatusRequest())).health_status == "warning"
 
 
+async def test_a_stop_during_the_load_does_not_wait_for_it(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def endless_load(*_args: Any) -> StageRuntime:
+        entered.set()
+        gate.wait(60)
+        raise RuntimeError("load abandoned")
+
+    monkeypatch.setattr(StageRuntime, "load", staticmethod(endless_load))
+    server = WorkerServer(worker_config(tiny_model_dir, [(0, 4)]), enable_monitoring=False)
+    await server.start()
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        # The load is running on the MLX thread: the stop returns without it.
+        await asyncio.wait_for(server.stop(), timeout=20)
+        assert not gate.is_set() and not server.ready
+    finally:
+        gate.set()
+
+
+def test_a_process_exits_while_its_mlx_thread_is_busy() -> None:
+    script = (
+        "import asyncio, time\n"
+        "from mlx_relay.worker.executor import MLXExecutor\n"
+        "async def main():\n"
+        "    ex = MLXExecutor()\n"
+        "    job = asyncio.ensure_future(ex.run(time.sleep, 600))\n"
+        "    await asyncio.sleep(0.2)\n"
+        "    await ex.shutdown(wait=False)\n"
+        "    job.cancel()\n"
+        "asyncio.run(main())\n"
+        "print('exited')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "exited"
+
+
 async def test_failed_load_is_reported(tiny_model_dir: Path) -> None:
     # Layers past the model's end: the config is valid, the model does not fit it.
     config = worker_config(tiny_model_dir, [(0, 6)])

@@ -2,6 +2,9 @@
 
 Loading, tensor conversion and every forward pass run here, in submission order, so MLX
 state is never shared between threads and the asyncio loop never waits on ``mx.eval``.
+
+The thread is a daemon: a worker stopped while it is still loading its layers (Ctrl-C
+during a load of many seconds) exits at once instead of waiting for the load to finish.
 """
 
 from __future__ import annotations
@@ -9,14 +12,67 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from concurrent.futures import Executor, Future
+from typing import Any, ParamSpec, TypeVar
 
 logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+_Job = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class _DaemonThread(Executor):
+    """One daemon thread running submitted jobs in order (a ``concurrent.futures`` executor,
+    so asyncio's ``run_in_executor`` drives it)."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the MLX executor is shut down")
+            future: Future[T] = Future()
+            self._jobs.put((future, fn, args, kwargs))
+            return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                if cancel_futures:
+                    self._cancel_queued()
+                self._jobs.put(None)
+        if wait:
+            self._thread.join()
+
+    def _cancel_queued(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job[0].cancel()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # the caller sees every failure, as with a pool
+                future.set_exception(exc)
 
 
 class MLXExecutor:
@@ -27,7 +83,7 @@ class MLXExecutor:
     """
 
     def __init__(self, name: str = "mlx") -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pool = _DaemonThread(name=f"{name}_0")
         self._closed = False
 
     async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -45,11 +101,21 @@ class MLXExecutor:
     def closed(self) -> bool:
         return self._closed
 
-    async def shutdown(self) -> None:
-        """Finish the running job, drop queued ones, and stop the thread (idempotent)."""
+    async def shutdown(self, wait: bool = True) -> None:
+        """Drop queued jobs and stop the thread (idempotent).
+
+        Args:
+            wait: wait for the running job to finish (a forward pass); without it the
+                thread finishes that job on its own, or is dropped when the process exits
+                (a load abandoned by a stop).
+        """
         if self._closed:
             return
         self._closed = True
+        if not wait:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            logger.debug("MLX thread left to finish its job")
+            return
         # Joining the thread may wait for a long forward pass: keep the loop free meanwhile.
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         logger.debug("MLX thread stopped")

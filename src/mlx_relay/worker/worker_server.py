@@ -214,6 +214,7 @@ class WorkerServer:
         self._state.stopping = True
         await self.health_watch.stop()
         await self.session_sweep.stop()
+        loading = self._load_task is not None and not self._load_task.done()
         if self._load_task is not None:
             self._load_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -221,7 +222,8 @@ class WorkerServer:
         await self._grpc.stop(grace)
         if self._state.peers is not None:
             await self._state.peers.close()
-        await self._executor.shutdown()
+        # A stop during the load does not wait for it (the MLX thread is a daemon).
+        await self._executor.shutdown(wait=not loading)
         if self._state.runtime is not None:
             self._state.runtime.sessions.clear()
         if self.telemetry is not None:
