@@ -143,10 +143,10 @@ def translate_rpc_error(
         return WorkerUnavailable(device_id, f"{method} failed: unreachable ({detail})")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         if "larger than max" in detail:
-            # gRPC's own message size limit, not a full worker.
-            return StageError(
-                device_id, method, code.name, f"{detail} (see network.max_message_mb)"
-            )
+            # gRPC's own message size limit, not a full worker (a relayed failure already
+            # carries the hint from the hop that saw it).
+            hint = "" if "network.max_message_mb" in detail else " (see network.max_message_mb)"
+            return StageError(device_id, method, code.name, f"{detail}{hint}")
         return QueueFull(f"worker {device_id!r} is full: {detail}")
     return StageError(device_id, method, code.name, detail)
 
