@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from mlx_relay.coordinator.requests import InferenceRequest
 from mlx_relay.monitoring.api.views import StatsResponse
 from mlx_relay.monitoring.snapshot import Snapshot
+from tests.support.cluster import local_cluster
 from tests.support.dashboard_cluster import PROMPT_MARKER, dashboard_cluster
 
 CONCURRENT = 8
@@ -91,3 +94,39 @@ def _sample(text: str, series: str) -> float:
     match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
     assert match is not None, f"{series} missing from /metrics"
     return float(match[1])
+
+
+async def test_each_stage_bubble_is_the_time_it_did_not_compute_while_a_request_ran(
+    tiny_model_dir: Path,
+) -> None:
+    """One request on two stages: the stages compute in turn, so each idles while the other
+    computes and while hidden states and tokens travel. The bubble the coordinator shows
+    for a stage is the request's time less the compute time that stage measured itself."""
+    async with local_cluster(tiny_model_dir, 2, enable_monitoring=True) as cluster:
+        orchestrator = cluster.orchestrator
+        collector = orchestrator.metrics_collector
+        assert collector is not None
+
+        def busy() -> dict[str, float]:
+            return {
+                w.device_id: w.collector.snapshot().stages[w.device_id].busy_seconds_total
+                for w in cluster.workers
+            }
+
+        before = busy()
+        started = time.perf_counter()
+        response = await orchestrator.process_request(
+            InferenceRequest(prompt=f"{PROMPT_MARKER} alone", max_tokens=MAX_TOKENS)
+        )
+        elapsed = time.perf_counter() - started
+        after = busy()
+        occupancy = collector.snapshot().occupancy
+    assert response.usage.completion_tokens == MAX_TOKENS
+    for device_id in ("worker-0", "worker-1"):
+        stage = occupancy[device_id]
+        computed = after[device_id] - before[device_id]
+        assert 0 < computed < elapsed
+        idle = stage.bubble_ratio * stage.window_seconds
+        assert stage.microbatches_in_flight == 0
+        assert stage.bubble_ratio_max == stage.bubble_ratio
+        assert idle == pytest.approx(elapsed - computed, abs=0.02 + 0.05 * elapsed)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mlx_relay.coordinator.client import StageError, WorkerClient
+from mlx_relay.coordinator.compute_windows import Window, compute_windows
 from mlx_relay.coordinator.scheduler import Scheduler, SchedulerSettings, StepPlan
 from mlx_relay.core.errors import PipelineNotReady, WorkerUnavailable
 from mlx_relay.proto import relay_pb2
@@ -269,19 +270,30 @@ class StepLoop:
                 relay_pb2.ForwardRequest(entries=entries, route=self._route)
             )
         finally:
+            seconds = time.perf_counter() - started
             if collector is not None:
-                computed = {t.device_id: t.compute_seconds for t in reply.stages} if reply else {}
+                windows = _windows_by_stage(reply, seconds)
                 for stage, token in zip(self._stages, tokens, strict=True):
                     collector.stage_forward_finished(
-                        stage.device_id, token, computed.get(stage.device_id, 0.0)
+                        stage.device_id, token, windows.get(stage.device_id)
                     )
-        return _Answer(reply, time.perf_counter() - started)
+        return _Answer(reply, seconds)
 
 
 @dataclass(frozen=True)
 class _Answer:
     reply: relay_pb2.ForwardResponse
     rpc_seconds: float
+
+
+def _windows_by_stage(
+    reply: relay_pb2.ForwardResponse | None, rpc_seconds: float
+) -> dict[str, Window | None]:
+    """When each stage computed, in seconds after the send; empty after an error."""
+    if reply is None:
+        return {}
+    windows = compute_windows(reply.stages, rpc_seconds)
+    return {t.device_id: w for t, w in zip(reply.stages, windows, strict=True)}
 
 
 def _matching_results(

@@ -206,11 +206,11 @@ class MetricsCollector:
         return self._occupancy.forward_started(device_id, stage, batch_size)
 
     def stage_forward_finished(
-        self, device_id: str, token: int, compute_seconds: float = 0.0
+        self, device_id: str, token: int, computed: tuple[float, float] | None = None
     ) -> None:
-        """That ``Forward`` is back (answer or error); ``compute_seconds`` as the stage
-        reported it."""
-        self._occupancy.forward_finished(device_id, token, compute_seconds)
+        """That ``Forward`` is back (answer or error); ``computed`` is when the stage
+        computed its part, in seconds after the send (None: unknown, busy all along)."""
+        self._occupancy.forward_finished(device_id, token, computed)
 
     def set_requests_scheduled(self, n: int) -> None:
         """Unfinished requests the coordinator's step loop holds now (for the bubble)."""

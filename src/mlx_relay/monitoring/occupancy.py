@@ -1,5 +1,5 @@
 """How busy the coordinator keeps each pipeline stage: micro-batches in flight, recent batch
-sizes and the bubble, all from timestamps taken in the coordinator process.
+sizes and the bubble, from the coordinator's timestamps and the stages' own compute windows.
 
 Definitions (docs/monitoring-api.md, "Stage occupancy"):
 
@@ -7,13 +7,15 @@ Definitions (docs/monitoring-api.md, "Stage occupancy"):
   after its answer (or error) is back.
 - The step loop *holds requests* while it has at least one request it has not finished,
   whether that request is in a micro-batch on some stage or waiting for its next step.
+- A stage is *busy* while it computes a ``Forward``: the window each stage reports for its
+  part of the call, placed on the coordinator's clock
+  (:func:`~mlx_relay.coordinator.compute_windows.compute_windows`). An answer without a
+  window (an error, a worker that does not report one) counts as busy while outstanding.
 - A stage's *bubble* is the share of the last ``window`` seconds (fewer right after start)
-  during which the loop held requests and no ``Forward`` was outstanding on that stage.
-
-Timestamps are the coordinator's, so a ``Forward`` counts as outstanding while its bytes
-travel and while the stage's gRPC layer handles it, when the stage computes nothing: the
-true idle share is at least ``bubble_ratio`` and at most ``bubble_ratio_max``, which adds the
-outstanding time not spent computing (RPC time minus the compute time the stage reports).
+  during which the loop held requests and the stage was not busy. A ``Forward`` still
+  outstanding has not said yet when the stage computes it: ``bubble_ratio`` counts it busy
+  until its answer, ``bubble_ratio_max`` idle, so the two differ by at most the time the
+  micro-batches now in flight have been outstanding.
 """
 
 from __future__ import annotations
@@ -68,21 +70,19 @@ def intersection(left: list[Interval], right: list[Interval]) -> list[Interval]:
 
 
 def bubble_seconds(
-    held: Iterable[Interval], outstanding: Iterable[Interval], start: float, end: float
+    held: Iterable[Interval], busy: Iterable[Interval], start: float, end: float
 ) -> float:
-    """Seconds of ``[start, end]`` inside some ``held`` interval and no ``outstanding`` one."""
+    """Seconds of ``[start, end]`` inside some ``held`` interval and no ``busy`` one."""
     held_union = merged(held, start, end)
-    busy = merged(outstanding, start, end)
-    return covered(held_union) - covered(intersection(held_union, busy))
+    busy_union = merged(busy, start, end)
+    return covered(held_union) - covered(intersection(held_union, busy_union))
 
 
 @dataclass
 class _StageSeries:
     stage: int | None
     open: dict[int, tuple[float, int]] = field(default_factory=dict)  # token -> start, rows
-    closed: deque[tuple[float, float, float]] = field(
-        default_factory=lambda: deque(maxlen=_MAX_INTERVALS)
-    )  # start, end, seconds of it the stage reported computing
+    busy: deque[Interval] = field(default_factory=lambda: deque(maxlen=_MAX_INTERVALS))
     batches: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=_MAX_INTERVALS))
     last_batch: int | None = None
 
@@ -121,19 +121,26 @@ class OccupancyRecorder:
             series.last_batch = batch_size
             return token
 
-    def forward_finished(self, device_id: str, token: int, compute_seconds: float = 0.0) -> None:
-        """The ``Forward`` is back (answer or error); ``compute_seconds`` is what the stage
-        reported computing."""
+    def forward_finished(
+        self, device_id: str, token: int, computed: Interval | None = None
+    ) -> None:
+        """The ``Forward`` is back (answer or error). ``computed`` is when the stage computed
+        its part, in seconds after :meth:`forward_started` (clipped to the outstanding
+        time); None counts the whole outstanding time as busy."""
         now = self._clock()
         with self._lock:
             series = self._stages.get(device_id)
             if series is None or token not in series.open:
                 return
             started, _ = series.open.pop(token)
-            series.closed.append((started, now, max(0.0, compute_seconds)))
+            if computed is None:
+                series.busy.append((started, now))
+            else:
+                begin = min(now, started + max(0.0, computed[0]))
+                series.busy.append((begin, min(now, max(begin, started + computed[1]))))
             horizon = now - self._window
-            while series.closed and series.closed[0][1] < horizon:
-                series.closed.popleft()
+            while series.busy and series.busy[0][1] < horizon:
+                series.busy.popleft()
             while series.batches and series.batches[0][0] < horizon:
                 series.batches.popleft()
 
@@ -159,15 +166,10 @@ class OccupancyRecorder:
                 held.append((self._held_since, now))
             out = {}
             for device_id, series in self._stages.items():
-                outstanding = [(a, b) for a, b, _ in series.closed]
-                outstanding.extend((a, now) for a, _ in series.open.values())
-                bubble = bubble_seconds(held, outstanding, start, now)
-                # Outstanding time the stage did not spend computing, clipped to the window.
-                idle_in_rpc = sum(
-                    min(max(0.0, min(b, now) - max(a, start)), max(0.0, b - a - c))
-                    for a, b, c in series.closed
-                )
-                held_seconds = covered(merged(held, start, now))
+                busy = list(series.busy)
+                outstanding = [(a, now) for a, _ in series.open.values()]
+                bubble = bubble_seconds(held, busy + outstanding, start, now)
+                bubble_max = bubble_seconds(held, busy, start, now)
                 recent = [rows for t, rows in series.batches if t >= start]
                 out[device_id] = StageOccupancy(
                     device_id=device_id,
@@ -177,9 +179,7 @@ class OccupancyRecorder:
                     batch_size_mean=sum(recent) / len(recent) if recent else None,
                     forwards=len(recent),
                     bubble_ratio=bubble / span if span > 0 else 0.0,
-                    bubble_ratio_max=min(held_seconds, bubble + idle_in_rpc) / span
-                    if span > 0
-                    else 0.0,
+                    bubble_ratio_max=bubble_max / span if span > 0 else 0.0,
                     window_seconds=span,
                 )
             return out

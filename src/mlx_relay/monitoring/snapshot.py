@@ -155,8 +155,8 @@ class StageMetrics(_Snap):
 
 
 class StageOccupancy(_Snap):
-    """How busy the coordinator keeps one stage, from its own timestamps (definitions in
-    docs/monitoring-api.md, "Stage occupancy")."""
+    """How busy the coordinator keeps one stage, from its own timestamps and the stage's
+    compute windows (definitions in docs/monitoring-api.md, "Stage occupancy")."""
 
     device_id: str = Field(description="Worker holding the stage.")
     stage: int | None = Field(default=None, description="Stage index, 0 = first.")
@@ -171,12 +171,12 @@ class StageOccupancy(_Snap):
     )
     forwards: int = Field(default=0, description="Forward calls sent in the window.")
     bubble_ratio: float = Field(
-        description="Share of the window the step loop held requests and no Forward was "
-        "outstanding on the stage, 0..1 (a lower bound of the stage's idle share)."
+        description="Share of the window the step loop held requests and the stage did not "
+        "compute, from the compute windows the stage reported, 0..1 (a Forward still "
+        "outstanding counts as computing)."
     )
     bubble_ratio_max: float = Field(
-        description="bubble_ratio plus the outstanding time the stage did not compute (an "
-        "upper bound of its idle share while requests were held), 0..1."
+        description="The same with the Forwards still outstanding counted as idle, 0..1."
     )
     window_seconds: float = Field(description="Length of the window, seconds (10 once warm).")
 

@@ -87,14 +87,20 @@ class ForwardResult(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("device_id", "compute_seconds", "rpc_seconds")
+    __slots__ = ("device_id", "compute_seconds", "rpc_seconds", "compute_offset_seconds", "handled_seconds", "called_offset_seconds")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RPC_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_OFFSET_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HANDLED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CALLED_OFFSET_SECONDS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     compute_seconds: float
     rpc_seconds: float
-    def __init__(self, device_id: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., rpc_seconds: _Optional[float] = ...) -> None: ...
+    compute_offset_seconds: float
+    handled_seconds: float
+    called_offset_seconds: float
+    def __init__(self, device_id: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., rpc_seconds: _Optional[float] = ..., compute_offset_seconds: _Optional[float] = ..., handled_seconds: _Optional[float] = ..., called_offset_seconds: _Optional[float] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("results", "device_id", "compute_seconds", "stages")

@@ -116,9 +116,11 @@ async def relay(
     own: pb.ForwardResponse,
     context: grpc.aio.ServicerContext,
     collector: Any | None = None,
+    received: float | None = None,
 ) -> pb.ForwardResponse:
     """Send this stage's output down the route; the last stage's answer, with every
-    stage's timing in pipeline order.
+    stage's timing in pipeline order. ``received`` is when this stage got its call
+    (``time.perf_counter()``): the next stage's timing says how long after it the hop began.
 
     Raises:
         RelayError: the hop failed (see :func:`abort_for`).
@@ -140,6 +142,8 @@ async def relay(
         pb.StageTiming(device_id=reply.device_id, compute_seconds=reply.compute_seconds)
     ]
     stages[0].rpc_seconds = rpc_seconds
+    if received is not None:
+        stages[0].called_offset_seconds = max(0.0, started - received)
     if collector is not None:
         collector.record_transfer(hop.device_id, max(0.0, rpc_seconds - _inner(stages)))
     return pb.ForwardResponse(

@@ -126,6 +126,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def Forward(
         self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> pb.ForwardResponse:
+        received = time.perf_counter()
         runtime = await self._runtime(context)
         try:
             checked = runtime.check(request)
@@ -146,27 +147,30 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             compute_seconds=outcome.compute_seconds,
             stages=[
                 pb.StageTiming(
-                    device_id=self.state.device_id, compute_seconds=outcome.compute_seconds
+                    device_id=self.state.device_id,
+                    compute_seconds=outcome.compute_seconds,
+                    compute_offset_seconds=max(0.0, outcome.started - received),
                 )
             ],
         )
-        if not request.route:
-            return own
         # The MLX thread is free again: this stage takes its next micro-batch while this
         # one runs downstream.
-        return await self._relay(request, own, context)
+        reply = await self._relay(request, own, context, received) if request.route else own
+        reply.stages[0].handled_seconds = time.perf_counter() - received
+        return reply
 
     async def _relay(
         self,
         request: pb.ForwardRequest,
         own: pb.ForwardResponse,
         context: grpc.aio.ServicerContext,
+        received: float,
     ) -> pb.ForwardResponse:
         state = self.state
         try:
             if state.peers is None or state.runtime is None or state.runtime.is_last:
                 raise InvalidRequest(f"worker {state.device_id} is the last stage: no route")
-            return await relay(state.peers, request, own, context, state.collector)
+            return await relay(state.peers, request, own, context, state.collector, received)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RelayError as exc:

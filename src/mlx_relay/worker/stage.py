@@ -69,6 +69,7 @@ class ForwardOutcome:
     results: list[pb.ForwardResult]
     compute_seconds: float
     calls: list[StageCall]
+    started: float = 0.0  # time.perf_counter() when the MLX thread began the call
 
 
 @dataclass
@@ -278,7 +279,7 @@ class StageRuntime:
             raise
         done = [r for r in results if r is not None]
         assert len(done) == len(entries)
-        return ForwardOutcome(done, time.perf_counter() - started, calls)
+        return ForwardOutcome(done, time.perf_counter() - started, calls, started)
 
     def release_ended(self) -> list[str]:
         """Free the batch rows of requests whose sessions ended (MLX thread)."""

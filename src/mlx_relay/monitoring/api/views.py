@@ -105,7 +105,8 @@ class StageSummary(BaseModel):
         None, description="Forward calls outstanding on the stage now."
     )
     bubble_ratio: float | None = Field(
-        None, description="Share of the last 10 s the stage idled while requests were held."
+        None,
+        description="Share of the last 10 s the stage computed nothing while requests were held.",
     )
 
 

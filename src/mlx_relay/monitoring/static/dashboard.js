@@ -128,9 +128,8 @@
     const parts = [
       ["batch-size", `batch ${batch}`],
       ["in-flight", `${occupancy ? occupancy.microbatches_in_flight : "–"} in flight`],
-      // The upper bound: with the relay a micro-batch is outstanding on every stage at once,
-      // so the lower bound is about 0 whenever the pipeline holds one (docs/monitoring-api.md).
-      ["bubble", `bubble ${occupancy ? fmt.percent(occupancy.bubble_ratio_max) : "n/a"}`],
+      // From the stages' own compute windows (docs/monitoring-api.md, "Stage occupancy").
+      ["bubble", `bubble ${occupancy ? fmt.percent(occupancy.bubble_ratio) : "n/a"}`],
     ];
     parts.forEach(([field, text], i) => {
       if (i > 0) row.appendChild(document.createTextNode(" · "));

@@ -1,0 +1,48 @@
+"""When each stage of a relayed ``Forward`` computed, on the coordinator's clock.
+
+Every stage reports, on its own clock, how long after getting its call its layers started
+(``compute_offset_seconds``), how long they ran (``compute_seconds``) and how long it took to
+answer (``handled_seconds``); a relaying stage adds how long after getting its own call it
+called the next one (``called_offset_seconds``) and how long that call took (``rpc_seconds``).
+Only durations travel, so the stages' clocks need not agree with the coordinator's.
+
+A call's time less the callee's handling is the two network legs; a stage is taken to have
+got its call halfway through them, so each window's start is off by at most half the legs of
+the hops before it (docs/monitoring-api.md, "Stage occupancy").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mlx_relay.proto import relay_pb2
+
+Window = tuple[float, float]
+
+
+def compute_windows(
+    timings: Sequence[relay_pb2.StageTiming], rpc_seconds: float
+) -> list[Window | None]:
+    """Each stage's compute as (start, end) seconds after the coordinator sent the call to
+    the first stage, in pipeline order; None from the first stage that did not say when it
+    got its call (an older worker) on.
+
+    Args:
+        timings: the ``stages`` of the ``ForwardResponse``, in pipeline order.
+        rpc_seconds: the coordinator's time for its call to the first stage.
+    """
+    windows: list[Window | None] = []
+    called = 0.0  # when this stage's caller began the call, seconds after the send
+    call_seconds = rpc_seconds
+    for index, timing in enumerate(timings):
+        if timing.handled_seconds <= 0.0:
+            windows.extend([None] * (len(timings) - index))
+            break
+        if index > 0:
+            call_seconds = timing.rpc_seconds
+        got = called + max(0.0, call_seconds - timing.handled_seconds) / 2
+        start = got + timing.compute_offset_seconds
+        windows.append((start, start + timing.compute_seconds))
+        if index + 1 < len(timings):
+            called = got + timings[index + 1].called_offset_seconds
+    return windows
