@@ -182,3 +182,29 @@ def test_settings_and_requests_are_checked() -> None:
         scheduler.add("a", 3)
     with pytest.raises(ValueError, match="at least one prompt token"):
         scheduler.add("b", 0)
+
+
+def test_a_paused_request_takes_no_step_and_no_row_until_resumed() -> None:
+    scheduler = make(batch=2, micro=2)
+    scheduler.add("a", 1)
+    scheduler.add("b", 1)
+    scheduler.pause("a")
+    # "a" holds no row: "b" has the whole share of the two micro-batches' rows.
+    assert shape(run(scheduler)) == [("b", "decode", 0, 1)]
+    assert shape(run(scheduler)) == [("b", "decode", 1, 1)]
+    assert scheduler.runnable == 1 and len(scheduler) == 2
+    scheduler.resume("a")
+    assert shape(run(scheduler)) == [("a", "decode", 0, 1)]
+
+
+def test_a_request_paused_in_flight_finishes_that_step_then_waits() -> None:
+    scheduler = make()
+    scheduler.add("a", 1)
+    plan = scheduler.schedule()
+    assert plan is not None
+    scheduler.pause("a")
+    scheduler.complete(plan)
+    assert scheduler.schedule() is None
+    assert scheduler.abort("a") and "a" not in scheduler  # leaves at once: not in flight
+    scheduler.pause("gone")  # unknown ids are ignored
+    scheduler.resume("gone")

@@ -311,6 +311,7 @@ class DistributedOrchestrator:
             self._admission,
             self.metrics_collector,
             self._tracker,
+            self.config.inference.stream_buffer_tokens,
         )
 
     def _admission_changed(self, running: int, waiting: int) -> None:

@@ -6,6 +6,10 @@ which batches every running request's step into one ``Forward`` per stage; a
 (:meth:`RequestRun.on_token`, which applies EOS, stop strings and ``max_tokens`` at once, so
 that a finished request takes no further step), and the run turns them into its caller's
 events.
+
+Backpressure: a run holds at most ``buffer_tokens`` events its caller has not taken. With that
+many unread, the run is paused in the step loop (it takes no decode step, so the stages do no
+work for it) until the caller has taken half of them.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class RequestRun:
         collector: the coordinator's MetricsCollector, or None without monitoring.
         tracker: where the run registers itself while it runs, and its session cleanup
             task, so that shutdown can end both.
+        buffer_tokens: most token events waiting for the caller before the run pauses.
     """
 
     def __init__(
@@ -99,7 +104,10 @@ class RequestRun:
         admission: Admission,
         collector: Any | None,
         tracker: RunTracker,
+        buffer_tokens: int = 32,
     ) -> None:
+        if buffer_tokens < 1:
+            raise ValueError(f"buffer_tokens must be >= 1, got {buffer_tokens}")
         self.prepared = prepared
         self.request_id = prepared.request.request_id
         self.prompt_ids = prepared.prompt_ids
@@ -114,7 +122,10 @@ class RequestRun:
         self._trace: Any = None
         self._sessions_opened = False
         self.outcome = RequestOutcome()
+        # Unbounded as a queue; the step loop pauses the run at ``buffer_tokens`` unread.
         self._events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        self._buffer_tokens = buffer_tokens
+        self.paused = False
         self._text = TextStream(TextDecoder(tokenizer, self.prompt_ids), prepared.request.stop)
         self._want_logprobs = prepared.request.logprobs or prepared.params.top_logprobs > 0
         self._last_token = self.prompt_ids[-1]
@@ -173,6 +184,10 @@ class RequestRun:
         self._sessions_opened = True
         while True:
             item = await self._events.get()
+            if self.paused and self._events.qsize() <= self._buffer_tokens // 2:
+                self.paused = False
+                logger.debug("request %s: its reader caught up; resumed", self.request_id)
+                self._loop.resume(self.request_id)
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -216,6 +231,10 @@ class RequestRun:
         if len(outcome.token_ids) >= self.prepared.max_tokens:
             self._finish("length")
             return True
+        if self._events.qsize() >= self._buffer_tokens and not self.paused:
+            self.paused = True
+            logger.debug("request %s: %d tokens unread; paused", self.request_id, index + 1)
+            self._loop.pause(self.request_id)
         return False
 
     def on_stage(self, device_id: str, compute: float, network: float) -> None:

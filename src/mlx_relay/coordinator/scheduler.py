@@ -16,6 +16,8 @@ Policy, for each micro-batch:
   always advance); prefill chunks fill what is left of the rows and of
   ``prefill_chunk_tokens``, prompts already started first. A long prompt therefore never
   stalls the streams already running: it advances one chunk per step alongside them.
+- A paused request (its client has not read the tokens it already has,
+  :meth:`Scheduler.pause`) takes no step and holds no row until :meth:`Scheduler.resume`.
 - Up to ``max_micro_batches`` plans are in flight at once (one per stage keeps every stage
   busy), and a request is in at most one of them: the requests are shared out, each plan
   taking at most ``ceil(requests / max_micro_batches)`` rows.
@@ -99,6 +101,7 @@ class _Request:
     in_flight: int | None = None  # plan id
     last_served: int = -1  # when it was last scheduled (a counter)
     aborted: bool = False
+    paused: bool = False
 
     @property
     def decoding(self) -> bool:
@@ -121,6 +124,11 @@ class Scheduler:
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._requests
+
+    @property
+    def runnable(self) -> int:
+        """Requests held that are not paused."""
+        return sum(1 for r in self._requests.values() if not r.paused)
 
     @property
     def in_flight(self) -> int:
@@ -155,18 +163,35 @@ class Scheduler:
             request.aborted = True
         return True
 
+    def pause(self, request_id: str) -> None:
+        """Take no further step for the request until :meth:`resume` (a step in flight
+        completes). Unknown ids are ignored."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            request.paused = True
+
+    def resume(self, request_id: str) -> None:
+        """Schedule a paused request again from the next micro-batch on."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            request.paused = False
+
     def schedule(self) -> StepPlan | None:
         """The next micro-batch, or None when ``max_micro_batches`` are in flight or no
         request has a step to take."""
         settings = self.settings
         if len(self._in_flight) >= settings.max_micro_batches:
             return None
-        free = [r for r in self._requests.values() if r.in_flight is None and not r.aborted]
+        free = [
+            r
+            for r in self._requests.values()
+            if r.in_flight is None and not r.aborted and not r.paused
+        ]
         prefill = sorted(
             (r for r in free if not r.decoding), key=lambda r: (r.computed == 0, r.arrival)
         )
         # The requests are shared out over the micro-batches, so that each stage has one.
-        live = sum(1 for r in self._requests.values() if not r.aborted)
+        live = sum(1 for r in self._requests.values() if not r.aborted and not r.paused)
         batch_rows = min(settings.max_batch_size, -(-live // settings.max_micro_batches))
         # With a prompt waiting, one row stays free for it: decodes never starve a prefill.
         decode_rows = batch_rows - (1 if prefill and batch_rows > 1 else 0)

@@ -119,6 +119,17 @@ class StepLoop:
         self._report_held()
         return done
 
+    def pause(self, request_id: str) -> None:
+        """Take no step for the request until :meth:`resume`: its caller has not read the
+        tokens it already has (``inference.stream_buffer_tokens``)."""
+        self._scheduler.pause(request_id)
+        self._report_held()
+
+    def resume(self, request_id: str) -> None:
+        """Schedule a paused request again."""
+        self._scheduler.resume(request_id)
+        self._pump()
+
     async def stop(self, reason: str) -> None:
         """Fail every request with :class:`PipelineNotReady` and cancel the steps in flight."""
         self._stopped = reason
@@ -143,10 +154,10 @@ class StepLoop:
         self._report_held()
 
     def _report_held(self) -> None:
-        """Tell the collector how many unfinished requests the loop holds (the bubble is
-        the time a stage has no Forward while this is above zero)."""
+        """Tell the collector how many unfinished, unpaused requests the loop holds (the
+        bubble is the time a stage has no Forward while this is above zero)."""
         if self._collector is not None:
-            self._collector.set_requests_scheduled(len(self._scheduler))
+            self._collector.set_requests_scheduled(self._scheduler.runnable)
 
     async def _execute(self, plan: StepPlan) -> None:
         try:

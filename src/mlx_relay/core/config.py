@@ -131,6 +131,9 @@ class HTTPConfig(_Section):
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024)
     # Live WebSocket clients (/ws) at once; one more is closed with code 1013 (try again later).
     max_websocket_clients: int = Field(default=64, ge=1)
+    # A streamed answer (server-sent events) whose client reads nothing for this many
+    # seconds is dropped: its connection closed, its request ended on every stage.
+    stream_stall_timeout: float = Field(default=60.0, gt=0)
 
 
 class MonitoringConfig(_Section):
@@ -165,6 +168,9 @@ class InferenceConfig(_Section):
     max_prompt_bytes: int | None = Field(default=None, ge=1)
     max_messages: int = Field(default=1024, ge=1)
     max_stop_length: int = Field(default=256, ge=1)
+    # Tokens a streamed request may generate ahead of its reader: with this many unread,
+    # the request takes no decode step until its reader catches up (to half of it).
+    stream_buffer_tokens: int = Field(default=32, ge=1)
     session_ttl_seconds: float = Field(default=300.0, gt=0)
     max_sessions: int = Field(default=64, ge=1)
     # Continuous batching (coordinator/scheduler.py): most requests in one micro-batch, and

@@ -152,7 +152,12 @@ async def _answer(
                 return events
 
             return await open_stream(
-                request, start, formatter, include_usage=body.include_usage(), headers=headers
+                request,
+                start,
+                formatter,
+                include_usage=body.include_usage(),
+                stall_timeout=get_services(request).config.http.stream_stall_timeout,
+                headers=headers,
             )
         result = await unless_disconnected(request, orchestrator.process_request(inference))
     except ClientGone:

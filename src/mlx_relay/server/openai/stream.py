@@ -6,6 +6,11 @@ cancellation, never under the cancel scope Starlette uses when a client disconne
 would cancel the cleanup's own RPCs as well). The pump is closed from three places, whichever
 comes first: the SSE generator's ``finally``, a disconnect seen between chunks, and the
 response's background task, which Starlette runs even after a disconnect.
+
+Backpressure: the pump holds one event at a time, so a client that stops reading stops the
+pump, and its request pauses in the coordinator once ``inference.stream_buffer_tokens`` events
+wait unread. A client that takes no chunk for ``http.stream_stall_timeout`` seconds is dropped
+(:class:`PacedStreamingResponse`): its stream closes, which ends its request on every stage.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from fastapi import Request
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
+from starlette.types import Send
 
 from mlx_relay.coordinator.requests import TokenEvent, Usage
 from mlx_relay.core.errors import RelayError
@@ -57,7 +63,8 @@ class EventPump:
 
     def __init__(self, events: AsyncIterator[TokenEvent]) -> None:
         self._events = events
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        # One event at a time: the pump reads the stream only as fast as the client does.
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
         self._task = asyncio.create_task(self._run())
         _closing.add(self._task)
         self._task.add_done_callback(_closing.discard)
@@ -65,10 +72,10 @@ class EventPump:
     async def _run(self) -> None:
         try:
             async for event in self._events:
-                self._queue.put_nowait(event)
-            self._queue.put_nowait(_END)
+                await self._queue.put(event)
+            await self._queue.put(_END)
         except Exception as exc:
-            self._queue.put_nowait(exc)
+            await self._queue.put(exc)
         finally:
             closer = getattr(self._events, "aclose", None)
             if closer is not None:
@@ -117,6 +124,42 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             await task
         raise ClientGone()
     return task.result()
+
+
+class PacedStreamingResponse(StreamingResponse):
+    """A streamed response whose client must take each chunk within ``stall_timeout``
+    seconds. One that takes nothing for that long is dropped: the body iterator is closed
+    (which ends the request behind it) and the connection with it."""
+
+    def __init__(self, content: AsyncIterator[bytes], *, stall_timeout: float, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.stall_timeout = stall_timeout
+
+    async def stream_response(self, send: Send) -> None:
+        body = self.body_iterator
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            async for chunk in body:
+                message = {"type": "http.response.body", "body": chunk, "more_body": True}
+                try:
+                    await asyncio.wait_for(send(message), self.stall_timeout)
+                except TimeoutError:
+                    logger.warning(
+                        "a streaming client read nothing for %.0f s; dropping its stream",
+                        self.stall_timeout,
+                    )
+                    return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            closer = getattr(body, "aclose", None)
+            if closer is not None:
+                await closer()
 
 
 def sse(payload: BaseModel | dict[str, Any] | str, *, exclude: set[str] | None = None) -> bytes:
@@ -178,9 +221,12 @@ async def open_stream(
     formatter: ChunkFormatter,
     *,
     include_usage: bool,
+    stall_timeout: float,
     headers: dict[str, str] | None = None,
 ) -> StreamingResponse:
     """Start a streamed generation and answer with its event stream.
+
+    A client that takes no chunk for ``stall_timeout`` seconds is dropped.
 
     The first token is awaited before the response starts, so that errors raised on admission
     (invalid parameters, a full queue, no pipeline) still get their HTTP status.
@@ -195,8 +241,9 @@ async def open_stream(
     except BaseException:
         await pump.aclose()
         raise
-    return StreamingResponse(
+    return PacedStreamingResponse(
         _events(request, pump, first, formatter, include_usage),
+        stall_timeout=stall_timeout,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
         background=BackgroundTask(pump.aclose),
