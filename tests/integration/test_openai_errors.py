@@ -183,17 +183,25 @@ async def test_prompt_longer_than_the_context_is_400(
     assert "at most 511" in assert_error(response, 400, "prompt")["message"]
 
 
-async def test_unknown_model_is_400_model_not_found(
+async def test_unknown_model_is_404_model_not_found(
     served: Served, client: AsyncOpenAI, raw: httpx.AsyncClient
 ) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
+    with pytest.raises(openai.NotFoundError) as caught:
         await client.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=4)
     assert caught.value.code == "model_not_found" and caught.value.param == "model"
     response = await raw.post(
         "/v1/completions", json={"model": "gpt-4o", "prompt": "Hi", "max_tokens": 4}
     )
-    assert served.model in assert_error(response, 400, "model")["message"]
+    assert served.model in assert_error(response, 404, "model")["message"]
     assert_error(await raw.get("/v1/models/gpt-4o"), 404, "model")
+    # Paths under /v1 that no route takes answer in the same shape, as the schema says.
+    assert_error(await raw.get("/v1/models/a%0Ab"), 404, None)
+    assert_error(await raw.get("/v1/nothing-here"), 404, None)
+    not_allowed = await raw.delete("/v1/chat/completions")
+    assert_error(not_allowed, 405, None)
+    assert not_allowed.headers["allow"] == "POST"
+    # Elsewhere, FastAPI's own shape.
+    assert (await raw.get("/nothing-here")).json() == {"detail": "Not Found"}
 
 
 async def test_full_queue_is_429_until_a_slot_frees(

@@ -42,6 +42,7 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)  # 413 past the cap
     app.include_router(readiness.router)  # GET /health
     app.include_router(openai.router)  # /v1: OpenAI-compatible inference API
+    openai.install_unmatched_errors(app)  # /v1 paths no route takes: OpenAI's error shape
     if services.metrics_collector is not None:  # /, /static, /api/*, /ws, /metrics
         mount_monitoring(
             app,

@@ -6,5 +6,6 @@ orchestrator's results into those bodies, ``stream`` serves them as server-sent 
 """
 
 from mlx_relay.server.openai.api import router
+from mlx_relay.server.openai.errors import install_unmatched_errors
 
-__all__ = ["router"]
+__all__ = ["install_unmatched_errors", "router"]

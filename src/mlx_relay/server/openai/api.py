@@ -73,16 +73,17 @@ def served_model(request: Request) -> tuple[str, int | None]:
     return info.name, context
 
 
-def _check_model(request: Request, model: str, status: int = 400) -> str:
+def _check_model(request: Request, model: str) -> str:
     served, _ = served_model(request)
     if model != served:
-        # An unknown model in a completion request is an invalid parameter (400); only
-        # GET /v1/models/{id} answers 404 for a model it does not have.
+        # A model the server does not have is a 404, as OpenAI answers it: the request itself
+        # is well formed (the schema takes any model name).
         raise OpenAIError(
-            status,
+            404,
             f"the model '{model}' does not exist; this server serves '{served}'",
             param="model",
             code="model_not_found",
+            error_type="invalid_request_error",
         )
     return served
 
@@ -192,7 +193,7 @@ async def list_models(request: Request) -> ModelList:
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     """The served model, if ``model_id`` names it."""
     name, context = served_model(request)
-    _check_model(request, model_id, status=404)
+    _check_model(request, model_id)
     return _card(request, name, context)
 
 

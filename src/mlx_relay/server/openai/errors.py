@@ -3,7 +3,9 @@
 Every failure under ``/v1`` answers ``{"error": {"message", "type", "param", "code"}}`` with
 the status OpenAI uses, whatever raised it: a handler, a dependency (the bearer token), or
 FastAPI's body validation (answered 400, not FastAPI's 422). :class:`OpenAIRoute` does the
-translation for the routes of one router, so the rest of the app keeps its own error format.
+translation for the routes of one router, so the rest of the app keeps its own error format;
+:func:`install_unmatched_errors` does it for requests under ``/v1`` that match no route (an
+unknown path, a model id no route pattern takes, a method the path does not have).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -168,3 +171,21 @@ class OpenAIRoute(APIRoute):
                 return OpenAIError(500, "internal server error").response()
 
         return handle
+
+
+# The prefix of the API's paths.
+API_PREFIX = "/v1"
+
+
+def install_unmatched_errors(app: FastAPI) -> None:
+    """Answer the HTTP errors of requests under ``/v1`` that no route took (404, 405) in
+    OpenAI's shape, as the schema declares; other paths keep FastAPI's ``{"detail"}``."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        path = request.url.path
+        if path == API_PREFIX or path.startswith(API_PREFIX + "/"):
+            return from_http_exception(exc).response()
+        return await http_exception_handler(request, exc)
+
+    app.add_exception_handler(HTTPException, handle)
