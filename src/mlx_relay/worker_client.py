@@ -7,6 +7,11 @@ Every call has a deadline from ``config.network``. Idempotent calls (``Ping``, `
 health, ``EndSession``) are retried with exponential backoff when the worker is UNAVAILABLE;
 ``Forward`` never is, because a retried step would advance a KV cache twice. gRPC failures
 leave this module as the typed errors of :mod:`mlx_relay.core.errors`.
+
+With ``network.tls`` the channel is TLS: the worker's certificate is verified against the
+cluster's CA, and the client presents its own certificate when it has one (mTLS). A failed
+handshake is :class:`TLSHandshakeFailed`, which is never retried: waiting does not fix a
+certificate.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlx_relay.core.config import DeviceConfig, NetworkConfig
 from mlx_relay.core.errors import QueueFull, RelayError, WorkerUnavailable
+from mlx_relay.core.tls_config import TLSMaterial
 from mlx_relay.proto import relay_pb2, relay_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -60,6 +66,45 @@ class StageError(RelayError):
 
 class WorkerTimedOut(WorkerUnavailable):
     """A worker did not answer before the call's deadline."""
+
+
+class TLSHandshakeFailed(WorkerUnavailable):
+    """The TLS handshake with a worker failed: its certificate is not signed by
+    ``network.tls.ca_file``, does not name its host, or the worker does not serve TLS."""
+
+
+_HANDSHAKE_PREFIX = "TLS handshake failed"
+# What gRPC's details say when the client side of a TLS handshake failed.
+_HANDSHAKE_MARKERS = ("handshake failed", "certificate_verify_failed", "wrong_version_number")
+# What grpc answers past a server's maximum_concurrent_rpcs.
+_RPC_LIMIT_MARKER = "concurrent rpc limit"
+
+
+def channel_credentials(tls: TLSMaterial) -> grpc.ChannelCredentials:
+    """TLS credentials of a client: the CA, and its certificate when it has one."""
+    if tls.has_identity:
+        return grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+    return grpc.ssl_channel_credentials(tls.ca)
+
+
+def _handshake_failure(detail: str) -> str | None:
+    """The message of a failed TLS handshake, from gRPC's details; None for another error."""
+    lowered = detail.lower()
+    if lowered.startswith(_HANDSHAKE_PREFIX.lower()):
+        return detail  # relayed from a stage further down, already in these words
+    if not any(marker in lowered for marker in _HANDSHAKE_MARKERS):
+        return None
+    if "wrong_version_number" in lowered:
+        reason = "the worker does not serve TLS (is network.tls in its configuration?)"
+    elif "certificate_verify_failed" in lowered:
+        why = detail.split("CERTIFICATE_VERIFY_FAILED", 1)[-1].strip(": ").split(":")[0]
+        reason = (
+            f"its certificate did not verify ({why or 'untrusted'}): is network.tls.ca_file "
+            "the CA that signed it?"
+        )
+    else:
+        reason = f"{detail} (see network.tls)"
+    return f"{_HANDSHAKE_PREFIX}: {reason}"
 
 
 class RpcRecorder(Protocol):
@@ -128,6 +173,10 @@ def translate_rpc_error(
     RESOURCE_EXHAUSTED -> QueueFull, anything else -> StageError."""
     code = exc.code()
     detail = exc.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        failure = _handshake_failure(detail)
+        if failure is not None:
+            return TLSHandshakeFailed(_failed_device(exc) or device_id, failure)
     relayed = _failed_device(exc)
     if relayed is not None and relayed != device_id:
         # A stage further down the route failed: name it, with its own reason.
@@ -147,6 +196,8 @@ def translate_rpc_error(
             # carries the hint from the hop that saw it).
             hint = "" if "network.max_message_mb" in detail else " (see network.max_message_mb)"
             return StageError(device_id, method, code.name, f"{detail}{hint}")
+        if _RPC_LIMIT_MARKER in detail.lower() and "maximum_concurrent_rpcs" not in detail:
+            detail += " (network.maximum_concurrent_rpcs)"
         return QueueFull(f"worker {device_id!r} is full: {detail}")
     return StageError(device_id, method, code.name, detail)
 
@@ -169,6 +220,8 @@ class WorkerClient:
         address: ``host:port`` of its gRPC server.
         network: deadlines, retries, message size limit and auth token.
         recorder: receives per-call metrics (a ``MetricsCollector``), or None.
+        tls: the CA and this client's certificate (:func:`~mlx_relay.core.tls_config.tls_material`)
+            for a TLS channel; None for plaintext.
     """
 
     def __init__(
@@ -178,6 +231,7 @@ class WorkerClient:
         network: NetworkConfig,
         *,
         recorder: RpcRecorder | None = None,
+        tls: TLSMaterial | None = None,
     ) -> None:
         self.device_id = device_id
         self.address = address
@@ -189,9 +243,14 @@ class WorkerClient:
             *_RECONNECT_OPTIONS,
         ]
         interceptors = [RpcMetricsInterceptor(device_id, recorder)] if recorder else None
-        self._channel = grpc.aio.insecure_channel(
-            address, options=options, interceptors=interceptors
-        )
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(
+                address, options=options, interceptors=interceptors
+            )
+        else:
+            self._channel = grpc.aio.secure_channel(
+                address, channel_credentials(tls), options=options, interceptors=interceptors
+            )
         self._stub = relay_pb2_grpc.WorkerStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata: Sequence[tuple[str, str]] | None = (
@@ -200,9 +259,14 @@ class WorkerClient:
 
     @classmethod
     def for_device(
-        cls, device: DeviceConfig, network: NetworkConfig, *, recorder: RpcRecorder | None = None
+        cls,
+        device: DeviceConfig,
+        network: NetworkConfig,
+        *,
+        recorder: RpcRecorder | None = None,
+        tls: TLSMaterial | None = None,
     ) -> WorkerClient:
-        return cls(device.id, device.address, network, recorder=recorder)
+        return cls(device.id, device.address, network, recorder=recorder, tls=tls)
 
     async def forward(
         self, request: relay_pb2.ForwardRequest, *, timeout: float | None = None
@@ -277,6 +341,7 @@ class WorkerClient:
         Raises:
             WorkerUnavailable: not SERVING after ``timeout`` seconds; the message carries the
                 last status or error seen.
+            TLSHandshakeFailed: at once, when the TLS handshake fails.
         """
         deadline = time.monotonic() + timeout
         delay = 0.05
@@ -295,6 +360,8 @@ class WorkerClient:
                 if status == "SERVING":
                     return
                 last = f"health {status}"
+            except TLSHandshakeFailed:
+                raise
             except RelayError as exc:
                 last = str(exc)
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -316,8 +383,10 @@ class WorkerClient:
             try:
                 return await self._call(method, fn, request, timeout, translate=False)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
-                    raise translate_rpc_error(self.device_id, method, exc, timeout) from None
+                error = translate_rpc_error(self.device_id, method, exc, timeout)
+                retried = exc.code() == grpc.StatusCode.UNAVAILABLE
+                if not retried or isinstance(error, TLSHandshakeFailed) or attempt == attempts - 1:
+                    raise error from None
                 delay = self.network.retry_backoff * 2**attempt
                 logger.debug("%s to %s unavailable, retry in %.2f s", method, self.device_id, delay)
                 await asyncio.sleep(delay)

@@ -46,13 +46,15 @@ def cluster_dict(
     monitoring: dict[str, Any] | None = None,
     inference: dict[str, Any] | None = None,
     model: dict[str, Any] | None = None,
+    devices: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A cluster configuration as plain data: a coordinator and workers ``worker-0``...
     on loopback (port 0 unless ``ports`` is given), layers ``auto`` unless given; ``model``
-    adds settings of the model section (e.g. ``compute``)."""
-    devices: list[dict[str, Any]] = [{"id": "coordinator", "role": "coordinator"}]
+    adds settings of the model section (e.g. ``compute``), ``devices`` settings of the
+    devices it names by id (e.g. ``tls``)."""
+    entries: list[dict[str, Any]] = [{"id": "coordinator", "role": "coordinator"}]
     for i in range(num_workers):
-        devices.append(
+        entries.append(
             {
                 "id": f"worker-{i}",
                 "role": "worker",
@@ -61,9 +63,11 @@ def cluster_dict(
                 "layers": list(layers[i]) if layers else "auto",
             }
         )
+    for entry in entries:
+        entry.update((devices or {}).get(entry["id"], {}))
     return {
         "model": {"path": str(model_dir), **(model or {})},
-        "devices": devices,
+        "devices": entries,
         "network": {**TEST_NETWORK, **(network or {})},
         "http": http or {},
         "monitoring": monitoring or {},
@@ -95,6 +99,7 @@ async def local_cluster(
     monitoring: dict[str, Any] | None = None,
     inference: dict[str, Any] | None = None,
     model: dict[str, Any] | None = None,
+    devices: dict[str, dict[str, Any]] | None = None,
     initialize: bool = True,
 ) -> AsyncIterator[LocalCluster]:
     """Start ``num_workers`` in-process workers on port 0 and an orchestrator over them.
@@ -111,6 +116,7 @@ async def local_cluster(
         monitoring=monitoring,
         inference=inference,
         model=model,
+        devices=devices,
     )
     config = ClusterConfig.from_dict(data)
     if worker_monitoring is None:

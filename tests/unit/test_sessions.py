@@ -8,6 +8,7 @@ from mlx_relay.core.errors import InvalidRequest
 from mlx_relay.worker.sessions import (
     ContextOverflow,
     KVSessionStore,
+    PeerQuotaReached,
     PositionMismatch,
     SessionEnded,
     SessionLimitReached,
@@ -171,3 +172,26 @@ def test_invalid_limits() -> None:
         KVSessionStore(list, max_sessions=0, ttl_seconds=1)
     with pytest.raises(ValueError):
         KVSessionStore(list, max_sessions=1, ttl_seconds=0)
+
+
+def test_each_peer_holds_at_most_its_quota_until_its_sessions_end_or_expire() -> None:
+    clock = FakeClock()
+    store = KVSessionStore(
+        lambda: [], max_sessions=8, max_per_peer=2, ttl_seconds=10.0, clock=clock
+    )
+    store.open([Step("a1", 0, 3), Step("a2", 0, 3)], peer="a")
+    with pytest.raises(PeerQuotaReached, match="peer a already holds 2 of its quota of 2"):
+        store.open([Step("a3", 0, 3)], peer="a")
+    # Continuing its own sessions is no new session; another peer has its own share.
+    (a1,) = store.open([Step("a1", 0, 3)], peer="a")
+    store.advance(a1, 3)
+    store.open([Step("a1", 3, 1)], peer="a")
+    store.open([Step("b1", 0, 3), Step("b2", 0, 3)], peer="b")
+    assert (store.held_by("a"), store.held_by("b"), len(store)) == (2, 2, 4)
+    store.end("a1")
+    store.open([Step("a3", 0, 3)], peer="a")
+    clock.now += 11
+    assert sorted(store.expire()) == ["a2", "a3", "b1", "b2"]
+    assert store.held_by("a") == store.held_by("b") == 0
+    store.open([Step("a4", 0, 1), Step("a5", 0, 1)], peer="a")
+    assert store.clear() == 2 and store.held_by("a") == 0

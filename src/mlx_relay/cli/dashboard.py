@@ -108,9 +108,12 @@ async def _cluster_polling(
     from mlx_relay.coordinator.cluster import ClusterMonitor
     from mlx_relay.coordinator.pipeline import Stage
     from mlx_relay.coordinator.telemetry import register_stages
+    from mlx_relay.core.tls_config import tls_material
 
+    tls = tls_material(cluster, cluster.coordinator_id)
     clients = [
-        WorkerClient.for_device(w, cluster.network, recorder=collector) for w in cluster.workers
+        WorkerClient.for_device(w, cluster.network, recorder=collector, tls=tls)
+        for w in cluster.workers
     ]
     monitor: ClusterMonitor | None = None
     try:

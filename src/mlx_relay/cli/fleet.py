@@ -27,6 +27,7 @@ from mlx_relay.cli.restart_policy import RestartPolicy
 from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import RelayError
+from mlx_relay.core.tls_config import tls_material
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class WorkerFleet:
         self.config = config
         self.config_path = config_path
         self.monitoring = monitoring
+        self._tls = tls_material(config, config.coordinator_id)
         self.workers = [
             WorkerProcess(w.id, w.address, log_dir / f"{w.id}.log") for w in config.workers
         ]
@@ -216,7 +218,7 @@ class WorkerFleet:
         return all(w.serving for w in self.workers)
 
     async def _check(self, worker: WorkerProcess) -> None:
-        client = WorkerClient(worker.device_id, worker.address, self.config.network)
+        client = WorkerClient(worker.device_id, worker.address, self.config.network, tls=self._tls)
         try:
             status = await client.health(timeout=1.0, retry=False)
         except RelayError:

@@ -33,6 +33,7 @@ from mlx_relay.cli.options import (
 )
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, WorkerUnavailable
+from mlx_relay.core.tls_config import check_tls_files
 
 STARTUP_TIMEOUT = 600.0
 SUPERVISE_INTERVAL = 0.25
@@ -100,6 +101,8 @@ def _base_config(args: argparse.Namespace) -> ClusterConfig:
         if args.model is not None:
             model = config.model.model_copy(update={"path": args.model})
             config = config.model_copy(update={"model": model})
+        # Every device runs here: a missing TLS file is named in the user's file, at once.
+        check_tls_files(config)
         return config
     workers = 2 if args.workers is None else args.workers
     if workers < 1:

@@ -28,6 +28,7 @@ from mlx_relay.coordinator.step_loop import StepLoop
 from mlx_relay.coordinator.telemetry import CoordinatorTelemetry
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import PipelineNotReady, RelayError, ShardMismatch, WorkerUnavailable
+from mlx_relay.core.tls_config import tls_material
 from mlx_relay.model.load import ModelInfo, read_model_info, resolve_model_dir
 from mlx_relay.model.partition import assign_layers
 from mlx_relay.model.tokenizer import eos_token_ids, load_tokenizer
@@ -182,8 +183,11 @@ class DistributedOrchestrator:
             max_messages=inference.max_messages,
             max_stop_length=inference.max_stop_length,
         )
+        tls = tls_material(self.config, self.config.coordinator_id)
         self._clients = [
-            WorkerClient.for_device(w, self.config.network, recorder=self.metrics_collector)
+            WorkerClient.for_device(
+                w, self.config.network, recorder=self.metrics_collector, tls=tls
+            )
             for w in workers
         ]
         inference = self.config.inference

@@ -11,11 +11,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mlx_relay.core.errors import ConfigError
 from mlx_relay.core.history_config import HistoryConfig
 from mlx_relay.core.supervision_config import SupervisionConfig
+from mlx_relay.core.tls_config import DeviceTLS, TLSConfig
 from mlx_relay.core.types import LayerRange
 from mlx_relay.core.validation import FieldProblem, describe, kind_of
 
@@ -56,6 +65,8 @@ class DeviceConfig(_Section):
     For a worker, ``host``/``port`` is its gRPC address (port 0 picks a free port, for tests)
     and ``layers`` is a half-open ``[start, end)`` pair or ``auto``. The coordinator's entry
     only names it (its id in the monitoring data); its HTTP address is :class:`HTTPConfig`'s.
+    ``tls`` is the device's certificate and key when ``network.tls`` is set
+    (:mod:`mlx_relay.core.tls_config`).
     """
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -64,6 +75,7 @@ class DeviceConfig(_Section):
     role: Literal["coordinator", "worker"] = "worker"
     layers: LayerRange | Literal["auto"] | None = None
     memory_budget_gb: float | None = Field(default=None, gt=0)
+    tls: DeviceTLS | None = None
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -146,7 +158,10 @@ class MonitoringConfig(_Section):
 
 
 class NetworkConfig(_Section):
-    """Timeouts are in seconds."""
+    """The gRPC links. Timeouts are in seconds. ``tls`` turns on TLS for every link
+    (:mod:`mlx_relay.core.tls_config`). ``maximum_concurrent_rpcs`` caps the calls one worker
+    serves at once (more are answered RESOURCE_EXHAUSTED); None = 256, or 4 per
+    ``inference.max_running_requests`` when that is more."""
 
     connect_timeout: float = Field(default=60.0, gt=0)
     request_timeout: float = Field(default=30.0, gt=0)
@@ -155,6 +170,8 @@ class NetworkConfig(_Section):
     retry_backoff: float = Field(default=0.2, ge=0)
     max_message_mb: int = Field(default=64, ge=1, le=1024)
     auth_token: str | None = None
+    tls: TLSConfig | None = None
+    maximum_concurrent_rpcs: int | None = Field(default=None, ge=1)
 
 
 class InferenceConfig(_Section):
@@ -173,6 +190,10 @@ class InferenceConfig(_Section):
     stream_buffer_tokens: int = Field(default=32, ge=1)
     session_ttl_seconds: float = Field(default=300.0, gt=0)
     max_sessions: int = Field(default=64, ge=1)
+    # KV sessions one peer (a client certificate's subject, else a client address) may hold
+    # on a stage; None = see peer_session_quota. Never below coordinator_sessions: the
+    # coordinator (or the stage before, relaying) is one peer holding that many.
+    max_sessions_per_peer: int | None = Field(default=None, ge=1)
     # Continuous batching (coordinator/scheduler.py): most requests in one micro-batch, and
     # most prompt positions one micro-batch prefills (longer prompts go in chunks; never
     # more than max_prompt_tokens, the most positions a worker takes in one step).
@@ -182,6 +203,32 @@ class InferenceConfig(_Section):
     # separate devices every stage has work. Stages sharing one machine's cores do better
     # with 1: one larger batch instead of overlapping smaller ones.
     micro_batches: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _peer_quota(self) -> InferenceConfig:
+        quota, floor = self.max_sessions_per_peer, self.coordinator_sessions
+        if quota is not None and quota < floor:
+            raise FieldProblem(
+                "inference.max_sessions_per_peer",
+                f"expected at least {floor} (twice max_running_requests, at most "
+                f"max_sessions): the coordinator is one peer, got {quota}",
+            )
+        return self
+
+    @property
+    def coordinator_sessions(self) -> int:
+        """The sessions the coordinator may hold on one stage: one per running request, and
+        as many again whose EndSession is still on its way (a finished request's slot is
+        free before its sessions end); never more than ``max_sessions``."""
+        return min(self.max_sessions, 2 * self.max_running_requests)
+
+    @property
+    def peer_session_quota(self) -> int:
+        """Sessions one peer may hold on a stage: ``max_sessions_per_peer``, else three
+        quarters of ``max_sessions``, or :attr:`coordinator_sessions` when that is more."""
+        if self.max_sessions_per_peer is not None:
+            return self.max_sessions_per_peer
+        return max(-(-self.max_sessions * 3 // 4), self.coordinator_sessions)
 
 
 def _http_url(value: str) -> str:
@@ -284,6 +331,18 @@ class ClusterConfig(_Section):
     alerting: AlertingConfig = Field(default_factory=AlertingConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    _source: str = PrivateAttr(default="<config>")
+
+    @property
+    def source(self) -> str:
+        """The file this configuration was read from (how error messages name it)."""
+        return self._source
+
+    def __eq__(self, other: object) -> bool:
+        # Where a configuration was read from is not part of it.
+        if not isinstance(other, ClusterConfig):
+            return NotImplemented
+        return dict(self) == dict(other)
 
     @model_validator(mode="before")
     @classmethod
@@ -354,6 +413,37 @@ class ClusterConfig(_Section):
             expected_start = end
         return self
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> ClusterConfig:
+        tls = self.network.tls
+        for i, device in enumerate(self.devices):
+            if tls is None and device.tls is not None:
+                raise FieldProblem(
+                    "network.tls", f"expected ca_file: devices[{i}].tls is set, so TLS is on"
+                )
+            if tls is not None and device.tls is None and device.role == "worker":
+                raise FieldProblem(
+                    f"devices[{i}].tls",
+                    "expected cert_file and key_file: network.tls is set, so every worker "
+                    "serves TLS",
+                )
+        coordinator = self.coordinator
+        if tls is not None and tls.require_client_cert:
+            if coordinator is None:
+                raise FieldProblem(
+                    "devices",
+                    "expected a device with role 'coordinator' and its tls: "
+                    "network.tls.require_client_cert is true",
+                )
+            if coordinator.tls is None:
+                i = self.devices.index(coordinator)
+                raise FieldProblem(
+                    f"devices[{i}].tls",
+                    "expected cert_file and key_file: network.tls.require_client_cert is true, "
+                    "so the coordinator presents a certificate",
+                )
+        return self
+
     @property
     def workers(self) -> list[DeviceConfig]:
         """Workers in pipeline order."""
@@ -401,9 +491,11 @@ class ClusterConfig(_Section):
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level, got {kind_of(data)}")
         try:
-            return cls.model_validate(data)
+            config = cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(describe(exc, source)) from None
+        config._source = source
+        return config
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:

@@ -5,8 +5,9 @@ computes its layers, releases the MLX thread, calls the route's first hop with i
 states and the route's rest, and answers with that hop's results (the last stage's sampled
 tokens). Each hop is a :class:`~mlx_relay.worker_client.WorkerClient` call with the same
 limits as the coordinator's: the caller's remaining deadline less a margin (so the failing
-stage is named before the caller's own deadline passes), the bearer token, the message size
-limit, no retry, and per-call metrics in this worker's collector (its outgoing link).
+stage is named before the caller's own deadline passes), the bearer token, TLS (the next
+stage verified against the cluster's CA, this worker's certificate presented), the message
+size limit, no retry, and per-call metrics in this worker's collector (its outgoing link).
 
 A downstream failure goes back up the chain with its status code and the failing stage's
 device id in the trailing metadata; :func:`~mlx_relay.worker_client.translate_rpc_error`
@@ -24,6 +25,7 @@ import grpc
 
 from mlx_relay.core.config import NetworkConfig
 from mlx_relay.core.errors import InvalidRequest, QueueFull, RelayError, WorkerUnavailable
+from mlx_relay.core.tls_config import TLSMaterial
 from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.worker_client import FAILED_DEVICE_KEY, StageError, WorkerClient, WorkerTimedOut
 
@@ -54,6 +56,8 @@ class PeerClients:
             last stage): the only hop a route may name.
         network: deadlines, size limit and token of every hop.
         recorder: this worker's collector (the outgoing link's metrics), or None.
+        tls: this worker's CA, certificate and key: a hop verifies the next stage against
+            the CA and presents this worker's certificate; None for plaintext.
     """
 
     def __init__(
@@ -62,11 +66,13 @@ class PeerClients:
         next_stage: str | None,
         network: NetworkConfig,
         recorder: Any | None = None,
+        tls: TLSMaterial | None = None,
     ) -> None:
         self.device_id = device_id
         self.next_stage = next_stage
         self.network = network
         self._recorder = recorder
+        self._tls = tls
         self._clients: dict[tuple[str, str], WorkerClient] = {}
 
     def client(self, hop: pb.Hop) -> WorkerClient:
@@ -84,7 +90,7 @@ class PeerClients:
         client = self._clients.get(key)
         if client is None:
             client = self._clients[key] = WorkerClient(
-                hop.device_id, hop.address, self.network, recorder=self._recorder
+                hop.device_id, hop.address, self.network, recorder=self._recorder, tls=self._tls
             )
         return client
 

@@ -4,10 +4,12 @@ Status codes a caller can see:
 INVALID_ARGUMENT (malformed entry, wrong dtype/shape/byte length, token id outside the
 vocabulary, position not equal to the cached length, more positions than
 ``max_prompt_tokens`` or than the model's context), NOT_FOUND (a step past position 0 for
-a request this stage holds no session for), RESOURCE_EXHAUSTED (``max_sessions`` reached;
-grpc itself for messages over ``max_message_mb``), UNAVAILABLE (model still loading or
-worker stopping), FAILED_PRECONDITION (model failed to load), UNAUTHENTICATED (missing or
-wrong bearer token when ``network.auth_token`` is set), INTERNAL (a bug; logged).
+a request this stage holds no session for), RESOURCE_EXHAUSTED (``max_sessions`` reached,
+or the caller's share ``max_sessions_per_peer``; grpc itself for messages over
+``max_message_mb`` and for calls past ``maximum_concurrent_rpcs``), UNAVAILABLE (model
+still loading or worker stopping), FAILED_PRECONDITION (model failed to load),
+UNAUTHENTICATED (missing or wrong bearer token when ``network.auth_token`` is set), INTERNAL
+(a bug; logged).
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         runtime = await self._runtime(context)
         try:
             checked = runtime.check(request)
-            outcome = await self.state.executor.run(runtime.forward, checked)
+            outcome = await self.state.executor.run(runtime.forward, checked, peer_of(context))
         except RelayError as exc:
             code = status_code_for(exc)
             logger.info("Forward rejected with %s: %s", code.name, exc)
@@ -251,6 +253,18 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if state.health is not None:
             response.health_json = json.dumps(state.health.get_health_summary(), default=str)
         return response
+
+
+def peer_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling, as the session quota counts it: the subject of the client's
+    certificate under mTLS, else its address without the port (``ipv4:10.0.0.5``), so that
+    one client's many connections count as one peer."""
+    auth = context.auth_context()
+    subject = auth.get("x509_subject") or auth.get("x509_common_name")
+    if subject:
+        return "cert " + subject[0].decode("utf-8", "replace")
+    address = context.peer() or ""
+    return address.rsplit(":", 1)[0] if address.count(":") >= 2 else address
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +47,11 @@ class SessionLimitReached(RelayError):
     """Opening another session would pass the stage's maximum session count."""
 
 
+class PeerQuotaReached(SessionLimitReached):
+    """Opening another session would give one peer more than its share of the stage's
+    sessions (``inference.max_sessions_per_peer``)."""
+
+
 class PositionMismatch(InvalidRequest):
     """A step's position is not the session's cached length."""
 
@@ -78,6 +83,7 @@ class KVSession:
     last_used: float
     length: int = 0
     steps: int = 0
+    peer: str = ""
 
 
 class KVSessionStore:
@@ -86,6 +92,8 @@ class KVSessionStore:
     Args:
         make_cache: builds an empty cache for a new session.
         max_sessions: most sessions held at once; past it :class:`SessionLimitReached`.
+        max_per_peer: most sessions one peer (who opened them) holds at once; past it
+            :class:`PeerQuotaReached`. None: no quota but ``max_sessions``.
         ttl_seconds: a session unused this long is freed by :meth:`expire`.
         max_length: most positions one session may hold (the model's context), or None.
         clock: monotonic time source, replaceable in tests.
@@ -96,6 +104,7 @@ class KVSessionStore:
         make_cache: Callable[[], list[Any]],
         *,
         max_sessions: int,
+        max_per_peer: int | None = None,
         ttl_seconds: float,
         max_length: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -106,10 +115,12 @@ class KVSessionStore:
             raise ValueError("ttl_seconds must be > 0")
         self._make_cache = make_cache
         self.max_sessions = max_sessions
+        self.max_per_peer = max_per_peer
         self.ttl_seconds = ttl_seconds
         self.max_length = max_length
         self._clock = clock
         self._sessions: dict[str, KVSession] = {}
+        self._per_peer: Counter[str] = Counter()
         # Ids of recently ended requests (bounded, oldest forgotten first).
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._ended_limit = max(1024, 8 * max_sessions)
@@ -131,11 +142,17 @@ class KVSessionStore:
         with self._lock:
             return list(self._sessions)
 
-    def open(self, steps: Sequence[Step]) -> list[KVSession]:
+    def held_by(self, peer: str) -> int:
+        """How many sessions ``peer`` opened that are still held."""
+        with self._lock:
+            return self._per_peer[peer]
+
+    def open(self, steps: Sequence[Step], peer: str = "") -> list[KVSession]:
         """Check a call's steps against the sessions, then open or fetch a session for each.
 
         All steps are checked before any session is created, so a rejected call changes
-        nothing. A step at position 0 with an unknown request id opens a new session.
+        nothing. A step at position 0 with an unknown request id opens a new session, held
+        by ``peer`` (the caller's identity) until it ends.
 
         Raises:
             InvalidRequest: a request id is empty or appears twice.
@@ -144,6 +161,7 @@ class KVSessionStore:
             PositionMismatch: a step's position is not the session's cached length.
             ContextOverflow: a step would pass ``max_length``.
             SessionLimitReached: the new sessions would pass ``max_sessions``.
+            PeerQuotaReached: they would give ``peer`` more than ``max_per_peer``.
         """
         with self._lock:
             seen: set[str] = set()
@@ -183,13 +201,21 @@ class KVSessionStore:
                     f"this stage already holds {len(self._sessions)} of at most "
                     f"{self.max_sessions} sessions; end finished requests or retry later"
                 )
+            held = self._per_peer[peer]
+            if new and self.max_per_peer is not None and held + new > self.max_per_peer:
+                raise PeerQuotaReached(
+                    f"peer {peer or '(unnamed)'} already holds {held} of its quota of "
+                    f"{self.max_per_peer} sessions on this stage "
+                    "(inference.max_sessions_per_peer); end finished requests or retry later"
+                )
             now = self._clock()
             opened = []
             for step in steps:
                 session = self._sessions.get(step.request_id)
                 if session is None:
-                    session = KVSession(step.request_id, self._make_cache(), now, now)
+                    session = KVSession(step.request_id, self._make_cache(), now, now, peer=peer)
                     self._sessions[step.request_id] = session
+                    self._per_peer[peer] += 1
                 session.last_used = now
                 opened.append(session)
             return opened
@@ -214,7 +240,10 @@ class KVSessionStore:
             self._ended.move_to_end(request_id)
             if len(self._ended) > self._ended_limit:
                 self._ended.popitem(last=False)
-            return self._sessions.pop(request_id, None) is not None
+            session = self._sessions.pop(request_id, None)
+            if session is not None:
+                self._release(session)
+            return session is not None
 
     def expire(self) -> list[str]:
         """Free every session idle for longer than the TTL; returns their request ids."""
@@ -222,7 +251,7 @@ class KVSessionStore:
             deadline = self._clock() - self.ttl_seconds
             expired = [rid for rid, s in self._sessions.items() if s.last_used < deadline]
             for rid in expired:
-                del self._sessions[rid]
+                self._release(self._sessions.pop(rid))
             return expired
 
     def clear(self) -> int:
@@ -230,4 +259,11 @@ class KVSessionStore:
         with self._lock:
             count = len(self._sessions)
             self._sessions.clear()
+            self._per_peer.clear()
             return count
+
+    def _release(self, session: KVSession) -> None:
+        # Under the lock: the session's peer holds one session fewer.
+        self._per_peer[session.peer] -= 1
+        if self._per_peer[session.peer] <= 0:
+            del self._per_peer[session.peer]

@@ -31,6 +31,7 @@ class StageLimits:
     max_sessions: int
     session_ttl_seconds: float
     max_context: int | None = None
+    max_sessions_per_peer: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class StageRuntime:
         self.sessions = KVSessionStore(
             shard.make_cache,
             max_sessions=limits.max_sessions,
+            max_per_peer=limits.max_sessions_per_peer,
             ttl_seconds=limits.session_ttl_seconds,
             max_length=limits.max_context,
         )
@@ -211,7 +213,7 @@ class StageRuntime:
             checked.append(CheckedEntry(entry, length, sampling))
         return checked
 
-    def forward(self, entries: Sequence[CheckedEntry]) -> ForwardOutcome:
+    def forward(self, entries: Sequence[CheckedEntry], peer: str = "") -> ForwardOutcome:
         """Run checked entries through the shard (MLX thread).
 
         The first prompt chunks of several new requests run together in one call, left-padded
@@ -219,15 +221,17 @@ class StageRuntime:
         one-position entries (decode steps) run together in one batched call, whatever their
         requests' cached lengths. A lone decode step of a request that is in no batch runs on
         its own caches (the compiled single-request step). Results come back in the entries'
-        order.
+        order. New sessions count against ``peer``'s quota (the caller's identity).
 
         Raises:
             SessionNotFound, PositionMismatch, ContextOverflow, SessionLimitReached: the
                 entries do not fit the sessions; nothing was computed.
+            PeerQuotaReached: ``peer`` would hold more than its share of sessions.
         """
         started = time.perf_counter()
         sessions = self.sessions.open(
-            [Step(c.entry.request_id, int(c.entry.position), c.length) for c in entries]
+            [Step(c.entry.request_id, int(c.entry.position), c.length) for c in entries],
+            peer=peer,
         )
         # Rows of requests that ended (EndSession, expiry) leave their batch groups here at
         # the latest, on the MLX thread.

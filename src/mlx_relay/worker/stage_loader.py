@@ -126,6 +126,7 @@ async def load_stage(
     limits = StageLimits(
         max_prompt_tokens=inference.max_prompt_tokens,
         max_sessions=inference.max_sessions,
+        max_sessions_per_peer=inference.peer_session_quota,
         session_ttl_seconds=inference.session_ttl_seconds,
         max_context=config.model.max_context or placement.info.max_context,
     )

@@ -23,13 +23,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mlx_relay.core.addresses import exposure_warning, host_port
+from mlx_relay.core.addresses import exposure_warning, host_port, is_loopback
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, PipelineNotReady
+from mlx_relay.core.tls_config import tls_material
 from mlx_relay.core.types import LayerRange
 from mlx_relay.worker.background import ServingHealthWatch, SessionSweep
 from mlx_relay.worker.executor import MLXExecutor
-from mlx_relay.worker.grpc_endpoint import WorkerGrpcServer
+from mlx_relay.worker.grpc_endpoint import WorkerGrpcServer, concurrent_rpc_limit
 from mlx_relay.worker.relay import PeerClients
 from mlx_relay.worker.service import WorkerServicer, WorkerState
 from mlx_relay.worker.stage_loader import blas_threads, find_placement, load_stage
@@ -60,7 +61,8 @@ class WorkerServer:
         session_sweep: frees idle KV sessions.
 
     Raises:
-        ConfigError: the file is invalid, or ``device_id`` is not a worker of it.
+        ConfigError: the file is invalid, ``device_id`` is not a worker of it, or a TLS file
+            it names cannot be read.
     """
 
     def __init__(
@@ -95,10 +97,17 @@ class WorkerServer:
             self._state.collector = self.telemetry.collector
             self._state.health = self.telemetry.health
         following = workers[self.stage + 1].id if self.stage + 1 < len(workers) else None
+        self.tls = tls_material(config, device.id)
         self._state.peers = PeerClients(
-            device.id, following, config.network, recorder=self._state.collector
+            device.id, following, config.network, recorder=self._state.collector, tls=self.tls
         )
-        self._grpc = WorkerGrpcServer(device.id, config.network, WorkerServicer(self._state))
+        self._grpc = WorkerGrpcServer(
+            device.id,
+            config.network,
+            WorkerServicer(self._state),
+            tls=self.tls,
+            maximum_concurrent_rpcs=concurrent_rpc_limit(config),
+        )
         interval = min(config.monitoring.collection_interval, HEALTH_WATCH_MAX_INTERVAL)
         self.health_watch = ServingHealthWatch(self._state, self._grpc, self._report, interval)
         self.session_sweep = SessionSweep(self._state, config.inference.session_ttl_seconds)
@@ -181,13 +190,23 @@ class WorkerServer:
             await self.wait_until_ready()
 
     def _warn_if_exposed(self) -> str | None:
-        # The same warning as the HTTP side's: nothing but the network guards this port.
+        # The same warning as the HTTP side's: nothing but the network guards this port
+        # (TLS without client certificates encrypts, but lets anyone call).
+        tls = self.tls
+        encrypted = tls is not None
         message = exposure_warning(
             self.device.host,
-            bool(self.config.network.auth_token),
-            f"run worker {self.device_id}'s layers and read its metrics (gRPC, unencrypted)",
-            "Set network.auth_token in the cluster file (the coordinator sends it)",
+            bool(self.config.network.auth_token) or (tls is not None and tls.require_client_cert),
+            f"run worker {self.device_id}'s layers and read its metrics "
+            f"(gRPC, {'TLS' if encrypted else 'unencrypted'})",
+            "Set network.auth_token in the cluster file (the coordinator sends it)"
+            + ("" if encrypted else " and network.tls (see `mlx-relay certs`)"),
         )
+        if message is None and not encrypted and not is_loopback(self.device.host):
+            message = (
+                f"binding {self.device.host} without TLS: the auth token, hidden states and "
+                "tokens cross the network unencrypted. Set network.tls (see `mlx-relay certs`)."
+            )
         if message:
             logger.warning("%s", message)
         return message
