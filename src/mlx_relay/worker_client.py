@@ -75,7 +75,12 @@ class TLSHandshakeFailed(WorkerUnavailable):
 
 _HANDSHAKE_PREFIX = "TLS handshake failed"
 # What gRPC's details say when the client side of a TLS handshake failed.
-_HANDSHAKE_MARKERS = ("handshake failed", "certificate_verify_failed", "wrong_version_number")
+_HANDSHAKE_MARKERS = (
+    "handshake failed",
+    "certificate_verify_failed",
+    "wrong_version_number",
+    "hostname verification",
+)
 # What grpc answers past a server's maximum_concurrent_rpcs.
 _RPC_LIMIT_MARKER = "concurrent rpc limit"
 
@@ -96,6 +101,11 @@ def _handshake_failure(detail: str) -> str | None:
         return None
     if "wrong_version_number" in lowered:
         reason = "the worker does not serve TLS (is network.tls in its configuration?)"
+    elif "hostname verification" in lowered:
+        reason = (
+            "its certificate does not name the host the configuration gives it (make it "
+            "again for that host: mlx-relay certs)"
+        )
     elif "certificate_verify_failed" in lowered:
         why = detail.split("CERTIFICATE_VERIFY_FAILED", 1)[-1].strip(": ").split(":")[0]
         reason = (

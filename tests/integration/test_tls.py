@@ -150,3 +150,22 @@ async def test_a_tls_client_of_a_plaintext_worker_is_told_it_does_not_serve_tls(
                 await client.wait_serving(timeout=30)
         finally:
             await client.close()
+
+
+async def test_a_worker_certificate_for_another_host_is_refused_naming_why(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    certs = make_certs(tmp_path)
+    devices = {"worker-0": {"tls": certs.issue("worker-0", hosts=("10.9.9.9",))}}
+    async with local_cluster(
+        tiny_model_dir, 1, network=certs.network(), devices=devices, initialize=False
+    ) as cluster:
+        worker = cluster.config.workers[0]
+        client = WorkerClient(
+            worker.id, worker.address, cluster.config.network, tls=certs.material()
+        )
+        try:
+            with pytest.raises(TLSHandshakeFailed, match="does not name the host"):
+                await client.wait_serving(timeout=30)
+        finally:
+            await client.close()

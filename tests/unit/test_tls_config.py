@@ -113,3 +113,16 @@ def test_each_process_reads_its_own_certificate(tmp_path: Path) -> None:
     # The settings survive the copy handed to worker processes.
     again = ClusterConfig.from_dict(config.to_dict())
     assert again.network.tls == config.network.tls and again.devices == config.devices
+
+
+def test_a_key_that_is_not_the_certificates_is_named(tmp_path: Path) -> None:
+    data = tls_cluster(tmp_path)
+    other = make_certs(tmp_path / "other").issue("w0")
+    data["devices"][1]["tls"]["key_file"] = other["key_file"]
+    config = ClusterConfig.from_dict(data, "cluster.yaml")
+    with pytest.raises(ConfigError) as error:
+        tls_material(config, "w0")
+    assert str(error.value) == (
+        "cluster.yaml: devices[1].tls.key_file: expected the private key of cert_file's "
+        "certificate, not another key"
+    )

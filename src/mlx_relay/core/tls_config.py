@@ -84,7 +84,29 @@ def tls_material(config: ClusterConfig, device_id: str | None) -> TLSMaterial | 
     where = f"devices[{index}].tls"
     cert = read_pem(device_tls.cert_file, source, f"{where}.cert_file", _CERTIFICATE, "certificate")
     key = read_pem(device_tls.key_file, source, f"{where}.key_file", _PRIVATE_KEY, "private key")
+    problem = pair_problem(cert, key)
+    if problem is not None:
+        raise ConfigError(f"{source}: {where}.key_file: expected {problem}")
     return TLSMaterial(ca, cert, key, tls.require_client_cert)
+
+
+def pair_problem(cert: bytes, key: bytes) -> str | None:
+    """What is wrong with a certificate and key that should belong together, or None."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        certificate = x509.load_pem_x509_certificate(cert)
+    except ValueError:
+        return "a key for cert_file, whose certificate cannot be read"
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as exc:
+        return f"an unencrypted PEM private key ({exc})"
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*raw) != certificate.public_key().public_bytes(*raw):
+        return "the private key of cert_file's certificate, not another key"
+    return None
 
 
 def check_tls_files(config: ClusterConfig) -> None:
