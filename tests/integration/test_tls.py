@@ -19,7 +19,7 @@ from mlx_relay.core.errors import RelayError, WorkerUnavailable
 from mlx_relay.model.tokenizer import encode_prompt
 from mlx_relay.proto import relay_pb2, relay_pb2_grpc
 from mlx_relay.wire import encode_token_ids
-from mlx_relay.worker_client import TLSHandshakeFailed
+from mlx_relay.worker_client import StageError, TLSHandshakeFailed
 from tests.support.cluster import local_cluster
 from tests.support.reference import cached_tokenizer, reference_tokens
 from tests.support.tls import cluster_tls, make_certs
@@ -169,3 +169,21 @@ async def test_a_worker_certificate_for_another_host_is_refused_naming_why(
                 await client.wait_serving(timeout=30)
         finally:
             await client.close()
+
+
+async def test_the_worker_token_travels_inside_tls(tiny_model_dir: Path, tmp_path: Path) -> None:
+    certs, network, devices = cluster_tls(tmp_path, 2)
+    network = {**network, "auth_token": "a-worker-token"}
+    async with local_cluster(tiny_model_dir, 2, network=network, devices=devices) as cluster:
+        response = await cluster.orchestrator.process_request(
+            InferenceRequest(prompt=PROMPT, max_tokens=3)
+        )
+        assert response.finish_reason in ("stop", "length")
+        worker = cluster.config.workers[0]
+        settings = cluster.config.network.model_copy(update={"auth_token": None})
+        tokenless = WorkerClient(worker.id, worker.address, settings, tls=certs.material())
+        try:
+            with pytest.raises(StageError, match="UNAUTHENTICATED"):
+                await tokenless.get_status()
+        finally:
+            await tokenless.close()

@@ -52,6 +52,12 @@ async def test_calls_past_maximum_concurrent_rpcs_are_refused(tiny_model_dir: Pa
                 )
                 assert finished, "no call was refused while two were in flight"
                 done |= finished
+            client = WorkerClient("w0", worker.server.address, config.network)
+            try:
+                with pytest.raises(QueueFull, match=r"network\.maximum_concurrent_rpcs"):
+                    await client.forward(prefill("one-more"))
+            finally:
+                await client.close()
         finally:
             gate.set()
             await blocker
