@@ -43,7 +43,7 @@ from tests.support.multihost import (
     tcp_echo_rtt,
     wait_for_log,
 )
-from tests.support.netns import Topology, netns_unavailable_reason, topology
+from tests.support.netns import Topology, topology_or_skip
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(300)]
 
@@ -59,10 +59,7 @@ PROMPT = "Distributed inference splits the layers of a model across several devi
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[Topology]:
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with topology(2) as net:
+    with topology_or_skip(2) as net:
         yield net
 
 

@@ -25,7 +25,7 @@ from mlx_relay.model.tokenizer import encode_prompt
 from mlx_relay.server.runtime import CoordinatorRuntime
 from tests.support.cluster import free_ports
 from tests.support.multihost import MLX_RELAY, cluster_file, start_worker, wait_for_log
-from tests.support.netns import Topology, netns_unavailable_reason, topology
+from tests.support.netns import Topology, topology_or_skip
 from tests.support.reference import cached_tokenizer, reference_tokens
 
 pytestmark = pytest.mark.timeout(300)
@@ -35,10 +35,7 @@ PROMPT = "Distributed inference splits the layers of a model across several devi
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[Topology]:
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    with topology(2) as net:
+    with topology_or_skip(2) as net:
         yield net
 
 

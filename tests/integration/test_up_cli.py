@@ -89,6 +89,16 @@ def stop(process: subprocess.Popen[bytes], sig: int, log: Path) -> int:
         raise AssertionError(f"did not stop on {sig}:\n{log.read_text()}") from None
 
 
+def complete(port: int, prompt: str, max_tokens: int) -> httpx.Response:
+    """A greedy completion from the app on ``port``, with the model it serves."""
+    model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+    return httpx.post(
+        f"http://127.0.0.1:{port}/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+        timeout=60.0,
+    )
+
+
 def test_up_serves_then_stops_everything_on_sigint(tiny_model_dir: Path, tmp_path: Path) -> None:
     port = free_ports(1)[0]
     log = tmp_path / "up.log"
@@ -108,12 +118,7 @@ def test_up_serves_then_stops_everything_on_sigint(tiny_model_dir: Path, tmp_pat
         ports = {port} | {p for c in workers for p in listening_ports(c)}
         assert len(ports) == 3
         # A real request through both workers before Ctrl-C.
-        model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
-        reply = httpx.post(
-            f"http://127.0.0.1:{port}/v1/completions",
-            json={"model": model, "prompt": "hello", "max_tokens": 5, "temperature": 0},
-            timeout=60.0,
-        )
+        reply = complete(port, "hello", 5)
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] >= 1
         assert stop(up, signal.SIGINT, log) == 0

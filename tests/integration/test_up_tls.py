@@ -7,10 +7,16 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-import httpx
 import yaml
 
-from tests.integration.test_up_cli import exit_code_and_output, reap, start, stop, wait_healthy
+from tests.integration.test_up_cli import (
+    complete,
+    exit_code_and_output,
+    reap,
+    start,
+    stop,
+    wait_healthy,
+)
 from tests.support.cluster import cluster_dict, free_ports
 from tests.support.tls import cluster_tls
 
@@ -40,12 +46,7 @@ def test_up_serves_a_tls_cluster_with_client_certificates(
     up = start(["up", "--config", str(config)], log)
     try:
         wait_healthy(up, f"http://127.0.0.1:{port}", log)
-        model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
-        reply = httpx.post(
-            f"http://127.0.0.1:{port}/v1/completions",
-            json={"model": model, "prompt": "hello", "max_tokens": 4, "temperature": 0},
-            timeout=60.0,
-        )
+        reply = complete(port, "hello", 4)
         assert reply.status_code == 200, reply.text
         assert stop(up, signal.SIGINT, log) == 0
     finally:

@@ -57,6 +57,18 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return result
 
 
+@contextlib.contextmanager
+def topology_or_skip(num_hosts: int) -> Iterator[Topology]:
+    """:func:`topology`, or skip the test with :func:`netns_unavailable_reason`'s reason."""
+    import pytest
+
+    reason = netns_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with topology(num_hosts) as net:
+        yield net
+
+
 def netns_unavailable_reason() -> str | None:
     """None when this machine can build a topology, else exactly why it cannot."""
     if sys.platform != "linux":
