@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlx_relay.core.config import DeviceConfig, NetworkConfig
 from mlx_relay.core.errors import QueueFull, RelayError, WorkerUnavailable
 from mlx_relay.core.tls_config import TLSMaterial
+from mlx_relay.core.tracing import TRACEPARENT
 from mlx_relay.proto import relay_pb2, relay_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -279,11 +280,23 @@ class WorkerClient:
         return cls(device.id, device.address, network, recorder=recorder, tls=tls)
 
     async def forward(
-        self, request: relay_pb2.ForwardRequest, *, timeout: float | None = None
+        self,
+        request: relay_pb2.ForwardRequest,
+        *,
+        timeout: float | None = None,
+        traceparent: str = "",
     ) -> relay_pb2.ForwardResponse:
-        """Run one step on the worker's layers. Never retried."""
+        """Run one step on the worker's layers. Never retried. ``traceparent`` (W3C trace
+        context) goes in the call's metadata; each entry carries its own request's too."""
+        metadata = self._metadata
+        if traceparent:
+            metadata = (*(metadata or ()), (TRACEPARENT, traceparent))
         return await self._call(
-            "Forward", self._stub.Forward, request, timeout or self.network.request_timeout
+            "Forward",
+            self._stub.Forward,
+            request,
+            timeout or self.network.request_timeout,
+            metadata=metadata,
         )
 
     async def connected(self, timeout: float) -> bool:
@@ -410,9 +423,10 @@ class WorkerClient:
         timeout: float,
         *,
         translate: bool = True,
+        metadata: Sequence[tuple[str, str]] | None = None,
     ) -> T:
         try:
-            return await fn(request, timeout=timeout, metadata=self._metadata)
+            return await fn(request, timeout=timeout, metadata=metadata or self._metadata)
         except grpc.aio.AioRpcError as exc:
             if not translate:
                 raise

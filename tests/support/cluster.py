@@ -101,11 +101,15 @@ async def local_cluster(
     model: dict[str, Any] | None = None,
     devices: dict[str, dict[str, Any]] | None = None,
     initialize: bool = True,
+    tracing: dict[str, Any] | None = None,
+    tracer_providers: dict[str, Any] | None = None,
 ) -> AsyncIterator[LocalCluster]:
     """Start ``num_workers`` in-process workers on port 0 and an orchestrator over them.
 
     ``worker_monitoring`` defaults to ``enable_monitoring``. With ``initialize=False`` the
-    orchestrator is created but not initialised.
+    orchestrator is created but not initialised. ``tracing`` is the config's section;
+    ``tracer_providers`` hands a TracerProvider to the device of that id (``coordinator``
+    or a worker).
     """
     data = cluster_dict(
         model_dir,
@@ -118,11 +122,20 @@ async def local_cluster(
         model=model,
         devices=devices,
     )
+    if tracing:
+        data["tracing"] = tracing
     config = ClusterConfig.from_dict(data)
     if worker_monitoring is None:
         worker_monitoring = enable_monitoring
+    providers = tracer_providers or {}
     servers = [
-        WorkerServer(config, w.id, enable_monitoring=worker_monitoring) for w in config.workers
+        WorkerServer(
+            config,
+            w.id,
+            enable_monitoring=worker_monitoring,
+            tracer_provider=providers.get(w.id),
+        )
+        for w in config.workers
     ]
     orchestrator: DistributedOrchestrator | None = None
     try:
@@ -131,7 +144,11 @@ async def local_cluster(
         for server in servers:
             await server.wait_until_ready(timeout=120)
         config = config.with_worker_ports({s.device_id: s.port for s in servers})
-        orchestrator = DistributedOrchestrator(config, enable_monitoring=enable_monitoring)
+        orchestrator = DistributedOrchestrator(
+            config,
+            enable_monitoring=enable_monitoring,
+            tracer_provider=providers.get(config.coordinator_id),
+        )
         if initialize:
             await orchestrator.initialize()
         yield LocalCluster(config, orchestrator, workers=servers)
@@ -240,9 +257,11 @@ async def process_cluster(
     network: dict[str, Any] | None = None,
     monitoring: dict[str, Any] | None = None,
     inference: dict[str, Any] | None = None,
+    tracing: dict[str, Any] | None = None,
 ) -> AsyncIterator[LocalCluster]:
     """Start ``num_workers`` worker subprocesses on free ports (config written to
-    ``work_dir``) and an initialised orchestrator; every process is stopped on exit."""
+    ``work_dir``) and an initialised orchestrator; every process is stopped on exit.
+    ``tracing`` is the config's section (the workers read it from the file)."""
     ports = free_ports(num_workers)
     data = cluster_dict(
         model_dir,
@@ -252,6 +271,8 @@ async def process_cluster(
         monitoring=monitoring,
         inference=inference,
     )
+    if tracing:
+        data["tracing"] = tracing
     config = ClusterConfig.from_dict(data)
     config_path = work_dir / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(data))

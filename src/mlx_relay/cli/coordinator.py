@@ -9,9 +9,11 @@ from typing import Any
 
 from mlx_relay.cli.options import (
     add_http_arguments,
+    add_tracing_arguments,
     given_token,
     stop_signals,
     with_http_overrides,
+    with_tracing,
 )
 from mlx_relay.core.config import ClusterConfig
 
@@ -31,6 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-monitoring", action="store_true", help="no metrics, health checks or cluster polling"
     )
+    add_tracing_arguments(parser)
     return parser
 
 
@@ -49,6 +52,7 @@ def print_urls(url: str, monitoring: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     config = ClusterConfig.from_yaml(args.config)
     config = with_http_overrides(config, args.host, args.port, given_token(args))
+    config = with_tracing(config, args)
     return asyncio.run(_serve(config, args))
 
 

@@ -153,3 +153,35 @@ def with_compute(config: ClusterConfig, args: argparse.Namespace) -> ClusterConf
     if not update:
         return config
     return config.model_copy(update={"model": config.model.model_copy(update=update)})
+
+
+def add_tracing_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--otlp-endpoint`` (``tracing.otlp_endpoint``)."""
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        metavar="URL",
+        help="export spans over OTLP/HTTP to this traces URL, e.g. "
+        "http://127.0.0.1:4318/v1/traces (default: tracing.otlp_endpoint of the config)",
+    )
+
+
+def with_tracing(config: ClusterConfig, args: argparse.Namespace) -> ClusterConfig:
+    """The configuration with ``--otlp-endpoint`` applied where given.
+
+    Raises:
+        ConfigError: the URL is not http:// or https://.
+    """
+    endpoint = getattr(args, "otlp_endpoint", None)
+    if endpoint is None:
+        return config
+    from mlx_relay.core.tracing_config import TracingConfig
+
+    data = {**config.tracing.model_dump(), "otlp_endpoint": endpoint}
+    try:
+        tracing = TracingConfig.model_validate(data)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--otlp-endpoint: expected an http:// or https:// URL, got {endpoint!r}"
+        ) from exc
+    return config.model_copy(update={"tracing": tracing})

@@ -26,10 +26,12 @@ from mlx_relay.cli.fleet import WorkerExited, WorkerFleet
 from mlx_relay.cli.options import (
     add_compute_arguments,
     add_http_arguments,
+    add_tracing_arguments,
     given_token,
     stop_signals,
     with_compute,
     with_http_overrides,
+    with_tracing,
 )
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, WorkerUnavailable
@@ -63,6 +65,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--no-monitoring", action="store_true", help="no metrics, health checks or cluster polling"
     )
     add_compute_arguments(parser)
+    add_tracing_arguments(parser)
     return parser
 
 
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     config = with_compute(
         with_http_overrides(_base_config(args), args.host, args.port, given_token(args)), args
     )
+    config = with_tracing(config, args)
     if config.alerting.enabled:
         configured_rules(config.alerting, config.inference)  # a bad rule fails before any worker
     # Resolve (and import) the model once here, so workers start from the same directory.

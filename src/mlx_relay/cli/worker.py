@@ -7,7 +7,13 @@ import asyncio
 import sys
 from typing import Any
 
-from mlx_relay.cli.options import add_compute_arguments, stop_signals, with_compute
+from mlx_relay.cli.options import (
+    add_compute_arguments,
+    add_tracing_arguments,
+    stop_signals,
+    with_compute,
+    with_tracing,
+)
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.worker.worker_server import WorkerServer
 
@@ -36,6 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="seconds in-flight calls may finish when stopping (default: 5)",
     )
     add_compute_arguments(parser)
+    add_tracing_arguments(parser)
     return parser
 
 
@@ -44,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    config = with_compute(ClusterConfig.from_yaml(args.config), args)
+    config = with_tracing(with_compute(ClusterConfig.from_yaml(args.config), args), args)
     server = WorkerServer(config, args.device_id, enable_monitoring=not args.no_monitoring)
     with stop_signals() as stop_requested:
         try:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mlx_relay.coordinator.tracing import stage_times
+from mlx_relay.monitoring.traces.attribution import split_call
 from mlx_relay.proto import relay_pb2
 
 Window = tuple[float, float]
@@ -25,24 +27,19 @@ def compute_windows(
 ) -> list[Window | None]:
     """Each stage's compute as (start, end) seconds after the coordinator sent the call to
     the first stage, in pipeline order; None from the first stage that did not say when it
-    got its call (an older worker) on.
+    got its call (an older worker) on. The placement is the traces' own
+    (:func:`~mlx_relay.monitoring.traces.attribution.split_call`).
 
     Args:
         timings: the ``stages`` of the ``ForwardResponse``, in pipeline order.
         rpc_seconds: the coordinator's time for its call to the first stage.
     """
     windows: list[Window | None] = []
-    called = 0.0  # when this stage's caller began the call, seconds after the send
-    call_seconds = rpc_seconds
-    for index, timing in enumerate(timings):
+    splits = split_call(rpc_seconds, stage_times(timings))
+    for index, (timing, split) in enumerate(zip(timings, splits, strict=True)):
         if timing.handled_seconds <= 0.0:
             windows.extend([None] * (len(timings) - index))
             break
-        if index > 0:
-            call_seconds = timing.rpc_seconds
-        got = called + max(0.0, call_seconds - timing.handled_seconds) / 2
-        start = got + timing.compute_offset_seconds
+        start = split.begin + timing.compute_offset_seconds
         windows.append((start, start + timing.compute_seconds))
-        if index + 1 < len(timings):
-            called = got + timings[index + 1].called_offset_seconds
     return windows

@@ -26,12 +26,15 @@ from mlx_relay.coordinator.scheduler import SchedulerSettings
 from mlx_relay.coordinator.stage_health import StageHealthPoll
 from mlx_relay.coordinator.step_loop import StepLoop
 from mlx_relay.coordinator.telemetry import CoordinatorTelemetry
+from mlx_relay.coordinator.tracing import CoordinatorTracing
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import PipelineNotReady, RelayError, ShardMismatch, WorkerUnavailable
 from mlx_relay.core.tls_config import tls_material
+from mlx_relay.core.tracing import otlp_tracer_provider, shutdown_provider, tracer_of
 from mlx_relay.model.load import ModelInfo, read_model_info, resolve_model_dir
 from mlx_relay.model.partition import assign_layers
 from mlx_relay.model.tokenizer import eos_token_ids, load_tokenizer
+from mlx_relay.monitoring.traces import TraceStore
 
 __all__ = [
     "DistributedOrchestrator",
@@ -74,12 +77,18 @@ class DistributedOrchestrator:
         metrics_collector: with the default telemetry, use this collector instead of
             building one (its owner starts and stops it).
         health_monitor: likewise for the health monitor.
+        tracer_provider: where the coordinator's spans go (an OpenTelemetry SDK
+            ``TracerProvider``; the caller owns it). By default one exporting to
+            ``tracing.otlp_endpoint`` when that is set, else no spans. Either way, with
+            ``tracing.enabled`` the last ``tracing.max_traces`` traces are kept in
+            :attr:`traces`.
 
     Attributes:
         tokenizer: the model's tokenizer (after :meth:`initialize`).
         model_info: the model's facts (after :meth:`initialize`).
         stages: the pipeline in order (after :meth:`initialize`).
         telemetry: the coordinator's monitoring, or None without it.
+        traces: the last requests' traces (None with ``tracing.enabled`` false).
     """
 
     def __init__(
@@ -90,6 +99,7 @@ class DistributedOrchestrator:
         telemetry: CoordinatorTelemetry | None = None,
         metrics_collector: Any | None = None,
         health_monitor: Any | None = None,
+        tracer_provider: Any | None = None,
     ) -> None:
         self.config = config
         self.enable_monitoring = enable_monitoring and config.monitoring.enabled
@@ -115,6 +125,18 @@ class DistributedOrchestrator:
             on_change=self._admission_changed,
         )
         self._tracker = RunTracker()
+        tracing = config.tracing
+        self._owned_provider = None
+        if tracer_provider is None and tracing.enabled:
+            tracer_provider = self._owned_provider = otlp_tracer_provider(
+                tracing, "mlx-relay-coordinator", config.coordinator_id
+            )
+        self.traces = TraceStore(tracing.max_traces) if tracing.enabled else None
+        self._tracing = (
+            CoordinatorTracing(self.traces, tracer_of(tracer_provider), config.coordinator_id)
+            if tracing.enabled
+            else None
+        )
         self._loop: StepLoop | None = None
         self._ready = False
         self._closed = False
@@ -196,7 +218,15 @@ class DistributedOrchestrator:
             prefill_chunk_tokens=min(inference.prefill_chunk_tokens, inference.max_prompt_tokens),
             max_micro_batches=inference.micro_batches or len(self.stages),
         )
-        self._loop = StepLoop(self.stages, self._clients, settings, self.metrics_collector)
+        self._loop = StepLoop(
+            self.stages,
+            self._clients,
+            settings,
+            self.metrics_collector,
+            traced=self._tracing is not None,
+        )
+        if self._tracing is not None:
+            self._tracing.attach(info.name, [stage.device_id for stage in self.stages])
         try:
             await self._wait_serving()
             await self._check_shards(info.num_layers)
@@ -316,6 +346,7 @@ class DistributedOrchestrator:
             self.metrics_collector,
             self._tracker,
             self.config.inference.stream_buffer_tokens,
+            self._tracing,
         )
 
     def _admission_changed(self, running: int, waiting: int) -> None:
@@ -353,6 +384,7 @@ class DistributedOrchestrator:
             await self.telemetry.detach()
         await self._close_clients()
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        await shutdown_provider(self._owned_provider)
         logger.info("coordinator shut down")
 
     async def _close_clients(self) -> None:

@@ -35,6 +35,7 @@ from mlx_relay.coordinator.requests import (
 )
 from mlx_relay.coordinator.step_loop import StepLoop
 from mlx_relay.coordinator.stops import TextStream
+from mlx_relay.coordinator.tracing import CoordinatorTracing, RequestSpans
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.tokenizer import TextDecoder
 from mlx_relay.proto import relay_pb2
@@ -91,6 +92,7 @@ class RequestRun:
         tracker: where the run registers itself while it runs, and its session cleanup
             task, so that shutdown can end both.
         buffer_tokens: most token events waiting for the caller before the run pauses.
+        tracing: opens the request's trace (kept in the trace store when it ends), or None.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class RequestRun:
         collector: Any | None,
         tracker: RunTracker,
         buffer_tokens: int = 32,
+        tracing: CoordinatorTracing | None = None,
     ) -> None:
         if buffer_tokens < 1:
             raise ValueError(f"buffer_tokens must be >= 1, got {buffer_tokens}")
@@ -120,6 +123,8 @@ class RequestRun:
         self._collector = collector
         self._tracker = tracker
         self._trace: Any = None
+        self._tracing = tracing
+        self.spans: RequestSpans | None = tracing.open(prepared) if tracing is not None else None
         self._sessions_opened = False
         self.outcome = RequestOutcome()
         # Unbounded as a queue; the step loop pauses the run at ``buffer_tokens`` unread.
@@ -142,6 +147,8 @@ class RequestRun:
                 self._tracker.runs.add(self)
                 admitted = time.monotonic()
                 outcome.timings.queue = admitted - submitted
+                if self.spans is not None:
+                    self.spans.admitted(admitted)
                 if self._collector is not None:
                     self._trace = self._collector.track_request(
                         prompt_tokens=len(self.prepared.prompt_ids),
@@ -159,15 +166,20 @@ class RequestRun:
                         logger.debug("request %s aborted by its caller", self.request_id)
                         if self._trace is not None:
                             self._trace.finish("abort")
+                        self._spans_end("abort")
                     raise
                 except Exception as exc:
                     outcome.finish_reason = "error"
                     logger.info("request %s failed: %s", self.request_id, exc)
                     if self._trace is not None:
                         self._trace.fail(type(exc).__name__, str(exc))
+                    self._spans_end("error", type(exc).__name__)
                     raise
         finally:
             self._tracker.runs.discard(self)
+            if self.spans is not None and self._tracing is not None:
+                self._spans_end("abort")
+                self._tracing.close(self.spans)
             if not outcome.timings.total:
                 outcome.timings.total = time.monotonic() - submitted
             if self._sessions_opened:
@@ -207,6 +219,8 @@ class RequestRun:
             self._first_token_at = now
             outcome.timings.ttft = now - self.prepared.submitted_at
             outcome.timings.prefill = now - self._admitted
+            if self.spans is not None:
+                self.spans.first_token(now)
         token = result.token_id
         if token in self._eos_ids:
             self._finish("stop")
@@ -248,6 +262,11 @@ class RequestRun:
     def fail(self, error: BaseException) -> None:
         self._events.put_nowait(error)
 
+    def _spans_end(self, reason: str, error_type: str | None = None) -> None:
+        """The trace's end, unless it ended already (a finished request's last token)."""
+        if self.spans is not None:
+            self.spans.finish(time.monotonic(), reason, len(self.outcome.token_ids), error_type)
+
     def _finish(self, finish: FinishReason) -> None:
         outcome = self.outcome
         timings = outcome.timings
@@ -263,6 +282,8 @@ class RequestRun:
         timings.total = end - self.prepared.submitted_at
         if self._trace is not None:
             self._trace.finish(finish)
+        if self.spans is not None:
+            self.spans.finish(end, finish, generated)
         logger.debug(
             "request %s: %d prompt + %d generated tokens, %s, %.3f s (queue %.3f s)",
             self.request_id,

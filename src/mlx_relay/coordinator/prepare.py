@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_relay.coordinator.requests import InferenceRequest
@@ -58,6 +58,8 @@ class PreparedRequest:
     params: SamplingParams
     max_tokens: int
     submitted_at: float
+    # When checking and tokenizing ended (time.monotonic(), like submitted_at).
+    prepared_at: float = field(default_factory=time.monotonic)
 
 
 def prepare_request(

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from mlx_relay.coordinator.client import StageError, WorkerClient
 from mlx_relay.coordinator.compute_windows import Window, compute_windows
 from mlx_relay.coordinator.scheduler import Scheduler, SchedulerSettings, StepPlan
+from mlx_relay.coordinator.tracing import RequestSpans, StepTrace
 from mlx_relay.core.errors import PipelineNotReady, WorkerUnavailable
 from mlx_relay.proto import relay_pb2
 from mlx_relay.wire import encode_token_ids
@@ -45,6 +46,7 @@ class Member(Protocol):
     request_id: str
     prompt_ids: list[int]
     sampling: relay_pb2.SamplingParams
+    spans: RequestSpans | None  # its trace, when tracing is on
 
     def next_token(self) -> int:
         """The input of the request's next decode step."""
@@ -68,6 +70,8 @@ class StepLoop:
         clients: one client per stage, same order.
         settings: the scheduler's settings.
         collector: the coordinator's MetricsCollector, or None.
+        traced: record each micro-batch for its requests' traces
+            (:class:`~mlx_relay.coordinator.tracing.StepTrace`).
     """
 
     def __init__(
@@ -76,8 +80,11 @@ class StepLoop:
         clients: Sequence[WorkerClient],
         settings: SchedulerSettings,
         collector: Any | None = None,
+        *,
+        traced: bool = False,
     ) -> None:
         self._stages = stages
+        self._traced = traced
         self._clients = clients
         self._route = [
             relay_pb2.Hop(device_id=stage.device_id, address=client.address)
@@ -160,12 +167,17 @@ class StepLoop:
             self._collector.set_requests_scheduled(self._scheduler.runnable)
 
     async def _execute(self, plan: StepPlan) -> None:
+        trace = StepTrace(plan) if self._traced else None
         try:
-            results = await self._forward_all(plan)
-        except asyncio.CancelledError:
+            results = await self._forward_all(plan, trace)
+        except asyncio.CancelledError as exc:
             self._scheduler.fail(plan)
+            if trace is not None:
+                trace.close(exc)
             raise
         except Exception as exc:
+            if trace is not None:
+                trace.close(exc)
             failed = self._scheduler.fail(plan)
             if isinstance(exc, WorkerUnavailable):
                 # The stage is down or stuck: the requests waiting for their next step would
@@ -197,6 +209,8 @@ class StepLoop:
                 done = True
             if done:
                 finished.append(step.request_id)
+        if trace is not None:
+            trace.close()
         self._scheduler.complete(plan, finished)
         for request_id in finished:
             self._members.pop(request_id, None)
@@ -213,7 +227,9 @@ class StepLoop:
             if future is not None and not future.done():
                 future.set_result(None)
 
-    async def _forward_all(self, plan: StepPlan) -> dict[str, relay_pb2.ForwardResult]:
+    async def _forward_all(
+        self, plan: StepPlan, trace: StepTrace | None = None
+    ) -> dict[str, relay_pb2.ForwardResult]:
         """One step of the plan through every stage; the last stage's results by request."""
         entries = []
         for step in plan.steps:
@@ -229,10 +245,13 @@ class StepLoop:
                     tensor=encode_token_ids(ids),
                     sampling=member.sampling,
                     step=step.step,
+                    traceparent=trace.join(member.spans, step) if trace is not None else "",
                 )
             )
         answer = await self._forward(entries)
         reply = answer.reply
+        if trace is not None:
+            trace.answered(answer.sent, answer.sent + answer.rpc_seconds, reply.stages)
         last = self._stages[-1].device_id
         results = _matching_results(last, entries, reply)
         for stage, compute, network in self._stage_times(reply, answer.rpc_seconds):
@@ -275,10 +294,12 @@ class StepLoop:
                 for stage in self._stages
             ]
         reply: relay_pb2.ForwardResponse | None = None
+        sent = time.monotonic()  # the traces' clock
         started = time.perf_counter()
         try:
             reply = await self._clients[0].forward(
-                relay_pb2.ForwardRequest(entries=entries, route=self._route)
+                relay_pb2.ForwardRequest(entries=entries, route=self._route),
+                traceparent=entries[0].traceparent if entries else "",
             )
         finally:
             seconds = time.perf_counter() - started
@@ -288,13 +309,14 @@ class StepLoop:
                     collector.stage_forward_finished(
                         stage.device_id, token, windows.get(stage.device_id)
                     )
-        return _Answer(reply, seconds)
+        return _Answer(reply, seconds, sent)
 
 
 @dataclass(frozen=True)
 class _Answer:
     reply: relay_pb2.ForwardResponse
     rpc_seconds: float
+    sent: float  # time.monotonic() when the call started
 
 
 def _windows_by_stage(

@@ -25,6 +25,7 @@ from mlx_relay.core.errors import ConfigError
 from mlx_relay.core.history_config import HistoryConfig
 from mlx_relay.core.supervision_config import SupervisionConfig
 from mlx_relay.core.tls_config import DeviceTLS, TLSConfig
+from mlx_relay.core.tracing_config import TracingConfig
 from mlx_relay.core.types import LayerRange
 from mlx_relay.core.validation import FieldProblem, describe, kind_of
 
@@ -320,7 +321,7 @@ COORDINATOR_ADDRESS_KEYS = ("host", "port")
 
 class ClusterConfig(_Section):
     """The whole cluster: model, devices in pipeline order, the HTTP app, monitoring,
-    network, inference, alerting, history, supervision."""
+    network, inference, alerting, history, supervision, tracing."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     devices: list[DeviceConfig]
@@ -331,6 +332,7 @@ class ClusterConfig(_Section):
     alerting: AlertingConfig = Field(default_factory=AlertingConfig)
     history: HistoryConfig = Field(default_factory=HistoryConfig)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     _source: str = PrivateAttr(default="<config>")
 
     @property

@@ -51,6 +51,7 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
             settings,
             alerts=services.alert_engine,
             history=services.history.store if services.history is not None else None,
+            traces=services.orchestrator.traces if services.orchestrator is not None else None,
         )
         mount_placement(app, services.config, services.metrics_collector.snapshot)  # placement
 
@@ -83,6 +84,9 @@ async def start_services(config: ClusterConfig, *, enable_monitoring: bool = Tru
             await engine.start()
             services.alert_engine = engine
         services.history = await _start_history(services)
+        if services.history is not None and orchestrator.traces is not None:
+            # Each finished request's trace summary outlives the traces kept in memory.
+            orchestrator.traces.archive = services.history.store
     except BaseException:
         # The orchestrator is connected already: close it rather than leak its channels.
         await stop_services(services)

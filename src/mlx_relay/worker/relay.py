@@ -101,9 +101,13 @@ class PeerClients:
 
 
 def next_entries(
-    entries: Sequence[pb.ForwardEntry], results: Sequence[pb.ForwardResult]
+    entries: Sequence[pb.ForwardEntry],
+    results: Sequence[pb.ForwardResult],
+    parents: Sequence[str] | None = None,
 ) -> list[pb.ForwardEntry]:
-    """The next stage's entries: each entry with this stage's output as its tensor."""
+    """The next stage's entries: each entry with this stage's output as its tensor, and
+    its trace context (``parents``, this stage's call spans, else the one it came with)."""
+    contexts = parents if parents is not None else [e.traceparent for e in entries]
     return [
         pb.ForwardEntry(
             request_id=entry.request_id,
@@ -111,8 +115,9 @@ def next_entries(
             tensor=result.tensor,
             sampling=entry.sampling,
             step=entry.step,
+            traceparent=parent,
         )
-        for entry, result in zip(entries, results, strict=True)
+        for entry, result, parent in zip(entries, results, contexts, strict=True)
     ]
 
 
@@ -123,10 +128,13 @@ async def relay(
     context: grpc.aio.ServicerContext,
     collector: Any | None = None,
     received: float | None = None,
+    parents: Sequence[str] | None = None,
 ) -> pb.ForwardResponse:
     """Send this stage's output down the route; the last stage's answer, with every
     stage's timing in pipeline order. ``received`` is when this stage got its call
     (``time.perf_counter()``): the next stage's timing says how long after it the hop began.
+    ``parents``: each entry's trace context for the next stage (see :func:`next_entries`);
+    the call's metadata carries the first one's.
 
     Raises:
         RelayError: the hop failed (see :func:`abort_for`).
@@ -139,9 +147,11 @@ async def relay(
     # for it (a dead one still fails at once after that) rather than fail the step.
     await client.connected(min(RECONNECT_WAIT, timeout / 2))
     timeout = max(0.001, timeout - (time.perf_counter() - started))
+    entries = next_entries(request.entries, own.results, parents)
     reply = await client.forward(
-        pb.ForwardRequest(entries=next_entries(request.entries, own.results), route=rest),
+        pb.ForwardRequest(entries=entries, route=rest),
         timeout=timeout,
+        traceparent=entries[0].traceparent if entries else "",
     )
     rpc_seconds = time.perf_counter() - started
     stages = list(reply.stages) or [

@@ -34,6 +34,7 @@ from mlx_relay.worker.executor import MLXExecutor
 from mlx_relay.worker.relay import PeerClients, abort_for, relay
 from mlx_relay.worker.sessions import SessionLimitReached, SessionNotFound
 from mlx_relay.worker.stage import ForwardOutcome, StageRuntime
+from mlx_relay.worker.tracing import ForwardSpans, metadata_traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class WorkerState:
     model_info: Any = None
     runtime: StageRuntime | None = None
     peers: PeerClients | None = None
+    tracer: Any = None  # an OpenTelemetry Tracer when this worker records spans
     load_error: BaseException | None = None
     stopping: bool = False
     started_at: float = field(default_factory=time.monotonic)
@@ -130,8 +132,30 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     ) -> pb.ForwardResponse:
         received = time.perf_counter()
         runtime = await self._runtime(context)
+        spans = self._spans(request, context, received)
+        timing: pb.StageTiming | None = None
+        error: str | None = None
+        try:
+            response, timing = await self._forward(runtime, request, context, received, spans)
+            return response
+        except BaseException as exc:
+            error = type(exc).__name__
+            raise
+        finally:
+            if spans is not None:
+                spans.finish(timing, error)
+
+    async def _forward(
+        self,
+        runtime: StageRuntime,
+        request: pb.ForwardRequest,
+        context: grpc.aio.ServicerContext,
+        received: float,
+        spans: ForwardSpans | None,
+    ) -> tuple[pb.ForwardResponse, pb.StageTiming]:
         try:
             checked = runtime.check(request)
+            checked_at = time.perf_counter()
             outcome = await self.state.executor.run(runtime.forward, checked, peer_of(context))
         except RelayError as exc:
             code = status_code_for(exc)
@@ -152,14 +176,35 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     device_id=self.state.device_id,
                     compute_seconds=outcome.compute_seconds,
                     compute_offset_seconds=max(0.0, outcome.started - received),
+                    check_seconds=checked_at - received,
+                    queue_seconds=max(0.0, outcome.started - checked_at),
+                    encode_seconds=outcome.encode_seconds,
+                    sample_seconds=outcome.sample_seconds,
                 )
             ],
         )
+        if not request.route:
+            own.stages[0].handled_seconds = time.perf_counter() - received
+            return own, own.stages[0]
         # The MLX thread is free again: this stage takes its next micro-batch while this
         # one runs downstream.
-        reply = await self._relay(request, own, context, received) if request.route else own
-        reply.stages[0].handled_seconds = time.perf_counter() - received
-        return reply
+        parents = spans.hop_parents(request.route[0].device_id) if spans is not None else None
+        response = await self._relay(request, own, context, received, parents)
+        timing = response.stages[0]
+        timing.handled_seconds = time.perf_counter() - received
+        return response, timing
+
+    def _spans(
+        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext, received: float
+    ) -> ForwardSpans | None:
+        """This call's spans, when this worker records spans."""
+        state = self.state
+        if state.tracer is None:
+            return None
+        call_parent = metadata_traceparent(context.invocation_metadata())
+        return ForwardSpans(
+            state.tracer, state.device_id, state.stage, request, call_parent, received
+        )
 
     async def _relay(
         self,
@@ -167,12 +212,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         own: pb.ForwardResponse,
         context: grpc.aio.ServicerContext,
         received: float,
+        parents: list[str] | None,
     ) -> pb.ForwardResponse:
         state = self.state
         try:
             if state.peers is None or state.runtime is None or state.runtime.is_last:
                 raise InvalidRequest(f"worker {state.device_id} is the last stage: no route")
-            return await relay(state.peers, request, own, context, state.collector, received)
+            return await relay(
+                state.peers, request, own, context, state.collector, received, parents
+            )
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RelayError as exc:

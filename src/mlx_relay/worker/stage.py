@@ -65,12 +65,16 @@ class StageCall:
 
 @dataclass
 class ForwardOutcome:
-    """What one Forward call produced on the MLX thread."""
+    """What one Forward call produced on the MLX thread: ``started`` is when it began
+    (``time.perf_counter()``), ``encode_seconds`` and ``sample_seconds`` the parts of
+    ``compute_seconds`` spent encoding hidden states and sampling tokens."""
 
     results: list[pb.ForwardResult]
     compute_seconds: float
     calls: list[StageCall]
-    started: float = 0.0  # time.perf_counter() when the MLX thread began the call
+    started: float = 0.0
+    encode_seconds: float = 0.0
+    sample_seconds: float = 0.0
 
 
 @dataclass
@@ -120,6 +124,9 @@ class StageRuntime:
         from mlx_relay.model.batch import BatchGroups
 
         self.batches = BatchGroups()
+        # Seconds of the current Forward spent encoding outputs and sampling (MLX thread).
+        self._encoding = 0.0
+        self._sampling = 0.0
 
     @classmethod
     def load(
@@ -229,6 +236,7 @@ class StageRuntime:
             PeerQuotaReached: ``peer`` would hold more than its share of sessions.
         """
         started = time.perf_counter()
+        self._encoding = self._sampling = 0.0
         sessions = self.sessions.open(
             [Step(c.entry.request_id, int(c.entry.position), c.length) for c in entries],
             peer=peer,
@@ -266,6 +274,7 @@ class StageRuntime:
                     session.cache,
                     last_position_only=self.is_last,
                 )
+                _evaluate(output)  # so that encode or sample below times only itself
                 results[i] = self._result(checked, session, output)
                 seconds = time.perf_counter() - call_started
                 phase = "prefill" if checked.length > 1 else "decode"
@@ -283,7 +292,14 @@ class StageRuntime:
             raise
         done = [r for r in results if r is not None]
         assert len(done) == len(entries)
-        return ForwardOutcome(done, time.perf_counter() - started, calls, started)
+        return ForwardOutcome(
+            done,
+            time.perf_counter() - started,
+            calls,
+            started=started,
+            encode_seconds=self._encoding,
+            sample_seconds=self._sampling,
+        )
 
     def release_ended(self) -> list[str]:
         """Free the batch rows of requests whose sessions ended (MLX thread)."""
@@ -358,8 +374,10 @@ class StageRuntime:
 
             wanted = [row for row, k in enumerate(order) if _is_greedy(entries[k].sampling)]
             if wanted:
+                sampling_started = time.perf_counter()
                 picked = greedy_rows(output[mx.array(wanted), -1])
                 greedy = dict(zip(wanted, picked, strict=True))
+                self._sampling += time.perf_counter() - sampling_started
         for row, k in enumerate(order):
             part = output[row : row + 1] if self.is_last else output[row : row + 1, pads[k] :]
             rows.results[rows.slots[k]] = self._result(
@@ -375,9 +393,11 @@ class StageRuntime:
 
         entry = checked.entry
         result = pb.ForwardResult(request_id=entry.request_id)
+        part_started = time.perf_counter()
         if self.is_last:
             if token is None:
                 token = sample(output[0, -1], checked.sampling, int(entry.step))
+                self._sampling += time.perf_counter() - part_started
             result.token_id = int(token.token_id)
             result.logprob = float(token.logprob)
             result.top_logprobs.extend(
@@ -386,8 +406,15 @@ class StageRuntime:
         else:
             # encode evaluates the hidden state and its wire view at once.
             result.tensor.CopyFrom(wire.encode(output.astype(self.shard.dtype)))
+            self._encoding += time.perf_counter() - part_started
         result.cached_tokens = self.sessions.advance(session, checked.length)
         return result
+
+
+def _evaluate(output: Any) -> None:
+    import mlx.core as mx
+
+    mx.eval(output)
 
 
 def _is_greedy(params: Any) -> bool:

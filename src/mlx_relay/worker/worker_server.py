@@ -27,6 +27,7 @@ from mlx_relay.core.addresses import exposure_warning, host_port, is_loopback
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, PipelineNotReady
 from mlx_relay.core.tls_config import tls_material
+from mlx_relay.core.tracing import otlp_tracer_provider, shutdown_provider, tracer_of
 from mlx_relay.core.types import LayerRange
 from mlx_relay.worker.background import ServingHealthWatch, SessionSweep
 from mlx_relay.worker.executor import MLXExecutor
@@ -50,6 +51,10 @@ class WorkerServer:
         device_id: which worker of the config to run; None runs the first worker.
         enable_monitoring: run a MetricsCollector and HealthMonitor for this worker (also
             off when ``monitoring.enabled`` is false in the config).
+        tracer_provider: where this worker's spans go (an OpenTelemetry SDK
+            ``TracerProvider``; the caller owns it). By default one exporting to
+            ``tracing.otlp_endpoint`` when that is set, else no spans (the stage still
+            reports its timings to the coordinator's trace store).
 
     Attributes:
         device_id: this worker's id in the config.
@@ -70,6 +75,8 @@ class WorkerServer:
         config_path: str | Path | ClusterConfig,
         device_id: str | None = None,
         enable_monitoring: bool = True,
+        *,
+        tracer_provider: Any | None = None,
     ) -> None:
         config = (
             config_path
@@ -96,6 +103,13 @@ class WorkerServer:
         if self.telemetry is not None:
             self._state.collector = self.telemetry.collector
             self._state.health = self.telemetry.health
+        self._owned_provider = None
+        if tracer_provider is None and config.tracing.enabled:
+            tracer_provider = self._owned_provider = otlp_tracer_provider(
+                config.tracing, "mlx-relay-worker", device.id
+            )
+        if config.tracing.enabled:
+            self._state.tracer = tracer_of(tracer_provider)
         following = workers[self.stage + 1].id if self.stage + 1 < len(workers) else None
         self.tls = tls_material(config, device.id)
         self._state.peers = PeerClients(
@@ -250,6 +264,7 @@ class WorkerServer:
                 False, self._state.runtime is not None, "stopped"
             )
             await self.telemetry.stop()
+        await shutdown_provider(self._owned_provider)
         logger.info("worker %s stopped", self.device_id)
 
     async def __aenter__(self) -> WorkerServer:

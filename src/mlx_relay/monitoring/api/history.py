@@ -10,7 +10,7 @@ import math
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Depends, Query
 from starlette.requests import HTTPConnection
 
 from mlx_relay.monitoring.api.history_views import (
@@ -23,6 +23,7 @@ from mlx_relay.monitoring.api.history_views import (
     StoreStatus,
     TierInfo,
 )
+from mlx_relay.monitoring.api.params import bad, integer_param, number_param
 from mlx_relay.monitoring.history import MAX_POINTS, HistoryStore, QueryError, plan_query
 from mlx_relay.monitoring.history.query import GROUPS
 from mlx_relay.monitoring.history.reader import REQUEST_ORDERS
@@ -41,34 +42,6 @@ def get_store(connection: HTTPConnection) -> HistoryStore:
 
 
 StoreDep = Annotated[HistoryStore, Depends(get_store)]
-
-
-def bad(param: str, message: str) -> HTTPException:
-    return HTTPException(status.HTTP_400_BAD_REQUEST, {"param": param, "message": message})
-
-
-def _number(param: str, value: str | None) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise bad(param, f"expected a number of seconds, got {value!r}") from None
-    if not math.isfinite(number):
-        raise bad(param, f"expected a finite number, got {value!r}")
-    return number
-
-
-def _integer(param: str, value: str | None, low: int, high: int) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise bad(param, f"expected an integer, got {value!r}") from None
-    if not low <= number <= high:
-        raise bad(param, f"expected {low}..{high}, got {number}")
-    return number
 
 
 def split_series(values: list[str]) -> list[str]:
@@ -114,9 +87,9 @@ def get_history(
         plan = plan_query(
             store.tiers,
             time.time(),
-            _number("after", after),
-            _number("before", before),
-            _integer("points", points, 1, MAX_POINTS),
+            number_param("after", after),
+            number_param("before", before),
+            integer_param("points", points, 1, MAX_POINTS),
         )
         results = store.query(keys, plan, group)
     except QueryError as exc:
@@ -175,8 +148,8 @@ def get_requests(
     """Finished requests (timings and token counts only, never text), filtered by arrival
     time and status, in pages. ``after`` defaults to the whole log."""
     now = time.time()
-    start = _number("after", after)
-    end = _number("before", before)
+    start = number_param("after", after)
+    end = number_param("before", before)
     start_at = -math.inf if start is None else (now + start if start <= 0 else start)
     end_at = math.inf if end is None else (now + end if end <= 0 else end)
     if start_at >= end_at:
@@ -185,8 +158,8 @@ def get_requests(
         raise bad("status", f"expected one of {', '.join(REQUEST_STATUSES)}, got {status!r}")
     if order not in REQUEST_ORDERS:
         raise bad("order", f"expected one of {', '.join(REQUEST_ORDERS)}, got {order!r}")
-    page = _integer("limit", limit, 1, MAX_REQUESTS_PAGE) or 100
-    skip = _integer("offset", offset, 0, 1 << 31) or 0
+    page = integer_param("limit", limit, 1, MAX_REQUESTS_PAGE) or 100
+    skip = integer_param("offset", offset, 0, 1 << 31) or 0
     rows, total = store.requests(
         after=start_at, before=end_at, status=status, limit=page, offset=skip, order=order
     )

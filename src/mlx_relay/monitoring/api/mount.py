@@ -36,6 +36,7 @@ from mlx_relay.monitoring.prometheus import RelayCollector
 
 if TYPE_CHECKING:
     from mlx_relay.monitoring.history import HistoryStore
+    from mlx_relay.monitoring.traces import TraceStore
 
 API_ROUTERS = (
     metrics.router,
@@ -57,6 +58,7 @@ def mount_monitoring(
     update_interval: float | None = None,
     alerts: AlertEngine | None = None,
     history: HistoryStore | None = None,
+    traces: TraceStore | None = None,
 ) -> MonitoringContext:
     """Serve ``/``, ``/static``, ``/api/*``, ``/ws`` and ``/metrics`` from ``app``.
 
@@ -76,6 +78,7 @@ def mount_monitoring(
         alerts: The alert engine behind ``/api/alerts`` and the alert families, if any.
         history: The history store: serves ``/api/history*`` and ``/api/requests`` and adds
             ``mlxrelay_history_*`` to ``/metrics``.
+        traces: The trace store: serves ``/api/requests/{id}/trace`` and ``/api/profile``.
 
     Returns:
         The context the routes read (its ``broadcaster`` shows the live clients).
@@ -102,6 +105,11 @@ def mount_monitoring(
         app.include_router(router, dependencies=[limit, auth])
     if history is not None:
         _mount_history(app, history, registry, [limit, auth])
+    if traces is not None:
+        from mlx_relay.monitoring.api import traces as trace_routes
+
+        setattr(app.state, trace_routes.STATE_ATTRIBUTE, traces)
+        app.include_router(trace_routes.router, dependencies=[limit, auth])
     app.include_router(page.router, dependencies=[Depends(require_page_token)])
     app.include_router(ws_routes.router)  # checks the token itself: see ws.py
     app.include_router(exposition.router, dependencies=[Depends(require_metrics_token)])

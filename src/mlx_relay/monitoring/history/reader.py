@@ -140,3 +140,14 @@ def query_requests(
         record["stage_seconds"] = json.loads(record["stage_seconds"])
         out.append(record)
     return out, int(total[0])
+
+
+def trace_summary(connection: sqlite3.Connection, request_id: str) -> dict[str, Any] | None:
+    """A request's stored trace summary, or None."""
+    row = connection.execute(
+        "SELECT summary FROM trace_summaries WHERE request_id = ?", (request_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    summary: dict[str, Any] = json.loads(row[0])
+    return summary

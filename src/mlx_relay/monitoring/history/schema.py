@@ -1,4 +1,5 @@
-"""The store's SQLite schema: series, blocks of packed samples, the request log.
+"""The store's SQLite schema: series, blocks of packed samples, the request log and each
+request's trace summary (its time attribution, as JSON).
 
 One row of ``blocks`` holds up to a block's worth of samples (or rollup points) of one
 series in one tier, packed by :mod:`mlx_relay.monitoring.history.codec`; the row overhead is
@@ -66,6 +67,12 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_by_arrival ON requests (arrival);
 CREATE INDEX IF NOT EXISTS requests_by_e2e ON requests (e2e_seconds);
+CREATE TABLE IF NOT EXISTS trace_summaries (
+    request_id TEXT PRIMARY KEY,
+    arrival REAL NOT NULL,
+    summary TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS trace_summaries_by_arrival ON trace_summaries (arrival);
 """
 
 

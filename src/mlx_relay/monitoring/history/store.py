@@ -48,6 +48,7 @@ _STOP = "stop"
 _FLUSH = "flush"
 _SAMPLES = "samples"
 _REQUEST = "request"
+_TRACE = "trace"
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,11 @@ class HistoryStore:
         """One finished request for the request log (usable as a collector's request log)."""
         self._put((_REQUEST, time.monotonic(), record), 1)
 
+    def record_trace(self, request_id: str, arrival: float, summary: dict[str, Any]) -> None:
+        """A finished request's trace summary (its attribution; a trace store's archive),
+        kept as long as the request log keeps requests."""
+        self._put((_TRACE, time.monotonic(), (request_id, arrival, json.dumps(summary))), 1)
+
     def _put(self, item: tuple[str, float, Any], count: int) -> None:
         try:
             self._queue.put_nowait(item)
@@ -189,6 +195,7 @@ class HistoryStore:
     def _run(self, connection: sqlite3.Connection, ready: threading.Event) -> None:
         writer = self._new_writer(connection)
         requests: list[RequestRecord] = []
+        traces: list[tuple[str, float, str]] = []
         oldest: float | None = None
         next_commit = time.monotonic() + self.flush_interval
         self._refresh_stats(connection, writer, None)
@@ -205,20 +212,22 @@ class HistoryStore:
                     writer.add(*payload)
                 elif kind == _REQUEST:
                     requests.append(payload)
-                if kind in (_SAMPLES, _REQUEST) and oldest is None:
+                elif kind == _TRACE:
+                    traces.append(payload)
+                if kind in (_SAMPLES, _REQUEST, _TRACE) and oldest is None:
                     oldest = enqueued
                 if kind == _STOP:
                     writer.close_rollups()
                 if kind in (_STOP, _FLUSH) or time.monotonic() >= next_commit:
                     try:
-                        self._commit(connection, writer, requests, oldest)
+                        self._commit(connection, writer, (requests, traces), oldest)
                     except sqlite3.Error as exc:
                         # Disk full, file removed, I/O error: this batch is lost, the store
                         # goes on with what it has written (a gap in the history).
                         self.failed_commits += 1
                         logger.warning("history write failed (%s): %s", self.path, exc)
                         writer = self._new_writer(connection)
-                    requests, oldest = [], None
+                    requests, traces, oldest = [], [], None
                     next_commit = time.monotonic() + self.flush_interval
                 if kind == _FLUSH:
                     payload.set()
@@ -234,9 +243,10 @@ class HistoryStore:
         self,
         connection: sqlite3.Connection,
         writer: BlockWriter,
-        requests: list[RequestRecord],
+        rows: tuple[list[RequestRecord], list[tuple[str, float, str]]],
         oldest: float | None,
     ) -> None:
+        requests, traces = rows
         connection.execute("BEGIN IMMEDIATE")
         try:
             writer.write()
@@ -245,6 +255,11 @@ class HistoryStore:
                 " queue_seconds, ttft_seconds, e2e_seconds, prompt_tokens, generated_tokens,"
                 " stage_seconds, network_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [_request_row(r) for r in requests],
+            )
+            connection.executemany(
+                "INSERT OR REPLACE INTO trace_summaries (request_id, arrival, summary)"
+                " VALUES (?, ?, ?)",
+                traces,
             )
             self._evict_by_age(connection)
             connection.execute("COMMIT")
@@ -262,9 +277,10 @@ class HistoryStore:
             cutoff = (now - tier.retention, tier.index)
             connection.execute("DELETE FROM blocks WHERE end < ? AND tier = ?", cutoff)
             connection.execute("DELETE FROM partials WHERE start < ? AND tier = ?", cutoff)
-        connection.execute(
-            "DELETE FROM requests WHERE arrival < ?", (now - self.requests_retention,)
-        )
+        for table in ("requests", "trace_summaries"):
+            connection.execute(
+                f"DELETE FROM {table} WHERE arrival < ?", (now - self.requests_retention,)
+            )
 
     def _evict_by_size(self, connection: sqlite3.Connection) -> None:
         """Delete the oldest rows (samples or requests, whichever is older) under the cap."""
@@ -287,6 +303,11 @@ class HistoryStore:
                         "DELETE FROM requests WHERE id IN"
                         " (SELECT id FROM requests ORDER BY arrival LIMIT ?)",
                         (_EVICT_REQUESTS,),
+                    )
+                    # Trace summaries go with the requests they describe.
+                    connection.execute(
+                        "DELETE FROM trace_summaries WHERE arrival <"
+                        " COALESCE((SELECT MIN(arrival) FROM requests), 1e300)"
                     )
             connection.execute("COMMIT")
         except BaseException:
@@ -360,6 +381,10 @@ class HistoryStore:
     def requests(self, **filters: Any) -> tuple[list[dict[str, Any]], int]:
         """A page of the request log; see :func:`reader.query_requests` for the filters."""
         return reader.query_requests(self._reader(), **filters)
+
+    def trace_summary(self, request_id: str) -> dict[str, Any] | None:
+        """A request's trace summary, once committed (see :meth:`record_trace`)."""
+        return reader.trace_summary(self._reader(), request_id)
 
 
 def _request_row(record: RequestRecord) -> tuple[Any, ...]:
