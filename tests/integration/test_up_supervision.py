@@ -134,3 +134,30 @@ def test_up_gives_up_on_a_worker_killed_again_and_again(
     ]
     # A killed worker's connections linger in TIME_WAIT; nothing listens on any port.
     assert all(port_is_free(p) for p in [port, *worker_ports])
+
+
+def test_up_gives_up_on_a_worker_that_crashes_on_start(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    port = free_ports(1)[0]
+    worker_ports = free_ports(2)
+    data = cluster_dict(tiny_model_dir, 2, ports=worker_ports, layers=[(0, 2), (2, 4)])
+    # worker-1's budget cannot hold its layers: it refuses them and exits on every start.
+    data["devices"][2]["memory_budget_gb"] = 0.000001
+    data["supervision"] = {"max_restarts": 2, "backoff_initial": 0.2}
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump(data))
+    log = tmp_path / "up.log"
+    up = start(["up", "--config", str(config), "--port", str(port)], log)
+    try:
+        code, output = exit_code_and_output(up, log)
+    finally:
+        reap(up)
+    assert code == 1, output
+    assert "worker 'worker-1' exited with code 2, 3 time(s) within 60 s: giving up" in output
+    assert "memory_budget_gb 1e-06" in output  # the worker's own reason, from its log
+    assert "worker worker-0 exited" not in output
+    assert not [
+        p.pid for p in psutil.process_iter(["cmdline"]) if str(config) in (p.info["cmdline"] or [])
+    ]
+    assert all(port_is_free(p) for p in [port, *worker_ports])
