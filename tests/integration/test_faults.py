@@ -1,5 +1,6 @@
-"""Worker failures: a dead or stuck stage fails its requests within the deadline, naming the
-device; the coordinator recovers by itself once the worker is back on the same port."""
+"""Worker failures with recovery off (``network.recovery_timeout: 0``): a dead or stuck stage
+fails its requests within the deadline, naming the device; the coordinator serves again by
+itself once the worker is back on the same port. With recovery on, see test_recovery.py."""
 
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ from tests.support.cluster import LocalCluster, cluster_dict, free_ports, proces
 REQUEST_TIMEOUT = 3.0
 # Allowed on top of the deadline for the error to reach the caller on a loaded 2-core machine.
 SLACK = 3.0
-NETWORK = {"request_timeout": REQUEST_TIMEOUT, "connect_timeout": 30.0, "ping_timeout": 1.0}
+NETWORK = {
+    "request_timeout": REQUEST_TIMEOUT,
+    "connect_timeout": 30.0,
+    "ping_timeout": 1.0,
+    "recovery_timeout": 0,
+}
 PROMPT = "Each worker holds a contiguous range of transformer layers"
 
 

@@ -272,8 +272,9 @@ async def test_no_pipeline_yet_is_503(tiny_model_dir: Path) -> None:
 async def test_a_stage_failing_mid_stream_ends_it_with_an_error_event(
     tiny_model_dir: Path,
 ) -> None:
+    # With recovery off; with it on the stream pauses instead (test_recovery.py).
     async with (
-        serve_cluster(tiny_model_dir) as served,
+        serve_cluster(tiny_model_dir, network={"recovery_timeout": 0}) as served,
         AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0) as client,
     ):
         stream = await client.chat.completions.create(

@@ -42,6 +42,7 @@ EXPECTED_FAMILIES = {
     "mlxrelay_request_queue_time_seconds": ("histogram", {"model_name"}),
     "mlxrelay_request_prefill_time_seconds": ("histogram", {"model_name"}),
     "mlxrelay_request_decode_time_seconds": ("histogram", {"model_name"}),
+    "mlxrelay_recovery_seconds": ("histogram", {"model_name"}),
     "mlxrelay_request_prompt_tokens": ("histogram", {"model_name"}),
     "mlxrelay_request_generation_tokens": ("histogram", {"model_name"}),
     "mlxrelay_model_info": (

@@ -208,3 +208,38 @@ def test_a_request_paused_in_flight_finishes_that_step_then_waits() -> None:
     assert scheduler.abort("a") and "a" not in scheduler  # leaves at once: not in flight
     scheduler.pause("gone")  # unknown ids are ignored
     scheduler.resume("gone")
+
+
+def test_a_failed_micro_batch_is_put_back_and_replay_prefills_prompt_and_tokens_again() -> None:
+    scheduler = make(chunk=4)
+    scheduler.add("a", 5)  # prefill 4, then decode from position 4
+    run(scheduler)
+    run(scheduler)  # token 0 sampled at position 4
+    run(scheduler)  # token 1 sampled at position 5
+    failed = scheduler.schedule()
+    assert failed is not None and failed.steps == (ScheduledStep("a", "decode", 6, 1, 2),)
+    scheduler.add("new", 3)  # joins while the stage is down: nothing to replay
+    scheduler.rewind(failed)
+    assert scheduler.in_flight == 0 and "a" in scheduler
+    assert scheduler.replay() == ["a"]
+    # The prompt (5) and the tokens it generated but the last (1): 6 positions, in chunks of
+    # at most 4 next to the new prompt; then the decode step it was at: token number 2.
+    assert shape(run(scheduler)) == [("a", "prefill", 0, 4)]
+    assert shape(run(scheduler)) == [("a", "prefill", 4, 2), ("new", "prefill", 0, 2)]
+    plan = run(scheduler)
+    assert ScheduledStep("a", "decode", 6, 1, 2) in plan.steps
+
+
+def test_replay_needs_every_micro_batch_back_and_drops_the_aborted() -> None:
+    scheduler = make()
+    scheduler.add("a", 3)
+    scheduler.add("b", 3)
+    plan = scheduler.schedule()
+    assert plan is not None
+    with pytest.raises(RuntimeError, match="in flight"):
+        scheduler.replay()
+    scheduler.abort("b")
+    scheduler.rewind(plan)
+    assert "b" not in scheduler
+    assert scheduler.replay() == ["a"]
+    assert shape(run(scheduler)) == [("a", "prefill", 0, 2)]

@@ -224,6 +224,7 @@ class DistributedOrchestrator:
             settings,
             self.metrics_collector,
             traced=self._tracing is not None,
+            recovery_timeout=self.config.network.recovery_timeout,
         )
         if self._tracing is not None:
             self._tracing.attach(info.name, [stage.device_id for stage in self.stages])

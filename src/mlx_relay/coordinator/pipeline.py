@@ -25,6 +25,7 @@ from typing import Any
 from mlx_relay.coordinator.admission import Admission
 from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.prepare import PreparedRequest
+from mlx_relay.coordinator.recovery import replay_session_id
 from mlx_relay.coordinator.requests import (
     FinishReason,
     InferenceResponse,
@@ -113,6 +114,7 @@ class RequestRun:
             raise ValueError(f"buffer_tokens must be >= 1, got {buffer_tokens}")
         self.prepared = prepared
         self.request_id = prepared.request.request_id
+        self.session_id = self.request_id
         self.prompt_ids = prepared.prompt_ids
         self.sampling = encode_sampling(prepared.params)
         self._loop = loop
@@ -136,6 +138,8 @@ class RequestRun:
         self._last_token = self.prompt_ids[-1]
         self._admitted = 0.0
         self._first_token_at: float | None = None
+        self._replays = 0
+        self._failed_at: float | None = None  # a stage failed then; its next token ends the wait
 
     async def events(self) -> AsyncGenerator[TokenEvent, None]:
         """Token events; the last one carries ``finish_reason`` and ``usage``. Closing the
@@ -211,6 +215,25 @@ class RequestRun:
     def next_token(self) -> int:
         return self._last_token
 
+    def prefill_ids(self, position: int, length: int) -> list[int]:
+        end = position + length
+        if end <= len(self.prompt_ids):
+            return self.prompt_ids[position:end]
+        return (self.prompt_ids + self.outcome.token_ids)[position:end]
+
+    def replay(self, failed_at: float) -> None:
+        self._replays += 1
+        self.session_id = replay_session_id(self.request_id, self._replays)
+        if self._failed_at is None:
+            self._failed_at = failed_at
+        logger.debug(
+            "request %s replays %d prompt + %d generated tokens as session %s",
+            self.request_id,
+            len(self.prompt_ids),
+            len(self.outcome.token_ids),
+            self.session_id,
+        )
+
     def on_token(self, result: relay_pb2.ForwardResult) -> bool:
         """Take the request's next sampled token; True when the request is finished."""
         outcome = self.outcome
@@ -221,6 +244,10 @@ class RequestRun:
             outcome.timings.prefill = now - self._admitted
             if self.spans is not None:
                 self.spans.first_token(now)
+        if self._failed_at is not None:
+            if self._trace is not None:
+                self._trace.recovered(now - self._failed_at)
+            self._failed_at = None
         token = result.token_id
         if token in self._eos_ids:
             self._finish("stop")
@@ -317,14 +344,14 @@ class RequestRun:
             return
         self._sessions_opened = False
         results = await asyncio.gather(
-            *(client.end_session(self.request_id) for client in self._clients),
+            *(client.end_session(self.session_id) for client in self._clients),
             return_exceptions=True,
         )
         for stage, result in zip(self._stages, results, strict=True):
             if isinstance(result, BaseException):
                 logger.warning(
                     "EndSession of request %s on %s failed: %s",
-                    self.request_id,
+                    self.session_id,
                     stage.device_id,
                     result,
                 )

@@ -22,6 +22,12 @@ Policy, for each micro-batch:
   busy), and a request is in at most one of them: the requests are shared out, each plan
   taking at most ``ceil(requests / max_micro_batches)`` rows.
 
+Recovery: when a stage fails and comes back (:mod:`mlx_relay.coordinator.recovery`), the
+requests of a failed micro-batch are put back (:meth:`Scheduler.rewind`) and every request
+starts over from position 0 (:meth:`Scheduler.replay`): its prompt plus the tokens it has
+generated are prefilled in chunks like a new prompt, and its next decode step samples the
+token number it was at, so a stream goes on where it stopped.
+
 Admission (how many requests may run or wait, 429 past that) stays with
 :mod:`mlx_relay.coordinator.admission`; the scheduler batches the admitted ones.
 """
@@ -94,14 +100,20 @@ class StepPlan:
 @dataclass
 class _Request:
     request_id: str
-    prefill_length: int  # positions to prefill before the first decode step
+    prompt_prefill: int  # the prompt's positions before its first decode step
     arrival: int
+    prefill_length: int = -1  # positions to prefill before the next decode step
     computed: int = 0  # positions the stages hold
     generated: int = 0  # decode steps completed
     in_flight: int | None = None  # plan id
     last_served: int = -1  # when it was last scheduled (a counter)
     aborted: bool = False
     paused: bool = False
+    sent: bool = False  # scheduled since it joined or was last replayed
+
+    def __post_init__(self) -> None:
+        if self.prefill_length < 0:
+            self.prefill_length = self.prompt_prefill
 
     @property
     def decoding(self) -> bool:
@@ -217,6 +229,7 @@ class Scheduler:
         for step in steps:
             request = self._requests[step.request_id]
             request.in_flight = plan.plan_id
+            request.sent = True
         self._in_flight[plan.plan_id] = plan
         return plan
 
@@ -239,6 +252,42 @@ class Scheduler:
                 request.generated += 1
             if request.aborted or step.request_id in done:
                 del self._requests[step.request_id]
+
+    def rewind(self, plan: StepPlan) -> None:
+        """A micro-batch failed but its requests stay: they are back out of flight, with
+        nothing advanced (aborted ones leave). See :meth:`replay`.
+
+        Raises:
+            KeyError: the plan is not in flight.
+        """
+        del self._in_flight[plan.plan_id]
+        for step in plan.steps:
+            request = self._requests.get(step.request_id)
+            if request is None or request.in_flight != plan.plan_id:
+                continue
+            request.in_flight = None
+            if request.aborted:
+                del self._requests[step.request_id]
+
+    def replay(self) -> list[str]:
+        """Every request that took a step starts over at position 0: its prompt and the
+        tokens it generated, all but the last, are prefilled again, then its next decode
+        step samples the token it was at. Call with no micro-batch in flight. Returns the
+        ids of the requests replayed (those never scheduled have nothing to replay).
+
+        Raises:
+            RuntimeError: a micro-batch is still in flight.
+        """
+        if self._in_flight:
+            raise RuntimeError(f"{len(self._in_flight)} micro-batches are still in flight")
+        replayed = []
+        for request in self._requests.values():
+            if request.sent:
+                request.sent = False
+                request.computed = 0
+                request.prefill_length = request.prompt_prefill + request.generated
+                replayed.append(request.request_id)
+        return replayed
 
     def fail(self, plan: StepPlan) -> list[str]:
         """A micro-batch failed: its requests leave (their caches cannot be trusted).

@@ -8,6 +8,11 @@ each request's :class:`Member`, which decides whether it is finished. Up to one 
 in flight, each in its own task. Waiting in the scheduler is no RPC: each ``Forward`` has
 the whole ``network.request_timeout`` for itself (each hop gets what its caller has left,
 less a margin, so a failing stage is named before the coordinator's deadline passes).
+
+With ``recovery_timeout`` above 0, a stage failure the requests can survive
+(:func:`~mlx_relay.coordinator.recovery.is_recoverable`) pauses the loop instead of failing
+them: once every stage serves again the requests are replayed and go on
+(:mod:`mlx_relay.coordinator.recovery`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mlx_relay.coordinator import recovery
 from mlx_relay.coordinator.client import StageError, WorkerClient
 from mlx_relay.coordinator.compute_windows import Window, compute_windows
 from mlx_relay.coordinator.scheduler import Scheduler, SchedulerSettings, StepPlan
@@ -48,8 +54,20 @@ class Member(Protocol):
     sampling: relay_pb2.SamplingParams
     spans: RequestSpans | None  # its trace, when tracing is on
 
+    @property
+    def session_id(self) -> str:
+        """The id of the request's KV sessions on the stages (new after each replay)."""
+
+    def prefill_ids(self, position: int, length: int) -> list[int]:
+        """The token ids at ``[position, position + length)`` of the prompt followed by
+        the tokens generated so far (what a prefill step, or a replay's, computes)."""
+
     def next_token(self) -> int:
         """The input of the request's next decode step."""
+
+    def replay(self, failed_at: float) -> None:
+        """The stages lost the request's caches at ``failed_at`` (monotonic s): it moves to
+        a new session id, and its next token ends the pause."""
 
     def on_token(self, result: relay_pb2.ForwardResult) -> bool:
         """The last stage sampled the request's next token; True when it is finished."""
@@ -72,6 +90,8 @@ class StepLoop:
         collector: the coordinator's MetricsCollector, or None.
         traced: record each micro-batch for its requests' traces
             (:class:`~mlx_relay.coordinator.tracing.StepTrace`).
+        recovery_timeout: seconds the requests wait for a failed stage to serve again
+            (``network.recovery_timeout``); 0 fails them at once.
     """
 
     def __init__(
@@ -82,6 +102,7 @@ class StepLoop:
         collector: Any | None = None,
         *,
         traced: bool = False,
+        recovery_timeout: float = 0.0,
     ) -> None:
         self._stages = stages
         self._traced = traced
@@ -96,6 +117,11 @@ class StepLoop:
         self._left: dict[str, asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped: str | None = None
+        self._recovery_timeout = recovery_timeout
+        # While a stage failure is being recovered from: when it began, the last error.
+        self._failed_at: float | None = None
+        self._failure: BaseException | None = None
+        self._recovering = False
 
     @property
     def in_flight(self) -> int:
@@ -152,13 +178,25 @@ class StepLoop:
         if self._collector is not None:
             self._collector.set_requests_scheduled(0)
 
+    @property
+    def recovering(self) -> bool:
+        """Whether the loop is paused, waiting for a failed stage to serve again."""
+        return self._recovering
+
     def _pump(self) -> None:
         """Start as many planned micro-batches as the scheduler allows."""
-        while self._stopped is None and (plan := self._scheduler.schedule()) is not None:
-            task = asyncio.get_running_loop().create_task(self._execute(plan))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        while (
+            self._stopped is None
+            and not self._recovering
+            and (plan := self._scheduler.schedule()) is not None
+        ):
+            self._spawn(self._execute(plan))
         self._report_held()
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _report_held(self) -> None:
         """Tell the collector how many unfinished, unpaused requests the loop holds (the
@@ -178,6 +216,11 @@ class StepLoop:
         except Exception as exc:
             if trace is not None:
                 trace.close(exc)
+            if self._recovery_timeout > 0 and recovery.is_recoverable(exc):
+                self._scheduler.rewind(plan)
+                self._settle(plan)
+                self._begin_recovery(exc)
+                return
             failed = self._scheduler.fail(plan)
             if isinstance(exc, WorkerUnavailable):
                 # The stage is down or stuck: the requests waiting for their next step would
@@ -214,7 +257,79 @@ class StepLoop:
         self._scheduler.complete(plan, finished)
         for request_id in finished:
             self._members.pop(request_id, None)
+        if not self._recovering:
+            self._failed_at = None  # a step after the replay went through: recovered
         self._settle(plan)
+        self._pump()
+
+    def _begin_recovery(self, exc: BaseException) -> None:
+        """Pause the loop: the requests wait for the stages (see :meth:`_recover`)."""
+        self._failure = exc
+        if self._recovering:
+            return
+        self._recovering = True
+        if self._failed_at is None:
+            self._failed_at = time.monotonic()
+            logger.warning(
+                "%s; holding %d requests for up to %g s until the stage serves again",
+                exc,
+                len(self._members),
+                self._recovery_timeout,
+            )
+        else:
+            logger.info("the replay failed (%s); waiting for the stages again", exc)
+        self._spawn(self._recover())
+
+    async def _recover(self) -> None:
+        """Wait for the steps in flight, end the requests' old sessions, wait until every
+        stage serves, then replay every request (or fail them all past the window)."""
+        assert self._failed_at is not None
+        failed_at = self._failed_at
+        deadline = failed_at + self._recovery_timeout
+        while self._scheduler.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(recovery.POLL_INTERVAL / 4)
+        serving = not self._scheduler.in_flight and await recovery.wait_until_serving(
+            self._clients, deadline
+        )
+        if not serving:
+            self._give_up()
+            return
+        old = []
+        for request_id in self._scheduler.replay():
+            member = self._members.get(request_id)
+            if member is not None:
+                old.append(member.session_id)
+                member.replay(failed_at)
+        self._spawn(recovery.end_old_sessions(self._clients, old))
+        logger.info(
+            "every stage serves again after %.2f s: replaying %d requests",
+            time.monotonic() - failed_at,
+            len(old),
+        )
+        self._recovering = False
+        self._pump()
+
+    def _give_up(self) -> None:
+        """Past the recovery window: every request fails with the stage's error."""
+        error = self._failure or PipelineNotReady("a stage failed")
+        logger.warning(
+            "no recovery within %g s: failing %d requests (%s)",
+            self._recovery_timeout,
+            len(self._scheduler),
+            error,
+        )
+        for request_id in list(self._members):
+            self._scheduler.abort(request_id)
+            member = self._members.pop(request_id)
+            if request_id not in self._left:
+                member.fail(error)
+            if request_id not in self._scheduler:  # else once its micro-batch is back
+                future = self._left.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+        self._recovering = False
+        self._failed_at = None
+        self._failure = None
         self._pump()
 
     def _settle(self, plan: StepPlan) -> None:
@@ -235,12 +350,12 @@ class StepLoop:
         for step in plan.steps:
             member = self._members[step.request_id]
             if step.phase == "prefill":
-                ids = member.prompt_ids[step.position : step.position + step.length]
+                ids = member.prefill_ids(step.position, step.length)
             else:
                 ids = [member.next_token()]
             entries.append(
                 relay_pb2.ForwardEntry(
-                    request_id=step.request_id,
+                    request_id=member.session_id,
                     position=step.position,
                     tensor=encode_token_ids(ids),
                     sampling=member.sampling,
@@ -257,11 +372,11 @@ class StepLoop:
         for stage, compute, network in self._stage_times(reply, answer.rpc_seconds):
             if self._collector is not None and stage.index == 0:
                 self._collector.record_transfer(stage.device_id, network)
-            for entry in entries:
-                member_ = self._members.get(entry.request_id)
+            for step in plan.steps:
+                member_ = self._members.get(step.request_id)
                 if member_ is not None:
                     member_.on_stage(stage.device_id, compute, network)
-        return {r.request_id: r for r in results}
+        return {step.request_id: r for step, r in zip(plan.steps, results, strict=True)}
 
     def _stage_times(
         self, reply: relay_pb2.ForwardResponse, rpc_seconds: float

@@ -173,6 +173,9 @@ class NetworkConfig(_Section):
     auth_token: str | None = None
     tls: TLSConfig | None = None
     maximum_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    # How long requests wait for a failed stage to serve again, then are replayed and go
+    # on (coordinator/recovery.py); 0 fails them at once.
+    recovery_timeout: float = Field(default=60.0, ge=0)
 
 
 class InferenceConfig(_Section):

@@ -26,6 +26,7 @@ from mlx_relay.monitoring.snapshot import (
 )
 from mlx_relay.monitoring.windows import (
     INTER_TOKEN_BUCKETS,
+    RECOVERY_BUCKETS,
     REQUEST_BUCKETS,
     TTFT_BUCKETS,
     Histogram,
@@ -50,6 +51,7 @@ LATENCY_KEYS = (
     "decode",
     "stage",
     "network",
+    "recovery",
 )
 # Latency-summary key -> docs/monitoring-api.md histogram (without the mlxrelay_ prefix).
 _HISTOGRAM_OF = {
@@ -60,6 +62,7 @@ _HISTOGRAM_OF = {
     "queue": "request_queue_time_seconds",
     "prefill": "request_prefill_time_seconds",
     "decode": "request_decode_time_seconds",
+    "recovery": "recovery_seconds",
 }
 _BUCKETS_OF = {
     "e2e": REQUEST_BUCKETS,
@@ -69,6 +72,7 @@ _BUCKETS_OF = {
     "queue": REQUEST_BUCKETS,
     "prefill": REQUEST_BUCKETS,
     "decode": REQUEST_BUCKETS,
+    "recovery": RECOVERY_BUCKETS,
 }
 OTHER_ERROR_TYPE = "other"
 REQUEST_STATUSES = ("ok", "aborted", "error")
@@ -304,6 +308,15 @@ class RequestTrace:
             self._generated += n
             rec.generation_tokens_total += n
             rec._tokens.add(now, n)
+
+    def recovered(self, seconds: float) -> None:
+        """The request's stream went on after a stage failure, ``seconds`` after it (the
+        pause its caller saw: the wait for the stage and the replay)."""
+        rec = self._recorder
+        now = rec._clock()
+        with rec._lock:
+            if not self._done:
+                rec._observe("recovery", now, seconds)
 
     def stage_time(self, device_id: str, seconds: float) -> None:
         """Compute time a worker reported for this request (summed over stages and steps)."""

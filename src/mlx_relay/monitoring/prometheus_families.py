@@ -43,6 +43,7 @@ INFERENCE_HISTOGRAMS = {
     "request_queue_time_seconds": "Time a request waited before prefill began.",
     "request_prefill_time_seconds": "Time from the start of prefill to the first token.",
     "request_decode_time_seconds": "Time from the first token to the last.",
+    "recovery_seconds": "Pause of a request's stream from a stage failure to its next token.",
     "request_prompt_tokens": "Prompt length of finished requests, in tokens.",
     "request_generation_tokens": "Generated length of finished requests, in tokens.",
 }

@@ -265,7 +265,8 @@ class InferenceMetrics(_Snap):
     windows: dict[str, ThroughputWindow] = Field(description="Rates keyed '10s' and '60s'.")
     latency: dict[str, LatencySummary] = Field(
         description="Recent-window summaries keyed e2e, ttft, inter_token, "
-        "time_per_output_token, queue, prefill, decode, stage, network; seconds."
+        "time_per_output_token, queue, prefill, decode, stage, network, recovery (a stream's "
+        "pause from a stage failure to its next token); seconds."
     )
     histograms: dict[str, HistogramSnap] = Field(
         description="Histograms keyed by metric family name without the mlxrelay_ prefix."

@@ -43,6 +43,14 @@ NETWORK_RPC_BUCKETS = (
 )  # fmt: skip
 
 
+# A request's pause while a failed stage comes back: a restart takes seconds, the
+# recovery window (network.recovery_timeout) is a minute by default.
+RECOVERY_BUCKETS = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+    120.0, 300.0,
+)  # fmt: skip
+
+
 def token_count_buckets(max_tokens: int) -> tuple[float, ...]:
     """Token-count buckets 1, 2, 5, 10, 20, 50, ... up to the first bound >= ``max_tokens``."""
     bounds: list[float] = []

@@ -45,6 +45,9 @@
     setText("kpi-ttft-sub", p99(lat.ttft));
     setText("kpi-itl", p50(lat.inter_token));
     setText("kpi-itl-sub", p99(lat.inter_token));
+    const recovery = lat.recovery;
+    setText("kpi-recovery", p50(recovery));
+    setText("kpi-recovery-sub", recovery && recovery.count ? `p99 ${fmt.seconds(recovery.p99)} · ${fmt.count(recovery.count)} recovered` : "no stage failure");
     setText("kpi-running", `${inference.requests_running} / ${inference.requests_waiting}`);
     setText("kpi-running-sub", `prompt ${fmt.rate(w10.prompt_tokens_per_second, "tok/s")}`);
     setText("kpi-errors", w60.error_rate === null || w60.error_rate === undefined ? "–" : fmt.percent(w60.error_rate));
