@@ -152,10 +152,10 @@ async def run_load(
 
     async def due(k: int) -> bool:
         """Wait until kill ``k`` is due; False when the load ended first."""
+        at = (kills[-1][0] if kills else time.monotonic()) + KILL_EVERY
         if kills:  # the previous victim serves again first: one recovery at a time
             while not await serving(config, kills[-1][1]):
                 await asyncio.sleep(0.1)
-        at = time.monotonic() + KILL_EVERY
         while done < REQUESTS:
             if (time.monotonic() >= at) if KILL_EVERY else done >= share(k):
                 return True

@@ -4,9 +4,11 @@ the coordinator keeps running, and the restart is counted in /metrics and /api/d
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -65,6 +67,25 @@ def wait_for(condition: Callable[[], bool], what: str, log: Path) -> None:
     raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()}")
 
 
+def start_up(
+    data: dict[str, Any], tmp_path: Path, port: int
+) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+    """``mlx-relay up`` on the configuration ``data``: its file, its log and the process."""
+    config = tmp_path / "cluster.yaml"
+    config.write_text(yaml.safe_dump(data))
+    log = tmp_path / "up.log"
+    return config, log, start(["up", "--config", str(config), "--port", str(port)], log)
+
+
+def assert_nothing_left(config: Path, ports: list[int]) -> None:
+    """No process of the cluster runs and nothing listens on its ports (a killed worker's
+    connections may linger in TIME_WAIT)."""
+    assert not [
+        p.pid for p in psutil.process_iter(["cmdline"]) if str(config) in (p.info["cmdline"] or [])
+    ]
+    assert all(port_is_free(p) for p in ports)
+
+
 def test_up_restarts_a_killed_worker_and_serves_again(tiny_model_dir: Path, tmp_path: Path) -> None:
     port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
@@ -114,10 +135,7 @@ def test_up_gives_up_on_a_worker_killed_again_and_again(
     worker_ports = free_ports(2)
     data = cluster_dict(tiny_model_dir, 2, ports=worker_ports)
     data["supervision"] = {"max_restarts": 1, "backoff_initial": 0.2}
-    config = tmp_path / "cluster.yaml"
-    config.write_text(yaml.safe_dump(data))
-    log = tmp_path / "up.log"
-    up = start(["up", "--config", str(config), "--port", str(port)], log)
+    config, log, up = start_up(data, tmp_path, port)
     try:
         wait_healthy(up, url, log)
         parent = psutil.Process(up.pid)
@@ -129,11 +147,7 @@ def test_up_gives_up_on_a_worker_killed_again_and_again(
         reap(up)
     assert code == 1, output
     assert "worker 'worker-0' exited with code -9, 2 time(s) within 60 s: giving up" in output
-    assert not [
-        p.pid for p in psutil.process_iter(["cmdline"]) if str(config) in (p.info["cmdline"] or [])
-    ]
-    # A killed worker's connections linger in TIME_WAIT; nothing listens on any port.
-    assert all(port_is_free(p) for p in [port, *worker_ports])
+    assert_nothing_left(config, [port, *worker_ports])
 
 
 def test_up_gives_up_on_a_worker_that_crashes_on_start(
@@ -145,10 +159,7 @@ def test_up_gives_up_on_a_worker_that_crashes_on_start(
     # worker-1's budget cannot hold its layers: it refuses them and exits on every start.
     data["devices"][2]["memory_budget_gb"] = 0.000001
     data["supervision"] = {"max_restarts": 2, "backoff_initial": 0.2}
-    config = tmp_path / "cluster.yaml"
-    config.write_text(yaml.safe_dump(data))
-    log = tmp_path / "up.log"
-    up = start(["up", "--config", str(config), "--port", str(port)], log)
+    config, log, up = start_up(data, tmp_path, port)
     try:
         code, output = exit_code_and_output(up, log)
     finally:
@@ -157,7 +168,4 @@ def test_up_gives_up_on_a_worker_that_crashes_on_start(
     assert "worker 'worker-1' exited with code 2, 3 time(s) within 60 s: giving up" in output
     assert "memory_budget_gb 1e-06" in output  # the worker's own reason, from its log
     assert "worker worker-0 exited" not in output
-    assert not [
-        p.pid for p in psutil.process_iter(["cmdline"]) if str(config) in (p.info["cmdline"] or [])
-    ]
-    assert all(port_is_free(p) for p in [port, *worker_ports])
+    assert_nothing_left(config, [port, *worker_ports])
