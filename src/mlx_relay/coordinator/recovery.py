@@ -4,10 +4,11 @@ When a stage fails while requests run (its connection is lost, it answers UNAVAI
 misses a deadline, or it answers NOT_FOUND for a session it no longer holds because it was
 restarted), the step loop (:mod:`mlx_relay.coordinator.step_loop`) keeps the requests for up
 to ``network.recovery_timeout`` seconds: it lets the micro-batches still in flight finish,
-ends the requests' old KV sessions on every stage, waits until every stage answers SERVING
-(:func:`wait_until_serving`), then rebuilds each request's caches on every stage by
-replaying its prompt and the tokens it has generated so far as a chunked prefill under a
-new session id (:meth:`mlx_relay.coordinator.scheduler.Scheduler.replay`) and goes on.
+waits until every stage answers SERVING (:func:`wait_until_serving`), ends the requests'
+old KV sessions on every stage (:func:`end_old_sessions`), then rebuilds each request's
+caches on every stage by replaying its prompt and the tokens it has generated so far as a
+chunked prefill under a new session id
+(:meth:`mlx_relay.coordinator.scheduler.Scheduler.replay`) and goes on.
 The caller sees a pause, not an error. Past the window the requests fail with the stage's
 named error, as without recovery.
 
@@ -78,7 +79,8 @@ async def end_old_sessions(clients: Sequence[WorkerClient], session_ids: Sequenc
     surviving one frees them); failures are logged, not raised (the TTL frees the rest)."""
     calls = [(c, sid) for sid in session_ids for c in clients]
     results = await asyncio.gather(
-        *(c.end_session(sid) for c, sid in calls), return_exceptions=True
+        *(c.end_session(sid, timeout=c.network.ping_timeout) for c, sid in calls),
+        return_exceptions=True,
     )
     for (client, sid), result in zip(calls, results, strict=True):
         if isinstance(result, BaseException):

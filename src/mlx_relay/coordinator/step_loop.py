@@ -300,7 +300,9 @@ class StepLoop:
             if member is not None:
                 old.append(member.session_id)
                 member.replay(failed_at)
-        self._spawn(recovery.end_old_sessions(self._clients, old))
+        # Before the replay opens the new sessions: a stage holds one session per request
+        # (and the quota of the coordinator's sessions allows no more than twice that).
+        await recovery.end_old_sessions(self._clients, old)
         logger.info(
             "every stage serves again after %.2f s: replaying %d requests",
             time.monotonic() - failed_at,
