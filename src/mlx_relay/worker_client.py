@@ -299,6 +299,21 @@ class WorkerClient:
             metadata=metadata,
         )
 
+    async def reshard(
+        self,
+        phase: relay_pb2.ReshardRequest.Phase,
+        start: int = 0,
+        end: int = 0,
+        *,
+        timeout: float | None = None,
+    ) -> relay_pb2.ReshardResponse:
+        """One step of a live repartition on the worker (``mlx_relay.worker.reshard``): a
+        prepare loads layers ``[start, end)``. Never retried."""
+        request = relay_pb2.ReshardRequest(phase=phase, layer_start=start, layer_end=end)
+        return await self._call(
+            "Reshard", self._stub.Reshard, request, timeout or self.network.request_timeout
+        )
+
     async def connected(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the channel to be connected (it reconnects by
         itself, after up to a second's backoff, once a restarted worker is back); True if

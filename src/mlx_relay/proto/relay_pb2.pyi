@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -207,3 +208,43 @@ class StatusResponse(_message.Message):
     blas: str
     blas_threads: int
     def __init__(self, request_id: _Optional[str] = ..., device_id: _Optional[str] = ..., stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., model_loaded: _Optional[bool] = ..., model_name: _Optional[str] = ..., kv_sessions: _Optional[int] = ..., health_status: _Optional[str] = ..., metrics_json: _Optional[str] = ..., health_json: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., backend: _Optional[str] = ..., compute: _Optional[str] = ..., blas: _Optional[str] = ..., blas_threads: _Optional[int] = ...) -> None: ...
+
+class ReshardRequest(_message.Message):
+    __slots__ = ("request_id", "phase", "layer_start", "layer_end")
+    class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PHASE_UNSPECIFIED: _ClassVar[ReshardRequest.Phase]
+        PREPARE: _ClassVar[ReshardRequest.Phase]
+        COMMIT: _ClassVar[ReshardRequest.Phase]
+        RELEASE: _ClassVar[ReshardRequest.Phase]
+        ABORT: _ClassVar[ReshardRequest.Phase]
+    PHASE_UNSPECIFIED: ReshardRequest.Phase
+    PREPARE: ReshardRequest.Phase
+    COMMIT: ReshardRequest.Phase
+    RELEASE: ReshardRequest.Phase
+    ABORT: ReshardRequest.Phase
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    phase: ReshardRequest.Phase
+    layer_start: int
+    layer_end: int
+    def __init__(self, request_id: _Optional[str] = ..., phase: _Optional[_Union[ReshardRequest.Phase, str]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+
+class ReshardResponse(_message.Message):
+    __slots__ = ("request_id", "device_id", "layer_start", "layer_end", "load_seconds", "dropped_sessions")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    device_id: str
+    layer_start: int
+    layer_end: int
+    load_seconds: float
+    dropped_sessions: int
+    def __init__(self, request_id: _Optional[str] = ..., device_id: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., load_seconds: _Optional[float] = ..., dropped_sessions: _Optional[int] = ...) -> None: ...

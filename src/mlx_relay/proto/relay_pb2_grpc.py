@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=relay__pb2.StatusRequest.SerializeToString,
                 response_deserializer=relay__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Reshard = channel.unary_unary(
+                '/mlxrelay.v1.Worker/Reshard',
+                request_serializer=relay__pb2.ReshardRequest.SerializeToString,
+                response_deserializer=relay__pb2.ReshardResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -87,6 +92,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reshard(self, request, context):
+        """Move this stage to another layer range without restarting (live repartition): PREPARE
+        loads the new range beside the old one (after the fit check), COMMIT serves it, RELEASE
+        drops the old one, ABORT undoes whichever of PREPARE and COMMIT happened.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +123,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=relay__pb2.StatusRequest.FromString,
                     response_serializer=relay__pb2.StatusResponse.SerializeToString,
+            ),
+            'Reshard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reshard,
+                    request_deserializer=relay__pb2.ReshardRequest.FromString,
+                    response_serializer=relay__pb2.ReshardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +238,33 @@ class Worker:
             '/mlxrelay.v1.Worker/GetStatus',
             relay__pb2.StatusRequest.SerializeToString,
             relay__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reshard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxrelay.v1.Worker/Reshard',
+            relay__pb2.ReshardRequest.SerializeToString,
+            relay__pb2.ReshardResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,9 +7,9 @@ vocabulary, position not equal to the cached length, more positions than
 a request this stage holds no session for), RESOURCE_EXHAUSTED (``max_sessions`` reached,
 or the caller's share ``max_sessions_per_peer``; grpc itself for messages over
 ``max_message_mb`` and for calls past ``maximum_concurrent_rpcs``), UNAVAILABLE (model
-still loading or worker stopping), FAILED_PRECONDITION (model failed to load),
-UNAUTHENTICATED (missing or wrong bearer token when ``network.auth_token`` is set), INTERNAL
-(a bug; logged).
+still loading or worker stopping), FAILED_PRECONDITION (model failed to load; a ``Reshard``
+range that does not fit the worker's memory), UNAUTHENTICATED (missing or wrong bearer
+token when ``network.auth_token`` is set), INTERNAL (a bug; logged).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class WorkerState:
     peers: PeerClients | None = None
     tracer: Any = None  # an OpenTelemetry Tracer when this worker records spans
     load_error: BaseException | None = None
+    reshard: Any = None  # worker.reshard.StageReshard, once the first range is loaded
     stopping: bool = False
     started_at: float = field(default_factory=time.monotonic)
     _reported_sessions: int = -1
@@ -267,6 +268,30 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             sent_at=request.sent_at,
             device_id=self.state.device_id,
         )
+
+    async def Reshard(
+        self, request: pb.ReshardRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReshardResponse:
+        await self._runtime(context)
+        reshard = self.state.reshard
+        if reshard is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"worker {self.state.device_id} is still loading"
+            )
+        try:
+            response: pb.ReshardResponse = await reshard.handle(request)
+        except (InvalidRequest, ShardMismatch) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RelayError as exc:
+            # The range does not fit (PartitionError) or cannot be loaded (ModelError).
+            logger.warning("Reshard refused: %s", exc)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Exception as exc:
+            if self.state.executor.closed:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is stopping")
+            logger.exception("Reshard failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"reshard failed: {exc}")
+        return response
 
     async def GetStatus(
         self, request: pb.StatusRequest, context: grpc.aio.ServicerContext

@@ -33,6 +33,7 @@ from mlx_relay.worker.background import ServingHealthWatch, SessionSweep
 from mlx_relay.worker.executor import MLXExecutor
 from mlx_relay.worker.grpc_endpoint import WorkerGrpcServer, concurrent_rpc_limit
 from mlx_relay.worker.relay import PeerClients
+from mlx_relay.worker.reshard import StageReshard
 from mlx_relay.worker.service import WorkerServicer, WorkerState
 from mlx_relay.worker.stage_loader import blas_threads, find_placement, load_stage
 from mlx_relay.worker.telemetry import WorkerTelemetry
@@ -300,6 +301,9 @@ class WorkerServer:
             logger.error("worker %s failed to load its model: %s", self.device_id, exc)
             self._report(model_loaded=False, last_error=str(exc))
             raise
+        reshard = StageReshard(state, self.config, self.device, self.blas_threads, self._moved)
+        reshard.placement = placement
+        state.reshard = reshard
         engine = state.runtime.engine
         self._report(
             model_loaded=True,
@@ -313,6 +317,10 @@ class WorkerServer:
         if self.telemetry is not None:
             self.health_watch.start()
         logger.info("worker %s serving layers %s", self.device_id, placement.layer_range)
+
+    def _moved(self, layers: LayerRange) -> None:
+        # A live repartition moved the stage: its status shows the range it serves now.
+        self._report(model_loaded=True)
 
     def _report(self, **fields: Any) -> None:
         if self.telemetry is not None:
