@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any
@@ -21,6 +21,13 @@ from mlx_relay.coordinator.admission import Admission
 from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.pipeline import RequestRun, RunTracker, Stage
 from mlx_relay.coordinator.prepare import PreparedRequest, PromptLimits, prepare_request
+from mlx_relay.coordinator.repartition import (
+    RepartitionBusy,
+    RepartitionResult,
+    RepartitionSettings,
+    check_split,
+    repartition,
+)
 from mlx_relay.coordinator.requests import InferenceRequest, InferenceResponse, TokenEvent
 from mlx_relay.coordinator.scheduler import SchedulerSettings
 from mlx_relay.coordinator.stage_health import StageHealthPoll
@@ -31,6 +38,7 @@ from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import PipelineNotReady, RelayError, ShardMismatch, WorkerUnavailable
 from mlx_relay.core.tls_config import tls_material
 from mlx_relay.core.tracing import otlp_tracer_provider, shutdown_provider, tracer_of
+from mlx_relay.core.types import LayerRange
 from mlx_relay.model.load import ModelInfo, read_model_info, resolve_model_dir
 from mlx_relay.model.partition import assign_layers
 from mlx_relay.model.tokenizer import eos_token_ids, load_tokenizer
@@ -138,6 +146,7 @@ class DistributedOrchestrator:
             else None
         )
         self._loop: StepLoop | None = None
+        self._repartitioning = asyncio.Lock()
         self._ready = False
         self._closed = False
 
@@ -349,6 +358,48 @@ class DistributedOrchestrator:
             self.config.inference.stream_buffer_tokens,
             self._tracing,
         )
+
+    async def repartition(
+        self,
+        split: Sequence[LayerRange],
+        on_phase: Callable[[str, str], None] = lambda phase, detail: None,
+    ) -> RepartitionResult:
+        """Move the pipeline to ``split`` (one range per stage) without restarting a worker:
+        drain, load, switch, release (:mod:`mlx_relay.coordinator.repartition`).
+
+        Raises:
+            PartitionError: the split does not cover the model's layers in order.
+            RepartitionBusy: another repartition is under way.
+            RepartitionFailed: nothing changed; the message names the worker and why.
+            PipelineNotReady: not initialised, or shut down.
+        """
+        self._ready_limits()
+        assert self._loop is not None and self.model_info is not None
+        checked = check_split(split, self.model_info.num_layers, len(self.stages))
+        if self._repartitioning.locked():
+            raise RepartitionBusy("a repartition is under way")
+        settings = self.config.placement
+        async with self._repartitioning:
+            result = await repartition(
+                self.stages,
+                self._clients,
+                self._loop,
+                checked,
+                RepartitionSettings(settings.drain_timeout_s, settings.load_timeout_s),
+                cleanups=lambda: self._tracker.cleanups,
+                on_drained=self._refresh_view,
+                on_phase=on_phase,
+            )
+            if result.changed and self.telemetry is not None:
+                self.telemetry.moved(self.stages)
+                await self._refresh_view()
+        return result
+
+    async def _refresh_view(self) -> None:
+        """Poll every worker now, so the cluster view is up to date."""
+        monitor = self.cluster_monitor
+        if monitor is not None:
+            await monitor.poll_once()
 
     def _admission_changed(self, running: int, waiting: int) -> None:
         if self.metrics_collector is not None:

@@ -13,6 +13,9 @@ With ``recovery_timeout`` above 0, a stage failure the requests can survive
 (:func:`~mlx_relay.coordinator.recovery.is_recoverable`) pauses the loop instead of failing
 them: once every stage serves again the requests are replayed and go on
 (:mod:`mlx_relay.coordinator.recovery`).
+
+:meth:`StepLoop.hold` lets the running requests finish while new ones wait to join (a live
+repartition drains the pipeline so; :meth:`StepLoop.drained`, then :meth:`StepLoop.end_hold`).
 """
 
 from __future__ import annotations
@@ -122,27 +125,73 @@ class StepLoop:
         self._failed_at: float | None = None
         self._failure: BaseException | None = None
         self._recovering = False
+        self._held = False
+        self._held_back: list[Member] = []
+        self._idle: list[asyncio.Future[None]] = []
 
     @property
     def in_flight(self) -> int:
         return self._scheduler.in_flight
 
+    @property
+    def scheduled(self) -> int:
+        """Requests the scheduler holds (running, not yet finished)."""
+        return len(self._scheduler)
+
+    @property
+    def held_back(self) -> int:
+        """Requests waiting to join while the loop is held."""
+        return len(self._held_back)
+
     def join(self, member: Member) -> None:
-        """Schedule a request from the next step on.
+        """Schedule a request from the next step on (from :meth:`end_hold` on while held).
 
         Raises:
             PipelineNotReady: the loop was stopped.
         """
         if self._stopped is not None:
             raise PipelineNotReady(self._stopped)
+        if self._held:
+            self._members[member.request_id] = member
+            self._held_back.append(member)
+            return
         self._scheduler.add(member.request_id, len(member.prompt_ids))
         self._members[member.request_id] = member
+        self._pump()
+
+    def hold(self) -> None:
+        """From now on new requests wait to join; the scheduled ones run to their end."""
+        self._held = True
+
+    async def drained(self) -> None:
+        """Wait until no request is scheduled and no micro-batch is in flight.
+
+        Raises:
+            PipelineNotReady: the loop was stopped meanwhile.
+        """
+        while len(self._scheduler) or self._scheduler.in_flight:
+            if self._stopped is not None:
+                raise PipelineNotReady(self._stopped)
+            idle = asyncio.get_running_loop().create_future()
+            self._idle.append(idle)
+            await idle
+        if self._stopped is not None:
+            raise PipelineNotReady(self._stopped)
+
+    def end_hold(self) -> None:
+        """The requests that waited join, in arrival order, and new ones join at once."""
+        self._held = False
+        waiting, self._held_back = self._held_back, []
+        for member in waiting:
+            if self._members.get(member.request_id) is member:
+                self._scheduler.add(member.request_id, len(member.prompt_ids))
         self._pump()
 
     def leave(self, request_id: str) -> asyncio.Future[None]:
         """Take a request out; the future is done once no micro-batch holds it any more
         (then its KV sessions may be ended without failing anyone else's step)."""
         self._scheduler.abort(request_id)
+        self._held_back = [m for m in self._held_back if m.request_id != request_id]
         done = asyncio.get_running_loop().create_future()
         if request_id in self._scheduler:
             self._left[request_id] = done
@@ -172,9 +221,11 @@ class StepLoop:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for future in self._left.values():
+        self._held_back = []
+        for future in [*self._left.values(), *self._idle]:
             if not future.done():
                 future.set_result(None)
+        self._idle = []
         if self._collector is not None:
             self._collector.set_requests_scheduled(0)
 
@@ -203,6 +254,11 @@ class StepLoop:
         bubble is the time a stage has no Forward while this is above zero)."""
         if self._collector is not None:
             self._collector.set_requests_scheduled(self._scheduler.runnable)
+        if self._idle and not len(self._scheduler) and not self._scheduler.in_flight:
+            idle, self._idle = self._idle, []
+            for future in idle:
+                if not future.done():
+                    future.set_result(None)
 
     async def _execute(self, plan: StepPlan) -> None:
         trace = StepTrace(plan) if self._traced else None

@@ -110,6 +110,10 @@ class CoordinatorTelemetry:
         )
         await self.cluster_monitor.start()
 
+    def moved(self, stages: Sequence[Stage]) -> None:
+        """The stages hold new layer ranges (a live repartition): the view shows them."""
+        register_stages(self.collector, stages, model_loaded=True)
+
     async def detach(self) -> None:
         """Stop polling and the owned parts (the pipeline is going down)."""
         monitor, self.cluster_monitor = self.cluster_monitor, None

@@ -23,6 +23,7 @@ from pydantic import (
 
 from mlx_relay.core.errors import ConfigError
 from mlx_relay.core.history_config import HistoryConfig
+from mlx_relay.core.placement_config import PlacementConfig
 from mlx_relay.core.supervision_config import SupervisionConfig
 from mlx_relay.core.tls_config import DeviceTLS, TLSConfig
 from mlx_relay.core.tracing_config import TracingConfig
@@ -324,7 +325,7 @@ COORDINATOR_ADDRESS_KEYS = ("host", "port")
 
 class ClusterConfig(_Section):
     """The whole cluster: model, devices in pipeline order, the HTTP app, monitoring,
-    network, inference, alerting, history, supervision, tracing."""
+    network, inference, alerting, history, supervision, tracing, placement."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     devices: list[DeviceConfig]
@@ -336,6 +337,7 @@ class ClusterConfig(_Section):
     history: HistoryConfig = Field(default_factory=HistoryConfig)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
     _source: str = PrivateAttr(default="<config>")
 
     @property
