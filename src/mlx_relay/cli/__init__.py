@@ -24,6 +24,7 @@ COMMANDS = (
     "model",
     "chat",
     "placement",
+    "rebalance",
     "certs",
 )
 

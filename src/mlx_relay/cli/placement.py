@@ -67,21 +67,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def coordinator_url(config: ClusterConfig, path: str) -> str:
+    """``path`` on the coordinator named by the config's ``http`` address."""
+    host = config.http.host if config.http.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    return f"http://{host_port(host, config.http.port)}{path}"
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _ask_coordinator(
     config: ClusterConfig, args: argparse.Namespace, token: str | None
 ) -> PlacementView | None:
-    host = config.http.host if config.http.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{host_port(host, config.http.port)}/api/placement"
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = coordinator_url(config, "/api/placement")
     params = {"add_device_gb": args.add_device, "without": args.without}
     try:
-        response = httpx.get(url, params=params, headers=headers, timeout=30)
+        response = httpx.get(url, params=params, headers=bearer(token), timeout=30)
     except httpx.TransportError:
         return None
-    if response.status_code != 200:
+    check_answer(url, response)
+    return PlacementView.model_validate(response.json())
+
+
+def check_answer(url: str, response: httpx.Response) -> None:
+    """Raise for an answer other than 2xx, with the server's own reason.
+
+    Raises:
+        PartitionError: ``URL: HTTP status: detail``.
+    """
+    if not response.is_success:
         detail = response.json().get("detail") if _is_json(response) else response.text
         raise PartitionError(f"{url}: HTTP {response.status_code}: {detail}")
-    return PlacementView.model_validate(response.json())
 
 
 def _from_model(config: ClusterConfig, args: argparse.Namespace) -> PlacementView:

@@ -22,7 +22,8 @@ from mlx_relay.monitoring.api import mount_monitoring
 from mlx_relay.server import openai, readiness
 from mlx_relay.server.body_limit import BodySizeLimit
 from mlx_relay.server.deps import AppServices
-from mlx_relay.server.placement import mount_placement
+from mlx_relay.server.placement import PlacementSource, mount_placement
+from mlx_relay.server.rebalance import Rebalancer, mount_rebalance
 
 __all__ = ["AppServices", "create_app", "include_routes", "start_services", "stop_services"]
 
@@ -53,7 +54,20 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
             history=services.history.store if services.history is not None else None,
             traces=services.orchestrator.traces if services.orchestrator is not None else None,
         )
-        mount_placement(app, services.config, services.metrics_collector.snapshot)  # placement
+        placement_services(services)
+        assert services.placement is not None
+        mount_placement(app, services.placement)  # GET /api/placement
+        if services.rebalancer is not None:
+            mount_rebalance(app, services.rebalancer)  # /api/placement/apply
+
+
+def placement_services(services: AppServices) -> None:
+    """The placement advisor's inputs and the rebalancer, unless already built."""
+    collector = services.metrics_collector
+    if services.placement is None and collector is not None:
+        services.placement = PlacementSource(services.config, collector.snapshot)
+    if services.rebalancer is None and services.placement and services.orchestrator:
+        services.rebalancer = Rebalancer(services.orchestrator, services.placement)
 
 
 async def start_services(config: ClusterConfig, *, enable_monitoring: bool = True) -> AppServices:
@@ -87,6 +101,10 @@ async def start_services(config: ClusterConfig, *, enable_monitoring: bool = Tru
         if services.history is not None and orchestrator.traces is not None:
             # Each finished request's trace summary outlives the traces kept in memory.
             orchestrator.traces.archive = services.history.store
+        placement_services(services)
+        auto = config.placement.auto_rebalance
+        if auto.enabled and services.rebalancer is not None:
+            services.rebalancer.start_auto(auto)
     except BaseException:
         # The orchestrator is connected already: close it rather than leak its channels.
         await stop_services(services)
@@ -117,6 +135,8 @@ async def stop_services(services: AppServices) -> None:
     """Stop alerting, end live sessions, stop monitoring and close the worker channels, then
     write the last history (requests that ended during shutdown included) and close it."""
     try:
+        if services.rebalancer is not None:
+            await services.rebalancer.stop()
         if services.alert_engine is not None:
             await services.alert_engine.stop()
         if services.orchestrator is not None:

@@ -25,6 +25,8 @@ class AppServices:
         alert_engine: the coordinator's AlertEngine, or None with alerting or monitoring off.
         history: the coordinator's HistoryRecorder (its ``store`` serves /api/history), or
             None when history is off.
+        placement: the placement advisor's inputs (``PlacementSource``), with monitoring.
+        rebalancer: runs live repartitions (``Rebalancer``), with monitoring and a pipeline.
     """
 
     config: ClusterConfig
@@ -33,6 +35,8 @@ class AppServices:
     health_monitor: Any | None = None
     alert_engine: Any | None = None
     history: Any | None = None
+    placement: Any | None = None
+    rebalancer: Any | None = None
 
 
 def get_services(request: Request) -> AppServices:

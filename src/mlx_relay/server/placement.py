@@ -6,13 +6,16 @@ cluster view), its mean decode forward time and prefill time per token (stage me
 memory cap (``memory_budget_gb``, else the machine's memory) and the transit of the hop into
 it (the link's transfer time: Forward RPC time minus compute). Without a snapshot (no running
 coordinator) every device is unmeasured and the times are in layer units (1.0 = one layer).
+After a live repartition only the timings measured since count (:class:`StageTotals`): the
+stages' histograms are cumulative, and the old split's times would mislead the new one's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,6 +95,31 @@ class PlacementView(BaseModel):
     error: str | None = Field(default=None, description="Why no split was proposed.")
 
 
+@dataclass(frozen=True)
+class StageTotals:
+    """A stage's cumulative forward figures at one moment (a baseline to measure from)."""
+
+    decode_seconds: float = 0.0
+    decode_calls: int = 0
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
+
+
+def stage_totals(snapshot: Snapshot | None) -> dict[str, StageTotals]:
+    """Every stage's :class:`StageTotals` in ``snapshot``."""
+    totals: dict[str, StageTotals] = {}
+    for device_id, stage in snapshot.stages.items() if snapshot is not None else ():
+        decode = stage.forward_duration_seconds.get("decode")
+        prefill = stage.forward_duration_seconds.get("prefill")
+        totals[device_id] = StageTotals(
+            decode.sum if decode is not None else 0.0,
+            decode.count if decode is not None else 0,
+            prefill.sum if prefill is not None else 0.0,
+            stage.tokens_total.get("prefill", 0),
+        )
+    return totals
+
+
 def placement_view(
     config: ClusterConfig,
     footprint: Footprint,
@@ -100,8 +128,10 @@ def placement_view(
     model_max_context: int,
     add_device_gb: Sequence[float] = (),
     without: Sequence[str] = (),
+    baseline: Mapping[str, StageTotals] | None = None,
 ) -> PlacementView:
-    """The advisor's report for ``config``'s workers, measured from ``snapshot`` when given.
+    """The advisor's report for ``config``'s workers, measured from ``snapshot`` when given
+    (the timings since ``baseline`` only, when given).
 
     Raises:
         PartitionError: an unknown worker in ``without``.
@@ -111,7 +141,8 @@ def placement_view(
     context = config.model.max_context or model_max_context
     kv_tokens = config.inference.max_sessions * context
     costs = footprint.costs(dense, kv_tokens)
-    samples = [_sample(config, device_id, layers, snapshot) for device_id, layers in current]
+    since = baseline or {}
+    samples = [_sample(config, device_id, layers, snapshot, since) for device_id, layers in current]
     error: str | None = None
     advice: Advice | None = None
     try:
@@ -174,7 +205,11 @@ def _dense(config: ClusterConfig, snapshot: Snapshot | None) -> bool:
 
 
 def _sample(
-    config: ClusterConfig, device_id: str, layers: LayerRange, snapshot: Snapshot | None
+    config: ClusterConfig,
+    device_id: str,
+    layers: LayerRange,
+    snapshot: Snapshot | None,
+    baseline: Mapping[str, StageTotals],
 ) -> StageSample:
     device = next(w for w in config.workers if w.id == device_id)
     cap = int(device.memory_budget_gb * 1e9) if device.memory_budget_gb is not None else None
@@ -184,15 +219,15 @@ def _sample(
         status = snapshot.devices.get(device_id)
         if cap is None and status is not None and status.metrics is not None:
             cap = status.metrics.memory_total_bytes
-        stage = snapshot.stages.get(device_id)
-        if stage is not None:
-            decode_hist = stage.forward_duration_seconds.get("decode")
-            if decode_hist is not None and decode_hist.count:
-                decode = decode_hist.sum / decode_hist.count
-            prefill_hist = stage.forward_duration_seconds.get("prefill")
-            prefill_tokens = stage.tokens_total.get("prefill", 0)
-            if prefill_hist is not None and prefill_tokens:
-                prefill = prefill_hist.sum / prefill_tokens
+        now = stage_totals(snapshot).get(device_id)
+        if now is not None:
+            before = baseline.get(device_id, StageTotals())
+            calls = now.decode_calls - before.decode_calls
+            if calls > 0:
+                decode = (now.decode_seconds - before.decode_seconds) / calls
+            tokens = now.prefill_tokens - before.prefill_tokens
+            if tokens > 0:
+                prefill = (now.prefill_seconds - before.prefill_seconds) / tokens
         for transit in snapshot.network.links:
             if transit.peer == device_id and transit.transfer.mean is not None:
                 link = transit.transfer.mean
@@ -243,6 +278,11 @@ class PlacementSource:
         self.config = config
         self._snapshot = snapshot
         self._model: tuple[Footprint, int] | None = None
+        self.baseline: dict[str, StageTotals] = {}
+
+    def totals(self) -> dict[str, StageTotals]:
+        """Every stage's figures now (what :attr:`baseline` takes after a repartition)."""
+        return stage_totals(self._snapshot())
 
     def model(self) -> tuple[Footprint, int]:
         """The model's footprint and context length, read once."""
@@ -263,6 +303,7 @@ class PlacementSource:
             model_max_context=max_context,
             add_device_gb=add_device_gb,
             without=without,
+            baseline=self.baseline,
         )
 
 
@@ -292,9 +333,8 @@ class PlacementCollector(Collector):
         yield family
 
 
-def mount_placement(app: FastAPI, config: ClusterConfig, snapshot: Any) -> None:
+def mount_placement(app: FastAPI, source: PlacementSource) -> None:
     """Serve ``GET /api/placement`` and add the placement family to ``/metrics``."""
-    source = PlacementSource(config, snapshot)
     setattr(app.state, PLACEMENT_ATTRIBUTE, source)
     registry = app.state.monitoring.registry
     PlacementCollector(source, registry)
