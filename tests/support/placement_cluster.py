@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from mlx_relay.coordinator.requests import InferenceRequest
 from mlx_relay.core.http_server import HTTPServer
@@ -17,11 +18,17 @@ SKEWED = ((0, 3), (3, 4))
 
 @contextlib.asynccontextmanager
 async def skewed_cluster_app(
-    model_dir: Path, layers: Sequence[tuple[int, int]] = SKEWED
+    model_dir: Path, layers: Sequence[tuple[int, int]] = SKEWED, **settings: Any
 ) -> AsyncIterator[tuple[LocalCluster, HTTPServer]]:
-    """Workers on ``layers`` and the coordinator's app (monitoring on) on port 0."""
+    """Workers on ``layers`` and the coordinator's app (monitoring on) on port 0;
+    ``settings`` go to :func:`local_cluster`."""
     async with local_cluster(
-        model_dir, len(layers), enable_monitoring=True, layers=layers, monitoring=FAST_MONITORING
+        model_dir,
+        len(layers),
+        enable_monitoring=True,
+        layers=layers,
+        monitoring=FAST_MONITORING,
+        **settings,
     ) as cluster:
         orchestrator = cluster.orchestrator
         services = AppServices(
