@@ -144,7 +144,8 @@ async def test_requests_arriving_during_a_rebalance_wait_then_run(wide_model_dir
         result = await orchestrator.repartition(target, on_phase)
         assert result.changed and result.after == tuple(target)
         assert held["waiting"] == len(late)  # they waited to join, they did not fail
-        for prompt, tokens in zip(early + late, await asyncio.gather(*running, *arrivals)):
+        outputs = await asyncio.gather(*running, *arrivals)
+        for prompt, tokens in zip(early + late, outputs, strict=True):
             assert tokens == expected_ids(wide_model_dir, prompt), prompt
         assert served(cluster) == [(0, 2), (2, 4)]
         assert sum(w.kv_sessions for w in cluster.workers) == 0
@@ -176,7 +177,8 @@ async def test_a_refused_range_rolls_back_to_the_old_split(wide_model_dir: Path)
         status = await cluster_status(http, "failed")
         assert status.error is not None
         assert "worker-1 refused layers [2, 4)" in status.error
-        assert "memory_budget_gb" in status.error and "rolled back to [0, 3) / [3, 4)" in status.error
+        assert "memory_budget_gb" in status.error
+        assert "rolled back to [0, 3) / [3, 4)" in status.error
         assert [p.phase for p in status.progress][-1] == "rolling back"
         assert served(cluster) == SKEWED
         assert [(s.layer_range.start, s.layer_range.end) for s in orchestrator.stages] == SKEWED
