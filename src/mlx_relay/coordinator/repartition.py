@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 
-from mlx_relay.coordinator.client import WorkerClient
+from mlx_relay.coordinator.client import StageError, WorkerClient
 from mlx_relay.coordinator.pipeline import Stage
 from mlx_relay.coordinator.step_loop import StepLoop
 from mlx_relay.core.errors import PartitionError, RelayError
@@ -200,7 +200,9 @@ def _first_failure(
         if isinstance(result, asyncio.CancelledError):
             raise result
         if isinstance(result, BaseException):
-            return f"{stages[i].device_id} {what} {split[i]}: {result}"
+            # A worker's own answer already names it and the numbers; say it once.
+            reason = result.detail if isinstance(result, StageError) else str(result)
+            return f"{stages[i].device_id} {what} {split[i]}: {reason}"
     return None
 
 

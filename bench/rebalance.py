@@ -1,0 +1,143 @@
+"""Live repartition on the bundled model: aggregate tokens/s on a skewed split, then the
+advisor's proposal applied live (no process restarted) while requests run, then tokens/s
+again on the same worker processes.
+
+    .venv/bin/python bench/rebalance.py                       # [0, 26) / [26, 30), 8 x 32 tokens
+    .venv/bin/python bench/rebalance.py --layers 24 --concurrency 8 --rounds 5
+
+Printed: tokens/s before and after (medians of ``--rounds``) and their ratio, the advisor's
+predicted gain, how long the repartition took (drain, load) and whether a greedy request's
+tokens are the same before and after.
+"""
+
+from __future__ import annotations
+
+from mlx_relay.core.blas import load_blas
+
+load_blas()  # before MLX is imported below, as in the worker processes
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from placement import POLL, PROMPT, aggregate, describe, split_config  # noqa: E402
+
+from mlx_relay.cli.fleet import WorkerFleet  # noqa: E402
+from mlx_relay.coordinator.orchestrator import DistributedOrchestrator, InferenceRequest  # noqa: E402
+from mlx_relay.core.config import ModelConfig  # noqa: E402
+from mlx_relay.core.types import LayerRange  # noqa: E402
+from mlx_relay.model.footprint import read_footprint  # noqa: E402
+from mlx_relay.model.load import read_model_info, resolve_model_dir  # noqa: E402
+from mlx_relay.server.placement import (  # noqa: E402
+    PlacementView,
+    StageTotals,
+    placement_view,
+    stage_totals,
+)
+
+
+async def rates(orchestrator: DistributedOrchestrator, args: argparse.Namespace) -> float:
+    runs = [
+        await aggregate(orchestrator, args.concurrency, args.max_tokens) for _ in range(args.rounds)
+    ]
+    return statistics.median(runs)
+
+
+async def greedy(orchestrator: DistributedOrchestrator, max_tokens: int) -> list[int]:
+    request = InferenceRequest(prompt=PROMPT, max_tokens=max_tokens)
+    return (await orchestrator.process_request(request)).token_ids
+
+
+async def advice(
+    orchestrator: DistributedOrchestrator,
+    model_dir: Path,
+    baseline: dict[str, StageTotals] | None = None,
+) -> PlacementView:
+    """The advisor's view, from the stage timings since ``baseline``."""
+    await asyncio.sleep(POLL * 4)  # the workers' stage timings reach the coordinator
+    collector = orchestrator.metrics_collector
+    assert collector is not None
+    return placement_view(
+        orchestrator.config,
+        read_footprint(model_dir),
+        collector.snapshot(),
+        model_max_context=read_model_info(model_dir).max_context,
+        baseline=baseline,
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    model_dir = resolve_model_dir(ModelConfig(), progress=True)
+    layers = read_model_info(model_dir).num_layers
+    config = split_config(model_dir, [(0, args.layers), (args.layers, layers)])
+    work_dir = Path(tempfile.mkdtemp(prefix="mlx-relay-rebalance-"))
+    config_path = work_dir / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    fleet = WorkerFleet(config, config_path, work_dir, monitoring=True)
+    fleet.start()
+    orchestrator = DistributedOrchestrator(config, enable_monitoring=True)
+    print(
+        f"model {model_dir.name}: {args.concurrency} requests x {args.max_tokens} tokens, "
+        f"{args.rounds} rounds, medians\n"
+    )
+    try:
+        while not await fleet.poll_serving():
+            await asyncio.sleep(0.2)
+        await orchestrator.initialize()
+        await aggregate(orchestrator, 2, 4)  # warm-up
+        reference = await greedy(orchestrator, args.max_tokens)
+        before = await rates(orchestrator, args)
+        view = await advice(orchestrator, model_dir)
+        print(f"skewed    {before:7.1f} tok/s   {describe(view, 'current')}")
+        assert view.proposed is not None and view.predicted_gain_ratio is not None
+        print(f"proposal  {describe(view, 'proposed')}")
+        split = [LayerRange(s.layer_start, s.layer_end) for s in view.proposed.stages]
+        # Live: the split changes while a round of requests runs.
+        running = asyncio.ensure_future(aggregate(orchestrator, args.concurrency, args.max_tokens))
+        await asyncio.sleep(0.5)
+        baseline: dict[str, StageTotals] = {}
+
+        def on_phase(phase: str, detail: str) -> None:
+            print(f"  {phase}: {detail}")
+            if phase == "switching":  # the new split is measured from here on
+                baseline.update(stage_totals(orchestrator.metrics_collector.snapshot()))
+
+        result = await orchestrator.repartition(split, on_phase)
+        during = await running
+        after = await rates(orchestrator, args)
+        same = await greedy(orchestrator, args.max_tokens) == reference
+        after_view = await advice(orchestrator, model_dir, baseline)
+        print(f"balanced  {after:7.1f} tok/s   {describe(after_view, 'current')}")
+        print(
+            f"\nrepartition {result.total_seconds:.2f} s (drain {result.drain_seconds:.2f} s, "
+            f"load {result.load_seconds:.2f} s); the round it ran in: {during:.1f} tok/s"
+        )
+        print(f"greedy tokens before and after equal: {'yes' if same else 'NO'}")
+        print(
+            f"predicted gain {view.predicted_gain_ratio:+.1%}   "
+            f"measured tokens/s ratio {after / before:.2f}x (target >= 1.30x)"
+        )
+    finally:
+        await orchestrator.shutdown()
+        fleet.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=26, help="layers of worker-0 (skewed)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))
