@@ -23,10 +23,12 @@ load_blas()  # before MLX is imported below, as in the worker processes
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -68,10 +70,11 @@ async def aggregate(orchestrator: DistributedOrchestrator, concurrent: int, toke
     return sum(r.usage.completion_tokens for r in responses) / (time.perf_counter() - started)
 
 
-async def measure(
-    model_dir: Path, split: list[tuple[int, int]], args: argparse.Namespace
-) -> tuple[float, PlacementView]:
-    """Median tokens/s of the split, and the advisor's view after those requests."""
+@contextlib.asynccontextmanager
+async def split_cluster(
+    model_dir: Path, split: list[tuple[int, int]]
+) -> AsyncIterator[DistributedOrchestrator]:
+    """``mlx-relay worker`` processes on ``split`` and an initialised, warmed-up coordinator."""
     config = split_config(model_dir, split)
     work_dir = Path(tempfile.mkdtemp(prefix="mlx-relay-placement-"))
     config_path = work_dir / "cluster.yaml"
@@ -84,6 +87,19 @@ async def measure(
             await asyncio.sleep(0.2)
         await orchestrator.initialize()
         await aggregate(orchestrator, 2, 4)  # warm-up
+        yield orchestrator
+    finally:
+        await orchestrator.shutdown()
+        fleet.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+async def measure(
+    model_dir: Path, split: list[tuple[int, int]], args: argparse.Namespace
+) -> tuple[float, PlacementView]:
+    """Median tokens/s of the split, and the advisor's view after those requests."""
+    async with split_cluster(model_dir, split) as orchestrator:
+        config = orchestrator.config
         rates = [
             await aggregate(orchestrator, args.concurrency, args.max_tokens)
             for _ in range(args.rounds)
@@ -99,10 +115,6 @@ async def measure(
             model_max_context=info.max_context,
         )
         return statistics.median(rates), view
-    finally:
-        await orchestrator.shutdown()
-        fleet.stop()
-        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def describe(view: PlacementView, name: str) -> str:
@@ -136,9 +148,9 @@ async def main(args: argparse.Namespace) -> None:
     )
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=20, help="layers of worker-0 (skewed)")
+def parse_args(layers: int = 20, description: str = __doc__) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=layers, help="layers of worker-0 (skewed)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)

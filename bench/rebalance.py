@@ -18,18 +18,20 @@ load_blas()  # before MLX is imported below, as in the worker processes
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import yaml  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from placement import POLL, PROMPT, aggregate, describe, split_config  # noqa: E402
+from placement import (  # noqa: E402
+    POLL,
+    PROMPT,
+    aggregate,
+    describe,
+    parse_args,
+    split_cluster,
+)
 
-from mlx_relay.cli.fleet import WorkerFleet  # noqa: E402
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator, InferenceRequest  # noqa: E402
 from mlx_relay.core.config import ModelConfig  # noqa: E402
 from mlx_relay.core.types import LayerRange  # noqa: E402
@@ -76,22 +78,11 @@ async def advice(
 async def main(args: argparse.Namespace) -> None:
     model_dir = resolve_model_dir(ModelConfig(), progress=True)
     layers = read_model_info(model_dir).num_layers
-    config = split_config(model_dir, [(0, args.layers), (args.layers, layers)])
-    work_dir = Path(tempfile.mkdtemp(prefix="mlx-relay-rebalance-"))
-    config_path = work_dir / "cluster.yaml"
-    config_path.write_text(yaml.safe_dump(config.to_dict()))
-    fleet = WorkerFleet(config, config_path, work_dir, monitoring=True)
-    fleet.start()
-    orchestrator = DistributedOrchestrator(config, enable_monitoring=True)
     print(
         f"model {model_dir.name}: {args.concurrency} requests x {args.max_tokens} tokens, "
         f"{args.rounds} rounds, medians\n"
     )
-    try:
-        while not await fleet.poll_serving():
-            await asyncio.sleep(0.2)
-        await orchestrator.initialize()
-        await aggregate(orchestrator, 2, 4)  # warm-up
+    async with split_cluster(model_dir, [(0, args.layers), (args.layers, layers)]) as orchestrator:
         reference = await greedy(orchestrator, args.max_tokens)
         before = await rates(orchestrator, args)
         view = await advice(orchestrator, model_dir)
@@ -99,16 +90,18 @@ async def main(args: argparse.Namespace) -> None:
         assert view.proposed is not None and view.predicted_gain_ratio is not None
         print(f"proposal  {describe(view, 'proposed')}")
         split = [LayerRange(s.layer_start, s.layer_end) for s in view.proposed.stages]
-        # Live: the split changes while a round of requests runs.
-        running = asyncio.ensure_future(aggregate(orchestrator, args.concurrency, args.max_tokens))
-        await asyncio.sleep(0.5)
         baseline: dict[str, StageTotals] = {}
+        collector = orchestrator.metrics_collector
+        assert collector is not None
 
         def on_phase(phase: str, detail: str) -> None:
             print(f"  {phase}: {detail}")
             if phase == "switching":  # the new split is measured from here on
-                baseline.update(stage_totals(orchestrator.metrics_collector.snapshot()))
+                baseline.update(stage_totals(collector.snapshot()))
 
+        # Live: the split changes while a round of requests runs.
+        running = asyncio.ensure_future(aggregate(orchestrator, args.concurrency, args.max_tokens))
+        await asyncio.sleep(0.5)
         result = await orchestrator.repartition(split, on_phase)
         during = await running
         after = await rates(orchestrator, args)
@@ -124,20 +117,7 @@ async def main(args: argparse.Namespace) -> None:
             f"predicted gain {view.predicted_gain_ratio:+.1%}   "
             f"measured tokens/s ratio {after / before:.2f}x (target >= 1.30x)"
         )
-    finally:
-        await orchestrator.shutdown()
-        fleet.stop()
-        shutil.rmtree(work_dir, ignore_errors=True)
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=26, help="layers of worker-0 (skewed)")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    return parser.parse_args()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse_args()))
+    asyncio.run(main(parse_args(layers=26, description=__doc__)))
