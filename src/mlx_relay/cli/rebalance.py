@@ -114,13 +114,14 @@ def parse_split(text: str) -> list[tuple[int, int]]:
 
 
 def follow(
-    http: httpx.Client, url: str, status: RebalanceStatus, timeout: float, out: TextIO = sys.stdout
+    http: httpx.Client, url: str, status: RebalanceStatus, timeout: float
 ) -> RebalanceStatus:
     """Print each step of the repartition as the coordinator reports it, until it ends.
 
     Raises:
         PipelineNotReady: still running after ``timeout`` seconds.
     """
+    out = sys.stdout
     deadline = time.monotonic() + timeout
     shown = 0
     out.write(f"applying {_split_text(status.after or [])}\n")
