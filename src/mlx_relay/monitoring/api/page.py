@@ -12,6 +12,7 @@ from fastapi.templating import Jinja2Templates
 from mlx_relay import __version__
 from mlx_relay.monitoring.api.deps import PLACEMENT_ATTRIBUTE, ContextDep
 from mlx_relay.monitoring.api.history import STATE_ATTRIBUTE as HISTORY_ATTRIBUTE
+from mlx_relay.monitoring.api.traces import STATE_ATTRIBUTE as TRACES_ATTRIBUTE
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = PACKAGE_DIR / "templates"
@@ -50,6 +51,7 @@ def dashboard_page(request: Request, context: ContextDep) -> HTMLResponse:
             "update_interval": context.broadcaster.interval,
             "history": hasattr(request.app.state, HISTORY_ATTRIBUTE),
             "placement": hasattr(request.app.state, PLACEMENT_ATTRIBUTE),
+            "traces": hasattr(request.app.state, TRACES_ATTRIBUTE),
         },
         headers=PAGE_HEADERS,
     )

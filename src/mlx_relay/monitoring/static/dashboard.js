@@ -338,6 +338,7 @@
   initCharts();
   window.RelayDashboardCharts = charts;
   window.RelayHistory.start(() => lastSnapshot && renderCharts(lastSnapshot));
+  window.RelayAttribution.startProfile();
   connect();
   setInterval(watchStaleness, 1000);
 })();

@@ -4,14 +4,13 @@
  * store kept from before (so a page opened after a restart shows what came before it, with
  * a gap for the time nothing ran). The other ranges read /api/history. When the app has no
  * history store (the page's data-history is 0), the range bar and the request table stay
- * hidden and the charts are live only.
+ * hidden and the charts are live only. A row of the request table opens that request's
+ * waterfall (waterfall.js).
  */
 "use strict";
 
 (function () {
-  const { fmt, el } = window.RelayUI;
-  const token = new URLSearchParams(window.location.search).get("token");
-  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const { fmt, el, getJson } = window.RelayUI;
 
   const CHART_FIELDS = [
     "tokens_per_second",
@@ -33,17 +32,6 @@
     loading: false,
     redraw: null,
   };
-
-  async function getJson(path, params) {
-    const query = new URLSearchParams(params || {}).toString();
-    const response = await fetch(query ? `${path}?${query}` : path, { headers });
-    if (!response.ok) {
-      const error = new Error(`${path}: HTTP ${response.status}`);
-      error.status = response.status;
-      throw error;
-    }
-    return response.json();
-  }
 
   async function fetchCharts(after, before, points) {
     const fields = CHART_FIELDS.filter((f) => state.available.has(f));
@@ -169,6 +157,9 @@
       const tr = el("tr");
       tr.dataset.requestId = r.request_id;
       tr.dataset.status = r.status;
+      tr.className = "clickable";
+      tr.tabIndex = 0;
+      tr.title = "open this request's waterfall";
       const stages = Object.entries(r.stage_seconds)
         .map(([device, s]) => `${device} ${fmt.seconds(s)}`)
         .join(" · ");
@@ -182,6 +173,7 @@
       tr.appendChild(cell(r.request_id.slice(0, 12), "muted mono"));
       tbody.appendChild(tr);
     }
+    window.RelayWaterfall.markSelected();
   }
 
   function initRequestTable() {
@@ -195,6 +187,16 @@
         loadRequests();
       });
     }
+    // A row opens its request's waterfall (waterfall.js), by click or Enter.
+    const tbody = document.querySelector("#requests tbody");
+    const openRow = (event) => {
+      const row = event.target.closest("tr[data-request-id]");
+      if (row) window.RelayWaterfall.open(row.dataset.requestId);
+    };
+    tbody.addEventListener("click", openRow);
+    tbody.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") openRow(event);
+    });
     document.getElementById("requests-status").addEventListener("change", (event) => {
       table.status = event.target.value;
       loadRequests();

@@ -1,4 +1,5 @@
-/* mlx-relay dashboard: number formatting with units, and small DOM helpers. */
+/* mlx-relay dashboard: number formatting with units, small DOM helpers, and the JSON fetch
+ * every panel uses (the page's ?token= travels as a bearer header, never in an /api URL). */
 "use strict";
 
 (function () {
@@ -87,6 +88,24 @@
     m.outer.classList.toggle("hot", r >= hotAt);
   }
 
+  // ---- the monitoring API ------------------------------------------------------------------
 
-  window.RelayUI = { fmt, el, setText, badge, meter, setMeter };
+  const token = new URLSearchParams(window.location.search).get("token");
+  const authHeaders = token ? { Authorization: `Bearer ${token}` } : {};
+
+  /** GET path?params as JSON; a failed answer throws an Error with its `status` and, when
+   * the API said why, its `detail` (the error body's "detail"). */
+  async function getJson(path, params) {
+    const query = new URLSearchParams(params || {}).toString();
+    const response = await fetch(query ? `${path}?${query}` : path, { headers: authHeaders });
+    if (!response.ok) {
+      const error = new Error(`${path}: HTTP ${response.status}`);
+      error.status = response.status;
+      error.detail = await response.json().then((body) => body.detail, () => null);
+      throw error;
+    }
+    return response.json();
+  }
+
+  window.RelayUI = { fmt, el, setText, badge, meter, setMeter, token, authHeaders, getJson };
 })();
