@@ -189,11 +189,12 @@
     panel.dataset.state = doc.spans_kept ? "ready" : "summary";
   }
 
-  function showFailure(requestId, err) {
+  function showFailure(err) {
     const panel = node("waterfall");
     if (err.status === 404) {
       const why = err.detail && err.detail.message ? err.detail.message : "not found";
-      showMessage(`No stored trace for request ${requestId}: ${why}.`, "waterfall-missing");
+      showMessage(`No stored trace: ${why}.`, "waterfall-missing");
+      node("waterfall-hover").textContent = "";
       panel.dataset.state = "missing";
     } else {
       showMessage(`The trace could not be loaded: ${err.message}`, "error-text");
@@ -216,6 +217,7 @@
     const panel = node("waterfall");
     if (document.body.dataset.traces !== "1") {
       showMessage("No stored trace: tracing is off on this coordinator (tracing.enabled in the cluster file).", "waterfall-missing");
+      node("waterfall-hover").textContent = "";
       panel.dataset.state = "missing";
       return;
     }
@@ -224,7 +226,7 @@
       const doc = await getJson(traceUrl(requestId));
       if (sequence === view.sequence) showTrace(doc);
     } catch (err) {
-      if (sequence === view.sequence) showFailure(requestId, err);
+      if (sequence === view.sequence) showFailure(err);
     }
   }
 
