@@ -1,6 +1,7 @@
 """A request's waterfall in a real headless Chromium, over a live 2-worker cluster: opened
 from the request table, one lane per stage and link, the time attribution bar, the Chrome
-trace download, and the message for a request whose trace was never kept."""
+trace download, the message for a request whose trace was never kept, and the summary of
+one whose spans are no longer kept."""
 
 from __future__ import annotations
 
@@ -176,7 +177,9 @@ async def test_a_request_without_a_stored_trace_says_so(
     ):
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = await browser.new_page(viewport={"width": 1440, "height": 1200})
+            page = await browser.new_page(
+                viewport={"width": 1440, "height": 1200}, accept_downloads=True
+            )
             log = BrowserLog(page)
             # Tracing off: the request log keeps the request, and its row says why there is
             # no waterfall.
@@ -191,9 +194,11 @@ async def test_a_request_without_a_stored_trace_says_so(
                 message = await page.text_content("#waterfall-message") or ""
                 assert message.startswith("No stored trace: tracing is off"), message
                 await page.goto("about:blank")  # before the coordinator stops under it
-            # Tracing on: the earlier request has no trace anywhere, and the API's 404 says so.
-            async with coordinator(workers) as runtime:
-                (after,) = await send_completions(runtime.url, 1)
+            # Tracing on, keeping one trace: the earlier request has no trace anywhere, and the
+            # API's 404 says so; of the two served now, the older keeps only its summary.
+            one_trace = workers.model_copy(update={"tracing": TracingConfig(max_traces=1)})
+            async with coordinator(one_trace) as runtime:
+                archived, after = await send_completions(runtime.url, 2)
                 await flush_history(runtime)
                 await page.goto(f"{runtime.url}/")
                 await page.wait_for_function("() => document.body.dataset.historyReady === '1'")
@@ -208,11 +213,24 @@ async def test_a_request_without_a_stored_trace_says_so(
                 await page.locator("#requests-panel").screenshot(
                     path=str(output_dir / "no-trace.png")
                 )
-                # The request served with tracing on has its waterfall.
+                # Archived: its attribution from the history store, its lanes, no spans.
+                await open_row(page, archived, "summary")
+                message = await page.text_content("#waterfall-message") or ""
+                assert message.startswith("its spans are no longer kept"), message
+                assert await page.locator("#waterfall-lanes .lane[data-lane]").count() == 5
+                assert await page.locator("#waterfall-lanes .span").count() == 0
+                parts = page.locator("#waterfall-attribution .attribution-bar .part")
+                assert await parts.count() == 7
+                # The newest request has its whole waterfall.
                 await open_row(page, after, "ready")
                 assert await page.locator("#waterfall-lanes .lane[data-kind=stage]").count() == 2
                 shown = await page.text_content("#waterfall-message") or ""
                 assert re.fullmatch(r"\d+ spans on 5 lanes", shown), shown
+                # Without a token the download is the plain ?format=chrome link.
+                async with page.expect_download() as info:
+                    await page.click("#waterfall-download")
+                chrome = json.loads(Path(await (await info.value).path()).read_text())
+                assert chrome["otherData"]["request_id"] == after
             # A 404 from the API is an answer the page shows; the browser itself reports the
             # failed fetch on the console, nothing else may be there.
             unexpected = [e for e in log.errors if "404" not in e]
