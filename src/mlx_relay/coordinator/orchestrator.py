@@ -27,6 +27,7 @@ from mlx_relay.coordinator.repartition import (
     RepartitionSettings,
     check_split,
     repartition,
+    restore_ranges,
 )
 from mlx_relay.coordinator.requests import InferenceRequest, InferenceResponse, TokenEvent
 from mlx_relay.coordinator.scheduler import SchedulerSettings
@@ -234,6 +235,7 @@ class DistributedOrchestrator:
             self.metrics_collector,
             traced=self._tracing is not None,
             recovery_timeout=self.config.network.recovery_timeout,
+            restore=self._restore_ranges,
         )
         if self._tracing is not None:
             self._tracing.attach(info.name, [stage.device_id for stage in self.stages])
@@ -378,14 +380,13 @@ class DistributedOrchestrator:
         checked = check_split(split, self.model_info.num_layers, len(self.stages))
         if self._repartitioning.locked():
             raise RepartitionBusy("a repartition is under way")
-        settings = self.config.placement
         async with self._repartitioning:
             result = await repartition(
                 self.stages,
                 self._clients,
                 self._loop,
                 checked,
-                RepartitionSettings(settings.drain_timeout_s, settings.load_timeout_s),
+                self._repartition_settings(),
                 cleanups=lambda: self._tracker.cleanups,
                 on_drained=self._refresh_view,
                 on_phase=on_phase,
@@ -394,6 +395,17 @@ class DistributedOrchestrator:
                 self.telemetry.moved(self.stages)
                 await self._refresh_view()
         return result
+
+    def _repartition_settings(self) -> RepartitionSettings:
+        placement = self.config.placement
+        return RepartitionSettings(
+            placement.drain_timeout_s, placement.load_timeout_s, self.config.network.ping_timeout
+        )
+
+    async def _restore_ranges(self) -> None:
+        """Before a replay: a worker restarted with its configured layers after a live
+        repartition gets the range the pipeline routes to it back."""
+        await restore_ranges(self.stages, self._clients, self._repartition_settings())
 
     async def _refresh_view(self) -> None:
         """Poll every worker now, so the cluster view is up to date."""

@@ -50,7 +50,7 @@ class RepartitionBusy(RelayError):
 class RepartitionResult:
     """What a repartition changed and how long its steps took (seconds)."""
 
-    before: tuple[LayerRange, ...]
+    before: tuple[LayerRange | None, ...]
     after: tuple[LayerRange, ...]
     drain_seconds: float = 0.0
     load_seconds: float = 0.0
@@ -63,10 +63,11 @@ class RepartitionResult:
 
 @dataclass(frozen=True)
 class RepartitionSettings:
-    """The ``placement`` section's limits (seconds)."""
+    """The ``placement`` section's limits and the status call's deadline (seconds)."""
 
     drain_timeout: float
     load_timeout: float
+    status_timeout: float = 10.0
 
 
 def check_split(split: Sequence[LayerRange], num_layers: int, stages: int) -> list[LayerRange]:
@@ -110,12 +111,14 @@ async def repartition(
             names the worker and the reason.
     """
     started = time.monotonic()
-    before = tuple(s.layer_range for s in stages)
     after = tuple(split)
-    if before == after:
+    before = await served_ranges(stages, clients, settings)
+    moving = [i for i, (old, new) in enumerate(zip(before, after, strict=True)) if old != new]
+    if not moving:
+        for i, layers in enumerate(after):
+            stages[i] = replace(stages[i], layer_range=layers)
         on_phase("unchanged", "the pipeline already has this split")
         return RepartitionResult(before, after)
-    moving = [i for i, (old, new) in enumerate(zip(before, after, strict=True)) if old != new]
     on_phase("draining", f"{loop.scheduled} request(s) finish, new ones wait")
     loop.hold()
     try:
@@ -133,25 +136,16 @@ async def repartition(
         drained = time.monotonic()
         if on_drained is not None:
             await on_drained()
-        on_phase("loading", _describe(stages, moving, after))
-        loads = await _step_all(clients, moving, pb.ReshardRequest.PREPARE, after, settings)
-        failed = _first_failure(stages, moving, loads, after, "refused layers")
-        if failed is None:
-            on_phase("switching", "workers serve their new ranges")
-            commits = await _step_all(clients, moving, pb.ReshardRequest.COMMIT, after, settings)
-            failed = _first_failure(stages, moving, commits, after, "could not switch to")
-        if failed is not None:
-            on_phase("rolling back", failed)
-            await _step_all(clients, moving, pb.ReshardRequest.ABORT, after, settings)
-            raise RepartitionFailed(f"{failed}; rolled back to {_split_text(before)}")
-        for i in moving:
-            stages[i] = replace(stages[i], layer_range=after[i])
+        on_phase("loading", _describe(stages, moving, before, after))
+        try:
+            load_seconds = await _move(stages, clients, moving, after, settings, on_phase)
+        except RepartitionFailed as exc:
+            raise RepartitionFailed(f"{exc}; rolled back to {_split_text(before)}") from None
+        for i, layers in enumerate(after):
+            stages[i] = replace(stages[i], layer_range=layers)
     finally:
         loop.end_hold()
     await _step_all(clients, moving, pb.ReshardRequest.RELEASE, after, settings)
-    load_seconds = max(
-        (r.load_seconds for r in loads if isinstance(r, pb.ReshardResponse)), default=0.0
-    )
     result = RepartitionResult(
         before, after, drained - started, load_seconds, time.monotonic() - started
     )
@@ -165,6 +159,80 @@ async def repartition(
         result.load_seconds,
     )
     return result
+
+
+async def served_ranges(
+    stages: Sequence[Stage], clients: Sequence[WorkerClient], settings: RepartitionSettings
+) -> tuple[LayerRange | None, ...]:
+    """The range each worker says it serves (``GetStatus``); None when it reports none.
+
+    Raises:
+        RepartitionFailed: a worker does not answer.
+    """
+    answers = await asyncio.gather(
+        *(c.get_status(timeout=settings.status_timeout) for c in clients),
+        return_exceptions=True,
+    )
+    served: list[LayerRange | None] = []
+    for stage, answer in zip(stages, answers, strict=True):
+        if isinstance(answer, BaseException):
+            if not isinstance(answer, RelayError):
+                raise answer
+            raise RepartitionFailed(
+                f"{stage.device_id} does not say which layers it serves: {answer}"
+            )
+        ok = 0 <= answer.layer_start < answer.layer_end
+        served.append(LayerRange(answer.layer_start, answer.layer_end) if ok else None)
+    return tuple(served)
+
+
+async def restore_ranges(
+    stages: Sequence[Stage], clients: Sequence[WorkerClient], settings: RepartitionSettings
+) -> list[str]:
+    """Give back its range to every worker that serves another one than the coordinator's
+    stage (a worker restarted with its configured layers after a live repartition); the
+    device ids given back. The caller makes sure no step runs meanwhile.
+
+    Raises:
+        RepartitionFailed: a worker does not answer or refuses its range.
+    """
+    served = await served_ranges(stages, clients, settings)
+    expected = [s.layer_range for s in stages]
+    moving = [i for i, layers in enumerate(served) if layers != expected[i]]
+    if not moving:
+        return []
+    logger.warning("giving their layers back: %s", _describe(stages, moving, served, expected))
+    await _move(stages, clients, moving, expected, settings, lambda phase, detail: None)
+    await _step_all(clients, moving, pb.ReshardRequest.RELEASE, expected, settings)
+    return [stages[i].device_id for i in moving]
+
+
+async def _move(
+    stages: Sequence[Stage],
+    clients: Sequence[WorkerClient],
+    moving: Sequence[int],
+    split: Sequence[LayerRange],
+    settings: RepartitionSettings,
+    on_phase: Callable[[Phase, str], None],
+) -> float:
+    """PREPARE then COMMIT on every moving worker; ABORT on all of them if one fails. The
+    slowest load's seconds.
+
+    Raises:
+        RepartitionFailed: a worker refused (named, with its reason); every moving worker
+            serves its old range again.
+    """
+    loads = await _step_all(clients, moving, pb.ReshardRequest.PREPARE, split, settings)
+    failed = _first_failure(stages, moving, loads, split, "refused layers")
+    if failed is None:
+        on_phase("switching", "workers serve their new ranges")
+        commits = await _step_all(clients, moving, pb.ReshardRequest.COMMIT, split, settings)
+        failed = _first_failure(stages, moving, commits, split, "could not switch to")
+    if failed is not None:
+        on_phase("rolling back", failed)
+        await _step_all(clients, moving, pb.ReshardRequest.ABORT, split, settings)
+        raise RepartitionFailed(failed)
+    return max((r.load_seconds for r in loads if isinstance(r, pb.ReshardResponse)), default=0.0)
 
 
 async def _step_all(
@@ -206,9 +274,14 @@ def _first_failure(
     return None
 
 
-def _describe(stages: Sequence[Stage], moving: Sequence[int], split: Sequence[LayerRange]) -> str:
-    return ", ".join(f"{stages[i].device_id} {stages[i].layer_range} -> {split[i]}" for i in moving)
+def _describe(
+    stages: Sequence[Stage],
+    moving: Sequence[int],
+    before: Sequence[LayerRange | None],
+    after: Sequence[LayerRange],
+) -> str:
+    return ", ".join(f"{stages[i].device_id} {before[i]} -> {after[i]}" for i in moving)
 
 
-def _split_text(split: Sequence[LayerRange]) -> str:
+def _split_text(split: Sequence[LayerRange | None]) -> str:
     return " / ".join(str(r) for r in split)

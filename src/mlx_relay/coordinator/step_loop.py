@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,7 +32,8 @@ from mlx_relay.coordinator.client import StageError, WorkerClient
 from mlx_relay.coordinator.compute_windows import Window, compute_windows
 from mlx_relay.coordinator.scheduler import Scheduler, SchedulerSettings, StepPlan
 from mlx_relay.coordinator.tracing import RequestSpans, StepTrace
-from mlx_relay.core.errors import PipelineNotReady, WorkerUnavailable
+from mlx_relay.core.errors import PipelineNotReady, RelayError, WorkerUnavailable
+from mlx_relay.core.types import LayerRange
 from mlx_relay.proto import relay_pb2
 from mlx_relay.wire import encode_token_ids
 
@@ -47,6 +48,9 @@ class StageView(Protocol):
 
     @property
     def index(self) -> int: ...
+
+    @property
+    def layer_range(self) -> LayerRange: ...
 
 
 class Member(Protocol):
@@ -95,6 +99,8 @@ class StepLoop:
             (:class:`~mlx_relay.coordinator.tracing.StepTrace`).
         recovery_timeout: seconds the requests wait for a failed stage to serve again
             (``network.recovery_timeout``); 0 fails them at once.
+        restore: awaited before a replay, once every stage serves: gives a restarted
+            worker the layers the route names (after a live repartition).
     """
 
     def __init__(
@@ -106,14 +112,12 @@ class StepLoop:
         *,
         traced: bool = False,
         recovery_timeout: float = 0.0,
+        restore: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._stages = stages
         self._traced = traced
         self._clients = clients
-        self._route = [
-            relay_pb2.Hop(device_id=stage.device_id, address=client.address)
-            for stage, client in zip(stages[1:], clients[1:], strict=True)
-        ]
+        self._route = self._routed()
         self._scheduler = Scheduler(settings)
         self._collector = collector
         self._members: dict[str, Member] = {}
@@ -125,9 +129,23 @@ class StepLoop:
         self._failed_at: float | None = None
         self._failure: BaseException | None = None
         self._recovering = False
+        self._restore = restore
         self._held = False
         self._held_back: list[Member] = []
         self._idle: list[asyncio.Future[None]] = []
+
+    def _routed(self) -> list[relay_pb2.Hop]:
+        """The route of every step: each later stage's address and the layers it holds
+        (a stage holding others refuses the step)."""
+        return [
+            relay_pb2.Hop(
+                device_id=stage.device_id,
+                address=client.address,
+                layer_start=stage.layer_range.start,
+                layer_end=stage.layer_range.end,
+            )
+            for stage, client in zip(self._stages[1:], self._clients[1:], strict=True)
+        ]
 
     @property
     def in_flight(self) -> int:
@@ -179,7 +197,9 @@ class StepLoop:
             raise PipelineNotReady(self._stopped)
 
     def end_hold(self) -> None:
-        """The requests that waited join, in arrival order, and new ones join at once."""
+        """The requests that waited join, in arrival order, and new ones join at once;
+        the steps from now on name the stages' layers as they are now."""
+        self._route = self._routed()
         self._held = False
         waiting, self._held_back = self._held_back, []
         for member in waiting:
@@ -347,6 +367,11 @@ class StepLoop:
         serving = not self._scheduler.in_flight and await recovery.wait_until_serving(
             self._clients, deadline
         )
+        if serving and self._restore is not None:
+            try:
+                await self._restore()
+            except RelayError as exc:
+                self._failure, serving = exc, False
         if not serving:
             self._give_up()
             return
@@ -467,11 +492,17 @@ class StepLoop:
                 for stage in self._stages
             ]
         reply: relay_pb2.ForwardResponse | None = None
+        first = self._stages[0]
         sent = time.monotonic()  # the traces' clock
         started = time.perf_counter()
         try:
             reply = await self._clients[0].forward(
-                relay_pb2.ForwardRequest(entries=entries, route=self._route),
+                relay_pb2.ForwardRequest(
+                    entries=entries,
+                    route=self._route,
+                    layer_start=first.layer_range.start,
+                    layer_end=first.layer_range.end,
+                ),
                 traceparent=entries[0].traceparent if entries else "",
             )
         finally:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0brelay.proto\x12\x0bmlxrelay.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"y\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\"\xab\x01\n\x0c\x46orwardEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12#\n\x06tensor\x18\x03 \x01(\x0b\x32\x13.mlxrelay.v1.Tensor\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.mlxrelay.v1.SamplingParams\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\")\n\x03Hop\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"]\n\x0e\x46orwardRequest\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.mlxrelay.v1.ForwardEntry\x12\x1f\n\x05route\x18\x02 \x03(\x0b\x32\x10.mlxrelay.v1.Hop\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb1\x01\n\rForwardResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.mlxrelay.v1.Tensor\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.mlxrelay.v1.TopLogprob\x12\x15\n\rcached_tokens\x18\x06 \x01(\x03\"\x84\x02\n\x0bStageTiming\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x13\n\x0brpc_seconds\x18\x03 \x01(\x01\x12\x1e\n\x16\x63ompute_offset_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fhandled_seconds\x18\x05 \x01(\x01\x12\x1d\n\x15\x63\x61lled_offset_seconds\x18\x06 \x01(\x01\x12\x15\n\rcheck_seconds\x18\x07 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x08 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\t \x01(\x01\x12\x16\n\x0esample_seconds\x18\n \x01(\x01\"\x94\x01\n\x0f\x46orwardResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.mlxrelay.v1.ForwardResult\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.mlxrelay.v1.StageTiming\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"9\n\x12\x45ndSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\"C\n\x0bPingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\"W\n\x0cPingResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\x12\x11\n\tdevice_id\x18\x04 \x01(\t\"#\n\rStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x85\x03\n\x0eStatusResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\x12\x12\n\nnum_layers\x18\x06 \x01(\x05\x12\x14\n\x0cmodel_loaded\x18\x07 \x01(\x08\x12\x12\n\nmodel_name\x18\x08 \x01(\t\x12\x13\n\x0bkv_sessions\x18\t \x01(\x05\x12\x15\n\rhealth_status\x18\n \x01(\t\x12\x14\n\x0cmetrics_json\x18\x0b \x01(\t\x12\x13\n\x0bhealth_json\x18\x0c \x01(\t\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x13\n\x0bhidden_size\x18\x0e \x01(\x05\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x10 \x01(\t\x12\x0f\n\x07\x63ompute\x18\x11 \x01(\t\x12\x0c\n\x04\x62las\x18\x12 \x01(\t\x12\x14\n\x0c\x62las_threads\x18\x13 \x01(\x05\"\xcf\x01\n\x0eReshardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x05phase\x18\x02 \x01(\x0e\x32!.mlxrelay.v1.ReshardRequest.Phase\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\"O\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREPARE\x10\x01\x12\n\n\x06\x43OMMIT\x10\x02\x12\x0b\n\x07RELEASE\x10\x03\x12\t\n\x05\x41\x42ORT\x10\x04\"\x90\x01\n\x0fReshardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\x12\x18\n\x10\x64ropped_sessions\x18\x06 \x01(\x05\x32\xe6\x02\n\x06Worker\x12\x44\n\x07\x46orward\x12\x1b.mlxrelay.v1.ForwardRequest\x1a\x1c.mlxrelay.v1.ForwardResponse\x12M\n\nEndSession\x12\x1e.mlxrelay.v1.EndSessionRequest\x1a\x1f.mlxrelay.v1.EndSessionResponse\x12;\n\x04Ping\x12\x18.mlxrelay.v1.PingRequest\x1a\x19.mlxrelay.v1.PingResponse\x12\x44\n\tGetStatus\x12\x1a.mlxrelay.v1.StatusRequest\x1a\x1b.mlxrelay.v1.StatusResponse\x12\x44\n\x07Reshard\x12\x1b.mlxrelay.v1.ReshardRequest\x1a\x1c.mlxrelay.v1.ReshardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0brelay.proto\x12\x0bmlxrelay.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"y\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\"\xab\x01\n\x0c\x46orwardEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08position\x18\x02 \x01(\x03\x12#\n\x06tensor\x18\x03 \x01(\x0b\x32\x13.mlxrelay.v1.Tensor\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.mlxrelay.v1.SamplingParams\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\"Q\n\x03Hop\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\"\x85\x01\n\x0e\x46orwardRequest\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.mlxrelay.v1.ForwardEntry\x12\x1f\n\x05route\x18\x02 \x03(\x0b\x32\x10.mlxrelay.v1.Hop\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb1\x01\n\rForwardResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.mlxrelay.v1.Tensor\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x17.mlxrelay.v1.TopLogprob\x12\x15\n\rcached_tokens\x18\x06 \x01(\x03\"\x84\x02\n\x0bStageTiming\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x13\n\x0brpc_seconds\x18\x03 \x01(\x01\x12\x1e\n\x16\x63ompute_offset_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fhandled_seconds\x18\x05 \x01(\x01\x12\x1d\n\x15\x63\x61lled_offset_seconds\x18\x06 \x01(\x01\x12\x15\n\rcheck_seconds\x18\x07 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x08 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\t \x01(\x01\x12\x16\n\x0esample_seconds\x18\n \x01(\x01\"\x94\x01\n\x0f\x46orwardResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.mlxrelay.v1.ForwardResult\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12(\n\x06stages\x18\x04 \x03(\x0b\x32\x18.mlxrelay.v1.StageTiming\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"9\n\x12\x45ndSessionResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xisted\x18\x02 \x01(\x08\"C\n\x0bPingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\"W\n\x0cPingResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0f\n\x07sent_at\x18\x03 \x01(\x01\x12\x11\n\tdevice_id\x18\x04 \x01(\t\"#\n\rStatusRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x85\x03\n\x0eStatusResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x13\n\x0blayer_start\x18\x04 \x01(\x05\x12\x11\n\tlayer_end\x18\x05 \x01(\x05\x12\x12\n\nnum_layers\x18\x06 \x01(\x05\x12\x14\n\x0cmodel_loaded\x18\x07 \x01(\x08\x12\x12\n\nmodel_name\x18\x08 \x01(\t\x12\x13\n\x0bkv_sessions\x18\t \x01(\x05\x12\x15\n\rhealth_status\x18\n \x01(\t\x12\x14\n\x0cmetrics_json\x18\x0b \x01(\t\x12\x13\n\x0bhealth_json\x18\x0c \x01(\t\x12\x16\n\x0euptime_seconds\x18\r \x01(\x01\x12\x13\n\x0bhidden_size\x18\x0e \x01(\x05\x12\r\n\x05\x64type\x18\x0f \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x10 \x01(\t\x12\x0f\n\x07\x63ompute\x18\x11 \x01(\t\x12\x0c\n\x04\x62las\x18\x12 \x01(\t\x12\x14\n\x0c\x62las_threads\x18\x13 \x01(\x05\"\xcf\x01\n\x0eReshardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x05phase\x18\x02 \x01(\x0e\x32!.mlxrelay.v1.ReshardRequest.Phase\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\"O\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREPARE\x10\x01\x12\n\n\x06\x43OMMIT\x10\x02\x12\x0b\n\x07RELEASE\x10\x03\x12\t\n\x05\x41\x42ORT\x10\x04\"\x90\x01\n\x0fReshardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\x12\x18\n\x10\x64ropped_sessions\x18\x06 \x01(\x05\x32\xe6\x02\n\x06Worker\x12\x44\n\x07\x46orward\x12\x1b.mlxrelay.v1.ForwardRequest\x1a\x1c.mlxrelay.v1.ForwardResponse\x12M\n\nEndSession\x12\x1e.mlxrelay.v1.EndSessionRequest\x1a\x1f.mlxrelay.v1.EndSessionResponse\x12;\n\x04Ping\x12\x18.mlxrelay.v1.PingRequest\x1a\x19.mlxrelay.v1.PingResponse\x12\x44\n\tGetStatus\x12\x1a.mlxrelay.v1.StatusRequest\x1a\x1b.mlxrelay.v1.StatusResponse\x12\x44\n\x07Reshard\x12\x1b.mlxrelay.v1.ReshardRequest\x1a\x1c.mlxrelay.v1.ReshardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDENTRY']._serialized_start=206
   _globals['_FORWARDENTRY']._serialized_end=377
   _globals['_HOP']._serialized_start=379
-  _globals['_HOP']._serialized_end=420
-  _globals['_FORWARDREQUEST']._serialized_start=422
-  _globals['_FORWARDREQUEST']._serialized_end=515
-  _globals['_TOPLOGPROB']._serialized_start=517
-  _globals['_TOPLOGPROB']._serialized_end=564
-  _globals['_FORWARDRESULT']._serialized_start=567
-  _globals['_FORWARDRESULT']._serialized_end=744
-  _globals['_STAGETIMING']._serialized_start=747
-  _globals['_STAGETIMING']._serialized_end=1007
-  _globals['_FORWARDRESPONSE']._serialized_start=1010
-  _globals['_FORWARDRESPONSE']._serialized_end=1158
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1160
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1199
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1201
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1258
-  _globals['_PINGREQUEST']._serialized_start=1260
-  _globals['_PINGREQUEST']._serialized_end=1327
-  _globals['_PINGRESPONSE']._serialized_start=1329
-  _globals['_PINGRESPONSE']._serialized_end=1416
-  _globals['_STATUSREQUEST']._serialized_start=1418
-  _globals['_STATUSREQUEST']._serialized_end=1453
-  _globals['_STATUSRESPONSE']._serialized_start=1456
-  _globals['_STATUSRESPONSE']._serialized_end=1845
-  _globals['_RESHARDREQUEST']._serialized_start=1848
-  _globals['_RESHARDREQUEST']._serialized_end=2055
-  _globals['_RESHARDREQUEST_PHASE']._serialized_start=1976
-  _globals['_RESHARDREQUEST_PHASE']._serialized_end=2055
-  _globals['_RESHARDRESPONSE']._serialized_start=2058
-  _globals['_RESHARDRESPONSE']._serialized_end=2202
-  _globals['_WORKER']._serialized_start=2205
-  _globals['_WORKER']._serialized_end=2563
+  _globals['_HOP']._serialized_end=460
+  _globals['_FORWARDREQUEST']._serialized_start=463
+  _globals['_FORWARDREQUEST']._serialized_end=596
+  _globals['_TOPLOGPROB']._serialized_start=598
+  _globals['_TOPLOGPROB']._serialized_end=645
+  _globals['_FORWARDRESULT']._serialized_start=648
+  _globals['_FORWARDRESULT']._serialized_end=825
+  _globals['_STAGETIMING']._serialized_start=828
+  _globals['_STAGETIMING']._serialized_end=1088
+  _globals['_FORWARDRESPONSE']._serialized_start=1091
+  _globals['_FORWARDRESPONSE']._serialized_end=1239
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1241
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1280
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1282
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1339
+  _globals['_PINGREQUEST']._serialized_start=1341
+  _globals['_PINGREQUEST']._serialized_end=1408
+  _globals['_PINGRESPONSE']._serialized_start=1410
+  _globals['_PINGRESPONSE']._serialized_end=1497
+  _globals['_STATUSREQUEST']._serialized_start=1499
+  _globals['_STATUSREQUEST']._serialized_end=1534
+  _globals['_STATUSRESPONSE']._serialized_start=1537
+  _globals['_STATUSRESPONSE']._serialized_end=1926
+  _globals['_RESHARDREQUEST']._serialized_start=1929
+  _globals['_RESHARDREQUEST']._serialized_end=2136
+  _globals['_RESHARDREQUEST_PHASE']._serialized_start=2057
+  _globals['_RESHARDREQUEST_PHASE']._serialized_end=2136
+  _globals['_RESHARDRESPONSE']._serialized_start=2139
+  _globals['_RESHARDRESPONSE']._serialized_end=2283
+  _globals['_WORKER']._serialized_start=2286
+  _globals['_WORKER']._serialized_end=2644
 # @@protoc_insertion_point(module_scope)

@@ -50,20 +50,28 @@ class ForwardEntry(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., step: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("device_id", "address")
+    __slots__ = ("device_id", "address", "layer_start", "layer_end")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     address: str
-    def __init__(self, device_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    layer_start: int
+    layer_end: int
+    def __init__(self, device_id: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("entries", "route")
+    __slots__ = ("entries", "route", "layer_start", "layer_end")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[ForwardEntry]
     route: _containers.RepeatedCompositeFieldContainer[Hop]
-    def __init__(self, entries: _Optional[_Iterable[_Union[ForwardEntry, _Mapping]]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+    layer_start: int
+    layer_end: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[ForwardEntry, _Mapping]]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")

@@ -149,7 +149,9 @@ async def relay(
     timeout = max(0.001, timeout - (time.perf_counter() - started))
     entries = next_entries(request.entries, own.results, parents)
     reply = await client.forward(
-        pb.ForwardRequest(entries=entries, route=rest),
+        pb.ForwardRequest(
+            entries=entries, route=rest, layer_start=hop.layer_start, layer_end=hop.layer_end
+        ),
         timeout=timeout,
         traceparent=entries[0].traceparent if entries else "",
     )

@@ -155,6 +155,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         spans: ForwardSpans | None,
     ) -> tuple[pb.ForwardResponse, pb.StageTiming]:
         try:
+            self._check_layers(request)
             checked = runtime.check(request)
             checked_at = time.perf_counter()
             outcome = await self.state.executor.run(runtime.forward, checked, peer_of(context))
@@ -206,6 +207,27 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return ForwardSpans(
             state.tracer, state.device_id, state.stage, request, call_parent, received
         )
+
+    def _check_layers(self, request: pb.ForwardRequest) -> None:
+        """Refuse a step meant for other layers than this stage's (a worker restarted with
+        its configured layers after a live repartition moved them).
+
+        Raises:
+            ShardMismatch: the caller expects another range.
+        """
+        if not request.layer_end:
+            return
+        state = self.state
+        try:
+            expected = LayerRange(request.layer_start, request.layer_end)
+        except ValueError as exc:
+            raise InvalidRequest(f"layer_start, layer_end: {exc}") from None
+        if state.layer_range != expected:
+            raise ShardMismatch(
+                f"worker {state.device_id} serves layers {state.layer_range}, the caller "
+                f"expects {expected} (restarted with its configured layers after a live "
+                f"repartition? apply the split again with mlx-relay rebalance)"
+            )
 
     async def _relay(
         self,
