@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from mlx_relay.coordinator.client import StageError
 from mlx_relay.coordinator.orchestrator import InferenceRequest
 from mlx_relay.coordinator.requests import TokenEvent
-from mlx_relay.coordinator.client import StageError
 from mlx_relay.core.types import LayerRange
 from tests.support.cluster import LocalCluster, process_cluster
 from tests.support.reference import cached_tokenizer, reference_tokens
