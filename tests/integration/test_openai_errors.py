@@ -92,11 +92,20 @@ async def test_the_api_and_its_schema_take_the_token_in_the_header_only(served: 
         assert "/v1/chat/completions" in schema["paths"]
 
 
-async def test_the_schema_says_what_the_api_refuses(raw: httpx.AsyncClient) -> None:
+async def test_the_schema_says_what_the_api_refuses(served: Served, raw: httpx.AsyncClient) -> None:
     schemas = (await raw.get("/openapi.json")).json()["components"]["schemas"]
+    inference = served.cluster.config.inference
     for name in ("ChatCompletionRequest", "CompletionRequest"):
-        assert schemas[name]["properties"]["model"]["minLength"] == 1, name
-    assert schemas["ChatCompletionRequest"]["properties"]["messages"]["minItems"] == 1
+        properties = schemas[name]["properties"]
+        assert properties["model"]["enum"] == [served.model], name
+        assert properties["n"]["anyOf"] == [{"const": 1}, {"type": "null"}], name
+        assert properties["stop"]["anyOf"][0]["maxLength"] == inference.max_stop_length, name
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert chat["messages"]["minItems"] == 1
+    assert chat["messages"]["maxItems"] == inference.max_messages
+    prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    vocab = served.cluster.orchestrator.model_info.vocab_size  # type: ignore[union-attr]
+    assert prompt[2]["items"] == {"type": "integer", "minimum": 0, "maximum": vocab - 1}
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,8 @@ MAX_TOP_LOGPROBS = 20
 BYTES_PER_PROMPT_TOKEN = 32
 DEFAULT_MAX_MESSAGES = 1024
 DEFAULT_MAX_STOP_LENGTH = 256
+# The error code of a prompt too long for the context (OpenAI's), or over the byte cap.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ def prepare_request(
     params = SamplingParams(
         temperature=_number(request.temperature, "temperature"),
         top_p=_number(request.top_p, "top_p"),
-        top_k=_integer(request.top_k, "top_k"),
+        # A top_k past the vocabulary keeps every token, as 0 (off) does.
+        top_k=min(_integer(request.top_k, "top_k"), limits.vocab_size),
         seed=None if request.seed is None else _integer(request.seed, "seed"),
         top_logprobs=_integer(request.top_logprobs, "top_logprobs"),
     )
@@ -97,6 +100,7 @@ def prepare_request(
             f"(max_prompt_tokens {limits.max_prompt_tokens}, model context "
             f"{limits.max_context})",
             param=param,
+            code=CONTEXT_LENGTH_EXCEEDED,
         )
     max_tokens = request.max_tokens
     if limits.max_context is not None:
@@ -148,6 +152,7 @@ def _check_prompt_bytes(size: int, limit: int, param: str) -> None:
             f"the {param} text has {size} bytes; at most {limit} are accepted "
             "(inference.max_prompt_bytes)",
             param=param,
+            code=CONTEXT_LENGTH_EXCEEDED,
         )
 
 

@@ -38,11 +38,12 @@ class WorkerUnavailable(RelayError):
 
 
 class InvalidRequest(RelayError):
-    """A request's parameters are invalid."""
+    """A request's parameters are invalid; ``code`` a machine-readable reason, if any."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class QueueFull(RelayError):

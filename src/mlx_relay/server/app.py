@@ -44,6 +44,7 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
     app.include_router(readiness.router)  # GET /health
     app.include_router(openai.router)  # /v1: OpenAI-compatible inference API
     openai.install_unmatched_errors(app)  # /v1 paths no route takes: OpenAI's error shape
+    openai.install_served_schema(app, services)  # /openapi.json with the served model's limits
     if services.metrics_collector is not None:  # /, /static, /api/*, /ws, /metrics
         mount_monitoring(
             app,

@@ -173,6 +173,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (400, 401, 404, 429, 500, 503)
 }
 
+# A streamed answer ("stream": true): server-sent events, each a chunk in JSON.
+# Each event's data is one chunk in JSON (the body's shape, object "...chunk" for chat), an
+# error in the error shape, or "[DONE]" last.
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+_SSE: dict[str, Any] = {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}
+
 router = APIRouter(
     prefix="/v1",
     tags=["OpenAI-compatible API"],
@@ -205,7 +211,7 @@ def _card(request: Request, name: str, context: int | None) -> ModelCard:
 @router.post(
     "/chat/completions",
     response_model=None,
-    responses={200: {"model": ChatCompletion, "description": "JSON, or an event stream"}},
+    responses={200: {"model": ChatCompletion, "description": "JSON, or an event stream", **_SSE}},
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     """A chat completion; the messages are rendered with the model's chat template."""
@@ -227,7 +233,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 @router.post(
     "/completions",
     response_model=None,
-    responses={200: {"model": Completion, "description": "JSON, or an event stream"}},
+    responses={200: {"model": Completion, "description": "JSON, or an event stream", **_SSE}},
 )
 async def completions(body: CompletionRequest, request: Request) -> Response:
     """A text completion of a raw prompt (no chat template)."""

@@ -92,7 +92,7 @@ class OpenAIError(Exception):
 def from_relay_error(exc: RelayError) -> OpenAIError:
     """Translate an error raised by the coordinator into the status a client should see."""
     if isinstance(exc, InvalidRequest):
-        return OpenAIError(400, str(exc), param=exc.param)
+        return OpenAIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, QueueFull):
         return retry_later(429, f"the server is at capacity: {exc}", "queue_full")
     if isinstance(exc, PipelineNotReady):

@@ -4,25 +4,125 @@ Requests accept the fields the official clients send; unknown fields are ignored
 client that sends ``user`` or ``metadata`` keeps working. Fields that would change the result
 and that mlx-relay cannot honour are accepted only at their neutral value (see
 :func:`unsupported_values`), so a request never silently means something else.
+
+The schema says exactly what the API accepts: values are not coerced (``"5"`` is no integer),
+the neutral-only fields declare their one value (:func:`only`), and the limits that depend on
+the configuration and the served model (the model's name, token ids, messages, stop strings)
+are filled in when the schema is served (:mod:`mlx_relay.server.openai.schema`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+)
 
 from mlx_relay.coordinator.prepare import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 
+_NULL = {"type": "null"}
+
+
+def _whole(value: Any) -> Any:
+    # JSON's integers include 5.0 (a number with no fraction); strict mode alone refuses it.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Integers as JSON Schema has them: ``5`` and ``5.0``, never ``"5"`` or ``true``. (The
+# schema is spelled out: pydantic writes bounds after a BeforeValidator as "ge", which no
+# JSON Schema validator reads.)
+Integer = Annotated[int, BeforeValidator(_whole)]
+PositiveInteger = Annotated[
+    int, BeforeValidator(_whole), Field(ge=1), WithJsonSchema({"type": "integer", "minimum": 1})
+]
+Count = Annotated[
+    int, BeforeValidator(_whole), Field(ge=0), WithJsonSchema({"type": "integer", "minimum": 0})
+]
+LogprobCount = Annotated[
+    int,
+    BeforeValidator(_whole),
+    Field(ge=0, le=MAX_TOP_LOGPROBS),
+    WithJsonSchema({"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS}),
+]
+
+
+def only(*values: Any) -> WithJsonSchema:
+    """The schema of a field accepted only at its neutral value(s) (or null); anything else
+    is answered 400 ``unsupported_parameter`` by :func:`unsupported_values`."""
+    return WithJsonSchema({"anyOf": [*({"const": v} for v in values), _NULL]})
+
+
+def _nullable(schema: dict[str, Any]) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": [schema, _NULL]})
+
+
+_TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+}
+_TOKEN_IDS: dict[str, Any] = {
+    "type": "array",
+    "items": {"type": "integer", "minimum": 0},
+    "minItems": 1,
+}
+# A prompt: a string, token ids, or a list holding one of these (the batch form).
+PROMPT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "minItems": 1,
+            "maxItems": 1,
+        },
+        _TOKEN_IDS,
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1},
+    ]
+}
+STOP_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_STRINGS},
+        _NULL,
+    ]
+}
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def _requires(field: str, when: dict[str, Any], other: str) -> dict[str, Any]:
+    """A schema rule: ``field`` matching ``when`` needs ``other`` to be true."""
+    return {
+        "if": {"properties": {field: when}, "required": [field]},
+        "then": {"properties": {other: {"const": True}}, "required": [other]},
+    }
+
+
+# stream_options only with "stream": true (unsupported_values refuses it otherwise).
+_STREAM_OPTIONS_RULE = _requires("stream_options", {"type": "object"}, "stream")
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # A string, a list of content parts, or null (an assistant turn that only called tools).
-    content: str | list[dict[str, Any]] | None = None
+    content: Annotated[
+        str | list[dict[str, Any]] | None,
+        WithJsonSchema(
+            {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, _NULL]}
+        ),
+    ] = None
     name: str | None = None
 
     @field_validator("content")
@@ -54,19 +154,21 @@ class _GenerationRequest(_Request):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: PositiveInteger | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)  # extension (vLLM, mlx-lm)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = None
+    top_k: Count | None = None  # extension (vLLM, mlx-lm)
+    seed: Integer | None = None
+    stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
+    n: Annotated[Integer | None, only(1)] = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None  # extension (vLLM)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Annotated[float | None, only(0)] = None
+    frequency_penalty: Annotated[float | None, only(0)] = None
+    repetition_penalty: Annotated[float | None, only(1)] = None  # extension (vLLM)
+    logit_bias: Annotated[
+        dict[str, float] | None, _nullable({"type": "object", "maxProperties": 0})
+    ] = None
 
     @field_validator("stop")
     @classmethod
@@ -86,14 +188,25 @@ class _GenerationRequest(_Request):
 
 
 class ChatCompletionRequest(_GenerationRequest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                _STREAM_OPTIONS_RULE,
+                _requires("top_logprobs", {"type": "integer", "minimum": 1}, "logprobs"),
+            ]
+        }
+    )
     # The schema says what the validator below enforces (which words the error itself).
     messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: PositiveInteger | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: LogprobCount | None = None
+    tools: Annotated[list[Any] | None, _nullable({"type": "array", "maxItems": 0})] = None
+    functions: Annotated[list[Any] | None, _nullable({"type": "array", "maxItems": 0})] = None
+    response_format: Annotated[
+        dict[str, Any] | None,
+        _nullable({"type": "object", "properties": {"type": {"const": "text"}}}),
+    ] = None
 
     @field_validator("messages")
     @classmethod
@@ -111,12 +224,15 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS_RULE]})
     # A string, or token ids; a list of one of these (the batch form) holding one prompt.
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool | None = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: Annotated[
+        str | list[str] | list[Integer] | list[list[Integer]], WithJsonSchema(PROMPT_SCHEMA)
+    ]
+    logprobs: LogprobCount | None = None
+    echo: Annotated[bool | None, only(False)] = False
+    best_of: Annotated[Integer | None, only(1)] = None
+    suffix: Annotated[str | None, _nullable({"type": "string", "maxLength": 0})] = None
 
 
 def unsupported_values(body: _GenerationRequest) -> tuple[str, str] | None:
