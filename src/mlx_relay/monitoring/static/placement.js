@@ -1,4 +1,5 @@
-/* mlx-relay dashboard: the placement panel, from GET /api/placement (coordinator only). */
+/* mlx-relay dashboard: the placement panel, from GET /api/placement (coordinator only), and
+ * its "apply proposal" action (POST /api/placement/apply, behind the same bearer token). */
 "use strict";
 
 (function () {
@@ -6,6 +7,8 @@
   const token = new URLSearchParams(window.location.search).get("token");
   const headers = token ? { Authorization: `Bearer ${token}` } : {};
   const REFRESH_MS = 5000;
+  const FOLLOW_MS = 500;
+  let applying = false;
 
   function time(view, seconds) {
     return view.source === "measured" ? fmt.seconds(seconds) : `${seconds.toFixed(2)} layers`;
@@ -23,7 +26,64 @@
     return row;
   }
 
+  function ranges(split) {
+    return split ? split.stages.map((s) => `${s.layer_start}:${s.layer_end}`).join(",") : "";
+  }
+
+  function splitText(pairs) {
+    return (pairs || []).map(([a, b]) => `[${a}, ${b})`).join(" / ");
+  }
+
+  async function follow() {
+    // Each step of the repartition the coordinator reports, until it ends.
+    const response = await fetch("/api/placement/apply", { headers });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const status = await response.json();
+    const last = status.progress.length ? status.progress[status.progress.length - 1] : null;
+    if (status.state === "running") {
+      setText("placement-apply-status", last ? `${last.phase}: ${last.detail}` : "starting");
+      window.setTimeout(() => follow().catch(showError), FOLLOW_MS);
+      return;
+    }
+    applying = false;
+    setText(
+      "placement-apply-status",
+      status.state === "failed" ? `not applied: ${status.error}`
+        : `applied ${splitText(status.after)} in ${fmt.seconds(status.total_seconds || 0)}`,
+    );
+    refresh(false);
+  }
+
+  function showError(error) {
+    applying = false;
+    setText("placement-apply-status", `not applied: ${error.message}`);
+  }
+
+  async function apply() {
+    const button = document.getElementById("placement-apply");
+    button.disabled = true;
+    applying = true;
+    setText("placement-apply-status", "starting");
+    try {
+      const response = await fetch("/api/placement/apply", {
+        method: "POST",
+        headers: { ...headers, "Content-Type": "application/json" },
+        body: "{}",
+      });
+      if (!response.ok) {
+        const body = await response.json().catch(() => ({}));
+        throw new Error(body.detail || `HTTP ${response.status}`);
+      }
+      await follow();
+    } catch (error) {
+      showError(error);
+    }
+  }
+
   function render(view) {
+    const button = document.getElementById("placement-apply");
+    const movable = view.proposed && view.current && ranges(view.proposed) !== ranges(view.current);
+    button.disabled = applying || !movable;
     const body = document.querySelector("#placement tbody");
     body.replaceChildren();
     for (const [name, split] of [["current", view.current], ["proposed", view.proposed]]) {
@@ -41,7 +101,7 @@
     );
   }
 
-  async function refresh() {
+  async function refresh(again = true) {
     const panel = document.getElementById("placement-panel");
     // Only the coordinator's app has the advisor; a standalone dashboard hides the panel.
     if (!panel || document.body.dataset.placement !== "1") return;
@@ -53,8 +113,12 @@
     } catch (error) {
       setText("placement-note", `unavailable: ${error.message}`);
     }
-    window.setTimeout(refresh, REFRESH_MS);
+    if (again) window.setTimeout(refresh, REFRESH_MS);
   }
 
-  document.addEventListener("DOMContentLoaded", refresh);
+  document.addEventListener("DOMContentLoaded", () => {
+    const button = document.getElementById("placement-apply");
+    if (button) button.addEventListener("click", apply);
+    refresh();
+  });
 })();
