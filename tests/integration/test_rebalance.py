@@ -6,6 +6,8 @@ new range leaves the old split serving, with the reason."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from pathlib import Path
 
 import httpx
@@ -141,6 +143,7 @@ async def test_requests_arriving_during_a_rebalance_wait_then_run(wide_model_dir
                 held["waiting"] = orchestrator._loop.held_back
 
         target = [LayerRange(0, 2), LayerRange(2, 4)]
+        old = [weakref.ref(w._state.runtime) for w in cluster.workers]
         result = await orchestrator.repartition(target, on_phase)
         assert result.changed and result.after == tuple(target)
         assert held["waiting"] == len(late)  # they waited to join, they did not fail
@@ -149,6 +152,8 @@ async def test_requests_arriving_during_a_rebalance_wait_then_run(wide_model_dir
             assert tokens == expected_ids(wide_model_dir, prompt), prompt
         assert served(cluster) == [(0, 2), (2, 4)]
         assert sum(w.kv_sessions for w in cluster.workers) == 0
+        gc.collect()
+        assert [ref() for ref in old] == [None, None]  # the old layers' weights are freed
 
 
 async def test_a_refused_range_rolls_back_to_the_old_split(wide_model_dir: Path) -> None:
