@@ -17,6 +17,7 @@ import yaml
 from mlx_relay.cli import main
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator, InferenceRequest
 from mlx_relay.coordinator.repartition import RepartitionFailed
+from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.footprint import read_footprint
 from mlx_relay.model.tokenizer import encode_prompt
@@ -195,3 +196,37 @@ async def test_a_refused_range_rolls_back_to_the_old_split(wide_model_dir: Path)
         bad = await http.post("/api/placement/apply", json={"split": [[0, 2], [3, 4]]})
         assert bad.status_code == 400
         assert "assigned to no stage" in bad.json()["detail"]
+
+
+async def test_the_automatic_mode_rebalances_a_running_coordinator(wide_model_dir: Path) -> None:
+    from mlx_relay.server.app import start_services, stop_services
+    from tests.support.cluster import local_cluster
+    from tests.support.dashboard_cluster import FAST_MONITORING
+
+    auto = {"enabled": True, "min_gain": 0.01, "hold_down_s": 0, "interval_s": 0.2}
+    async with local_cluster(
+        wide_model_dir, 2, layers=SKEWED, worker_monitoring=True, initialize=False
+    ) as cluster:
+        data = cluster.config.to_dict()
+        data["monitoring"] = FAST_MONITORING
+        data["placement"] = {"auto_rebalance": auto}
+        data["alerting"] = {"enabled": False}
+        services = await start_services(ClusterConfig.from_dict(data))
+        try:
+            orchestrator, rebalancer = services.orchestrator, services.rebalancer
+            assert orchestrator is not None and rebalancer is not None
+            prompt = "the automatic mode"
+            for i in range(4):  # every stage measured on the skewed split
+                await generate(orchestrator, f"{prompt} {i}")
+
+            def applied() -> RebalanceStatus | None:
+                status = rebalancer.status
+                return status if status.state == "done" else None
+
+            status = await wait_for(applied, timeout=30, what="the automatic rebalance")
+            assert status.trigger == "auto" and status.before == SKEWED
+            assert status.after is not None and status.after[0][1] < 3
+            assert served(cluster) == status.after
+            assert await generate(orchestrator, prompt) == expected_ids(wide_model_dir, prompt)
+        finally:
+            await stop_services(services)
