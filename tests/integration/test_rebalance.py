@@ -230,3 +230,32 @@ async def test_the_automatic_mode_rebalances_a_running_coordinator(wide_model_di
             assert await generate(orchestrator, prompt) == expected_ids(wide_model_dir, prompt)
         finally:
             await stop_services(services)
+
+
+async def test_requests_still_running_past_the_drain_timeout_leave_the_split_as_it_is(
+    wide_model_dir: Path,
+) -> None:
+    from mlx_relay.core.placement_config import PlacementConfig
+
+    async with skewed_cluster_app(wide_model_dir, SKEWED) as (cluster, _server):
+        orchestrator = cluster.orchestrator
+        orchestrator.config = orchestrator.config.model_copy(
+            update={"placement": PlacementConfig(drain_timeout_s=0.01)}
+        )
+        prompt = "a long request that outlives the drain"
+        ids = encode_prompt(cached_tokenizer(wide_model_dir), prompt=prompt, chat=False)
+        long_request = InferenceRequest(prompt=prompt, max_tokens=200)
+        running = asyncio.create_task(orchestrator.process_request(long_request))
+        await wait_for(lambda: orchestrator.running_requests >= 1, what="the request running")
+        with pytest.raises(RepartitionFailed) as failed:
+            await orchestrator.repartition([LayerRange(0, 2), LayerRange(2, 4)])
+        assert "1 request(s) still running after 0.01 s (placement.drain_timeout_s)" in str(
+            failed.value
+        )
+        assert served(cluster) == SKEWED
+        response = await running
+        assert response.token_ids == [
+            t.token_id for t in reference_tokens(wide_model_dir, ids, 200)
+        ]
+        after = "after the drain timeout"  # the loop takes new requests again
+        assert await generate(orchestrator, after) == expected_ids(wide_model_dir, after)
