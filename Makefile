@@ -81,6 +81,7 @@ bench: setup engine-packages
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/stage_batch.py
 	$(BIN)/python bench/up_concurrency.py
+	$(BIN)/python bench/load.py
 	$(BIN)/python bench/monitoring_overhead.py
 	$(BIN)/python bench/history.py
 	$(BIN)/python bench/alerting_overhead.py
