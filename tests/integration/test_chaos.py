@@ -34,7 +34,7 @@ from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.core.config import ClusterConfig
 from tests.integration.test_up_cli import reap, start, stop, wait_healthy
 from tests.integration.test_up_supervision import worker_processes
-from tests.support.cluster import cluster_dict, free_ports
+from tests.support.cluster import cluster_dict, free_ports, kv_sessions
 from tests.support.reference import cached_tokenizer, reference_tokens
 
 REQUESTS = int(os.environ.get("MLX_RELAY_CHAOS_REQUESTS", "40"))
@@ -93,17 +93,6 @@ async def stream_completion(http: httpx.AsyncClient, model: str, prompt_ids: lis
                 if choice.get("finish_reason"):
                     outcome.finish_reason = choice["finish_reason"]
     return outcome
-
-
-async def kv_sessions(config: ClusterConfig) -> list[int]:
-    counts = []
-    for worker in config.workers:
-        client = WorkerClient(worker.id, worker.address, config.network)
-        try:
-            counts.append((await client.get_status()).kv_sessions)
-        finally:
-            await client.close()
-    return counts
 
 
 async def serving(config: ClusterConfig, device_id: str) -> bool:

@@ -20,11 +20,10 @@ from typing import Any
 
 import httpx
 
-from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.pipeline import RequestRun
 from mlx_relay.core.http_server import HTTPServer
 from mlx_relay.server.app import AppServices, create_app
-from tests.support.cluster import LocalCluster, local_cluster
+from tests.support.cluster import LocalCluster, kv_sessions, local_cluster
 
 BUFFER_TOKENS = 8
 STALL_TIMEOUT = 4.0
@@ -90,17 +89,6 @@ async def read_to_end(sock: socket.socket, timeout: float, end: bytes | None = N
     return bytes(data)
 
 
-async def kv_sessions(cluster: LocalCluster) -> list[int]:
-    counts = []
-    for worker in cluster.config.workers:
-        client = WorkerClient(worker.id, worker.address, cluster.config.network)
-        try:
-            counts.append((await client.get_status()).kv_sessions)
-        finally:
-            await client.close()
-    return counts
-
-
 async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -149,7 +137,7 @@ async def test_a_client_that_stops_reading_pauses_then_is_dropped(tiny_model_dir
                 # Paused: other requests are served, with the tokens they had before.
                 during = await others(client, model)
                 assert during == before
-                assert await kv_sessions(cluster) == [1, 1]
+                assert await kv_sessions(cluster.config) == [1, 1]
                 # Bounded: the paused request took no step meanwhile.
                 assert len(run.outcome.token_ids) == generated
                 assert generated < MAX_TOKENS - 100, generated
@@ -160,7 +148,7 @@ async def test_a_client_that_stops_reading_pauses_then_is_dropped(tiny_model_dir
                 assert time.monotonic() - stalled_at < 3 * STALL_TIMEOUT
                 assert run.outcome.finish_reason == "abort"
                 deadline = time.monotonic() + 10
-                while (counts := await kv_sessions(cluster)) != [0, 0]:
+                while (counts := await kv_sessions(cluster.config)) != [0, 0]:
                     assert time.monotonic() < deadline, counts
                     await asyncio.sleep(0.05)
                 # The client that reads again gets what was sent, then the connection's end:

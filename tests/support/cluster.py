@@ -159,6 +159,18 @@ async def local_cluster(
             await server.stop(grace=0.5)
 
 
+async def kv_sessions(config: ClusterConfig) -> list[int]:
+    """Each worker's live KV sessions, as its GetStatus reports them."""
+    counts = []
+    for worker in config.workers:
+        client = WorkerClient(worker.id, worker.address, config.network)
+        try:
+            counts.append((await client.get_status()).kv_sessions)
+        finally:
+            await client.close()
+    return counts
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` distinct loopback ports that were free a moment ago."""
     sockets = []

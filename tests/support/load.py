@@ -31,9 +31,8 @@ import psutil
 import yaml
 
 from mlx_relay.cli.fleet import worker_command
-from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.core.config import ClusterConfig
-from tests.support.cluster import child_environment, cluster_dict, free_ports
+from tests.support.cluster import child_environment, cluster_dict, free_ports, kv_sessions
 
 # The load cluster's limits, small so that oversized requests stay cheap to send.
 MAX_BODY_BYTES = 64 * 1024
@@ -136,17 +135,6 @@ async def _wait_healthy(cluster: LoadCluster) -> None:
                     return
             await asyncio.sleep(0.3)
     raise TimeoutError(f"no healthy /health at {cluster.url}:\n{cluster.log_tail()}")
-
-
-async def kv_sessions(config: ClusterConfig) -> list[int]:
-    counts = []
-    for worker in config.workers:
-        client = WorkerClient(worker.id, worker.address, config.network)
-        try:
-            counts.append((await client.get_status()).kv_sessions)
-        finally:
-            await client.close()
-    return counts
 
 
 # -- the requests ---------------------------------------------------------------------------
