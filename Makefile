@@ -85,6 +85,7 @@ bench: setup engine-packages
 	$(BIN)/python bench/monitoring_overhead.py
 	$(BIN)/python bench/history.py
 	$(BIN)/python bench/alerting_overhead.py
+	$(BIN)/python bench/tracing_overhead.py
 
 # This engine vs llama.cpp (llama-cpp-python, the `bench` extra: compiled from source once).
 # llama.cpp's default -march=native build enables AMX, which crashes in VMs that advertise

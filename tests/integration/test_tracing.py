@@ -173,3 +173,36 @@ async def test_tracing_off_keeps_nothing(tiny_model_dir: Path) -> None:
         assert cluster.orchestrator.traces is None
     assert response.usage.completion_tokens > 0
     assert all(not exporters[d].get_finished_spans() for d in DEVICES)
+
+
+async def test_a_worker_traces_only_calls_that_carry_trace_context(tiny_model_dir: Path) -> None:
+    import grpc.aio
+
+    from mlx_relay.proto import relay_pb2, relay_pb2_grpc
+    from mlx_relay.wire import encode_token_ids
+
+    given, exporters = providers()
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with local_cluster(
+        tiny_model_dir, 3, tracer_providers=given, initialize=False
+    ) as cluster:
+        first = cluster.config.workers[0]
+        async with grpc.aio.insecure_channel(first.address) as channel:
+            stub = relay_pb2_grpc.WorkerStub(channel)
+
+            def call(request_id: str) -> relay_pb2.ForwardRequest:
+                entry = relay_pb2.ForwardEntry(
+                    request_id=request_id, position=0, tensor=encode_token_ids([1, 2, 3])
+                )
+                return relay_pb2.ForwardRequest(entries=[entry])
+
+            await stub.Forward(call("untraced"), timeout=30)
+            untraced = list(exporters["worker-0"].get_finished_spans())
+            # Only the call's metadata carries the context (a caller without entry contexts).
+            await stub.Forward(call("traced"), timeout=30, metadata=(("traceparent", parent),))
+    assert untraced == []
+    spans = exporters["worker-0"].get_finished_spans()
+    (server,) = [s for s in spans if s.name == "stage 0 forward"]
+    assert server.parent is not None and server.parent.span_id == 0xB7AD6B7169203331
+    assert server.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert {s.name for s in spans} >= {"check", "compute", "encode"}

@@ -140,3 +140,12 @@ def test_store_keeps_the_newest_and_profiles_a_window() -> None:
     assert profile["per_output_token"]["e2e_s"] == pytest.approx(profile["totals"]["e2e_s"] / 2)
     assert store.profile(100.0)["requests"] == 2
     assert store.profile(1.0)["per_output_token"] is None
+
+
+def test_store_keeps_fewer_traces_when_they_hold_too_many_steps() -> None:
+    store = TraceStore(10, max_steps=5)
+    for i in range(3):
+        store.add(timeline(2, request_id=f"r{i}"))
+    assert len(store) == 2 and store.get("r0") is None  # 4 steps kept, 6 would be too many
+    store.add(timeline(7, request_id="long"))
+    assert len(store) == 1 and store.get("long") is not None  # the newest stays

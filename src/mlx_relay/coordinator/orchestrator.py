@@ -140,7 +140,9 @@ class DistributedOrchestrator:
             tracer_provider = self._owned_provider = otlp_tracer_provider(
                 tracing, "mlx-relay-coordinator", config.coordinator_id
             )
-        self.traces = TraceStore(tracing.max_traces) if tracing.enabled else None
+        self.traces = (
+            TraceStore(tracing.max_traces, max_steps=tracing.max_steps) if tracing.enabled else None
+        )
         self._tracing = (
             CoordinatorTracing(self.traces, tracer_of(tracer_provider), config.coordinator_id)
             if tracing.enabled

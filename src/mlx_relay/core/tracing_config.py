@@ -11,7 +11,8 @@ class TracingConfig(BaseModel):
     """Per-request traces across the pipeline.
 
     ``enabled`` keeps the last ``max_traces`` requests' traces in the coordinator's memory
-    (``GET /api/requests/{id}/trace``, ``GET /api/profile``). ``otlp_endpoint`` (an OTLP/HTTP
+    (``GET /api/requests/{id}/trace``, ``GET /api/profile``), fewer when they hold more than
+    ``max_steps`` steps in all (about 1 KB each: long requests take more room). ``otlp_endpoint`` (an OTLP/HTTP
     traces URL, e.g. ``http://127.0.0.1:4318/v1/traces``) also exports every process's spans
     there, in batches off the request path; empty: nothing leaves the process.
     """
@@ -20,6 +21,7 @@ class TracingConfig(BaseModel):
 
     enabled: bool = True
     max_traces: int = Field(default=200, ge=1, le=100_000)
+    max_steps: int = Field(default=50_000, ge=1, le=10_000_000)
     otlp_endpoint: str | None = None
     otlp_timeout: float = Field(default=10.0, gt=0, le=300)
 

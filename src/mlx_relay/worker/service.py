@@ -144,7 +144,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise
         finally:
             if spans is not None:
-                spans.finish(timing, error)
+                spans.close(timing, error)
 
     async def _forward(
         self,
@@ -204,9 +204,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if state.tracer is None:
             return None
         call_parent = metadata_traceparent(context.invocation_metadata())
-        return ForwardSpans(
+        spans = ForwardSpans(
             state.tracer, state.device_id, state.stage, request, call_parent, received
         )
+        return spans if spans.traced else None
 
     def _check_layers(self, request: pb.ForwardRequest) -> None:
         """Refuse a step meant for other layers than this stage's (a worker restarted with

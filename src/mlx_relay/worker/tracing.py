@@ -1,6 +1,7 @@
-"""A worker's own spans of one ``Forward``: per entry (each request is its own trace), a
-server span under the caller's span (the entry's ``traceparent``, else the call's metadata),
-its check, queue wait, compute (with encode or sample) and the call to the next stage.
+"""A worker's own spans of one ``Forward``: per traced entry (each request is its own
+trace), a server span under the caller's span (the entry's ``traceparent``, else the call's
+metadata), its check, queue wait, compute (with encode or sample) and the call to the next
+stage. An entry without trace context gets no spans.
 
 Only a worker with a tracer provider (``tracing.otlp_endpoint``, or one handed in) makes
 spans; every worker reports the same times in its answer's
@@ -10,6 +11,7 @@ reads.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 
@@ -43,11 +45,14 @@ class ForwardSpans:
         self._device_id = device_id
         self._stage = stage
         self._received = received
-        self._servers: list[Span] = []
+        self._servers: list[Span | None] = []  # one per entry, None when untraced
         self._hops: list[Span] = []
         size = len(request.entries)
         for entry in request.entries:
             parent = parent_context(entry.traceparent or call_parent)
+            if parent is None:  # an untraced request (its coordinator keeps no traces)
+                self._servers.append(None)
+                continue
             self._servers.append(
                 tracer.start_span(
                     f"stage {stage} forward",
@@ -65,12 +70,20 @@ class ForwardSpans:
                 )
             )
 
+    @property
+    def traced(self) -> bool:
+        """Whether any entry carries trace context."""
+        return any(server is not None for server in self._servers)
+
     def hop_parents(self, next_device: str) -> list[str]:
-        """Start each entry's call to the next stage; the ``traceparent`` of each, for the
-        next stage's entries."""
+        """Start each traced entry's call to the next stage; the ``traceparent`` of each,
+        for the next stage's entries (``""`` for an untraced one)."""
         now = epoch_ns(time.perf_counter())
         parents = []
         for server in self._servers:
+            if server is None:
+                parents.append("")
+                continue
             hop = self._tracer.start_span(
                 f"Forward {next_device}",
                 context=in_context(server),
@@ -86,15 +99,26 @@ class ForwardSpans:
             parents.append(traceparent(hop.get_span_context()))
         return parents
 
-    def finish(self, timing: pb.StageTiming | None, error: str | None = None) -> None:
-        """End every span: the parts of the stage's time (from ``timing``) as children of
-        each server span, then the calls to the next stage and the server spans."""
-        end = epoch_ns(time.perf_counter())
+    def close(self, timing: pb.StageTiming | None, error: str | None = None) -> None:
+        """The call is answered: its spans end now, and are made right after the answer
+        has left (:meth:`finish`, scheduled on the running loop), not before it."""
+        ended = time.perf_counter()
+        asyncio.get_running_loop().call_soon(self.finish, timing, error, ended)
+
+    def finish(
+        self, timing: pb.StageTiming | None, error: str | None = None, ended: float | None = None
+    ) -> None:
+        """End every span at ``ended`` (default now): the parts of the stage's time (from
+        ``timing``) as children of each server span, then the calls to the next stage and
+        the server spans."""
+        end = epoch_ns(ended if ended is not None else time.perf_counter())
         for hop in self._hops:
             if error is not None:
                 hop.set_status(Status(StatusCode.ERROR, error))
             hop.end(end_time=end)
         for server in self._servers:
+            if server is None:
+                continue
             if timing is not None:
                 self._parts(server, timing)
             if error is not None:

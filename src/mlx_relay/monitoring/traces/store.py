@@ -52,13 +52,25 @@ class TraceStore:
 
     Args:
         max_traces: how many traces to keep (the oldest is dropped first).
+        max_steps: most steps the kept traces may hold in all (the oldest go first; the
+            newest trace stays whatever its length).
         clock: unix seconds (for the profile window).
     """
 
-    def __init__(self, max_traces: int, clock: Callable[[], float] = time.time) -> None:
-        if max_traces < 1:
-            raise ValueError(f"max_traces must be >= 1, got {max_traces}")
+    def __init__(
+        self,
+        max_traces: int,
+        clock: Callable[[], float] = time.time,
+        *,
+        max_steps: int = 50_000,
+    ) -> None:
+        if max_traces < 1 or max_steps < 1:
+            raise ValueError(
+                f"max_traces and max_steps must be >= 1, got {max_traces}, {max_steps}"
+            )
         self.max_traces = max_traces
+        self.max_steps = max_steps
+        self._steps = 0
         self._clock = clock
         self._lock = threading.Lock()
         self._traces: OrderedDict[str, RequestTimeline] = OrderedDict()
@@ -70,10 +82,16 @@ class TraceStore:
     def add(self, timeline: RequestTimeline) -> None:
         """A finished request's timeline (its summary also goes to the archive)."""
         with self._lock:
-            self._traces.pop(timeline.request_id, None)
+            old = self._traces.pop(timeline.request_id, None)
+            if old is not None:
+                self._steps -= len(old.steps)
             self._traces[timeline.request_id] = timeline
-            while len(self._traces) > self.max_traces:
-                self._traces.popitem(last=False)
+            self._steps += len(timeline.steps)
+            while len(self._traces) > 1 and (
+                len(self._traces) > self.max_traces or self._steps > self.max_steps
+            ):
+                _, dropped = self._traces.popitem(last=False)
+                self._steps -= len(dropped.steps)
         archive = self.archive
         if archive is not None:
             try:
