@@ -12,9 +12,10 @@ class TracingConfig(BaseModel):
 
     ``enabled`` keeps the last ``max_traces`` requests' traces in the coordinator's memory
     (``GET /api/requests/{id}/trace``, ``GET /api/profile``), fewer when they hold more than
-    ``max_steps`` steps in all (about 1 KB each: long requests take more room). ``otlp_endpoint`` (an OTLP/HTTP
-    traces URL, e.g. ``http://127.0.0.1:4318/v1/traces``) also exports every process's spans
-    there, in batches off the request path; empty: nothing leaves the process.
+    ``max_steps`` steps in all (about 1 KB each: long requests take more room).
+    ``otlp_endpoint`` (an OTLP/HTTP traces URL, e.g. ``http://127.0.0.1:4318/v1/traces``)
+    also exports every process's spans there, in batches off the request path; empty:
+    nothing leaves the process.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

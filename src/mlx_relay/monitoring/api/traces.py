@@ -24,6 +24,8 @@ DEFAULT_PROFILE_WINDOW = 300.0
 MAX_PROFILE_WINDOW = 366 * 86400.0
 
 router = APIRouter(tags=["traces"])
+_BAD = {400: {"description": 'A bad parameter: `{"detail": {"param", "message"}}`'}}
+_UNKNOWN = {404: {"description": 'No trace kept of this request: `{"detail": {...}}`'}}
 
 
 def get_traces(connection: HTTPConnection) -> TraceStore:
@@ -34,7 +36,12 @@ def get_traces(connection: HTTPConnection) -> TraceStore:
 TracesDep = Annotated[TraceStore, Depends(get_traces)]
 
 
-@router.get("/api/requests/{request_id}/trace", response_model=None, summary="Request trace")
+@router.get(
+    "/api/requests/{request_id}/trace",
+    response_model=None,
+    summary="Request trace",
+    responses={**_BAD, **_UNKNOWN},
+)
 def get_trace(
     request_id: str,
     store: TracesDep,
@@ -60,8 +67,8 @@ def get_trace(
                     "param": "request_id",
                     "request_id": request_id,
                     "message": (
-                        f"no trace of request {request_id!r}: unknown, or older than the "
-                        f"last {store.max_traces} traces kept"
+                        f"no trace of request {request_id!r}: unknown, still running, or "
+                        f"older than the traces kept (the last {store.max_traces})"
                     ),
                 },
             )
@@ -75,7 +82,12 @@ def get_trace(
     return document
 
 
-@router.get("/api/profile", response_model=None, summary="Time profile of recent requests")
+@router.get(
+    "/api/profile",
+    response_model=None,
+    summary="Time profile of recent requests",
+    responses=_BAD,
+)
 def get_profile(
     store: TracesDep,
     window: Annotated[str | None, Query(description="Seconds back from now (default 300).")] = None,
