@@ -24,8 +24,12 @@ DEFAULT_PROFILE_WINDOW = 300.0
 MAX_PROFILE_WINDOW = 366 * 86400.0
 
 router = APIRouter(tags=["traces"])
-_BAD = {400: {"description": 'A bad parameter: `{"detail": {"param", "message"}}`'}}
-_UNKNOWN = {404: {"description": 'No trace kept of this request: `{"detail": {...}}`'}}
+_BAD: dict[int | str, dict[str, Any]] = {
+    400: {"description": 'A bad parameter: `{"detail": {"param", "message"}}`'}
+}
+_UNKNOWN: dict[int | str, dict[str, Any]] = {
+    404: {"description": 'No trace kept of this request: `{"detail": {...}}`'}
+}
 
 
 def get_traces(connection: HTTPConnection) -> TraceStore:
