@@ -124,13 +124,15 @@ async def loaded_time_to_first_token(
     return seconds, still
 
 
-def local_config(model_dir: Path, workers: int, micro_batches: int | None) -> ClusterConfig:
+def local_config(
+    model_dir: Path, workers: int, micro_batches: int | None, blas_threads: int | None = None
+) -> ClusterConfig:
     devices: list[dict[str, Any]] = [
         {"id": f"worker-{i}", "host": "127.0.0.1", "port": 0, "layers": "auto"}
         for i in range(workers)
     ]
     data = {
-        "model": {"path": str(model_dir)},
+        "model": {"path": str(model_dir), "blas_threads": blas_threads},
         "devices": devices,
         "inference": {"micro_batches": micro_batches},
     }
@@ -148,7 +150,7 @@ async def main(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(model_dir)
     prompt = encode_prompt(tokenizer, prompt=PROMPT, chat=False)
     eos = eos_token_ids(tokenizer)
-    config = local_config(model_dir, 2, args.micro_batches)
+    config = local_config(model_dir, 2, args.micro_batches, args.blas_threads)
     work_dir = Path(tempfile.mkdtemp(prefix="mlx-relay-bench-"))
     config_path = work_dir / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config.to_dict()))
@@ -245,6 +247,12 @@ if __name__ == "__main__":
         type=int,
         default=None,
         help="inference.micro_batches (default: one per stage; 1 suits one machine)",
+    )
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=None,
+        help="model.blas_threads of each worker (default: the cores divided among them)",
     )
     parser.add_argument(
         "--sections",

@@ -121,7 +121,8 @@ async def test_endpoints_agree_with_the_collector_and_the_workers(tiny_model_dir
         assert device.last_seen_timestamp is not None
         # The tiny model's weights are dense float32; its workers run in this process.
         assert (device.backend, device.compute, device.blas) == ("cpu", "float32", blas_name())
-        assert device.blas_threads == (default_threads(2) if blas_name() == "openblas" else 0)
+        # A step computing alone takes all the host's cores.
+        assert device.blas_threads == (default_threads(1) if blas_name() == "openblas" else 0)
     total_memory = psutil.virtual_memory().total
     for device in devices.devices:
         assert device.metrics is not None, device.device_id

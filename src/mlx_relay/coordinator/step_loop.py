@@ -502,6 +502,7 @@ class StepLoop:
                     route=self._route,
                     layer_start=first.layer_range.start,
                     layer_end=first.layer_range.end,
+                    microbatches_in_flight=self._scheduler.in_flight,
                 ),
                 traceparent=entries[0].traceparent if entries else "",
             )

@@ -47,9 +47,10 @@ class ModelConfig(_Section):
     SmolLM2-135M-Instruct is used. ``compute`` picks the weights a stage computes with:
     ``quantized`` (as stored), ``float32`` (dequantized, dense) or ``auto`` (float32 on the
     CPU backend when the stage's dense weights fit ``dense_memory_share`` of the available
-    memory, else as stored; as stored on GPU backends). ``blas_threads`` is the CPU BLAS
-    thread count of each computing process (default: the cores divided among the workers
-    on the same host).
+    memory, else as stored; as stored on GPU backends). ``blas_threads`` fixes the CPU BLAS
+    thread count of each computing process (default: per step, the host's cores divided
+    among the stages of that host that may compute at once, see
+    ``mlx_relay.worker.step_threads``).
     """
 
     path: str | None = None

@@ -205,7 +205,8 @@ class DeviceStatus(_Snap):
         default=None, description="CPU BLAS in use: 'openblas', 'bundled' or 'system'."
     )
     blas_threads: int | None = Field(
-        default=None, description="BLAS threads of the worker process (0: none loaded)."
+        default=None,
+        description="BLAS threads of a step the worker computes alone (0: none loaded).",
     )
     is_healthy: bool | None = Field(default=None, description="Device's own health verdict.")
     health_status: str | None = Field(

@@ -62,16 +62,18 @@ class Hop(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("entries", "route", "layer_start", "layer_end")
+    __slots__ = ("entries", "route", "layer_start", "layer_end", "microbatches_in_flight")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCHES_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[ForwardEntry]
     route: _containers.RepeatedCompositeFieldContainer[Hop]
     layer_start: int
     layer_end: int
-    def __init__(self, entries: _Optional[_Iterable[_Union[ForwardEntry, _Mapping]]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+    microbatches_in_flight: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[ForwardEntry, _Mapping]]] = ..., route: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., microbatches_in_flight: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")

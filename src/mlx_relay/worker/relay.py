@@ -150,7 +150,11 @@ async def relay(
     entries = next_entries(request.entries, own.results, parents)
     reply = await client.forward(
         pb.ForwardRequest(
-            entries=entries, route=rest, layer_start=hop.layer_start, layer_end=hop.layer_end
+            entries=entries,
+            route=rest,
+            layer_start=hop.layer_start,
+            layer_end=hop.layer_end,
+            microbatches_in_flight=request.microbatches_in_flight,
         ),
         timeout=timeout,
         traceparent=entries[0].traceparent if entries else "",

@@ -33,7 +33,8 @@ from mlx_relay.proto import relay_pb2_grpc as pb_grpc
 from mlx_relay.worker.executor import MLXExecutor
 from mlx_relay.worker.relay import PeerClients, abort_for, relay
 from mlx_relay.worker.sessions import SessionLimitReached, SessionNotFound
-from mlx_relay.worker.stage import ForwardOutcome, StageRuntime
+from mlx_relay.worker.stage import CheckedEntry, ForwardOutcome, StageRuntime
+from mlx_relay.worker.step_threads import StepThreads
 from mlx_relay.worker.tracing import ForwardSpans, metadata_traceparent
 
 logger = logging.getLogger(__name__)
@@ -66,11 +67,19 @@ class WorkerState:
     runtime: StageRuntime | None = None
     peers: PeerClients | None = None
     tracer: Any = None  # an OpenTelemetry Tracer when this worker records spans
+    threads: StepThreads | None = None
     load_error: BaseException | None = None
     reshard: Any = None  # worker.reshard.StageReshard, once the first range is loaded
     stopping: bool = False
     started_at: float = field(default_factory=time.monotonic)
     _reported_sessions: int = -1
+
+    @property
+    def blas_threads(self) -> int:
+        """The BLAS threads of a step that computes alone (0: no BLAS library loaded)."""
+        if self.runtime is None or self.runtime.engine.blas_threads == 0:
+            return 0
+        return self.threads.policy.most if self.threads else self.runtime.engine.blas_threads
 
     @property
     def kv_sessions(self) -> int:
@@ -158,7 +167,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self._check_layers(request)
             checked = runtime.check(request)
             checked_at = time.perf_counter()
-            outcome = await self.state.executor.run(runtime.forward, checked, peer_of(context))
+            outcome = await self.state.executor.run(
+                self._compute, runtime, checked, peer_of(context), request.microbatches_in_flight
+            )
         except RelayError as exc:
             code = status_code_for(exc)
             logger.info("Forward rejected with %s: %s", code.name, exc)
@@ -229,6 +240,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 f"expects {expected} (restarted with its configured layers after a live "
                 f"repartition? apply the split again with mlx-relay rebalance)"
             )
+
+    def _compute(
+        self, runtime: StageRuntime, checked: list[CheckedEntry], peer: str, in_flight: int
+    ) -> ForwardOutcome:
+        """The step on the MLX thread, with as many BLAS threads as it may use."""
+        if self.state.threads is not None and runtime.engine.blas_threads:
+            self.state.threads.apply(in_flight)
+        return runtime.forward(checked, peer)
 
     async def _relay(
         self,
@@ -343,7 +362,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             response.backend = engine.backend
             response.compute = engine.compute
             response.blas = engine.blas
-            response.blas_threads = engine.blas_threads
+            response.blas_threads = state.blas_threads
         if state.collector is not None:
             response.metrics_json = json.dumps(state.collector.export_metrics(), default=str)
         if state.health is not None:

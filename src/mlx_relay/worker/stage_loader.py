@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_relay.core.blas import default_threads, same_host, set_threads
+from mlx_relay.core.blas import available_cores, same_host, set_threads
 from mlx_relay.core.config import ClusterConfig, DeviceConfig
 from mlx_relay.core.errors import PartitionError, ShardMismatch
 from mlx_relay.core.types import LayerRange
@@ -16,6 +16,7 @@ from mlx_relay.model.load import ModelInfo, read_model_info, resolve_model_dir
 from mlx_relay.model.partition import assign_layers
 from mlx_relay.worker.executor import MLXExecutor
 from mlx_relay.worker.stage import StageLimits, StageRuntime
+from mlx_relay.worker.step_threads import ThreadPolicy
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,15 @@ async def find_placement(
 
 
 def blas_threads(config: ClusterConfig, device: DeviceConfig) -> int:
-    """BLAS threads for a worker: ``model.blas_threads``, else its host's cores divided
-    among the workers configured on that host."""
-    if config.model.blas_threads is not None:
-        return config.model.blas_threads
+    """BLAS threads for a worker at load: ``model.blas_threads``, else its host's cores
+    divided among the workers configured on that host."""
+    return thread_policy(config, device).for_step(0)
+
+
+def thread_policy(config: ClusterConfig, device: DeviceConfig) -> ThreadPolicy:
+    """How many BLAS threads each step of a worker uses (:mod:`~mlx_relay.worker.step_threads`)."""
     here = [w for w in config.workers if same_host(w.host, device.host)]
-    return default_threads(len(here))
+    return ThreadPolicy(available_cores(), len(here), config.model.blas_threads)
 
 
 def check_fit(

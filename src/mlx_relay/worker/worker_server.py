@@ -35,7 +35,8 @@ from mlx_relay.worker.grpc_endpoint import WorkerGrpcServer, concurrent_rpc_limi
 from mlx_relay.worker.relay import PeerClients
 from mlx_relay.worker.reshard import StageReshard
 from mlx_relay.worker.service import WorkerServicer, WorkerState
-from mlx_relay.worker.stage_loader import blas_threads, find_placement, load_stage
+from mlx_relay.worker.stage_loader import blas_threads, find_placement, load_stage, thread_policy
+from mlx_relay.worker.step_threads import StepThreads
 from mlx_relay.worker.telemetry import WorkerTelemetry
 
 logger = logging.getLogger(__name__)
@@ -293,9 +294,11 @@ class WorkerServer:
                 self.telemetry.collector.set_model_info(
                     info.name, info.quantization, info.num_layers, len(self.config.workers)
                 )
+            threads = self.blas_threads
             state.runtime = await load_stage(
-                self.config, self._executor, placement, self.blas_threads, self.device
+                self.config, self._executor, placement, threads, self.device
             )
+            state.threads = StepThreads(thread_policy(self.config, self.device), threads)
         except Exception as exc:
             state.load_error = exc
             logger.error("worker %s failed to load its model: %s", self.device_id, exc)
@@ -310,7 +313,7 @@ class WorkerServer:
             backend=engine.backend,
             compute=engine.compute,
             blas=engine.blas,
-            blas_threads=engine.blas_threads,
+            blas_threads=state.blas_threads,
         )
         state.report_sessions()
         await self.health_watch.refresh()
