@@ -67,11 +67,14 @@ class Outcome:
     completion_tokens: int | None = None
 
 
-async def stream_completion(http: httpx.AsyncClient, model: str, prompt_ids: list[int]) -> Outcome:
+async def stream_completion(
+    http: httpx.AsyncClient, model: str, prompt_ids: list[int], max_tokens: int = MAX_TOKENS
+) -> Outcome:
+    """One greedy streamed completion, read chunk by chunk."""
     body = {
         "model": model,
         "prompt": prompt_ids,
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "temperature": 0,
         "logprobs": 0,  # each chunk names its token: the stream can be checked token by token
         "stream": True,

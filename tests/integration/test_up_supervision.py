@@ -68,13 +68,14 @@ def wait_for(condition: Callable[[], bool], what: str, log: Path) -> None:
 
 
 def start_up(
-    data: dict[str, Any], tmp_path: Path, port: int
+    data: dict[str, Any], tmp_path: Path, port: int, options: list[str] | None = None
 ) -> tuple[Path, Path, subprocess.Popen[bytes]]:
     """``mlx-relay up`` on the configuration ``data``: its file, its log and the process."""
     config = tmp_path / "cluster.yaml"
     config.write_text(yaml.safe_dump(data))
     log = tmp_path / "up.log"
-    return config, log, start(["up", "--config", str(config), "--port", str(port)], log)
+    command = ["up", "--config", str(config), "--port", str(port), *(options or [])]
+    return config, log, start(command, log)
 
 
 def assert_nothing_left(config: Path, ports: list[int]) -> None:

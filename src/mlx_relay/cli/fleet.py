@@ -88,6 +88,8 @@ class WorkerProcess:
     started_at: float = field(default_factory=time.monotonic)
     restarts: int = 0
     restart_at: float | None = None
+    stage: int = 0
+    given_up: bool = False  # exited too often; its stage goes on with its other replicas
 
     @property
     def pid(self) -> int | None:
@@ -137,7 +139,8 @@ class WorkerFleet:
         self.monitoring = monitoring
         self._tls = tls_material(config, config.coordinator_id)
         self.workers = [
-            WorkerProcess(w.id, w.address, log_dir / f"{w.id}.log") for w in config.workers
+            WorkerProcess(w.id, w.address, log_dir / f"{w.id}.log", stage=config.stage_index(w.id))
+            for w in config.workers
         ]
         self._policies = {w.device_id: RestartPolicy(config.supervision) for w in self.workers}
         self._clock = clock
@@ -180,7 +183,7 @@ class WorkerFleet:
                     self._spawn(worker)
                     if self.on_restart is not None:
                         self.on_restart(worker.device_id, worker.restarts)
-            elif worker.process is not None and not worker.alive:
+            elif worker.process is not None and not worker.alive and not worker.given_up:
                 self._schedule_restart(worker, now)
 
     def _schedule_restart(self, worker: WorkerProcess, now: float) -> None:
@@ -191,9 +194,17 @@ class WorkerFleet:
         if delay is None:
             window = policy.config.window
             exits = policy.recent_exits(now)
-            raise WorkerExited(
+            error = WorkerExited(
                 worker.device_id, code, worker.log_tail(), exits=exits, window=window
             )
+            replicas = [w for w in self.workers if w.stage == worker.stage and w is not worker]
+            if not any(not w.given_up for w in replicas):
+                raise error
+            # Its stage still has replicas: the cluster goes on without this one.
+            worker.given_up = True
+            worker.status = "given up"
+            logger.error("%s; stage %d goes on with its other replicas", error, worker.stage)
+            return
         worker.restart_at = now + delay
         worker.status = f"exited ({code}), restarting in {delay:g} s"
         logger.warning(
@@ -215,7 +226,7 @@ class WorkerFleet:
         self.supervise()
         pending = [w for w in self.workers if not w.serving and w.alive]
         await asyncio.gather(*(self._check(w) for w in pending))
-        return all(w.serving for w in self.workers)
+        return all(w.serving or w.given_up for w in self.workers)
 
     async def _check(self, worker: WorkerProcess) -> None:
         client = WorkerClient(worker.device_id, worker.address, self.config.network, tls=self._tls)

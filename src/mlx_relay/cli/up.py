@@ -36,6 +36,7 @@ from mlx_relay.cli.options import (
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import ConfigError, WorkerUnavailable
 from mlx_relay.core.tls_config import check_tls_files
+from mlx_relay.core.types import LayerRange
 
 STARTUP_TIMEOUT = 600.0
 SUPERVISE_INTERVAL = 0.25
@@ -59,6 +60,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model", "-m", default=None, help="model directory or .gguf (default: bundled)"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="workers per stage, each holding the stage's layers (default: 1)",
     )
     add_http_arguments(parser)
     parser.add_argument(
@@ -85,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     model = config.model.model_copy(update={"path": str(model_dir)})
     config = config.model_copy(update={"model": model})
     info = read_model_info(model_dir, config.model.name)
-    assign_layers(config, info.num_layers)  # fails early if the layers cannot be split
-    if args.config is None:
-        config = with_free_worker_ports(config, avoid=config.http.port)
+    assignment = assign_layers(config, info.num_layers)  # fails early if they cannot be split
+    if args.replicas != 1:
+        config = with_replicas(config, args.replicas, assignment)
+    config = with_free_worker_ports(config, avoid=config.http.port)
     monitoring = not args.no_monitoring and config.monitoring.enabled
     return asyncio.run(_up(config, monitoring))
 
@@ -119,12 +127,38 @@ def _base_config(args: argparse.Namespace) -> ClusterConfig:
     return ClusterConfig.from_dict({"model": {"path": args.model}, "devices": devices}, "--workers")
 
 
+def with_replicas(
+    config: ClusterConfig, replicas: int, assignment: dict[str, LayerRange]
+) -> ClusterConfig:
+    """A copy where each stage has ``replicas`` workers holding its layers: the stage's
+    worker and ``<id>-r1``... on its host, on free ports."""
+    if replicas < 1:
+        raise ConfigError(f"--replicas: expected at least 1, got {replicas}")
+    if any(len(stage) > 1 for stage in config.stages):
+        raise ConfigError("--replicas: the configuration already gives stages replicas")
+    devices = []
+    for device in config.devices:
+        if device.role != "worker":
+            devices.append(device)
+            continue
+        layers = assignment[device.id]
+        devices.append(device.model_copy(update={"layers": layers}))
+        devices += [
+            device.model_copy(update={"id": f"{device.id}-r{r}", "port": 0, "layers": layers})
+            for r in range(1, replicas)
+        ]
+    data = config.model_copy(update={"devices": devices}).to_dict()
+    return ClusterConfig.from_dict(data, "--replicas")
+
+
 def with_free_worker_ports(config: ClusterConfig, avoid: int) -> ClusterConfig:
-    """A copy with every worker on a free port of its host (never ``avoid``)."""
+    """A copy with every worker of port 0 on a free port of its host (never ``avoid``)."""
     sockets: list[socket.socket] = []
     try:
         ports: dict[str, int] = {}
         for worker in config.workers:
+            if worker.port != 0:
+                continue
             while True:
                 sock = socket.socket()
                 sock.bind((worker.host, 0))

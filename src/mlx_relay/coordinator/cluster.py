@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from mlx_relay.coordinator.client import WorkerClient, WorkerTimedOut
@@ -115,7 +116,7 @@ class ClusterMonitor:
         # Published per worker, as its answer arrives, so the health check never lags the
         # device status that the same poll just recorded.
         if self._health is not None:
-            self._health.set_peer_state(stage.device_id, peer)
+            self._health.set_peer_state(stage.device_id, replace(peer, stage=stage.index))
         if isinstance(ping_result, WorkerTimedOut):
             # The path is likely dead: a probe would only wait out its own deadline too.
             error = "not probed: the Ping timed out"

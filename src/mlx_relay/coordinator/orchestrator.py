@@ -29,10 +29,10 @@ from mlx_relay.coordinator.repartition import (
     repartition,
     restore_ranges,
 )
+from mlx_relay.coordinator.replicas import ReplicaRouter
 from mlx_relay.coordinator.requests import InferenceRequest, InferenceResponse, TokenEvent
 from mlx_relay.coordinator.scheduler import SchedulerSettings
 from mlx_relay.coordinator.stage_health import StageHealthPoll
-from mlx_relay.coordinator.step_loop import StepLoop
 from mlx_relay.coordinator.telemetry import CoordinatorTelemetry
 from mlx_relay.coordinator.tracing import CoordinatorTracing
 from mlx_relay.core.config import ClusterConfig
@@ -148,7 +148,7 @@ class DistributedOrchestrator:
             if tracing.enabled
             else None
         )
-        self._loop: StepLoop | None = None
+        self._router: ReplicaRouter | None = None
         self._repartitioning = asyncio.Lock()
         self._ready = False
         self._closed = False
@@ -204,7 +204,10 @@ class DistributedOrchestrator:
         self._eos_ids = eos_token_ids(self.tokenizer)
         assignment = assign_layers(self.config, info.num_layers)
         workers = self.config.workers
-        self.stages = [Stage(i, w.id, w.address, assignment[w.id]) for i, w in enumerate(workers)]
+        # One Stage per worker; the replicas of a stage share its index.
+        self.stages = [
+            Stage(self.config.stage_index(w.id), w.id, w.address, assignment[w.id]) for w in workers
+        ]
         max_context = info.max_context
         if self.config.model.max_context is not None:
             max_context = min(max_context, self.config.model.max_context)
@@ -228,9 +231,9 @@ class DistributedOrchestrator:
         settings = SchedulerSettings(
             max_batch_size=inference.max_batch_size,
             prefill_chunk_tokens=min(inference.prefill_chunk_tokens, inference.max_prompt_tokens),
-            max_micro_batches=inference.micro_batches or len(self.stages),
+            max_micro_batches=inference.micro_batches or len(self.config.stages),
         )
-        self._loop = StepLoop(
+        self._router = ReplicaRouter(
             self.stages,
             self._clients,
             settings,
@@ -348,12 +351,10 @@ class DistributedOrchestrator:
     def _new_run(self, prepared: PreparedRequest) -> RequestRun:
         self._ready_limits()  # the coordinator may have shut down while tokenizing
         self._admission.check()
-        assert self._loop is not None
+        assert self._router is not None
         return RequestRun(
             prepared,
-            self._loop,
-            self.stages,
-            self._clients,
+            self._router,
             self.tokenizer,
             self._eos_ids,
             self._admission,
@@ -378,7 +379,8 @@ class DistributedOrchestrator:
             PipelineNotReady: not initialised, or shut down.
         """
         self._ready_limits()
-        assert self._loop is not None and self.model_info is not None
+        assert self._router is not None and self.model_info is not None
+        loop = self._router.only_loop()
         checked = check_split(split, self.model_info.num_layers, len(self.stages))
         if self._repartitioning.locked():
             raise RepartitionBusy("a repartition is under way")
@@ -386,7 +388,7 @@ class DistributedOrchestrator:
             result = await repartition(
                 self.stages,
                 self._clients,
-                self._loop,
+                loop,
                 checked,
                 self._repartition_settings(),
                 cleanups=lambda: self._tracker.cleanups,
@@ -430,7 +432,10 @@ class DistributedOrchestrator:
                 return client.device_id, "UNREACHABLE"
             return client.device_id, "SERVING" if status == "SERVING" else "NOT_SERVING"
 
-        return list(await asyncio.gather(*(one(client) for client in self._clients)))
+        states = list(await asyncio.gather(*(one(client) for client in self._clients)))
+        if self._router is not None:
+            self._router.update(states)  # a replica serving again takes requests again
+        return states
 
     async def shutdown(self) -> None:
         """Stop taking requests, end the sessions of requests still running (they fail at
@@ -440,8 +445,8 @@ class DistributedOrchestrator:
         self._closed = True
         live = list(self._tracker.runs)
         await self.health_poll.stop()
-        if self._loop is not None:
-            await self._loop.stop("the coordinator is shutting down")
+        if self._router is not None:
+            await self._router.stop("the coordinator is shutting down")
         pending = [asyncio.ensure_future(run.end_sessions()) for run in live]
         pending += self._tracker.cleanups
         if pending:

@@ -17,15 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_relay.coordinator.admission import Admission
-from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.prepare import PreparedRequest
 from mlx_relay.coordinator.recovery import replay_session_id
+from mlx_relay.coordinator.replicas import ReplicaRouter
 from mlx_relay.coordinator.requests import (
     FinishReason,
     InferenceResponse,
@@ -83,9 +83,8 @@ class RequestRun:
 
     Args:
         prepared: the validated request.
-        loop: the step loop that runs every request's steps.
-        stages: the pipeline, in order.
-        clients: the WorkerClient of each stage, same order (for EndSession).
+        router: places the request in the step loop of a path through the stages'
+            replicas (the loop may hand it to another path when a replica fails).
         tokenizer: decodes the generated ids into text.
         eos_ids: token ids that end generation.
         admission: where the request waits for a running slot.
@@ -99,9 +98,7 @@ class RequestRun:
     def __init__(
         self,
         prepared: PreparedRequest,
-        loop: StepLoop,
-        stages: Sequence[Stage],
-        clients: Sequence[WorkerClient],
+        router: ReplicaRouter,
         tokenizer: Any,
         eos_ids: set[int],
         admission: Admission,
@@ -117,9 +114,8 @@ class RequestRun:
         self.session_id = self.request_id
         self.prompt_ids = prepared.prompt_ids
         self.sampling = encode_sampling(prepared.params)
-        self._loop = loop
-        self._stages = stages
-        self._clients = clients
+        self._router = router
+        self._loop: StepLoop | None = None  # once it joins
         self._eos_ids = eos_ids
         self._admission = admission
         self._collector = collector
@@ -196,6 +192,7 @@ class RequestRun:
 
     async def _step_events(self, admitted: float) -> AsyncGenerator[TokenEvent, None]:
         self._admitted = admitted
+        self._loop = self._router.place()
         self._loop.join(self)
         self._sessions_opened = True
         while True:
@@ -203,6 +200,7 @@ class RequestRun:
             if self.paused and self._events.qsize() <= self._buffer_tokens // 2:
                 self.paused = False
                 logger.debug("request %s: its reader caught up; resumed", self.request_id)
+                assert self._loop is not None
                 self._loop.resume(self.request_id)
             if isinstance(item, BaseException):
                 raise item
@@ -220,6 +218,9 @@ class RequestRun:
         if end <= len(self.prompt_ids):
             return self.prompt_ids[position:end]
         return (self.prompt_ids + self.outcome.token_ids)[position:end]
+
+    def moved(self, loop: StepLoop) -> None:
+        self._loop = loop
 
     def replay(self, failed_at: float) -> None:
         self._replays += 1
@@ -275,6 +276,7 @@ class RequestRun:
         if self._events.qsize() >= self._buffer_tokens and not self.paused:
             self.paused = True
             logger.debug("request %s: %d tokens unread; paused", self.request_id, index + 1)
+            assert self._loop is not None
             self._loop.pause(self.request_id)
         return False
 
@@ -334,20 +336,22 @@ class RequestRun:
     async def _leave_and_end(self) -> None:
         # Once no micro-batch in flight holds the request, its sessions may end without
         # failing another request's step.
+        assert self._loop is not None
         await self._loop.leave(self.request_id)
         await self.end_sessions()
 
     async def end_sessions(self) -> None:
         """EndSession on every stage, concurrently, once; failures are logged, not raised (a
         dead worker has lost the session anyway, a stuck one frees it after its TTL)."""
-        if not self._sessions_opened:
+        if not self._sessions_opened or self._loop is None:
             return
         self._sessions_opened = False
+        loop = self._loop
         results = await asyncio.gather(
-            *(client.end_session(self.session_id) for client in self._clients),
+            *(client.end_session(self.session_id) for client in loop.clients),
             return_exceptions=True,
         )
-        for stage, result in zip(self._stages, results, strict=True):
+        for stage, result in zip(loop.stages, results, strict=True):
             if isinstance(result, BaseException):
                 logger.warning(
                     "EndSession of request %s on %s failed: %s",

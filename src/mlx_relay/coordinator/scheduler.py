@@ -147,8 +147,10 @@ class Scheduler:
         """Micro-batches scheduled and not yet completed."""
         return len(self._in_flight)
 
-    def add(self, request_id: str, prompt_length: int) -> None:
-        """A new request; it joins the next micro-batch that has room.
+    def add(self, request_id: str, prompt_length: int, generated: int = 0) -> None:
+        """A new request; it joins the next micro-batch that has room. A request that has
+        already ``generated`` tokens elsewhere (moved from another replica's pipeline)
+        starts with their replay, as after :meth:`replay`.
 
         Raises:
             ValueError: the id is taken, or the prompt is empty.
@@ -157,7 +159,24 @@ class Scheduler:
             raise ValueError(f"request {request_id!r} is already scheduled")
         if prompt_length < 1:
             raise ValueError("a request needs at least one prompt token")
-        self._requests[request_id] = _Request(request_id, prompt_length - 1, next(self._arrivals))
+        request = _Request(request_id, prompt_length - 1, next(self._arrivals))
+        request.generated = generated
+        request.prefill_length = request.prompt_prefill + generated
+        self._requests[request_id] = request
+
+    def hand_over(self) -> list[tuple[str, int, bool]]:
+        """Take every request out (they move to another pipeline); each one's
+        ``(request_id, tokens generated, whether it took a step)``. Call with no
+        micro-batch in flight.
+
+        Raises:
+            RuntimeError: a micro-batch is still in flight.
+        """
+        if self._in_flight:
+            raise RuntimeError(f"{len(self._in_flight)} micro-batches are still in flight")
+        held = [(r.request_id, r.generated, r.sent) for r in self._requests.values()]
+        self._requests.clear()
+        return held
 
     def idle(self) -> list[str]:
         """The requests in no micro-batch now (waiting for their next step)."""

@@ -76,6 +76,9 @@ class Member(Protocol):
         """The stages lost the request's caches at ``failed_at`` (monotonic s): it moves to
         a new session id, and its next token ends the pause."""
 
+    def moved(self, loop: StepLoop) -> None:
+        """The request now runs in ``loop`` (another path through the stages' replicas)."""
+
     def on_token(self, result: relay_pb2.ForwardResult) -> bool:
         """The last stage sampled the request's next token; True when it is finished."""
 
@@ -101,6 +104,9 @@ class StepLoop:
             (``network.recovery_timeout``); 0 fails them at once.
         restore: awaited before a replay, once every stage serves: gives a restarted
             worker the layers the route names (after a live repartition).
+        failover: given this loop and a failed stage's device id, another loop (a path
+            through live replicas) to move the requests to, or None to wait for the stage
+            (:class:`~mlx_relay.coordinator.replicas.ReplicaRouter`).
     """
 
     def __init__(
@@ -125,6 +131,7 @@ class StepLoop:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped: str | None = None
         self._recovery_timeout = recovery_timeout
+        self._failover = failover
         # While a stage failure is being recovered from: when it began, the last error.
         self._failed_at: float | None = None
         self._failure: BaseException | None = None
@@ -250,6 +257,33 @@ class StepLoop:
             self._collector.set_requests_scheduled(0)
 
     @property
+    def stages(self) -> Sequence[StageView]:
+        return self._stages
+
+    @property
+    def clients(self) -> Sequence[WorkerClient]:
+        return self._clients
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        """The device id of each stage this loop runs through."""
+        return tuple(stage.device_id for stage in self._stages)
+
+    @property
+    def held(self) -> int:
+        """Requests the loop holds (running or waiting for their next step)."""
+        return len(self._scheduler)
+
+    def adopt(self, member: Member, generated: int) -> None:
+        """Take over a request from another loop; it has ``generated`` tokens so far and
+        starts with their replay (it joins as :meth:`join` otherwise)."""
+        self._scheduler.add(member.request_id, len(member.prompt_ids), generated)
+        self._members[member.request_id] = member
+        if getattr(member, "paused", False):
+            self._scheduler.pause(member.request_id)
+        self._pump()
+
+    @property
     def recovering(self) -> bool:
         """Whether the loop is paused, waiting for a failed stage to serve again."""
         return self._recovering
@@ -364,6 +398,11 @@ class StepLoop:
         deadline = failed_at + self._recovery_timeout
         while self._scheduler.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(recovery.POLL_INTERVAL / 4)
+        failed = str(getattr(self._failure, "device_id", ""))
+        target = self._failover(self, failed) if self._failover is not None else None
+        if target is not None and not self._scheduler.in_flight:
+            self._hand_over(target, failed_at)
+            return
         serving = not self._scheduler.in_flight and await recovery.wait_until_serving(
             self._clients, deadline
         )
@@ -391,6 +430,32 @@ class StepLoop:
         )
         self._recovering = False
         self._pump()
+
+    def _hand_over(self, target: StepLoop, failed_at: float) -> None:
+        """Move every request to ``target`` (the same stages through other replicas): each
+        one that took a step replays there under a new session id; the old sessions end
+        on this loop's stages (the live ones free them)."""
+        old = []
+        for request_id, generated, sent in self._scheduler.hand_over():
+            member = self._members.pop(request_id, None)
+            if member is None:
+                continue
+            if sent:
+                old.append(member.session_id)
+                member.replay(failed_at)
+            member.moved(target)
+            target.adopt(member, generated)
+        logger.info(
+            "moved %d requests from %s to %s",
+            len(old),
+            " -> ".join(self.path),
+            " -> ".join(target.path),
+        )
+        self._recovering = False
+        self._failed_at = None
+        self._failure = None
+        self._spawn(recovery.end_old_sessions(self._clients, old))
+        self._report_held()
 
     def _give_up(self) -> None:
         """Past the recovery window: every request fails with the stage's error."""

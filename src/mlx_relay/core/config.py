@@ -403,9 +403,13 @@ class ClusterConfig(_Section):
                 f"devices[{i}].layers", "give every worker explicit layers, or none (use 'auto')"
             )
         expected_start = 0
+        previous: LayerRange | None = None
         for i, worker in explicit:
             assert isinstance(worker.layers, LayerRange)
             start, end = worker.layers.start, worker.layers.end
+            if worker.layers == previous:
+                continue  # a replica of the stage before: the same layers
+            previous = worker.layers
             if start < expected_start:
                 raise FieldProblem(
                     f"devices[{i}].layers",
@@ -456,6 +460,33 @@ class ClusterConfig(_Section):
     def workers(self) -> list[DeviceConfig]:
         """Workers in pipeline order."""
         return [d for d in self.devices if d.role == "worker"]
+
+    @property
+    def stages(self) -> list[list[DeviceConfig]]:
+        """The workers by pipeline stage: consecutive workers with the same explicit
+        layers are replicas of one stage; every other worker is a stage of its own."""
+        stages: list[list[DeviceConfig]] = []
+        for worker in self.workers:
+            if (
+                stages
+                and isinstance(worker.layers, LayerRange)
+                and (worker.layers == stages[-1][0].layers)
+            ):
+                stages[-1].append(worker)
+            else:
+                stages.append([worker])
+        return stages
+
+    def stage_index(self, device_id: str) -> int:
+        """The pipeline stage of a worker (replicas share theirs).
+
+        Raises:
+            ConfigError: no worker has that id.
+        """
+        for index, replicas in enumerate(self.stages):
+            if any(w.id == device_id for w in replicas):
+                return index
+        raise ConfigError(f"no worker {device_id!r} in the configuration")
 
     @property
     def coordinator(self) -> DeviceConfig | None:

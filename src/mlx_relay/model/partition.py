@@ -53,7 +53,8 @@ def partition_layers(
 
 
 def assign_layers(config: ClusterConfig, num_layers: int) -> dict[str, LayerRange]:
-    """Each worker's layer range, keyed by worker id in pipeline order.
+    """Each worker's layer range, keyed by worker id in pipeline order (the replicas of a
+    stage, workers with the same explicit layers, share its range).
 
     Workers with ``layers: auto`` (or none) share the layers in proportion to their
     ``memory_budget_gb`` (equally when no worker gives one).
@@ -61,7 +62,8 @@ def assign_layers(config: ClusterConfig, num_layers: int) -> dict[str, LayerRang
     Raises:
         PartitionError: The configured layers do not fit ``num_layers``.
     """
-    workers = config.workers
+    stages = config.stages
+    workers = [replicas[0] for replicas in stages]
     requested = [w.layers if isinstance(w.layers, LayerRange) else None for w in workers]
     given = [w.memory_budget_gb for w in workers]
     budgets: list[float] | None = None
@@ -71,7 +73,8 @@ def assign_layers(config: ClusterConfig, num_layers: int) -> dict[str, LayerRang
         fill = sum(known) / len(known)
         budgets = [g if g is not None else fill for g in given]
     ranges = partition_layers(num_layers, requested, budgets)
-    return {w.id: r for w, r in zip(workers, ranges, strict=True)}
+    # Replicas of a stage get its range.
+    return {w.id: r for replicas, r in zip(stages, ranges, strict=True) for w in replicas}
 
 
 def _validate(num_layers: int, ranges: list[LayerRange]) -> list[LayerRange]:

@@ -112,22 +112,46 @@ class PeerState:
     reachable: bool
     healthy: bool
     message: str = ""
+    stage: int | None = None  # its pipeline stage; replicas of a stage share it
 
 
 def judge_peers(peers: Mapping[str, PeerState]) -> CheckResult:
-    """CRITICAL if a peer is unreachable, WARNING if one reports itself unhealthy."""
+    """CRITICAL if a peer is unreachable and no replica of its stage is reachable; WARNING
+    if a stage has lost replicas but not all (degraded), or a peer reports itself
+    unhealthy."""
     if not peers:
         return result(HealthStatus.HEALTHY, "no peers to check", peers={})
-    down = sorted(p for p, s in peers.items() if not s.reachable)
+    reached = {s.stage for s in peers.values() if s.reachable and s.stage is not None}
+    down = sorted(p for p, s in peers.items() if not s.reachable and s.stage not in reached)
+    lost = sorted(p for p, s in peers.items() if not s.reachable and s.stage in reached)
     unwell = sorted(p for p, s in peers.items() if s.reachable and not s.healthy)
-    details = {
+    details: dict[str, Any] = {
         "peers": {
             p: {"reachable": s.reachable, "healthy": s.healthy, "message": s.message}
             for p, s in sorted(peers.items())
         }
     }
+    stages = sorted({s.stage for s in peers.values() if s.stage is not None})
+    details["stages"] = {
+        str(index): {
+            "replicas": sorted(p for p, s in peers.items() if s.stage == index),
+            "status": "healthy"
+            if all(s.reachable for s in peers.values() if s.stage == index)
+            else ("degraded" if index in reached else "down"),
+        }
+        for index in stages
+    }
+    degraded = [
+        f"stage {index} degraded ({', '.join(p for p in lost if peers[p].stage == index)} "
+        "unreachable)"
+        for index in stages
+        if details["stages"][str(index)]["status"] == "degraded"
+    ]
     if down:
         return result(HealthStatus.CRITICAL, f"unreachable: {', '.join(down)}", **details)
+    if degraded:
+        message = "; ".join(degraded + ([f"unhealthy: {', '.join(unwell)}"] if unwell else []))
+        return result(HealthStatus.WARNING, message, **details)
     if unwell:
         return result(HealthStatus.WARNING, f"unhealthy: {', '.join(unwell)}", **details)
     return result(HealthStatus.HEALTHY, f"all {len(peers)} peers reachable and healthy", **details)

@@ -1,5 +1,6 @@
-"""``GET /health``, the readiness probe: is every pipeline stage serving? For load balancers
-and ``mlx-relay up``. (The monitoring system's health checks are ``GET /api/health``.)
+"""``GET /health``, the readiness probe: does every pipeline stage have a serving replica?
+For load balancers and ``mlx-relay up``. (The monitoring system's health checks are
+``GET /api/health``.)
 
 It answers from the coordinator's last poll of the stages
 (:class:`~mlx_relay.coordinator.stage_health.StageHealthPoll`, every
@@ -30,9 +31,19 @@ class StageState(BaseModel):
 
 
 class ReadinessResponse(BaseModel):
-    status: str = Field(description="'ok' when every stage is SERVING, else 'unavailable'.")
-    stages: list[StageState] = Field(description="Every stage, in pipeline order.")
-    failing: list[str] = Field(default_factory=list, description="Stages not SERVING.")
+    status: str = Field(
+        description="'ok' when every stage has a SERVING replica, else 'unavailable'."
+    )
+    stages: list[StageState] = Field(
+        description="Every worker, in pipeline order (the replicas of a stage share its index)."
+    )
+    failing: list[str] = Field(
+        default_factory=list, description="Workers not SERVING of stages with none SERVING."
+    )
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="Replicas not SERVING of stages that still have a SERVING replica.",
+    )
     detail: str | None = Field(default=None, description="Why the cluster is unavailable.")
     checked_at: float | None = Field(
         default=None, description="When the stages were last polled, unix seconds."
@@ -45,8 +56,9 @@ class ReadinessResponse(BaseModel):
     responses={503: {"model": ReadinessResponse, "description": "A stage is not serving."}},
 )
 async def get_readiness(services: ServicesDep) -> JSONResponse:
-    """200 when every stage answered SERVING on ``grpc.health.v1`` at the last poll; 503
-    naming the failing stages otherwise (or while the pipeline is not initialised)."""
+    """200 when every stage had a replica answering SERVING on ``grpc.health.v1`` at the
+    last poll (replicas not serving are listed as ``degraded``); 503 naming the failing
+    stages' workers otherwise (or while the pipeline is not initialised)."""
     orchestrator = services.orchestrator
     if orchestrator is None:
         return _reply(ReadinessResponse(status="ok", stages=[], detail="no pipeline (dashboard)"))
@@ -65,17 +77,24 @@ async def get_readiness(services: ServicesDep) -> JSONResponse:
         )
         for stage in orchestrator.stages
     ]
-    failing = [s.device_id for s in stages if s.status != "SERVING"]
+    served = {s.stage for s in stages if s.status == "SERVING"}
+    failing = [s.device_id for s in stages if s.stage not in served]
+    degraded = [s.device_id for s in stages if s.stage in served and s.status != "SERVING"]
     if not failing:
-        return _reply(ReadinessResponse(status="ok", stages=stages, checked_at=poll.checked_at))
+        return _reply(
+            ReadinessResponse(
+                status="ok", stages=stages, degraded=degraded, checked_at=poll.checked_at
+            )
+        )
     detail = "not serving: " + ", ".join(
-        f"{s.device_id} ({s.status})" for s in stages if s.status != "SERVING"
+        f"{s.device_id} ({s.status})" for s in stages if s.device_id in failing
     )
     return _reply(
         ReadinessResponse(
             status="unavailable",
             stages=stages,
             failing=failing,
+            degraded=degraded,
             detail=detail,
             checked_at=poll.checked_at,
         )

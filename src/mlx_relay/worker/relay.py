@@ -52,8 +52,8 @@ class PeerClients:
 
     Args:
         device_id: this worker.
-        next_stage: the device id of the worker after this one in the config (None on the
-            last stage): the only hop a route may name.
+        next_stage: the device ids of the next stage's workers in the config (its
+            replicas; none on the last stage): the only hops a route may name.
         network: deadlines, size limit and token of every hop.
         recorder: this worker's collector (the outgoing link's metrics), or None.
         tls: this worker's CA, certificate and key: a hop verifies the next stage against
@@ -63,13 +63,13 @@ class PeerClients:
     def __init__(
         self,
         device_id: str,
-        next_stage: str | None,
+        next_stage: Sequence[str],
         network: NetworkConfig,
         recorder: Any | None = None,
         tls: TLSMaterial | None = None,
     ) -> None:
         self.device_id = device_id
-        self.next_stage = next_stage
+        self.next_stage = tuple(next_stage)
         self.network = network
         self._recorder = recorder
         self._tls = tls
@@ -81,10 +81,11 @@ class PeerClients:
         Raises:
             InvalidRequest: the hop is not this worker's next stage.
         """
-        if hop.device_id != self.next_stage or not hop.address:
+        if hop.device_id not in self.next_stage or not hop.address:
+            allowed = " or ".join(repr(d) for d in self.next_stage) or "(none: the last)"
             raise InvalidRequest(
                 f"route: worker {self.device_id} relays only to its next stage "
-                f"{self.next_stage!r}, got {hop.device_id!r} at {hop.address!r}"
+                f"{allowed}, got {hop.device_id!r} at {hop.address!r}"
             )
         key = (hop.device_id, hop.address)
         client = self._clients.get(key)

@@ -92,7 +92,7 @@ class WorkerServer:
         self.config = config
         self.device = device
         self.device_id = device.id
-        self.stage = next(i for i, w in enumerate(workers) if w.id == device.id)
+        self.stage = config.stage_index(device.id)  # replicas of a stage share it
         self.port = 0
         self.monitoring_enabled = enable_monitoring and config.monitoring.enabled
         self.telemetry = (
@@ -112,7 +112,8 @@ class WorkerServer:
             )
         if config.tracing.enabled:
             self._state.tracer = tracer_of(tracer_provider)
-        following = workers[self.stage + 1].id if self.stage + 1 < len(workers) else None
+        stages = config.stages
+        following = [w.id for w in stages[self.stage + 1]] if self.stage + 1 < len(stages) else []
         self.tls = tls_material(config, device.id)
         self._state.peers = PeerClients(
             device.id, following, config.network, recorder=self._state.collector, tls=self.tls

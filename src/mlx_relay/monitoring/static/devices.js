@@ -158,35 +158,87 @@
     }
   }
 
+  // Devices in pipeline order, the replicas of a stage (workers with the same stage index)
+  // in one group.
+  function stageGroups(devices) {
+    const groups = [];
+    for (const device of devices) {
+      const last = groups[groups.length - 1];
+      const staged = device.stage !== null && device.stage !== undefined;
+      if (last && staged && last[0].stage === device.stage) last.push(device);
+      else groups.push([device]);
+    }
+    return groups;
+  }
+
+  // A stage with replicas: healthy while all answer, degraded (warning) while some do,
+  // down (critical) when none does (a replica answers unless its last poll failed).
+  function renderGroupStatus(node, group, upOf) {
+    const serving = group.filter((d) => upOf[d.device_id] !== false).length;
+    const state = serving === group.length ? "healthy" : serving > 0 ? "warning" : "critical";
+    badge(node, state);
+    node.classList.add("stage-group-status");
+    node.textContent = state === "warning" ? "degraded" : state === "critical" ? "down" : "healthy";
+    node.title = `${serving} of ${group.length} replicas serving`;
+  }
+
   function renderDevices(snapshot, health) {
     const container = document.getElementById("devices");
     const statusOf = {};
-    for (const d of health.devices) statusOf[d.device_id] = d.status;
+    const upOf = {};
+    for (const d of health.devices) {
+      statusOf[d.device_id] = d.status;
+      upOf[d.device_id] = d.up;
+    }
     const devices = orderedDevices(snapshot);
-    const order = devices.map((d) => d.device_id).join("|");
+    const groups = stageGroups(devices);
+    const order = groups.map((g) => g.map((d) => d.device_id).join("+")).join("|");
     if (container.dataset.order !== order) {
       container.replaceChildren();
-      devices.forEach((device, i) => {
+      groups.forEach((group, i) => {
         if (i > 0) {
           const arrow = el("div", "arrow", "→");
-          arrow.dataset.link = `${devices[i - 1].device_id}→${device.device_id}`;
+          const pairs = [];
+          for (const from of groups[i - 1]) for (const to of group) pairs.push(`${from.device_id}→${to.device_id}`);
+          arrow.dataset.link = pairs.join(",");
           container.appendChild(arrow);
         }
-        const parts = cards.get(device.device_id) || createCard(device.device_id);
-        container.appendChild(parts.card);
+        let parent = container;
+        if (group.length > 1) {
+          const box = el("div", "stage-group");
+          box.dataset.stage = String(group[0].stage);
+          const head = el("div", "stage-group-head");
+          head.appendChild(el("span", "stage-group-name", `stage ${group[0].stage} · ${group.length} replicas`));
+          head.appendChild(el("span", "badge stage-group-status"));
+          box.appendChild(head);
+          container.appendChild(box);
+          parent = box;
+        }
+        for (const device of group) {
+          const parts = cards.get(device.device_id) || createCard(device.device_id);
+          parent.appendChild(parts.card);
+        }
       });
       container.dataset.order = order;
     }
-    // Each arrow is the link that carries the pipeline's Forward calls between the two:
+    for (const box of container.querySelectorAll(".stage-group")) {
+      const group = groups.find((g) => String(g[0].stage) === box.dataset.stage && g.length > 1);
+      if (group) renderGroupStatus(box.querySelector(".stage-group-status"), group, upOf);
+    }
+    // Each arrow is the links that carry the pipeline's Forward calls between two stages:
     // coordinator → first worker (token ids), then worker → worker (hidden states).
     const links = {};
     for (const link of snapshot.network.links) links[`${link.device}→${link.peer}`] = link;
     for (const arrow of container.querySelectorAll(".arrow")) {
-      const link = links[arrow.dataset.link];
-      arrow.classList.toggle("carries", Boolean(link && link.transmit_bytes_total > 0));
-      arrow.title = link
-        ? `${arrow.dataset.link}: ${fmt.bytes(link.transmit_bytes_total)} sent, ${fmt.bytes(link.receive_bytes_total)} received`
-        : `${arrow.dataset.link}: no traffic recorded yet`;
+      const carried = arrow.dataset.link.split(",").map((pair) => [pair, links[pair]]);
+      arrow.classList.toggle("carries", carried.some(([, link]) => link && link.transmit_bytes_total > 0));
+      arrow.title = carried
+        .map(([pair, link]) =>
+          link
+            ? `${pair}: ${fmt.bytes(link.transmit_bytes_total)} sent, ${fmt.bytes(link.receive_bytes_total)} received`
+            : `${pair}: no traffic recorded yet`
+        )
+        .join("\n");
     }
     for (const device of devices) {
       updateCard(cards.get(device.device_id), device, snapshot, statusOf[device.device_id] || "unknown");
