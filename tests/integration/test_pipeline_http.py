@@ -34,6 +34,7 @@ async def test_health_names_the_stage_that_stops_serving(tiny_model_dir: Path) -
                     {"device_id": "worker-1", "stage": 1, "layers": [2, 4], "status": "SERVING"},
                 ],
                 "failing": [],
+                "degraded": [],
                 "detail": None,
             }
             await cluster.workers[1].stop(grace=0)

@@ -11,7 +11,13 @@ import pytest
 
 from mlx_relay.core.config import Thresholds
 from mlx_relay.monitoring import HealthCheck, HealthMonitor, HealthStatus, MetricsCollector
-from mlx_relay.monitoring.health_rules import Level, PeerState, judge_process, worst_status
+from mlx_relay.monitoring.health_rules import (
+    Level,
+    PeerState,
+    judge_peers,
+    judge_process,
+    worst_status,
+)
 
 H, W, C, U = HealthStatus.HEALTHY, HealthStatus.WARNING, HealthStatus.CRITICAL, HealthStatus.UNKNOWN
 
@@ -297,3 +303,18 @@ def test_set_peer_state_updates_one_peer_and_keeps_the_others() -> None:
     m.set_peer_state("w2", PeerState(True, True))
     check = m.get_health_summary()["checks"]["distributed_health"]
     assert check["status"] == "healthy" and set(check["details"]["peers"]) == {"w1", "w2"}
+
+
+def test_a_stage_that_lost_a_replica_is_degraded_and_one_that_lost_all_is_down() -> None:
+    up, down = PeerState(True, True, stage=0), PeerState(False, False, "refused", stage=1)
+    degraded = judge_peers({"a": up, "b": PeerState(True, True, stage=1), "b2": down})
+    assert degraded["status"] == HealthStatus.WARNING
+    assert degraded["message"] == "stage 1 degraded (b2 unreachable)"
+    assert degraded["details"]["stages"] == {
+        "0": {"replicas": ["a"], "status": "healthy"},
+        "1": {"replicas": ["b", "b2"], "status": "degraded"},
+    }
+    lost = judge_peers({"a": up, "b": PeerState(False, False, stage=1), "b2": down})
+    assert lost["status"] == HealthStatus.CRITICAL
+    assert lost["message"] == "unreachable: b, b2"
+    assert lost["details"]["stages"]["1"]["status"] == "down"

@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from mlx_relay.core.config import ClusterConfig
-from mlx_relay.core.errors import PartitionError
+from mlx_relay.core.errors import ConfigError, PartitionError
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.partition import assign_layers, partition_layers
 
@@ -161,3 +161,31 @@ def test_assign_layers_rejects_explicit_ranges_that_miss_the_model_size() -> Non
     config = _cluster([{"id": "a", "layers": [0, 4]}, {"id": "b", "layers": [4, 8]}])
     with pytest.raises(PartitionError, match=r"layers \[8, 30\) are assigned to no stage"):
         assign_layers(config, 30)
+
+
+def test_workers_with_the_same_layers_are_replicas_of_one_stage() -> None:
+    config = _cluster(
+        [
+            {"id": "a", "layers": [0, 4]},
+            {"id": "a2", "layers": [0, 4]},
+            {"id": "b", "layers": [4, 30]},
+            {"id": "b2", "layers": [4, 30]},
+        ]
+    )
+    assert [[w.id for w in stage] for stage in config.stages] == [["a", "a2"], ["b", "b2"]]
+    assert [config.stage_index(w) for w in ("a", "a2", "b", "b2")] == [0, 0, 1, 1]
+    assert assign_layers(config, 30) == {
+        "a": LayerRange(0, 4),
+        "a2": LayerRange(0, 4),
+        "b": LayerRange(4, 30),
+        "b2": LayerRange(4, 30),
+    }
+    # A replica must follow its stage's worker: the same range later overlaps.
+    with pytest.raises(ConfigError, match=r"devices\[3\].layers: \[0, 4\) overlaps"):
+        _cluster(
+            [
+                {"id": "a", "layers": [0, 4]},
+                {"id": "b", "layers": [4, 30]},
+                {"id": "a2", "layers": [0, 4]},
+            ]
+        )

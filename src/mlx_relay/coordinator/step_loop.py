@@ -30,9 +30,10 @@ from typing import Any, Protocol
 from mlx_relay.coordinator import recovery
 from mlx_relay.coordinator.client import StageError, WorkerClient
 from mlx_relay.coordinator.compute_windows import Window, compute_windows
+from mlx_relay.coordinator.loop_recovery import LoopRecovery
 from mlx_relay.coordinator.scheduler import Scheduler, SchedulerSettings, StepPlan
 from mlx_relay.coordinator.tracing import RequestSpans, StepTrace
-from mlx_relay.core.errors import PipelineNotReady, RelayError, WorkerUnavailable
+from mlx_relay.core.errors import PipelineNotReady, WorkerUnavailable
 from mlx_relay.core.types import LayerRange
 from mlx_relay.proto import relay_pb2
 from mlx_relay.wire import encode_token_ids
@@ -89,7 +90,7 @@ class Member(Protocol):
         """The request cannot go on (a stage failed, the coordinator stops)."""
 
 
-class StepLoop:
+class StepLoop(LoopRecovery):
     """Continuous batching over the pipeline: requests join with :meth:`join` and leave
     when finished, failed or after :meth:`leave`.
 
@@ -119,6 +120,7 @@ class StepLoop:
         traced: bool = False,
         recovery_timeout: float = 0.0,
         restore: Callable[[], Awaitable[None]] | None = None,
+        failover: Callable[[StepLoop, str], StepLoop | None] | None = None,
     ) -> None:
         self._stages = stages
         self._traced = traced
@@ -370,114 +372,6 @@ class StepLoop:
         if not self._recovering:
             self._failed_at = None  # a step after the replay went through: recovered
         self._settle(plan)
-        self._pump()
-
-    def _begin_recovery(self, exc: BaseException) -> None:
-        """Pause the loop: the requests wait for the stages (see :meth:`_recover`)."""
-        self._failure = exc
-        if self._recovering:
-            return
-        self._recovering = True
-        if self._failed_at is None:
-            self._failed_at = time.monotonic()
-            logger.warning(
-                "%s; holding %d requests for up to %g s until the stage serves again",
-                exc,
-                len(self._members),
-                self._recovery_timeout,
-            )
-        else:
-            logger.info("the replay failed (%s); waiting for the stages again", exc)
-        self._spawn(self._recover())
-
-    async def _recover(self) -> None:
-        """Wait for the steps in flight, end the requests' old sessions, wait until every
-        stage serves, then replay every request (or fail them all past the window)."""
-        assert self._failed_at is not None
-        failed_at = self._failed_at
-        deadline = failed_at + self._recovery_timeout
-        while self._scheduler.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(recovery.POLL_INTERVAL / 4)
-        failed = str(getattr(self._failure, "device_id", ""))
-        target = self._failover(self, failed) if self._failover is not None else None
-        if target is not None and not self._scheduler.in_flight:
-            self._hand_over(target, failed_at)
-            return
-        serving = not self._scheduler.in_flight and await recovery.wait_until_serving(
-            self._clients, deadline
-        )
-        if serving and self._restore is not None:
-            try:
-                await self._restore()
-            except RelayError as exc:
-                self._failure, serving = exc, False
-        if not serving:
-            self._give_up()
-            return
-        old = []
-        for request_id in self._scheduler.replay():
-            member = self._members.get(request_id)
-            if member is not None:
-                old.append(member.session_id)
-                member.replay(failed_at)
-        # Before the replay opens the new sessions: a stage holds one session per request
-        # (and the quota of the coordinator's sessions allows no more than twice that).
-        await recovery.end_old_sessions(self._clients, old)
-        logger.info(
-            "every stage serves again after %.2f s: replaying %d requests",
-            time.monotonic() - failed_at,
-            len(old),
-        )
-        self._recovering = False
-        self._pump()
-
-    def _hand_over(self, target: StepLoop, failed_at: float) -> None:
-        """Move every request to ``target`` (the same stages through other replicas): each
-        one that took a step replays there under a new session id; the old sessions end
-        on this loop's stages (the live ones free them)."""
-        old = []
-        for request_id, generated, sent in self._scheduler.hand_over():
-            member = self._members.pop(request_id, None)
-            if member is None:
-                continue
-            if sent:
-                old.append(member.session_id)
-                member.replay(failed_at)
-            member.moved(target)
-            target.adopt(member, generated)
-        logger.info(
-            "moved %d requests from %s to %s",
-            len(old),
-            " -> ".join(self.path),
-            " -> ".join(target.path),
-        )
-        self._recovering = False
-        self._failed_at = None
-        self._failure = None
-        self._spawn(recovery.end_old_sessions(self._clients, old))
-        self._report_held()
-
-    def _give_up(self) -> None:
-        """Past the recovery window: every request fails with the stage's error."""
-        error = self._failure or PipelineNotReady("a stage failed")
-        logger.warning(
-            "no recovery within %g s: failing %d requests (%s)",
-            self._recovery_timeout,
-            len(self._scheduler),
-            error,
-        )
-        for request_id in list(self._members):
-            self._scheduler.abort(request_id)
-            member = self._members.pop(request_id)
-            if request_id not in self._left:
-                member.fail(error)
-            if request_id not in self._scheduler:  # else once its micro-batch is back
-                future = self._left.pop(request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(None)
-        self._recovering = False
-        self._failed_at = None
-        self._failure = None
         self._pump()
 
     def _settle(self, plan: StepPlan) -> None:
