@@ -140,8 +140,8 @@ async def test_requests_arriving_during_a_rebalance_wait_then_run(wide_model_dir
             if phase == "loading":
                 arrivals.extend(asyncio.create_task(generate(orchestrator, p)) for p in late)
             if phase == "switching":
-                assert orchestrator._loop is not None
-                held["waiting"] = orchestrator._loop.held_back
+                assert orchestrator._router is not None
+                held["waiting"] = orchestrator._router.only_loop().held_back
 
         target = [LayerRange(0, 2), LayerRange(2, 4)]
         old = [weakref.ref(w._state.runtime) for w in cluster.workers]

@@ -46,6 +46,10 @@ class ReplicaRouter:
         recovery_timeout: float = 0.0,
         restore: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        # Without replicas the one loop runs on these very lists: a live repartition
+        # replaces the stages' ranges in them, in place.
+        self._stages = stages
+        self._clients = clients
         self._replicas: list[list[tuple[StageView, WorkerClient]]] = []
         for stage, client in zip(stages, clients, strict=True):
             if stage.index == len(self._replicas):
@@ -118,9 +122,10 @@ class ReplicaRouter:
                 next(pair for pair in replicas if pair[0].device_id == device_id)
                 for replicas, device_id in zip(self._replicas, path, strict=True)
             ]
+            alone = all(len(replicas) == 1 for replicas in self._replicas)
             loop = StepLoop(
-                [stage for stage, _ in chosen],
-                [client for _, client in chosen],
+                self._stages if alone else [stage for stage, _ in chosen],
+                self._clients if alone else [client for _, client in chosen],
                 self._settings,
                 self._collector,
                 traced=self._traced,
