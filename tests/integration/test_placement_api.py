@@ -87,3 +87,18 @@ async def test_skewed_split_gets_a_balanced_proposal(
         unknown = await http.get("/api/placement", params={"without": "worker-9"})
         assert unknown.status_code == 400
         assert "no device worker-9" in unknown.json()["detail"]
+        # A what-if device's memory must be positive and finite in bytes: 422, never a 500.
+        for gb in ("-1", "0", "1e300"):
+            bad = await http.get("/api/placement", params={"add_device_gb": gb})
+            assert bad.status_code == 422, (gb, bad.text)
+        everyone = await http.get("/api/placement", params={"without": ["worker-0", "worker-1"]})
+        assert everyone.status_code == 400
+        # The served schema says which workers `without` takes, and never all of them.
+        schema = (await http.get("/openapi.json")).json()
+        (without,) = [
+            p
+            for p in schema["paths"]["/api/placement"]["get"]["parameters"]
+            if p["name"] == "without"
+        ]
+        assert without["schema"]["items"]["enum"] == ["worker-0", "worker-1"]
+        assert len(without["schema"]["not"]["allOf"]) == 2

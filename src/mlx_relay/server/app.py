@@ -24,6 +24,7 @@ from mlx_relay.server.body_limit import BodySizeLimit
 from mlx_relay.server.deps import AppServices
 from mlx_relay.server.placement import PlacementSource, mount_placement
 from mlx_relay.server.rebalance import Rebalancer, mount_rebalance
+from mlx_relay.server.schema import install_served_schema
 
 __all__ = ["AppServices", "create_app", "include_routes", "start_services", "stop_services"]
 
@@ -44,7 +45,7 @@ def include_routes(app: FastAPI, services: AppServices) -> None:
     app.include_router(readiness.router)  # GET /health
     app.include_router(openai.router)  # /v1: OpenAI-compatible inference API
     openai.install_unmatched_errors(app)  # /v1 paths no route takes: OpenAI's error shape
-    openai.install_served_schema(app, services)  # /openapi.json with the served model's limits
+    install_served_schema(app, services)  # /openapi.json with the cluster's limits
     if services.metrics_collector is not None:  # /, /static, /api/*, /ws, /metrics
         mount_monitoring(
             app,

@@ -341,10 +341,19 @@ def mount_placement(app: FastAPI, source: PlacementSource) -> None:
     app.include_router(router, dependencies=[Depends(rate_limit), Depends(require_token)])
 
 
-@router.get("/api/placement", response_model=PlacementView, summary="Placement advice")
+# A what-if device's memory: positive, and at most a million GB (bytes must fit an integer).
+DeviceGigabytes = Annotated[float, Field(gt=0, le=1e6)]
+
+
+@router.get(
+    "/api/placement",
+    response_model=PlacementView,
+    summary="Placement advice",
+    responses={400: {"description": "A what-if the advisor cannot answer."}},
+)
 async def get_placement(
     request: Request,
-    add_device_gb: Annotated[list[float], Query(gt=0)] = [],  # noqa: B006
+    add_device_gb: Annotated[list[DeviceGigabytes], Query()] = [],  # noqa: B006
     without: Annotated[list[str], Query()] = [],  # noqa: B006
 ) -> PlacementView:
     """The current and the proposed layer split with their predicted decode step and the

@@ -257,6 +257,10 @@ def _rebalancer(request: Request) -> Rebalancer:
     response_model=RebalanceStatus,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Apply a layer split live",
+    responses={
+        400: {"description": "A body that is not JSON, or a split that cannot be applied."},
+        409: {"description": "A repartition is under way."},
+    },
 )
 async def apply_split(request: Request, body: ApplyRequest) -> RebalanceStatus:
     """Start moving the pipeline to ``split`` (or the advisor's proposal) without restarting

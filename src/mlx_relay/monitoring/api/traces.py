@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.responses import JSONResponse
+from pydantic import WithJsonSchema
 from starlette.requests import HTTPConnection
 
 from mlx_relay.monitoring.api.params import bad, number_param
@@ -49,7 +50,11 @@ TracesDep = Annotated[TraceStore, Depends(get_traces)]
 def get_trace(
     request_id: str,
     store: TracesDep,
-    format: Annotated[str, Query(description="json|chrome (trace-event download).")] = "json",
+    format: Annotated[
+        str,
+        Query(description="json|chrome (trace-event download)."),
+        WithJsonSchema({"type": "string", "enum": list(FORMATS)}),
+    ] = "json",
 ) -> Any:
     """One request's spans across every stage, its lanes in pipeline order and where its
     time went (queue, coordinator, compute per stage, network per link, bubble).
@@ -94,7 +99,11 @@ def get_trace(
 )
 def get_profile(
     store: TracesDep,
-    window: Annotated[str | None, Query(description="Seconds back from now (default 300).")] = None,
+    window: Annotated[
+        str | None,
+        Query(description="Seconds back from now (default 300)."),
+        WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": MAX_PROFILE_WINDOW}),
+    ] = None,
 ) -> dict[str, Any]:
     """Where the time of the requests that finished in the last ``window`` seconds went,
     summed, per request and per output token: queue, coordinator, compute per stage,

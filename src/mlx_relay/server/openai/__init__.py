@@ -7,6 +7,5 @@ orchestrator's results into those bodies, ``stream`` serves them as server-sent 
 
 from mlx_relay.server.openai.api import router
 from mlx_relay.server.openai.errors import install_unmatched_errors
-from mlx_relay.server.openai.schema import install_served_schema
 
-__all__ = ["install_served_schema", "install_unmatched_errors", "router"]
+__all__ = ["install_unmatched_errors", "router"]

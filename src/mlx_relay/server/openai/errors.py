@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from mlx_relay.core.errors import (
     InvalidRequest,
@@ -179,13 +180,30 @@ API_PREFIX = "/v1"
 
 def install_unmatched_errors(app: FastAPI) -> None:
     """Answer the HTTP errors of requests under ``/v1`` that no route took (404, 405) in
-    OpenAI's shape, as the schema declares; other paths keep FastAPI's ``{"detail"}``."""
+    OpenAI's shape, as the schema declares; other paths keep FastAPI's ``{"detail"}``. A 405
+    names in ``Allow`` every method of the path (Starlette names only its first route's)."""
 
     async def handle(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         path = request.url.path
+        if exc.status_code == 405:
+            allow = ", ".join(sorted(_methods_of(request.app, path)))
+            exc = HTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": allow})
         if path == API_PREFIX or path.startswith(API_PREFIX + "/"):
             return from_http_exception(exc).response()
         return await http_exception_handler(request, exc)
 
     app.add_exception_handler(HTTPException, handle)
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _methods_of(app: FastAPI, path: str) -> set[str]:
+    """The methods some route of ``app`` takes on ``path``."""
+    methods = set()
+    for method in _METHODS:
+        scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": []}
+        if any(route.matches(scope)[0] == Match.FULL for route in app.router.routes):
+            methods.add(method)
+    return methods

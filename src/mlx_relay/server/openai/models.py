@@ -8,7 +8,7 @@ and that mlx-relay cannot honour are accepted only at their neutral value (see
 The schema says exactly what the API accepts: values are not coerced (``"5"`` is no integer),
 the neutral-only fields declare their one value (:func:`only`), and the limits that depend on
 the configuration and the served model (the model's name, token ids, messages, stop strings)
-are filled in when the schema is served (:mod:`mlx_relay.server.openai.schema`).
+are filled in when the schema is served (:mod:`mlx_relay.server.schema`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""The OpenAI API's schema as served: FastAPI's, with the limits of this server filled in.
+"""The app's schema as served: FastAPI's, with the limits of this cluster filled in.
 
 What a request may hold depends on the configuration and the served model: the model's name
 (any other is a 404), the token ids of its vocabulary, ``inference.max_messages`` and
-``inference.max_stop_length``. ``/openapi.json`` states them once the pipeline is up, so that
-the schema says exactly what the API accepts. One limit no schema can state is left to the
-descriptions: a prompt's size in tokens (and its UTF-8 bytes), checked when it is tokenized.
+``inference.max_stop_length`` for ``/v1``; the device ids ``/api/placement?without=`` takes.
+``/openapi.json`` states them once the pipeline is up, so that the schema says exactly what
+the API accepts. One limit no schema can state is left to the descriptions: a prompt's size
+in tokens (and its UTF-8 bytes), checked when it is tokenized.
 """
 
 from __future__ import annotations
@@ -57,12 +58,27 @@ def _limit_token_ids(node: Any, highest: int) -> None:
             _limit_token_ids(value, highest)
 
 
+def with_device_ids(schema: Schema, device_ids: list[str]) -> Schema:
+    """A copy of ``schema`` where ``/api/placement``'s ``without`` names workers, never all
+    of them (no device would be left to place layers on)."""
+    schema = copy.deepcopy(schema)
+    operation = schema.get("paths", {}).get("/api/placement", {}).get("get", {})
+    for parameter in operation.get("parameters", []):
+        if parameter.get("name") == "without":
+            every = [{"contains": {"const": device}} for device in device_ids]
+            parameter["schema"].update(
+                items={"type": "string", "enum": device_ids}, **{"not": {"allOf": every}}
+            )
+    return schema
+
+
 def install_served_schema(app: FastAPI, services: AppServices) -> None:
-    """Serve ``/openapi.json`` with :func:`with_served_limits` once the pipeline is up."""
+    """Serve ``/openapi.json`` with :func:`with_device_ids` and, once the pipeline is up,
+    :func:`with_served_limits`."""
     built: Callable[[], Schema] = app.openapi  # FastAPI's own, cached after the first call
 
     def served() -> Schema:
-        schema = built()
+        schema = with_device_ids(built(), [w.id for w in services.config.workers])
         orchestrator = services.orchestrator
         info = orchestrator.model_info if orchestrator is not None else None
         if orchestrator is None or info is None or not orchestrator.ready:
