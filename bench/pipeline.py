@@ -4,6 +4,9 @@
     .venv/bin/python bench/pipeline.py --rounds 5 --max-tokens 48 --concurrency 1 2 4 8
     .venv/bin/python bench/pipeline.py --micro-batches 1       # one micro-batch in flight
     .venv/bin/python bench/pipeline.py --sections ttft         # one figure only
+    OPENBLAS_THREAD_TIMEOUT=28 .venv/bin/python bench/pipeline.py --blas-threads 1
+        # one BLAS thread per worker and OpenBLAS's own idle spin: the settings before
+        # per-step threads, to compare with
 
 On the bundled model (greedy):
   decode     decode tokens/s of one request, single process (``generate_tokens``) vs a
