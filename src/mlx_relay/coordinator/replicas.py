@@ -104,7 +104,7 @@ class ReplicaRouter:
             await loop.stop(reason)
 
     def _load(self, device_id: str) -> int:
-        return sum(loop.held for path, loop in self._loops.items() if device_id in path)
+        return sum(loop.scheduled for path, loop in self._loops.items() if device_id in path)
 
     def _path(self, exclude: set[str]) -> Path | None:
         path = []

@@ -271,11 +271,6 @@ class StepLoop(LoopRecovery):
         """The device id of each stage this loop runs through."""
         return tuple(stage.device_id for stage in self._stages)
 
-    @property
-    def held(self) -> int:
-        """Requests the loop holds (running or waiting for their next step)."""
-        return len(self._scheduler)
-
     def adopt(self, member: Member, generated: int) -> None:
         """Take over a request from another loop; it has ``generated`` tokens so far and
         starts with their replay (it joins as :meth:`join` otherwise)."""
