@@ -132,9 +132,15 @@ class ReplicaRouter:
                 recovery_timeout=self._recovery_timeout,
                 restore=self._restore,
                 failover=self._failover,
+                pipeline_in_flight=self._in_flight,
             )
             self._loops[path] = loop
         return loop
+
+    def _in_flight(self) -> int:
+        """Micro-batches in flight in all the loops (stages of one host in different
+        paths may compute at once)."""
+        return sum(loop.in_flight for loop in self._loops.values())
 
     def _failover(self, loop: StepLoop, failed: str) -> StepLoop | None:
         """Where the requests of ``loop`` go when its stage ``failed`` failed: a path

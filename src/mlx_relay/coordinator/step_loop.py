@@ -108,6 +108,9 @@ class StepLoop(LoopRecovery):
         failover: given this loop and a failed stage's device id, another loop (a path
             through live replicas) to move the requests to, or None to wait for the stage
             (:class:`~mlx_relay.coordinator.replicas.ReplicaRouter`).
+        pipeline_in_flight: the micro-batches in flight in every loop over these workers
+            (each ``Forward`` carries it, for the stages' BLAS threads); default: this
+            loop's own.
     """
 
     def __init__(
@@ -121,8 +124,12 @@ class StepLoop(LoopRecovery):
         recovery_timeout: float = 0.0,
         restore: Callable[[], Awaitable[None]] | None = None,
         failover: Callable[[StepLoop, str], StepLoop | None] | None = None,
+        pipeline_in_flight: Callable[[], int] | None = None,
     ) -> None:
         self._stages = stages
+        # Micro-batches in flight in every loop over these workers: each Forward carries it,
+        # so that a stage takes only the cores no other stage of its host may compute on.
+        self._pipeline_in_flight = pipeline_in_flight or (lambda: self._scheduler.in_flight)
         self._traced = traced
         self._clients = clients
         self._route = self._routed()
@@ -456,7 +463,7 @@ class StepLoop(LoopRecovery):
                     route=self._route,
                     layer_start=first.layer_range.start,
                     layer_end=first.layer_range.end,
-                    microbatches_in_flight=self._scheduler.in_flight,
+                    microbatches_in_flight=self._pipeline_in_flight(),
                 ),
                 traceparent=entries[0].traceparent if entries else "",
             )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx_relay.core.blas import default_threads, set_threads
+from mlx_relay.core.blas import default_threads, loaded_blas, set_threads
 
 
 @dataclass(frozen=True)
@@ -46,18 +46,17 @@ class ThreadPolicy:
 
 
 class StepThreads:
-    """Sets the process's BLAS thread count before each step, when it changes (MLX thread
+    """Sets the process's BLAS thread count before each step, when it differs (MLX thread
     only: the count is process-wide and only that thread computes)."""
 
-    def __init__(self, policy: ThreadPolicy, current: int | None = None) -> None:
+    def __init__(self, policy: ThreadPolicy) -> None:
         self.policy = policy
-        self.current = current
 
     def apply(self, in_flight: int) -> int:
         """Set the threads for a step sent with ``in_flight`` micro-batches in the pipeline;
         returns them."""
         threads = self.policy.for_step(in_flight)
-        if threads != self.current:
+        library = loaded_blas()
+        if library is None or library.threads != threads:
             set_threads(threads)
-            self.current = threads
         return threads

@@ -299,7 +299,7 @@ class WorkerServer:
             state.runtime = await load_stage(
                 self.config, self._executor, placement, threads, self.device
             )
-            state.threads = StepThreads(thread_policy(self.config, self.device), threads)
+            state.threads = StepThreads(thread_policy(self.config, self.device))
         except Exception as exc:
             state.load_error = exc
             logger.error("worker %s failed to load its model: %s", self.device_id, exc)
