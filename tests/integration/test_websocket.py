@@ -52,7 +52,12 @@ async def test_snapshot_on_connect_then_updates_with_the_new_request_count(
 
         generated = await run_requests(env, 2, max_tokens=3)
         update = await _receive(connection)
-        while update.snapshot.inference.requests_total < 2:
+        # Updates already queued may predate the last tokens' counting: read on until the
+        # counts catch up with what the clients got (each _receive is bounded in time).
+        while (
+            update.snapshot.inference.requests_total < 2
+            or update.snapshot.inference.generation_tokens_total < generated
+        ):
             previous = update.sequence
             update = await _receive(connection)
             assert update.sequence > previous
