@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from mlx_relay.coordinator.requests import InferenceRequest
-from mlx_relay.core.blas import loaded_blas
+from mlx_relay.core.blas import default_threads, loaded_blas
 from mlx_relay.core.config import HTTPConfig
 from mlx_relay.monitoring.dashboard import MonitoringDashboard
 from mlx_relay.monitoring.metrics import MetricsCollector
@@ -101,7 +101,8 @@ async def test_dashboard_shows_the_cluster_and_live_request_count(
             # How the stage computes (the tiny model is dense float32; workers in this process).
             library = loaded_blas()
             blas = "openblas" if library is not None and library.path is not None else "bundled"
-            threads = library.threads if library is not None else 0
+            # The threads of a step computing alone: all the host's cores.
+            threads = default_threads(1) if blas == "openblas" else 0
             engine = worker_card.locator(".row.engine .row-value")
             assert (
                 await engine.text_content()
