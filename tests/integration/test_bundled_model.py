@@ -154,8 +154,9 @@ def test_a_stage_computes_what_mlx_lm_computes(
     whole_model_logits: dict[str, list[mx.array]],
     compute: str,
 ) -> None:
-    # mlx-lm's own forward: the prompt exactly; compiled decode steps attend over the whole
-    # KV buffer with its unused tail masked, so they agree to float32 rounding.
+    # mlx-lm's own forward: the prompt exactly; compiled decode steps attend over the used
+    # positions rounded up to an attention window, the tail masked, so they agree to float32
+    # rounding.
     model = models[compute]
     cache = make_prompt_cache(model)
     expected = [model(mx.array([prompt]), cache=cache)]

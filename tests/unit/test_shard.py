@@ -13,7 +13,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_relay.core.errors import ShardMismatch
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.load import load_model
-from mlx_relay.model.shard import Shard, parameter_arrays
+from mlx_relay.model.shard import (
+    ATTENTION_WINDOW_STEP,
+    Shard,
+    attention_window,
+    parameter_arrays,
+)
 from tests.support.tiny_model import VARIANTS, make_tiny_model_dir
 
 PROMPT = [5, 17, 42, 3, 99, 7, 250, 11, 64]
@@ -215,3 +220,26 @@ def test_stage_refuses_layers_that_are_missing_or_out_of_range(
         Shard(model, LayerRange(0, 5))
     with pytest.raises(ShardMismatch, match="do not fit a model with 4 layers"):
         load_model(model_dirs["llama"], LayerRange(2, 6))
+
+
+@pytest.mark.parametrize("compute", ["quantized", "float32"])
+def test_compiled_decode_steps_across_attention_windows_match_mlx_lm(
+    model_dirs: dict[str, Path], compute: str
+) -> None:
+    # Positions 62..66 cross the first attention window of the compiled step (64 positions)
+    # inside one 256-position KV buffer: every step gives mlx-lm's logits exactly.
+    variant = QUANTIZED[0]
+    prompt = [(7 * i + 3) % 200 + 1 for i in range(ATTENTION_WINDOW_STEP - 2)]
+    model = load_model(model_dirs[variant], compute=compute)
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([prompt]), cache=cache))
+    stage = Shard.load(model_dirs[variant], LayerRange(0, 4), compute)
+    assert stage.compiled
+    stage_cache = stage.make_cache()
+    mx.eval(stage(mx.array([prompt]), stage_cache))
+    for token in [8, 120, 33, 2, 77]:
+        step = mx.array([[token]], dtype=mx.int32)
+        expected, got = model(step, cache=cache), stage(step, stage_cache)
+        assert mx.array_equal(got, expected).item(), f"position {Shard.cache_offset(stage_cache)}"
+    assert stage_cache[0].keys.shape[2] == 256
+    assert attention_window(ATTENTION_WINDOW_STEP + 1) == 2 * ATTENTION_WINDOW_STEP

@@ -6,7 +6,10 @@ full forward, so running the stages one after another gives the full model's log
 Decode steps (one position per row) run as one ``mx.compile``d graph: the KV buffers are
 passed in whole with the position as an array and a mask over the unused tail, so the
 shapes stay fixed until a buffer grows (every 256 positions) and the graph is reused.
-Without a working compiler, and for sliding-window layers, every step runs eagerly.
+Attention reads only the first *window* positions of the buffers: the positions in use
+rounded up to :data:`ATTENTION_WINDOW_STEP`, one graph per window (at batch 16 attending over
+a whole 256-position buffer costs about as much as 20 of the step's matmuls). Without a
+working compiler, and for sliding-window layers, every step runs eagerly.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from mlx_relay.core.types import LayerRange
 from mlx_relay.model.backend import is_quantized
 
 logger = logging.getLogger(__name__)
+
+# Attention in a compiled decode step spans the positions in use rounded up to this.
+ATTENTION_WINDOW_STEP = 64
 
 
 class Shard:
@@ -74,7 +80,7 @@ class Shard:
         self._model = model
         static = not any(_sliding(layer) for layer in self._layers)
         self.compiled = compiled and static and compile_works()
-        self._decode = mx.compile(self._decode_step) if self.compiled else None
+        self._graphs: dict[int, Any] = {}  # compiled decode steps by attention window
 
     @staticmethod
     def _part(module: nn.Module, name: str) -> Any:
@@ -148,7 +154,7 @@ class Shard:
             h = x if x.dtype == self.dtype else x.astype(self.dtype)
 
         if (
-            self._decode is not None
+            self.compiled
             and h.shape[1] == 1
             and isinstance(cache[0], KVCache)  # a decode batch's caches run eagerly
             and cache[0].keys is not None
@@ -182,27 +188,36 @@ class Shard:
         mx.eval(self(x[:, :1], cache, last_position_only=True))
 
     def _compiled_step(self, x: mx.array, cache: list[Any]) -> mx.array:
-        assert self._decode is not None
         offset = int(cache[0].offset)
         buffers: list[mx.array] = []
         for c in cache:
             if offset >= c.keys.shape[2]:
                 _grow(c)
             buffers += [c.keys, c.values]
-        outputs = self._decode(x, mx.array(offset, dtype=mx.int32), *buffers)
+        window = min(buffers[0].shape[2], attention_window(offset + 1))
+        outputs = self._decode_graph(window)(x, mx.array(offset, dtype=mx.int32), *buffers)
         for i, c in enumerate(cache):
             c.keys, c.values = outputs[1 + 2 * i], outputs[2 + 2 * i]
             c.offset = offset + 1
         return outputs[0]
 
-    def _decode_step(self, x: mx.array, offset: mx.array, *buffers: mx.array) -> list[mx.array]:
-        # Traced once per buffer capacity: the position is an array, the tail is masked.
-        capacity = buffers[0].shape[2]
-        mask = (mx.arange(capacity) <= offset).reshape(1, 1, 1, capacity)
+    def _decode_graph(self, window: int) -> Any:
+        """The compiled decode step attending over ``window`` positions."""
+        graph = self._graphs.get(window)
+        if graph is None:
+            graph = self._graphs[window] = mx.compile(functools.partial(self._decode_step, window))
+        return graph
+
+    def _decode_step(
+        self, window: int, x: mx.array, offset: mx.array, *buffers: mx.array
+    ) -> list[mx.array]:
+        # Traced once per buffer capacity and window: the position is an array, the
+        # window's tail is masked.
+        mask = (mx.arange(window) <= offset).reshape(1, 1, 1, window)
         h = self._embed(x) if self._embed is not None else x
         outputs: list[mx.array] = []
         for i, layer in enumerate(self._layers):
-            view = _TracedCache(buffers[2 * i], buffers[2 * i + 1], offset)
+            view = _TracedCache(buffers[2 * i], buffers[2 * i + 1], offset, window)
             h = layer(h, mask, view)
             outputs += [view.keys, view.values]
         if self._norm is not None:
@@ -214,6 +229,11 @@ class Shard:
         return sum(v.nbytes for v in parameter_arrays(self._model))
 
 
+def attention_window(positions: int) -> int:
+    """The positions a compiled decode step attends over when ``positions`` are in use."""
+    return -(-positions // ATTENTION_WINDOW_STEP) * ATTENTION_WINDOW_STEP
+
+
 def parameter_arrays(module: nn.Module) -> list[mx.array]:
     """Every parameter array a module holds."""
     flat: list[tuple[str, Any]] = tree_flatten(module.parameters())  # type: ignore[assignment]
@@ -223,14 +243,16 @@ def parameter_arrays(module: nn.Module) -> list[mx.array]:
 class _TracedCache:
     """What a layer's attention sees of its KV cache inside the compiled decode step."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array) -> None:
-        self.keys, self.values, self.offset = keys, values, offset
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, window: int) -> None:
+        self.keys, self.values, self.offset, self.window = keys, values, offset, window
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Writes the new position into the whole buffers; returns their first ``window``
+        positions, the ones attention reads."""
         start = self.offset.reshape(1)
         self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
         self.values = mx.slice_update(self.values, values, start, axes=(2,))
-        return self.keys, self.values
+        return self.keys[..., : self.window, :], self.values[..., : self.window, :]
 
 
 def _grow(cache: Any) -> None:
