@@ -8,8 +8,10 @@ passed in whole with the position as an array and a mask over the unused tail, s
 shapes stay fixed until a buffer grows (every 256 positions) and the graph is reused.
 Attention reads only the first *window* positions of the buffers: the positions in use
 rounded up to :data:`ATTENTION_WINDOW_STEP`, one graph per window (at batch 16 attending over
-a whole 256-position buffer costs about as much as 20 of the step's matmuls). Without a
-working compiler, and for sliding-window layers, every step runs eagerly.
+a whole 256-position buffer costs about as much as 20 of the step's matmuls). A decode
+batch's caches (:mod:`mlx_relay.model.batch`) run the same way, each row with its own RoPE
+offset and left padding masked. Without a working compiler, and for sliding-window layers,
+every step runs eagerly.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, RotatingKVCache
 
 from mlx_relay.core.errors import ShardMismatch
 from mlx_relay.core.types import LayerRange
@@ -80,7 +82,7 @@ class Shard:
         self._model = model
         static = not any(_sliding(layer) for layer in self._layers)
         self.compiled = compiled and static and compile_works()
-        self._graphs: dict[int, Any] = {}  # compiled decode steps by attention window
+        self._graphs: dict[tuple[int, bool], Any] = {}  # compiled steps by window, batched
 
     @staticmethod
     def _part(module: nn.Module, name: str) -> Any:
@@ -153,12 +155,7 @@ class Shard:
                 )
             h = x if x.dtype == self.dtype else x.astype(self.dtype)
 
-        if (
-            self.compiled
-            and h.shape[1] == 1
-            and isinstance(cache[0], KVCache)  # a decode batch's caches run eagerly
-            and cache[0].keys is not None
-        ):
+        if self.compiled and h.shape[1] == 1 and _compilable(cache[0]):
             return self._compiled_step(h, cache)
         if self._embed is not None:
             h = self._embed(h)
@@ -188,36 +185,73 @@ class Shard:
         mx.eval(self(x[:, :1], cache, last_position_only=True))
 
     def _compiled_step(self, x: mx.array, cache: list[Any]) -> mx.array:
-        offset = int(cache[0].offset)
+        first = cache[0]
+        batched = isinstance(first, BatchKVCache)
+        used = int(first._idx) if batched else int(first.offset)
         buffers: list[mx.array] = []
         for c in cache:
-            if offset >= c.keys.shape[2]:
+            if used >= c.keys.shape[2]:
                 _grow(c)
             buffers += [c.keys, c.values]
-        window = min(buffers[0].shape[2], attention_window(offset + 1))
-        outputs = self._decode_graph(window)(x, mx.array(offset, dtype=mx.int32), *buffers)
+        window = min(buffers[0].shape[2], attention_window(used + 1))
+        index = mx.array(used, dtype=mx.int32)
+        # A decode batch's rows carry their own RoPE offsets and left padding.
+        rows = [first.offset, first.left_padding] if batched else []
+        outputs = self._decode_graph(window, batched)(x, index, *rows, *buffers)
         for i, c in enumerate(cache):
             c.keys, c.values = outputs[1 + 2 * i], outputs[2 + 2 * i]
-            c.offset = offset + 1
+            if batched:
+                c.offset = c.offset + 1
+                c._idx = used + 1
+            else:
+                c.offset = used + 1
         return outputs[0]
 
-    def _decode_graph(self, window: int) -> Any:
-        """The compiled decode step attending over ``window`` positions."""
-        graph = self._graphs.get(window)
+    def _decode_graph(self, window: int, batched: bool) -> Any:
+        """The compiled decode step attending over ``window`` positions, for a request's own
+        caches or a decode batch's."""
+        graph = self._graphs.get((window, batched))
         if graph is None:
-            graph = self._graphs[window] = mx.compile(functools.partial(self._decode_step, window))
+            step = self._batch_decode_step if batched else self._decode_step
+            graph = self._graphs[(window, batched)] = mx.compile(functools.partial(step, window))
         return graph
 
     def _decode_step(
-        self, window: int, x: mx.array, offset: mx.array, *buffers: mx.array
+        self, window: int, x: mx.array, index: mx.array, *buffers: mx.array
     ) -> list[mx.array]:
         # Traced once per buffer capacity and window: the position is an array, the
         # window's tail is masked.
-        mask = (mx.arange(window) <= offset).reshape(1, 1, 1, window)
+        mask = (mx.arange(window) <= index).reshape(1, 1, 1, window)
+        return self._layers_step(window, x, mask, index, index, buffers)
+
+    def _batch_decode_step(
+        self,
+        window: int,
+        x: mx.array,
+        index: mx.array,
+        offsets: mx.array,
+        left_padding: mx.array,
+        *buffers: mx.array,
+    ) -> list[mx.array]:
+        # Every row writes at ``index``; its own padding is masked, as BatchKVCache masks it.
+        positions = mx.arange(window)
+        mask = (positions <= index) & (positions >= left_padding[:, None])
+        mask = mask.reshape(-1, 1, 1, window)
+        return self._layers_step(window, x, mask, index, offsets, buffers)
+
+    def _layers_step(
+        self,
+        window: int,
+        x: mx.array,
+        mask: mx.array,
+        index: mx.array,
+        offsets: mx.array,
+        buffers: tuple[mx.array, ...],
+    ) -> list[mx.array]:
         h = self._embed(x) if self._embed is not None else x
         outputs: list[mx.array] = []
         for i, layer in enumerate(self._layers):
-            view = _TracedCache(buffers[2 * i], buffers[2 * i + 1], offset, window)
+            view = _TracedCache(buffers[2 * i], buffers[2 * i + 1], index, offsets, window)
             h = layer(h, mask, view)
             outputs += [view.keys, view.values]
         if self._norm is not None:
@@ -241,18 +275,29 @@ def parameter_arrays(module: nn.Module) -> list[mx.array]:
 
 
 class _TracedCache:
-    """What a layer's attention sees of its KV cache inside the compiled decode step."""
+    """What a layer's attention sees of its KV cache inside the compiled decode step: the new
+    position is written at ``index``, RoPE rotates by ``offset`` (per row in a batch)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, window: int) -> None:
-        self.keys, self.values, self.offset, self.window = keys, values, offset, window
+    def __init__(
+        self, keys: mx.array, values: mx.array, index: mx.array, offset: mx.array, window: int
+    ) -> None:
+        self.keys, self.values, self.index = keys, values, index
+        self.offset, self.window = offset, window
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Writes the new position into the whole buffers; returns their first ``window``
         positions, the ones attention reads."""
-        start = self.offset.reshape(1)
+        start = self.index.reshape(1)
         self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
         self.values = mx.slice_update(self.values, values, start, axes=(2,))
         return self.keys[..., : self.window, :], self.values[..., : self.window, :]
+
+
+def _compilable(cache: Any) -> bool:
+    # A request's own full-attention cache, or a decode batch's outside a padded prefill.
+    if isinstance(cache, BatchKVCache):
+        return cache.keys is not None and getattr(cache, "_right_padding", None) is None
+    return isinstance(cache, KVCache) and cache.keys is not None
 
 
 def _grow(cache: Any) -> None:
