@@ -96,8 +96,8 @@ bench-engine: setup engine-packages
 	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || { \
 		args="$(LLAMA_CMAKE_ARGS)"; \
 		grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null && args="$$args $(LLAMA_AVX512)"; \
-		echo "building llama-cpp-python (a few minutes)"; \
-		CMAKE_ARGS="$${CMAKE_ARGS:-$$args}" $(BIN)/pip install --quiet -e ".[bench]"; }
+		echo "building llama-cpp-python for this CPU (a few minutes; never from pip's wheel cache, which may hold a build for another CPU)"; \
+		CMAKE_ARGS="$${CMAKE_ARGS:-$$args}" $(BIN)/pip install --quiet --no-cache-dir -e ".[bench]"; }
 	$(BIN)/python bench/engine.py
 
 clean:
