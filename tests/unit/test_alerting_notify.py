@@ -7,7 +7,7 @@ import asyncio
 
 import httpx
 
-from mlx_relay.core.config import ReceiverConfig
+from mlx_relay.core.alerting_config import ReceiverConfig
 from mlx_relay.monitoring.alerting.alertmanager import alertmanager_batch
 from mlx_relay.monitoring.alerting.delivery import DeliveryQueue
 from mlx_relay.monitoring.alerting.state import Alert, AlertState

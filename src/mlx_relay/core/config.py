@@ -6,7 +6,6 @@ expected. Unknown keys are errors so that typos are never silently ignored.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,11 +20,13 @@ from pydantic import (
     model_validator,
 )
 
+from mlx_relay.core.alerting_config import AlertingConfig
 from mlx_relay.core.errors import ConfigError
 from mlx_relay.core.history_config import HistoryConfig
+from mlx_relay.core.pipeline_config import InferenceConfig, NetworkConfig
 from mlx_relay.core.placement_config import PlacementConfig
 from mlx_relay.core.supervision_config import SupervisionConfig
-from mlx_relay.core.tls_config import DeviceTLS, TLSConfig
+from mlx_relay.core.tls_config import DeviceTLS
 from mlx_relay.core.tracing_config import TracingConfig
 from mlx_relay.core.types import LayerRange
 from mlx_relay.core.validation import FieldProblem, describe, kind_of
@@ -158,162 +159,6 @@ class MonitoringConfig(_Section):
     poll_interval: float = Field(default=2.0, gt=0, le=3600)
     health_check_interval: float = Field(default=10.0, gt=0)
     thresholds: Thresholds = Field(default_factory=Thresholds)
-
-
-class NetworkConfig(_Section):
-    """The gRPC links. Timeouts are in seconds. ``tls`` turns on TLS for every link
-    (:mod:`mlx_relay.core.tls_config`). ``maximum_concurrent_rpcs`` caps the calls one worker
-    serves at once (more are answered RESOURCE_EXHAUSTED); None = 256, or 4 per
-    ``inference.max_running_requests`` when that is more."""
-
-    connect_timeout: float = Field(default=60.0, gt=0)
-    request_timeout: float = Field(default=30.0, gt=0)
-    ping_timeout: float = Field(default=2.0, gt=0)
-    retries: int = Field(default=2, ge=0, le=10)
-    retry_backoff: float = Field(default=0.2, ge=0)
-    max_message_mb: int = Field(default=64, ge=1, le=1024)
-    auth_token: str | None = None
-    tls: TLSConfig | None = None
-    maximum_concurrent_rpcs: int | None = Field(default=None, ge=1)
-    # How long requests wait for a failed stage to serve again, then are replayed and go
-    # on (coordinator/recovery.py); 0 fails them at once.
-    recovery_timeout: float = Field(default=60.0, ge=0)
-
-
-class InferenceConfig(_Section):
-    max_running_requests: int = Field(default=16, ge=1)
-    max_waiting_requests: int = Field(default=64, ge=0)
-    default_max_tokens: int = Field(default=256, ge=1)
-    max_prompt_tokens: int = Field(default=4096, ge=1)
-    # Input limits, checked before the prompt is tokenized (coordinator/prepare.py): the
-    # prompt's (or the messages' text) UTF-8 bytes, None = 32 per max_prompt_tokens (no
-    # tokenizer's tokens are longer on real text); chat messages; characters of a stop string.
-    max_prompt_bytes: int | None = Field(default=None, ge=1)
-    max_messages: int = Field(default=1024, ge=1)
-    max_stop_length: int = Field(default=256, ge=1)
-    # Tokens a streamed request may generate ahead of its reader: with this many unread,
-    # the request takes no decode step until its reader catches up (to half of it).
-    stream_buffer_tokens: int = Field(default=32, ge=1)
-    session_ttl_seconds: float = Field(default=300.0, gt=0)
-    max_sessions: int = Field(default=64, ge=1)
-    # KV sessions one peer (a client certificate's subject, else a client address) may hold
-    # on a stage; None = see peer_session_quota. Never below coordinator_sessions: the
-    # coordinator (or the stage before, relaying) is one peer holding that many.
-    max_sessions_per_peer: int | None = Field(default=None, ge=1)
-    # Continuous batching (coordinator/scheduler.py): most requests in one micro-batch, and
-    # most prompt positions one micro-batch prefills (longer prompts go in chunks; never
-    # more than max_prompt_tokens, the most positions a worker takes in one step).
-    max_batch_size: int = Field(default=16, ge=1)
-    prefill_chunk_tokens: int = Field(default=512, ge=1)
-    # Micro-batches in flight at once; None = one per stage, so that with stages on
-    # separate devices every stage has work. Stages sharing one machine's cores do better
-    # with 1: one larger batch instead of overlapping smaller ones.
-    micro_batches: int | None = Field(default=None, ge=1)
-
-    @model_validator(mode="after")
-    def _peer_quota(self) -> InferenceConfig:
-        quota, floor = self.max_sessions_per_peer, self.coordinator_sessions
-        if quota is not None and quota < floor:
-            raise FieldProblem(
-                "inference.max_sessions_per_peer",
-                f"expected at least {floor} (twice max_running_requests, at most "
-                f"max_sessions): the coordinator is one peer, got {quota}",
-            )
-        return self
-
-    @property
-    def coordinator_sessions(self) -> int:
-        """The sessions the coordinator may hold on one stage: one per running request, and
-        as many again whose EndSession is still on its way (a finished request's slot is
-        free before its sessions end); never more than ``max_sessions``."""
-        return min(self.max_sessions, 2 * self.max_running_requests)
-
-    @property
-    def peer_session_quota(self) -> int:
-        """Sessions one peer may hold on a stage: ``max_sessions_per_peer``, else three
-        quarters of ``max_sessions``, or :attr:`coordinator_sessions` when that is more."""
-        if self.max_sessions_per_peer is not None:
-            return self.max_sessions_per_peer
-        return max(-(-self.max_sessions * 3 // 4), self.coordinator_sessions)
-
-
-def _http_url(value: str) -> str:
-    if not re.fullmatch(r"https?://[^\s/]+\S*", value):
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
-    return value
-
-
-class AlertThresholds(_Section):
-    """What the stock alerting rules compare against (ratios in 0..1, times in seconds)."""
-
-    stage_down_seconds: float = Field(default=10.0, ge=0)
-    stage_unreachable_seconds: float = Field(default=30.0, ge=0)
-    bottleneck_ratio: float = Field(default=3.0, gt=1)
-    bottleneck_min_utilization: float = Field(default=0.5, ge=0, le=1)
-    ttft_p95_seconds: float = Field(default=5.0, gt=0)
-    error_rate_warning: float = Field(default=0.05, gt=0, le=1)
-    error_rate_critical: float = Field(default=0.20, gt=0, le=1)
-    waiting_seconds: float = Field(default=60.0, ge=0)
-    memory_fire_ratio: float = Field(default=0.85, gt=0, le=1)
-    memory_clear_ratio: float = Field(default=0.75, gt=0, le=1)
-    kv_sessions_ratio: float = Field(default=0.9, gt=0, le=1)
-    link_rtt_p99_seconds: float = Field(default=0.25, gt=0)
-    stall_seconds: float = Field(default=30.0, ge=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> AlertThresholds:
-        if self.memory_clear_ratio > self.memory_fire_ratio:
-            raise ValueError("memory_clear_ratio must not exceed memory_fire_ratio")
-        if self.error_rate_warning > self.error_rate_critical:
-            raise ValueError("error_rate_warning must not exceed error_rate_critical")
-        return self
-
-
-class ReceiverConfig(_Section):
-    """A webhook that receives Alertmanager-v4 JSON; timings as Alertmanager's route has them
-    (seconds). A delivery is tried ``max_attempts`` times, waiting ``retry_backoff`` seconds,
-    doubled each time; at most ``queue_size`` notifications wait, the oldest is dropped."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    url: str
-    send_resolved: bool = True
-    group_by: list[str] = Field(default_factory=lambda: ["alertname"])
-    group_wait: float = Field(default=30.0, ge=0)
-    group_interval: float = Field(default=300.0, gt=0)
-    repeat_interval: float = Field(default=14400.0, gt=0)
-    timeout: float = Field(default=10.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    retry_backoff: float = Field(default=1.0, ge=0)
-    queue_size: int = Field(default=64, ge=1, le=10000)
-
-    _check_url = field_validator("url")(lambda cls, value: _http_url(value))
-
-
-class AlertingConfig(_Section):
-    """Built-in alerting: rules evaluated every ``evaluation_interval`` seconds on the
-    coordinator. ``rules_file`` replaces the stock rules (a Prometheus rule file)."""
-
-    enabled: bool = True
-    evaluation_interval: float = Field(default=10.0, gt=0, le=3600)
-    rules_file: str | None = None
-    thresholds: AlertThresholds = Field(default_factory=AlertThresholds)
-    receivers: list[ReceiverConfig] = Field(default_factory=list)
-    alertmanager_url: str | None = None
-    resolved_retention: float = Field(default=900.0, gt=0)
-    external_url: str | None = None
-
-    @field_validator("alertmanager_url")
-    @classmethod
-    def _check_alertmanager_url(cls, value: str | None) -> str | None:
-        return None if value is None else _http_url(value)
-
-    @model_validator(mode="after")
-    def _unique_receivers(self) -> AlertingConfig:
-        names = [r.name for r in self.receivers]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise FieldProblem(f"alerting.receivers[{i}].name", f"duplicate {name!r}")
-        return self
 
 
 # Keys that used to exist, and where their setting lives now.

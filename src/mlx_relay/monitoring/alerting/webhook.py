@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from mlx_relay.core.config import ReceiverConfig
+from mlx_relay.core.alerting_config import ReceiverConfig
 from mlx_relay.monitoring.alerting.state import Alert, AlertState
 
 ZERO_TIME = "0001-01-01T00:00:00Z"

@@ -1,0 +1,90 @@
+"""The ``network:`` and ``inference:`` sections of the cluster configuration: the gRPC links
+between devices, and how the coordinator admits, batches and limits requests."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mlx_relay.core.tls_config import TLSConfig
+from mlx_relay.core.validation import FieldProblem
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkConfig(_Section):
+    """The gRPC links. Timeouts are in seconds. ``tls`` turns on TLS for every link
+    (:mod:`mlx_relay.core.tls_config`). ``maximum_concurrent_rpcs`` caps the calls one worker
+    serves at once (more are answered RESOURCE_EXHAUSTED); None = 256, or 4 per
+    ``inference.max_running_requests`` when that is more."""
+
+    connect_timeout: float = Field(default=60.0, gt=0)
+    request_timeout: float = Field(default=30.0, gt=0)
+    ping_timeout: float = Field(default=2.0, gt=0)
+    retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff: float = Field(default=0.2, ge=0)
+    max_message_mb: int = Field(default=64, ge=1, le=1024)
+    auth_token: str | None = None
+    tls: TLSConfig | None = None
+    maximum_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    # How long requests wait for a failed stage to serve again, then are replayed and go
+    # on (coordinator/recovery.py); 0 fails them at once.
+    recovery_timeout: float = Field(default=60.0, ge=0)
+
+
+class InferenceConfig(_Section):
+    max_running_requests: int = Field(default=16, ge=1)
+    max_waiting_requests: int = Field(default=64, ge=0)
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_prompt_tokens: int = Field(default=4096, ge=1)
+    # Input limits, checked before the prompt is tokenized (coordinator/prepare.py): the
+    # prompt's (or the messages' text) UTF-8 bytes, None = 32 per max_prompt_tokens (no
+    # tokenizer's tokens are longer on real text); chat messages; characters of a stop string.
+    max_prompt_bytes: int | None = Field(default=None, ge=1)
+    max_messages: int = Field(default=1024, ge=1)
+    max_stop_length: int = Field(default=256, ge=1)
+    # Tokens a streamed request may generate ahead of its reader: with this many unread,
+    # the request takes no decode step until its reader catches up (to half of it).
+    stream_buffer_tokens: int = Field(default=32, ge=1)
+    session_ttl_seconds: float = Field(default=300.0, gt=0)
+    max_sessions: int = Field(default=64, ge=1)
+    # KV sessions one peer (a client certificate's subject, else a client address) may hold
+    # on a stage; None = see peer_session_quota. Never below coordinator_sessions: the
+    # coordinator (or the stage before, relaying) is one peer holding that many.
+    max_sessions_per_peer: int | None = Field(default=None, ge=1)
+    # Continuous batching (coordinator/scheduler.py): most requests in one micro-batch, and
+    # most prompt positions one micro-batch prefills (longer prompts go in chunks; never
+    # more than max_prompt_tokens, the most positions a worker takes in one step).
+    max_batch_size: int = Field(default=16, ge=1)
+    prefill_chunk_tokens: int = Field(default=512, ge=1)
+    # Micro-batches in flight at once; None = one per stage, so that with stages on
+    # separate devices every stage has work. Stages sharing one machine's cores do better
+    # with 1: one larger batch instead of overlapping smaller ones.
+    micro_batches: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _peer_quota(self) -> InferenceConfig:
+        quota, floor = self.max_sessions_per_peer, self.coordinator_sessions
+        if quota is not None and quota < floor:
+            raise FieldProblem(
+                "inference.max_sessions_per_peer",
+                f"expected at least {floor} (twice max_running_requests, at most "
+                f"max_sessions): the coordinator is one peer, got {quota}",
+            )
+        return self
+
+    @property
+    def coordinator_sessions(self) -> int:
+        """The sessions the coordinator may hold on one stage: one per running request, and
+        as many again whose EndSession is still on its way (a finished request's slot is
+        free before its sessions end); never more than ``max_sessions``."""
+        return min(self.max_sessions, 2 * self.max_running_requests)
+
+    @property
+    def peer_session_quota(self) -> int:
+        """Sessions one peer may hold on a stage: ``max_sessions_per_peer``, else three
+        quarters of ``max_sessions``, or :attr:`coordinator_sessions` when that is more."""
+        if self.max_sessions_per_peer is not None:
+            return self.max_sessions_per_peer
+        return max(-(-self.max_sessions * 3 // 4), self.coordinator_sessions)
