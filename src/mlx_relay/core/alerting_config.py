@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from mlx_relay.core.validation import FieldProblem
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from mlx_relay.core.validation import ConfigSection, FieldProblem
 
 
 def _http_url(value: str) -> str:
@@ -20,7 +16,7 @@ def _http_url(value: str) -> str:
     return value
 
 
-class AlertThresholds(_Section):
+class AlertThresholds(ConfigSection):
     """What the stock alerting rules compare against (ratios in 0..1, times in seconds)."""
 
     stage_down_seconds: float = Field(default=10.0, ge=0)
@@ -46,7 +42,7 @@ class AlertThresholds(_Section):
         return self
 
 
-class ReceiverConfig(_Section):
+class ReceiverConfig(ConfigSection):
     """A webhook that receives Alertmanager-v4 JSON; timings as Alertmanager's route has them
     (seconds). A delivery is tried ``max_attempts`` times, waiting ``retry_backoff`` seconds,
     doubled each time; at most ``queue_size`` notifications wait, the oldest is dropped."""
@@ -66,7 +62,7 @@ class ReceiverConfig(_Section):
     _check_url = field_validator("url")(lambda cls, value: _http_url(value))
 
 
-class AlertingConfig(_Section):
+class AlertingConfig(ConfigSection):
     """Built-in alerting: rules evaluated every ``evaluation_interval`` seconds on the
     coordinator. ``rules_file`` replaces the stock rules (a Prometheus rule file)."""
 

@@ -11,8 +11,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
@@ -29,19 +27,15 @@ from mlx_relay.core.supervision_config import SupervisionConfig
 from mlx_relay.core.tls_config import DeviceTLS
 from mlx_relay.core.tracing_config import TracingConfig
 from mlx_relay.core.types import LayerRange
-from mlx_relay.core.validation import FieldProblem, describe, kind_of
+from mlx_relay.core.validation import ConfigSection, FieldProblem, describe, kind_of
 
 Port = int
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 Compute = Literal["auto", "quantized", "float32"]
 
 
-class ModelConfig(_Section):
+class ModelConfig(ConfigSection):
     """Which model to serve and how a stage computes with it.
 
     ``path`` is an MLX model directory or a ``.gguf`` file; when it is empty the bundled
@@ -63,7 +57,7 @@ class ModelConfig(_Section):
     blas_threads: int | None = Field(default=None, ge=1, le=1024)
 
 
-class DeviceConfig(_Section):
+class DeviceConfig(ConfigSection):
     """One device of the cluster.
 
     For a worker, ``host``/``port`` is its gRPC address (port 0 picks a free port, for tests)
@@ -108,7 +102,7 @@ class DeviceConfig(_Section):
         return f"{self.host}:{self.port}"
 
 
-class Thresholds(_Section):
+class Thresholds(ConfigSection):
     """Health thresholds in percent (0-100)."""
 
     memory_warning: float = Field(default=85.0, ge=0, le=100)
@@ -126,7 +120,7 @@ class Thresholds(_Section):
         return self
 
 
-class HTTPConfig(_Section):
+class HTTPConfig(ConfigSection):
     """The HTTP app: where it listens and who may use it.
 
     One app serves every route: the coordinator's (``mlx-relay up`` / ``coordinator``) or the
@@ -152,7 +146,7 @@ class HTTPConfig(_Section):
     stream_stall_timeout: float = Field(default=60.0, gt=0)
 
 
-class MonitoringConfig(_Section):
+class MonitoringConfig(ConfigSection):
     enabled: bool = True
     collection_interval: float = Field(default=2.0, gt=0, le=3600)
     retention_seconds: float = Field(default=600.0, gt=0)
@@ -169,7 +163,7 @@ MOVED_KEYS: dict[str, str] = {
 COORDINATOR_ADDRESS_KEYS = ("host", "port")
 
 
-class ClusterConfig(_Section):
+class ClusterConfig(ConfigSection):
     """The whole cluster: model, devices in pipeline order, the HTTP app, monitoring,
     network, inference, alerting, history, supervision, tracing, placement."""
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from mlx_relay.core.validation import FieldProblem
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from mlx_relay.core.validation import ConfigSection, FieldProblem
 
 
-class HistoryTier(_Section):
+class HistoryTier(ConfigSection):
     """One tier of the history store: points every ``interval`` seconds, kept ``retention``
     seconds.
 
@@ -31,7 +27,7 @@ def _default_tiers() -> list[HistoryTier]:
     ]
 
 
-class HistoryConfig(_Section):
+class HistoryConfig(ConfigSection):
     """The coordinator's embedded history store.
 
     ``path`` empty means ``$XDG_STATE_HOME/mlx-relay/history.sqlite`` (else

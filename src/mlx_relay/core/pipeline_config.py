@@ -3,17 +3,13 @@ between devices, and how the coordinator admits, batches and limits requests."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from mlx_relay.core.tls_config import TLSConfig
-from mlx_relay.core.validation import FieldProblem
+from mlx_relay.core.validation import ConfigSection, FieldProblem
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NetworkConfig(_Section):
+class NetworkConfig(ConfigSection):
     """The gRPC links. Timeouts are in seconds. ``tls`` turns on TLS for every link
     (:mod:`mlx_relay.core.tls_config`). ``maximum_concurrent_rpcs`` caps the calls one worker
     serves at once (more are answered RESOURCE_EXHAUSTED); None = 256, or 4 per
@@ -33,7 +29,7 @@ class NetworkConfig(_Section):
     recovery_timeout: float = Field(default=60.0, ge=0)
 
 
-class InferenceConfig(_Section):
+class InferenceConfig(ConfigSection):
     max_running_requests: int = Field(default=16, ge=1)
     max_waiting_requests: int = Field(default=64, ge=0)
     default_max_tokens: int = Field(default=256, ge=1)

@@ -3,17 +3,15 @@ worker processes that exit (README, "mlx-relay up")."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from mlx_relay.core.validation import FieldProblem
+from mlx_relay.core.validation import ConfigSection, FieldProblem
 
 
-class SupervisionConfig(BaseModel):
+class SupervisionConfig(ConfigSection):
     """Restart a worker that exits after ``backoff_initial`` seconds, doubling up to
     ``backoff_max``; give up when it exits more than ``max_restarts`` times within
     ``window`` seconds. ``max_restarts: 0`` never restarts."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_restarts: int = Field(default=5, ge=0, le=1000)
     window: float = Field(default=60.0, gt=0)

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
-
 from mlx_relay.core.errors import ConfigError
+from mlx_relay.core.validation import ConfigSection
 
 if TYPE_CHECKING:
     from mlx_relay.core.config import ClusterConfig
@@ -27,11 +26,7 @@ _CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 _PRIVATE_KEY = b"PRIVATE KEY-----"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TLSConfig(_Section):
+class TLSConfig(ConfigSection):
     """``network.tls``: the CA every client verifies workers against, and whether workers
     require a client certificate signed by it (mTLS)."""
 
@@ -39,7 +34,7 @@ class TLSConfig(_Section):
     require_client_cert: bool = False
 
 
-class DeviceTLS(_Section):
+class DeviceTLS(ConfigSection):
     """``devices[i].tls``: the device's certificate (PEM, its chain) and private key: a
     worker serves with it; the coordinator and relaying workers present it as their client
     certificate."""

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from mlx_relay.core.validation import FieldProblem
+from mlx_relay.core.validation import ConfigSection, FieldProblem
 
 
-class TracingConfig(BaseModel):
+class TracingConfig(ConfigSection):
     """Per-request traces across the pipeline.
 
     ``enabled`` keeps the last ``max_traces`` requests' traces in the coordinator's memory
@@ -17,8 +17,6 @@ class TracingConfig(BaseModel):
     also exports every process's spans there, in batches off the request path; empty:
     nothing leaves the process.
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     max_traces: int = Field(default=200, ge=1, le=100_000)

@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class ConfigSection(BaseModel):
+    """Base of every section of the cluster configuration: unknown keys are errors (a typo
+    is never silently ignored) and a loaded section never changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
