@@ -27,20 +27,23 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	fi
 	touch $(STAMP)
 
-# What the engine needs to be fast on CPU, from Debian's packages: OpenBLAS for MLX's float32
-# matmuls (loaded at start by every computing process) and g++, with which MLX builds its
-# compiled CPU kernels (see README, Compute engine). `make run` needs only these. Re-checked
+# What the engine needs to be fast on CPU, from Debian's packages: OpenBLAS and BLIS for MLX's
+# float32 matmuls (loaded at start by every computing process, each serving the shapes it is
+# fastest at) and g++, with which MLX builds its compiled CPU kernels and mlx-relay its BLAS
+# router (see README, Compute engine). `make run` needs only these. Re-checked
 # when this file changes.
-OPENBLAS := /usr/lib/$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('MULTIARCH') or '')")/openblas-pthread/libopenblas.so.0
+MULTIARCH_LIB := /usr/lib/$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('MULTIARCH') or '')")
+OPENBLAS := $(MULTIARCH_LIB)/openblas-pthread/libopenblas.so.0
+BLIS := $(MULTIARCH_LIB)/blis-pthread/libblis.so.4
 $(ENGINE_STAMP): Makefile | $(VENV)/bin/python
-	@if command -v g++ >/dev/null && [ -f "$(OPENBLAS)" ]; then \
-		echo "OpenBLAS and g++ already installed"; \
+	@if command -v g++ >/dev/null && [ -f "$(OPENBLAS)" ] && [ -f "$(BLIS)" ]; then \
+		echo "OpenBLAS, BLIS and g++ already installed"; \
 	elif command -v apt-get >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends libopenblas0-pthread g++; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends libopenblas0-pthread libblis4-pthread g++; \
 	else \
-		echo "note: no apt-get; MLX keeps its slow bundled BLAS unless libopenblas0-pthread is installed"; \
+		echo "note: no apt-get; MLX keeps its slow bundled BLAS unless libopenblas0-pthread or libblis4-pthread is installed"; \
 	fi
 	touch $(ENGINE_STAMP)
 

@@ -3,22 +3,32 @@ per host, and ``model.compute: auto`` picks dense float32 weights only where the
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
 from mlx_relay.core.blas import (
+    BLAS_ENV,
     BLAS_PACKAGE,
+    BLIS,
+    OPENBLAS,
+    ROUTED,
     BlasLibrary,
     default_threads,
     defining_file,
+    installed_path,
     load_blas,
     loaded_blas,
     loaded_in_process,
+    loaded_router,
     same_host,
     set_threads,
 )
+from mlx_relay.core.blas_route import NARROW_ROWS, route_calls
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.backend import (
     backend_name,
@@ -34,20 +44,81 @@ from tests.support.tiny_model import make_tiny_model_dir
 GIB = 1024**3
 
 
-def test_mlx_matmuls_run_on_the_system_openblas() -> None:
+def test_mlx_matmuls_run_on_the_system_blas() -> None:
     library = loaded_blas()
     assert library is not None, "tests/conftest.py loads the BLAS before MLX"
     if library.path is None:
-        pytest.skip(f"no OpenBLAS on this machine (Debian package {BLAS_PACKAGE})")
-    assert library.name == "openblas"
+        pytest.skip(f"no system BLAS on this machine (Debian package {BLAS_PACKAGE})")
+    # With BLIS and OpenBLAS both installed (as `make test` does), the router.
+    both = installed_path(BLIS) is not None and installed_path(OPENBLAS) is not None
+    assert library.name == (ROUTED if both else "openblas")
     assert loaded_in_process(library.path)
     # MLX's extension binds its BLAS calls through the global lookup first, which finds
-    # OpenBLAS, not the wheel's own reference BLAS that is mapped beside it.
+    # the loaded library, not the wheel's own reference BLAS that is mapped beside it.
     assert defining_file("cblas_sgemm") == library.path.resolve()
-    assert blas_in_use(library) == "openblas"
+    assert blas_in_use(library) == library.name
     a = mx.random.normal((64, 96))
     b = mx.random.normal((96, 32))
     assert mx.allclose(a @ b, mx.sum(a[:, :, None] * b[None], axis=1), atol=1e-4).item()
+
+
+def test_the_router_sends_few_row_products_to_blis_and_the_rest_to_openblas() -> None:
+    router = loaded_router()
+    if router is None:
+        pytest.skip(
+            "BLIS and OpenBLAS are not both installed (libblis4-pthread, libopenblas0-pthread)"
+        )
+    library = loaded_blas()
+    assert library is not None and library.path is not None
+    weights = mx.random.normal((384, 256))
+    narrow = mx.random.normal((NARROW_ROWS, 256))
+    wide = mx.random.normal((NARROW_ROWS + 1, 256))
+    mx.eval(weights, narrow, wide)
+    before = route_calls(router)
+    mx.eval(narrow @ weights.T)
+    middle = route_calls(router)
+    assert (middle.narrow - before.narrow, middle.wide - before.wide) == (1, 0)
+    mx.eval(wide @ weights.T)
+    after = route_calls(router)
+    assert (after.narrow - middle.narrow, after.wide - middle.wide) == (0, 1)
+    # Both routes compute the same product as a sum of elementwise products.
+    for x in (narrow, wide):
+        reference = mx.sum(x[:, None, :] * weights[None], axis=2)
+        assert mx.allclose(x @ weights.T, reference, atol=1e-3).item()
+
+
+@pytest.mark.parametrize("name", ["openblas", "blis"])
+def test_mlx_relay_blas_picks_one_library(name: str) -> None:
+    known = {"openblas": OPENBLAS, "blis": BLIS}[name]
+    path = installed_path(known)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian package {known.package})")
+    # A fresh process: the library must be loaded before MLX is.
+    script = (
+        "from mlx_relay.core.blas import load_blas, loaded_router, set_threads\n"
+        "library = load_blas()\n"
+        "import mlx.core as mx\n"
+        "from mlx_relay.model.backend import blas_in_use\n"
+        "assert set_threads(1).threads == 1\n"
+        "print(blas_in_use(), library.path, loaded_router() is None)\n"
+    )
+    env = {**os.environ, BLAS_ENV: name}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True
+    ).stdout.split()
+    assert out == [name, str(path), "True"]
+
+
+def test_an_unknown_mlx_relay_blas_is_refused_by_name() -> None:
+    env = {**os.environ, BLAS_ENV: "mkl"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from mlx_relay.core.blas import load_blas; load_blas()"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "MLX_RELAY_BLAS: expected one of auto, blis, openblas, got 'mkl'" in result.stderr
 
 
 def test_a_library_loaded_after_mlx_is_not_reported_as_in_use() -> None:

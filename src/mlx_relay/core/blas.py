@@ -1,8 +1,9 @@
 """A real BLAS for MLX's CPU backend, loaded before ``mlx.core`` is first imported.
 
 The Linux ``mlx[cpu]`` wheel links a reference BLAS (a few GFLOP/s). Loading the system's
-OpenBLAS into the process with ``RTLD_GLOBAL`` first makes MLX's float32 matmuls resolve to
-it. This module imports no MLX, so entry points can call :func:`load_blas` before anything
+OpenBLAS and BLIS into the process with ``RTLD_GLOBAL`` first (behind the router of
+:mod:`mlx_relay.core.blas_route`, or one of them alone) makes MLX's float32 matmuls resolve to
+them. This module imports no MLX, so entry points can call :func:`load_blas` before anything
 else does; :mod:`mlx_relay.model.backend` checks afterwards that MLX really uses it.
 """
 
@@ -18,8 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-BLAS_PACKAGE = "libopenblas0-pthread"
-_LIBRARY = "libopenblas.so.0"
+BLAS_ENV = "MLX_RELAY_BLAS"
 # How long an idle OpenBLAS thread spins before it sleeps: 2^20 CPU cycles (about 0.4 ms)
 # instead of OpenBLAS's 2^28 (about 0.1 s). The gaps between the matmuls of one step are far
 # shorter, so a step's threads stay awake; but a stage that finished its step stops taking
@@ -32,11 +32,57 @@ _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"}
 
 
 @dataclass(frozen=True)
+class KnownBlas:
+    """A CPU BLAS this module can load: where Debian puts it and how its threads are set.
+
+    Attributes:
+        name: ``blis`` or ``openblas`` (the name status and ``/metrics`` report).
+        package: the Debian package that installs it.
+        directory: its multiarch subdirectory (the pthread build).
+        library: the shared library's file name.
+        set_threads: the C function that sets its thread count (one integer argument).
+        get_threads: the C function that returns it.
+    """
+
+    name: str
+    package: str
+    directory: str
+    library: str
+    set_threads: str
+    get_threads: str
+
+
+BLIS = KnownBlas(
+    "blis",
+    "libblis4-pthread",
+    "blis-pthread",
+    "libblis.so.4",
+    "bli_thread_set_num_threads",
+    "bli_thread_get_num_threads",
+)
+OPENBLAS = KnownBlas(
+    "openblas",
+    "libopenblas0-pthread",
+    "openblas-pthread",
+    "libopenblas.so.0",
+    "openblas_set_num_threads",
+    "openblas_get_num_threads",
+)
+KNOWN_BLAS = {known.name: known for known in (BLIS, OPENBLAS)}
+# Alone, tried in this order unless MLX_RELAY_BLAS names one (OpenBLAS is the faster for
+# prompts and batches); with both installed, the router uses each where it is fastest.
+PREFERRED = (OPENBLAS, BLIS)
+ROUTED = "blis+openblas"
+BLAS_PACKAGE = " or ".join(known.package for known in PREFERRED)
+
+
+@dataclass(frozen=True)
 class BlasLibrary:
     """The BLAS this process loaded.
 
     Attributes:
-        name: ``openblas``, or ``bundled`` when none was found (MLX's own reference BLAS).
+        name: ``blis`` or ``openblas``; ``bundled`` when none was found (MLX's own reference
+            BLAS); ``system`` off Linux (Accelerate on macOS).
         path: The loaded library's file, or None.
         threads: The BLAS thread count (0 when no library is loaded).
         before_mlx: Whether it was loaded before ``mlx.core`` was imported.
@@ -49,30 +95,57 @@ class BlasLibrary:
 
 
 _loaded: BlasLibrary | None = None
-_handle: ctypes.CDLL | None = None
+# The libraries whose threads set_threads sets; the router, when one was loaded.
+_handles: list[tuple[KnownBlas, ctypes.CDLL]] = []
+_router: ctypes.CDLL | None = None
 
 
-def candidate_paths() -> list[Path]:
-    """Where Debian and Ubuntu put the pthread OpenBLAS, for this machine's architecture."""
+def candidate_paths(known: KnownBlas = OPENBLAS) -> list[Path]:
+    """Where Debian and Ubuntu put ``known``'s pthread build, for this machine's architecture."""
     multiarch = sysconfig.get_config_var("MULTIARCH")
     roots = [Path("/usr/lib") / multiarch] if multiarch else []
     roots += [Path("/usr/lib64"), Path("/usr/lib")]
-    return [root / "openblas-pthread" / _LIBRARY for root in roots]
+    return [root / known.directory / known.library for root in roots]
+
+
+def installed_path(known: KnownBlas) -> Path | None:
+    """The first of ``known``'s :func:`candidate_paths` that exists."""
+    return next((path for path in candidate_paths(known) if path.is_file()), None)
+
+
+def preferred_libraries() -> tuple[KnownBlas, ...]:
+    """The libraries to try, in order: the one ``MLX_RELAY_BLAS`` names (``blis``,
+    ``openblas``; ``auto`` or unset: :data:`PREFERRED`, routed when both are installed).
+
+    Raises:
+        ValueError: ``MLX_RELAY_BLAS`` names no known library.
+    """
+    wanted = os.environ.get(BLAS_ENV, "auto").strip().lower()
+    if wanted in ("", "auto"):
+        return PREFERRED
+    if wanted not in KNOWN_BLAS:
+        expected = ", ".join(["auto", *KNOWN_BLAS])
+        raise ValueError(f"{BLAS_ENV}: expected one of {expected}, got {wanted!r}")
+    return (KNOWN_BLAS[wanted],)
 
 
 def load_blas(paths: list[Path] | None = None) -> BlasLibrary:
-    """Load OpenBLAS globally so that MLX, imported later, computes with it (idempotent).
+    """Load a real BLAS globally so that MLX, imported later, computes with it (idempotent).
 
-    Call before ``mlx.core`` is imported. A missing library is one warning naming the
-    package to install; MLX then keeps its bundled BLAS.
+    Call before ``mlx.core`` is imported. With BLIS and OpenBLAS both installed (and a C
+    compiler for the router, see :mod:`mlx_relay.core.blas_route`), each serves the shapes
+    it is fastest at; else the first installed of :func:`preferred_libraries`. None
+    installed is one warning naming the packages; MLX then keeps its bundled BLAS.
 
     Args:
-        paths: Library files to try, in order (default: :func:`candidate_paths`).
+        paths: Library files to try alone, in order (default: the :func:`candidate_paths`
+            of :func:`preferred_libraries`, after the router); each file's name says which
+            library it is.
 
     Returns:
         What was loaded.
     """
-    global _loaded, _handle
+    global _loaded
     if _loaded is not None:
         return _loaded
     if sys.platform != "linux":
@@ -82,25 +155,73 @@ def load_blas(paths: list[Path] | None = None) -> BlasLibrary:
     before_mlx = "mlx.core" not in sys.modules
     if not before_mlx:
         logger.warning("mlx.core was imported before the BLAS was loaded; MLX may not use it")
-    for path in paths if paths is not None else candidate_paths():
-        if not path.is_file():
+    # Read by OpenBLAS when it is loaded; os.environ writes the process environment.
+    os.environ.setdefault(THREAD_TIMEOUT_ENV, str(THREAD_TIMEOUT_EXPONENT))
+    tried = preferred_libraries()
+    if paths is None and tried == PREFERRED and (routed := _load_routed(before_mlx)):
+        _loaded = routed
+        return _loaded
+    if paths is None:
+        paths = [path for known in tried for path in candidate_paths(known)]
+    for path in paths:
+        known = next((k for k in KNOWN_BLAS.values() if path.name == k.library), None)
+        if known is None or not path.is_file():
             continue
-        # Read by OpenBLAS when it is loaded; os.environ writes the process environment.
-        os.environ.setdefault(THREAD_TIMEOUT_ENV, str(THREAD_TIMEOUT_EXPONENT))
         try:
-            _handle = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
+            handle = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
         except OSError as exc:
             logger.warning("cannot load %s: %s", path, exc)
             continue
-        _loaded = BlasLibrary("openblas", path, _get_threads(), before_mlx)
+        _adopt(known, handle)
+        _loaded = BlasLibrary(known.name, path, _get_threads(), before_mlx)
         return _loaded
     logger.warning(
-        "no OpenBLAS found (install the Debian package %s): MLX's CPU matmuls use its "
+        "no BLAS found (install the Debian package %s): MLX's CPU matmuls use its "
         "slow bundled BLAS",
-        BLAS_PACKAGE,
+        " or ".join(known.package for known in tried),
     )
     _loaded = BlasLibrary("bundled", None, 0)
     return _loaded
+
+
+def _load_routed(before_mlx: bool) -> BlasLibrary | None:
+    """BLIS for one-row products and OpenBLAS for the rest, behind the router; None when
+    either library or the router is missing."""
+    global _router
+    from mlx_relay.core.blas_route import build_router, connect
+
+    narrow_path, wide_path = installed_path(BLIS), installed_path(OPENBLAS)
+    if narrow_path is None or wide_path is None:
+        return None
+    router_path = build_router()
+    if router_path is None:
+        return None
+    try:
+        # Both privately first, so that the router is the first global cblas_sgemm.
+        narrow = ctypes.CDLL(str(narrow_path), mode=os.RTLD_LOCAL)
+        wide = ctypes.CDLL(str(wide_path), mode=os.RTLD_LOCAL)
+        router = ctypes.CDLL(str(router_path), mode=os.RTLD_GLOBAL)
+        connect(router, narrow, wide)
+        # OpenBLAS then serves the other BLAS and LAPACK symbols, as when loaded alone.
+        ctypes.CDLL(str(wide_path), mode=os.RTLD_GLOBAL)
+    except (OSError, AttributeError) as exc:
+        logger.warning("cannot route the BLAS (%s): loading one library", exc)
+        return None
+    _router = router
+    _adopt(OPENBLAS, wide)
+    _adopt(BLIS, narrow)
+    return BlasLibrary(ROUTED, router_path, _get_threads(), before_mlx)
+
+
+def _adopt(known: KnownBlas, handle: ctypes.CDLL) -> None:
+    """Remember ``handle`` for :func:`set_threads`; BLIS starts on all cores, as OpenBLAS."""
+    # BLIS counts in its 64-bit dim_t, OpenBLAS in int.
+    width = ctypes.c_int64 if known is BLIS else ctypes.c_int
+    getattr(handle, known.set_threads).argtypes = [width]
+    getattr(handle, known.get_threads).restype = width
+    if known is BLIS:
+        getattr(handle, known.set_threads)(available_cores())
+    _handles.append((known, handle))
 
 
 def loaded_blas() -> BlasLibrary | None:
@@ -108,8 +229,13 @@ def loaded_blas() -> BlasLibrary | None:
     return _loaded
 
 
+def loaded_router() -> ctypes.CDLL | None:
+    """The BLAS router, when :func:`load_blas` routed."""
+    return _router
+
+
 def set_threads(threads: int) -> BlasLibrary:
-    """Set the BLAS thread count of this process (no-op without a loaded library).
+    """Set the BLAS thread count of this process (every loaded library; no-op without one).
 
     Raises:
         ValueError: ``threads`` is below 1.
@@ -118,17 +244,19 @@ def set_threads(threads: int) -> BlasLibrary:
     if threads < 1:
         raise ValueError(f"BLAS threads must be >= 1, got {threads}")
     library = _loaded or load_blas()
-    if _handle is None:
+    if not _handles:
         return library
-    _handle.openblas_set_num_threads(ctypes.c_int(threads))
+    for known, handle in _handles:
+        getattr(handle, known.set_threads)(threads)
     _loaded = BlasLibrary(library.name, library.path, _get_threads(), library.before_mlx)
     return _loaded
 
 
 def _get_threads() -> int:
-    if _handle is None:
+    if not _handles:
         return 0
-    return int(_handle.openblas_get_num_threads())
+    known, handle = _handles[0]
+    return int(getattr(handle, known.get_threads)())
 
 
 def available_cores() -> int:

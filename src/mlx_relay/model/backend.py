@@ -119,8 +119,9 @@ def to_float32(model: nn.Module) -> nn.Module:
 
 
 def blas_in_use(library: BlasLibrary | None = None) -> str:
-    """The BLAS MLX's float32 matmuls really run on: ``openblas`` when the library was loaded
-    before MLX, is mapped into this process and is where ``cblas_sgemm`` resolves, else
+    """The BLAS MLX's float32 matmuls really run on: the loaded library's name (``openblas``,
+    ``blis``, or ``blis+openblas`` behind the router) when it was loaded before MLX, is
+    mapped into this process and is where ``cblas_sgemm`` resolves, else
     ``bundled`` (with one warning when a library was loaded but MLX does not use it)."""
     library = library or loaded_blas()
     if library is None or library.path is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_relay.core.cache_dir import default_cache_dir
 from mlx_relay.core.config import ModelConfig
 from mlx_relay.core.errors import ModelError, ModelNotFound, ShardMismatch, UnsupportedArchitecture
 from mlx_relay.core.types import LayerRange
@@ -67,18 +67,6 @@ def bundled_gguf_path() -> Path:
         f"the bundled model {BUNDLED_MODEL_NAME} is not installed{where}; "
         f"install it with: {BUNDLED_INSTALL_HINT}"
     )
-
-
-def default_cache_dir(configured: str | None = None) -> Path:
-    """Where imported models live: ``configured``, else ``$MLX_RELAY_CACHE``, else
-    ``$XDG_CACHE_HOME/mlx-relay``, else ``~/.cache/mlx-relay``."""
-    if configured:
-        return Path(configured).expanduser()
-    if env := os.environ.get("MLX_RELAY_CACHE"):
-        return Path(env).expanduser()
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return Path(xdg).expanduser() / "mlx-relay"
-    return Path.home() / ".cache" / "mlx-relay"
 
 
 def import_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> Path:

@@ -202,7 +202,11 @@ class DeviceStatus(_Snap):
         default=None, description="The stage's weights: 'quantized' or a dense dtype."
     )
     blas: str | None = Field(
-        default=None, description="CPU BLAS in use: 'openblas', 'bundled' or 'system'."
+        default=None,
+        description=(
+            "CPU BLAS in use: 'blis+openblas' (each serves the shapes it is fastest at), "
+            "'openblas', 'blis', 'bundled' or 'system'."
+        ),
     )
     blas_threads: int | None = Field(
         default=None,
