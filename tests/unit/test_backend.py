@@ -28,7 +28,7 @@ from mlx_relay.core.blas import (
     same_host,
     set_threads,
 )
-from mlx_relay.core.blas_route import NARROW_ROWS, route_calls
+from mlx_relay.core.blas_route import NARROW_ROWS, VECTOR_SIDE, route_calls
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.backend import (
     backend_name,
@@ -62,7 +62,7 @@ def test_mlx_matmuls_run_on_the_system_blas() -> None:
     assert mx.allclose(a @ b, mx.sum(a[:, :, None] * b[None], axis=1), atol=1e-4).item()
 
 
-def test_the_router_sends_few_row_products_to_blis_and_the_rest_to_openblas() -> None:
+def test_the_router_sends_each_product_to_the_library_for_its_rows() -> None:
     router = loaded_router()
     if router is None:
         pytest.skip(
@@ -70,21 +70,49 @@ def test_the_router_sends_few_row_products_to_blis_and_the_rest_to_openblas() ->
         )
     library = loaded_blas()
     assert library is not None and library.path is not None
-    weights = mx.random.normal((384, 256))
-    narrow = mx.random.normal((NARROW_ROWS, 256))
-    wide = mx.random.normal((NARROW_ROWS + 1, 256))
-    mx.eval(weights, narrow, wide)
-    before = route_calls(router)
-    mx.eval(narrow @ weights.T)
-    middle = route_calls(router)
-    assert (middle.narrow - before.narrow, middle.wide - before.wide) == (1, 0)
-    mx.eval(wide @ weights.T)
-    after = route_calls(router)
-    assert (after.narrow - middle.narrow, after.wide - middle.wide) == (0, 1)
-    # Both routes compute the same product as a sum of elementwise products.
-    for x in (narrow, wide):
+    side = VECTOR_SIDE + 1
+    weights = mx.random.normal((384, side))
+    attention_keys = mx.random.normal((300, VECTOR_SIDE))
+    mx.eval(weights, attention_keys)
+    cases = [(1, weights, 0), (1, attention_keys, 2), (2, weights, 1), (NARROW_ROWS, weights, 1)]
+    cases += [(2, attention_keys, 2), (NARROW_ROWS + 1, weights, 2), (64, weights, 2)]
+    for rows, weights, route in cases:
+        x = mx.random.normal((rows, weights.shape[1]))
+        mx.eval(x)
+        before = route_calls(router)
+        product = x @ weights.T
+        mx.eval(product)
+        after = route_calls(router)
+        moved = [
+            after.vector - before.vector,
+            after.narrow - before.narrow,
+            after.wide - before.wide,
+        ]
+        assert moved == [int(i == route) for i in range(3)], (rows, moved)
         reference = mx.sum(x[:, None, :] * weights[None], axis=2)
-        assert mx.allclose(x @ weights.T, reference, atol=1e-3).item()
+        assert mx.allclose(product, reference, atol=1e-3).item(), (rows, weights.shape)
+
+
+def test_one_row_products_as_matrix_vector_products_keep_every_layout() -> None:
+    """A one-row ``sgemm`` becomes a ``sgemv``: transposed operands, strides and ``addmm``'s
+    alpha and beta must all come out as the product's."""
+    router = loaded_router()
+    if router is None:
+        pytest.skip(
+            "BLIS and OpenBLAS are not both installed (libblis4-pthread, libopenblas0-pthread)"
+        )
+    k, n = VECTOR_SIDE + 40, VECTOR_SIDE + 8
+    for transposed_x in (False, True):
+        for transposed_w in (False, True):
+            x = mx.random.normal((k, 1)).T if transposed_x else mx.random.normal((1, k))
+            w = mx.random.normal((n, k)).T if transposed_w else mx.random.normal((k, n))
+            reference = mx.sum(x[:, :, None] * w[None], axis=1)
+            bias = mx.random.normal((1, n))
+            before = route_calls(router)
+            assert mx.allclose(x @ w, reference, atol=1e-3).item()
+            fused = mx.addmm(bias, x, w, alpha=0.5, beta=2.0)
+            assert mx.allclose(fused, 2.0 * bias + 0.5 * reference, atol=1e-3).item()
+            assert route_calls(router).vector - before.vector == 2
 
 
 @pytest.mark.parametrize("name", ["openblas", "blis"])

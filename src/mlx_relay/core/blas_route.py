@@ -1,15 +1,22 @@
-"""The BLAS router: MLX's ``cblas_sgemm`` sent to BLIS or OpenBLAS by the call's shape.
+"""The BLAS router: MLX's ``cblas_sgemm`` sent to OpenBLAS or BLIS by the call's shape.
 
-Neither Debian library is fastest everywhere on x86 CPUs. Measured on the development
-machine (2 cores, float32, ``x @ w.T``): a one-row product with the output head's
-576 x 49152 weights takes 7 ms with BLIS and 8-26 ms with OpenBLAS 0.3.21 (which packs the
-whole matrix first), while a 128-token prompt's matmuls run about 1.4x faster on OpenBLAS
-(prefill 366 vs 266 tok/s on the bundled model). The router is a small C file
-(``native/blas_route.c``) compiled once per machine with the system C compiler, the one
-MLX itself needs for its compiled CPU kernels, into the mlx-relay cache directory. Loaded
-with ``RTLD_GLOBAL`` before MLX, its ``cblas_sgemm`` is the one MLX binds to; it forwards
-calls of at most ``NARROW_ROWS`` rows (decode steps of a few sequences) to BLIS and the
-rest to OpenBLAS.
+Neither Debian library is fastest everywhere. MLX asks for every float32 product as a
+``sgemm``; measured on the development machine (2 cores, float32, weights read from memory):
+
+- one row of activations times weights (a decode step of one sequence) is a matrix-vector
+  product. OpenBLAS 0.3.21's
+  ``sgemm`` packs the weights first (576 x 1536: 0.24 ms, 15 GB/s); BLIS's runs on one
+  core (0.17 ms); OpenBLAS's threaded ``sgemv`` streams them once on every core (0.08 ms,
+  43 GB/s). The bundled model decodes one sequence at 15, 19 and 24 tok/s that way.
+- 2-8 rows (decode steps of a few sequences): BLIS's ``sgemm`` reads the weights once for
+  all rows (batch 4: 54.7 tok/s vs 47.2 with OpenBLAS).
+- more rows (prompts, larger batches): OpenBLAS's ``sgemm`` (prefill 366 vs 266 tok/s with
+  BLIS); attention's products too, whatever their rows (see :data:`VECTOR_SIDE`).
+
+The router is a small C file (``native/blas_route.c``) compiled once per machine with the
+system C compiler, the one MLX itself needs for its compiled CPU kernels, into the
+mlx-relay cache directory. Loaded with ``RTLD_GLOBAL`` before MLX, its ``cblas_sgemm`` is
+the one MLX binds to; it forwards each call as above.
 """
 
 from __future__ import annotations
@@ -30,16 +37,24 @@ from mlx_relay.core.cache_dir import default_cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCE = "blas_route.c"
-# Calls with at most this many rows go to the narrow library (BLIS). Measured on the bundled
-# model, decode tok/s at batch 1, 4, 8, 16 with at most 1 row routed: 19.1, 47.5, 85.5, 146.9;
-# with at most 8: 18.6, 54.7, 92.9, 150.1.
+# Calls of 2 to this many rows go to BLIS. Measured on the bundled model, decode tok/s at batch
+# 4, 8, 16 with up to 1 row sent to BLIS: 47.5, 85.5, 146.9; with up to 8: 54.7, 92.9, 150.1.
 NARROW_ROWS = 8
+# Products go to sgemv or BLIS only when both sides exceed this: attention's products (one
+# side is the head dimension, at most 128 in the supported models) stay on OpenBLAS's sgemm,
+# whose results do not depend on how many positions they span, as the attention windows of
+# mlx_relay.model.shard need for exact equality with full attention (BLIS's sgemm and
+# sgemv's blocking break it: measured on the tiny test models).
+VECTOR_SIDE = 128
 
 
 @dataclass(frozen=True)
 class RouteCalls:
-    """``cblas_sgemm`` calls routed so far in this process."""
+    """``cblas_sgemm`` calls routed so far in this process: one-row products with weights (to
+    OpenBLAS's ``sgemv``), products with weights of up to :data:`NARROW_ROWS` rows (BLIS), the
+    rest (OpenBLAS's ``sgemm``)."""
 
+    vector: int
     narrow: int
     wide: int
 
@@ -101,23 +116,24 @@ def function_address(handle: ctypes.CDLL, symbol: str) -> int:
 
 
 def connect(router: ctypes.CDLL, narrow: ctypes.CDLL, wide: ctypes.CDLL) -> None:
-    """Point the router's narrow calls at ``narrow``'s ``cblas_sgemm`` and the rest at
-    ``wide``'s. Call before MLX computes anything."""
+    """Point the router's one-row products at ``wide``'s ``cblas_sgemv``, its few-row ones at
+    ``narrow``'s ``cblas_sgemm`` and the rest at ``wide``'s. Call before MLX computes
+    anything."""
     route_set = router.mlx_relay_route_set
     route_set.argtypes = [
         ctypes.c_void_p,
         ctypes.c_void_p,
-        ctypes.c_int,
+        ctypes.c_void_p,
         ctypes.c_int,
         ctypes.c_int,
     ]
     route_set.restype = None
     route_set(
+        function_address(wide, "cblas_sgemv"),
         function_address(narrow, "cblas_sgemm"),
         function_address(wide, "cblas_sgemm"),
         NARROW_ROWS,
-        0,
-        0,
+        VECTOR_SIDE,
     )
 
 
@@ -126,4 +142,4 @@ def route_calls(router: ctypes.CDLL) -> RouteCalls:
     calls = router.mlx_relay_route_calls
     calls.argtypes = [ctypes.c_int]
     calls.restype = ctypes.c_uint64
-    return RouteCalls(int(calls(0)), int(calls(1)))
+    return RouteCalls(int(calls(0)), int(calls(1)), int(calls(2)))
