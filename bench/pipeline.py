@@ -42,6 +42,7 @@ import yaml  # noqa: E402
 from mlx_relay.cli.fleet import WorkerFleet  # noqa: E402
 from mlx_relay.cli.up import with_free_worker_ports  # noqa: E402
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator, InferenceRequest  # noqa: E402
+from mlx_relay.coordinator.scheduler import default_micro_batches  # noqa: E402
 from mlx_relay.core.config import ClusterConfig, ModelConfig  # noqa: E402
 from mlx_relay.model.generate import generate_tokens  # noqa: E402
 from mlx_relay.model.load import load_model, resolve_model_dir  # noqa: E402
@@ -167,13 +168,14 @@ async def main(args: argparse.Namespace) -> None:
         set_threads(default_threads(1))
         # The same weights the workers pick (model.compute: auto), so the tokens must match.
         model = load_model(model_dir, compute="auto")
+        hosts = [stage[0].host for stage in config.stages]
         print(f"model {model_dir.name}: prompt {len(prompt)} tokens, {args.max_tokens} new tokens")
         print(
             f"pipeline: {', '.join(f'{s.device_id} {s.layer_range}' for s in orchestrator.stages)}"
         )
         print(
             f"monitoring {'on' if args.monitoring else 'off'}; {args.rounds} alternating rounds; "
-            f"micro-batches in flight: {args.micro_batches or len(orchestrator.stages)}\n"
+            f"micro-batches in flight: {args.micro_batches or default_micro_batches(hosts)}\n"
         )
 
         await pipeline_round(orchestrator, 4)  # warm-up: channels, caches, code paths
@@ -249,7 +251,7 @@ if __name__ == "__main__":
         "--micro-batches",
         type=int,
         default=None,
-        help="inference.micro_batches (default: one per stage; 1 suits one machine)",
+        help="inference.micro_batches (default: one per machine the stages run on)",
     )
     parser.add_argument(
         "--blas-threads",

@@ -49,8 +49,9 @@ def expected_text(model_dir: Path, case: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize(
     ("num_workers", "micro_batches"),
-    [(1, None), (2, None), (3, None), (2, 1)],
-    ids=["1-stage", "2-stages", "3-stages", "2-stages-1-micro-batch"],
+    [(1, None), (2, 2), (3, 3), (2, None)],
+    # Loopback stages are one machine: by default one micro-batch in flight.
+    ids=["1-stage", "2-stages-2-micro-batches", "3-stages-3-micro-batches", "2-stages-default"],
 )
 async def test_concurrent_requests_arriving_at_different_times_match_single_process(
     tiny_model_dir: Path, num_workers: int, micro_batches: int | None

@@ -28,7 +28,8 @@ async def test_blas_threads_follow_the_micro_batches_in_flight(tiny_model_dir: P
     if cores < 2:
         pytest.skip("one core: every step runs one BLAS thread")
     # Both workers run in this process, so the process's thread count is what each step set.
-    async with local_cluster(tiny_model_dir, 2) as cluster:
+    # Two micro-batches in flight (one machine's default is one: both cores per step).
+    async with local_cluster(tiny_model_dir, 2, inference={"micro_batches": 2}) as cluster:
         orchestrator = cluster.orchestrator
         alone = await orchestrator.process_request(
             InferenceRequest(prompt=PROMPTS[0], max_tokens=8)
@@ -65,7 +66,9 @@ async def test_micro_batches_of_every_replica_path_count(tiny_model_dir: Path) -
     if cores < 2:
         pytest.skip("one core: every step runs one BLAS thread")
     layers = [(0, 2), (0, 2), (2, 4)]
-    async with local_cluster(tiny_model_dir, 3, layers=layers) as cluster:
+    async with local_cluster(
+        tiny_model_dir, 3, layers=layers, inference={"micro_batches": 2}
+    ) as cluster:
         orchestrator = cluster.orchestrator
         set_threads(cores)
         seen: set[int] = set()

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_relay.coordinator.scheduler import ScheduledStep, Scheduler, SchedulerSettings, StepPlan
+from mlx_relay.coordinator.scheduler import (
+    ScheduledStep,
+    Scheduler,
+    SchedulerSettings,
+    StepPlan,
+    default_micro_batches,
+)
 
 
 def make(batch: int = 8, chunk: int = 16, micro: int = 1) -> Scheduler:
@@ -243,3 +249,20 @@ def test_replay_needs_every_micro_batch_back_and_drops_the_aborted() -> None:
     assert "b" not in scheduler
     assert scheduler.replay() == ["a"]
     assert shape(run(scheduler)) == [("a", "prefill", 0, 2)]
+
+
+@pytest.mark.parametrize(
+    ("hosts", "expected"),
+    [
+        (["127.0.0.1", "localhost"], 1),  # loopback names are one machine
+        (["127.0.0.1", "::1", "127.0.0.1"], 1),
+        (["10.0.0.1", "10.0.0.2"], 2),
+        (["10.0.0.1", "10.0.0.1", "10.0.0.2"], 2),
+        (["mac-a.local", "127.0.0.1", "mac-b.local"], 3),
+        ([], 1),
+    ],
+)
+def test_by_default_one_micro_batch_per_machine_of_the_stages(
+    hosts: list[str], expected: int
+) -> None:
+    assert default_micro_batches(hosts) == expected

@@ -31,7 +31,7 @@ from mlx_relay.coordinator.repartition import (
 )
 from mlx_relay.coordinator.replicas import ReplicaRouter
 from mlx_relay.coordinator.requests import InferenceRequest, InferenceResponse, TokenEvent
-from mlx_relay.coordinator.scheduler import SchedulerSettings
+from mlx_relay.coordinator.scheduler import SchedulerSettings, default_micro_batches
 from mlx_relay.coordinator.stage_health import StageHealthPoll
 from mlx_relay.coordinator.telemetry import CoordinatorTelemetry
 from mlx_relay.coordinator.tracing import CoordinatorTracing
@@ -231,7 +231,8 @@ class DistributedOrchestrator:
         settings = SchedulerSettings(
             max_batch_size=inference.max_batch_size,
             prefill_chunk_tokens=min(inference.prefill_chunk_tokens, inference.max_prompt_tokens),
-            max_micro_batches=inference.micro_batches or len(self.config.stages),
+            max_micro_batches=inference.micro_batches
+            or default_micro_batches([stage[0].host for stage in self.config.stages]),
         )
         self._router = ReplicaRouter(
             self.stages,

@@ -18,9 +18,11 @@ Policy, for each micro-batch:
   stalls the streams already running: it advances one chunk per step alongside them.
 - A paused request (its client has not read the tokens it already has,
   :meth:`Scheduler.pause`) takes no step and holds no row until :meth:`Scheduler.resume`.
-- Up to ``max_micro_batches`` plans are in flight at once (one per stage keeps every stage
-  busy), and a request is in at most one of them: the requests are shared out, each plan
-  taking at most ``ceil(requests / max_micro_batches)`` rows.
+- Up to ``max_micro_batches`` plans are in flight at once, and a request is in at most one
+  of them: the requests are shared out, each plan taking at most
+  ``ceil(requests / max_micro_batches)`` rows. By default one per machine the stages run on
+  (:func:`default_micro_batches`): stages on separate machines all have work, while stages
+  sharing one machine's cores get one larger batch instead of smaller overlapping ones.
 
 Recovery: when a stage fails and comes back (:mod:`mlx_relay.coordinator.recovery`), the
 requests of a failed micro-batch are put back (:meth:`Scheduler.rewind`) and every request
@@ -35,11 +37,29 @@ Admission (how many requests may run or wait, 429 past that) stays with
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mlx_relay.core.blas import same_host
+
 Phase = Literal["prefill", "decode"]
+
+
+def default_micro_batches(stage_hosts: Sequence[str]) -> int:
+    """Micro-batches in flight when ``inference.micro_batches`` is unset: one per machine
+    among the stages' hosts (loopback names are one machine).
+
+    Overlapping micro-batches only pay where they compute on different cores. Two stages on
+    one 2-core machine, the bundled model, 16 requests in flight: 95.6 tok/s with two
+    micro-batches of 8 (a core each), 101.5 with one of 16 (both cores per step); 4 in
+    flight: 38.4 vs 42.7.
+    """
+    machines: list[str] = []
+    for host in stage_hosts:
+        if not any(same_host(host, known) for known in machines):
+            machines.append(host)
+    return max(1, len(machines))
 
 
 @dataclass(frozen=True)

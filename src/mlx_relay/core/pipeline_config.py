@@ -54,9 +54,9 @@ class InferenceConfig(ConfigSection):
     # more than max_prompt_tokens, the most positions a worker takes in one step).
     max_batch_size: int = Field(default=16, ge=1)
     prefill_chunk_tokens: int = Field(default=512, ge=1)
-    # Micro-batches in flight at once; None = one per stage, so that with stages on
-    # separate devices every stage has work. Stages sharing one machine's cores do better
-    # with 1: one larger batch instead of overlapping smaller ones.
+    # Micro-batches in flight at once; None = one per machine the stages run on, so that
+    # with stages on separate devices every stage has work, while stages sharing one
+    # machine's cores get one larger batch (coordinator/scheduler.py, default_micro_batches).
     micro_batches: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
