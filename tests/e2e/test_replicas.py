@@ -18,7 +18,7 @@ import pytest
 from playwright.async_api import async_playwright
 
 from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
-from tests.integration.test_chaos import recovery_seconds, stream_completion
+from tests.integration.test_chaos import Outcome, recovery_seconds, stream_completion
 from tests.integration.test_up_cli import reap, stop, wait_healthy
 from tests.integration.test_up_supervision import start_up, worker_processes
 from tests.support.cluster import cluster_dict, free_ports
@@ -49,14 +49,22 @@ def wait_until(condition: object, what: str, timeout: float = 60.0) -> None:
 async def load_with_a_kill(
     url: str, model: str, prompts: list[list[int]], up: psutil.Process, victim: str
 ) -> list:
+    outcomes = [Outcome() for _ in range(REQUESTS)]
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0)) as http:
         tasks = [
             asyncio.create_task(
-                stream_completion(http, model, prompts[i % len(prompts)], MAX_TOKENS)
+                stream_completion(http, model, prompts[i % len(prompts)], MAX_TOKENS, outcomes[i])
             )
             for i in range(REQUESTS)
         ]
-        await asyncio.sleep(0.5)  # the requests are spread over the replicas and running
+        # Every request has its first token and none is done: all are spread over the
+        # replicas and running when the victim dies.
+        deadline = time.monotonic() + 60.0
+        while not all(o.tokens for o in outcomes):
+            assert time.monotonic() < deadline, "the requests did not all start"
+            assert not any(t.done() for t in tasks), "a request ended before all started"
+            await asyncio.sleep(0.01)
+        assert not any(o.finish_reason for o in outcomes)
         worker_processes(up)[victim].send_signal(signal.SIGKILL)
         return list(await asyncio.gather(*tasks))
 

@@ -68,9 +68,14 @@ class Outcome:
 
 
 async def stream_completion(
-    http: httpx.AsyncClient, model: str, prompt_ids: list[int], max_tokens: int = MAX_TOKENS
+    http: httpx.AsyncClient,
+    model: str,
+    prompt_ids: list[int],
+    max_tokens: int = MAX_TOKENS,
+    outcome: Outcome | None = None,
 ) -> Outcome:
-    """One greedy streamed completion, read chunk by chunk."""
+    """One greedy streamed completion, read chunk by chunk (into ``outcome`` when given, so
+    the caller sees its tokens arrive)."""
     body = {
         "model": model,
         "prompt": prompt_ids,
@@ -80,7 +85,7 @@ async def stream_completion(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    outcome = Outcome()
+    outcome = outcome if outcome is not None else Outcome()
     async with http.stream("POST", "/v1/completions", json=body) as response:
         outcome.status = response.status_code
         async for line in response.aiter_lines():
