@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/pipeline.py                       # bundled model, 3 rounds, 32 tokens
     .venv/bin/python bench/pipeline.py --rounds 5 --max-tokens 48 --concurrency 1 2 4 8
-    .venv/bin/python bench/pipeline.py --micro-batches 1       # one micro-batch in flight
+    .venv/bin/python bench/pipeline.py --micro-batches 2       # a micro-batch per stage
     .venv/bin/python bench/pipeline.py --sections ttft         # one figure only
+    .venv/bin/python bench/pipeline.py --sections agreement    # batched vs solo tokens
     OPENBLAS_THREAD_TIMEOUT=28 .venv/bin/python bench/pipeline.py --blas-threads 1
         # one BLAS thread per worker and OpenBLAS's own idle spin: the settings before
         # per-step threads, to compare with
@@ -16,6 +17,10 @@ On the bundled model (greedy):
   aggregate  total generated tokens/s with 1, 4, 8 and 16 requests in flight at once (each
              request's prefill included, in one run against 1 in flight): the requests are
              batched continuously, one micro-batch per stage unless --micro-batches says.
+  agreement  16 different greedy chat requests of 32 tokens run at once, then each alone on
+             the same pipeline: how many of the 16 token sequences are equal, and for any that
+             differ the logit margin (top-1 minus top-2 logprob) where they first part: a
+             near-tie that the batch's rounding (1e-6 on float32) may flip.
   ttft       time to first token of a new short request while 15 others decode, against the
              same request on an idle pipeline (alternating rounds, medians and their ratio;
              the target is <= 2x): the new request's prefill joins the running decode steps
@@ -90,6 +95,64 @@ async def aggregate(
     )
     elapsed = time.perf_counter() - started
     return sum(r.usage.completion_tokens for r in responses) / elapsed
+
+
+TOPICS = [
+    "the moon",
+    "bread",
+    "rivers",
+    "chess",
+    "volcanoes",
+    "bees",
+    "trains",
+    "glass",
+    "winter",
+    "maps",
+    "coffee",
+    "whales",
+    "bridges",
+    "music",
+    "deserts",
+    "clocks",
+]
+
+
+def chat(topic: str) -> InferenceRequest:
+    return InferenceRequest(
+        messages=[{"role": "user", "content": f"Write two sentences about {topic}."}],
+        max_tokens=32,
+        top_logprobs=2,
+        logprobs=True,
+    )
+
+
+async def agreement_section(orchestrator: DistributedOrchestrator) -> None:
+    print("\n== agreement: 16 greedy chat requests at once vs each alone ==")
+    together = await asyncio.gather(*(orchestrator.process_request(chat(t)) for t in TOPICS))
+    equal = 0
+    for topic, batched in zip(TOPICS, together, strict=True):
+        alone = await orchestrator.process_request(chat(topic))
+        if batched.token_ids == alone.token_ids:
+            equal += 1
+            continue
+        at = next(
+            (
+                i
+                for i, (a, b) in enumerate(zip(alone.token_ids, batched.token_ids, strict=False))
+                if a != b
+            ),
+            min(len(alone.token_ids), len(batched.token_ids)),
+        )
+        margins = []
+        for run in (alone, batched):
+            if run.logprobs is not None and at < len(run.logprobs):
+                top = sorted((lp for _, lp in run.logprobs[at].top_logprobs), reverse=True)
+                margins.append(f"{top[0] - top[1]:.2e}" if len(top) > 1 else "n/a")
+        print(
+            f"  {topic!r}: first differs at token {at}; top-1 minus top-2 logprob there "
+            f"(alone, batched): {', '.join(margins)}"
+        )
+    print(f"{equal} of {len(TOPICS)} token sequences equal to their solo run")
 
 
 async def time_to_first_token(orchestrator: DistributedOrchestrator) -> float:
@@ -191,6 +254,8 @@ async def main(args: argparse.Namespace) -> None:
                 print(f"{concurrent:2d} concurrent: {spread(rates)} tok/s")
         if "ttft" in args.sections:
             await ttft_section(args, orchestrator)
+        if "agreement" in args.sections:
+            await agreement_section(orchestrator)
     finally:
         await orchestrator.shutdown()
         fleet.stop()
@@ -203,6 +268,8 @@ async def ttft_section(args: argparse.Namespace, orchestrator: DistributedOrches
     idle: list[float] = []
     loaded: list[float] = []
     for i in range(args.rounds):
+        # Idle: the last round's cancelled requests and their last step are gone.
+        await orchestrator.wait_idle()
         idle.append(await time_to_first_token(orchestrator))
         seconds, still = await loaded_time_to_first_token(orchestrator, background, 256)
         loaded.append(seconds)
@@ -262,8 +329,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--sections",
         nargs="+",
-        choices=["decode", "aggregate", "ttft"],
-        default=["decode", "aggregate", "ttft"],
+        choices=["decode", "aggregate", "ttft", "agreement"],
+        default=["decode", "aggregate", "ttft", "agreement"],
     )
     parser.add_argument(
         "--ttft-background", type=int, default=15, help="requests decoding during the ttft figure"

@@ -161,3 +161,28 @@ async def test_a_prompt_larger_than_one_message_completes_in_chunks(tmp_path: Pa
         assert sum(w.kv_sessions for w in cluster.workers) == 0
     assert response.usage.prompt_tokens == 4000
     assert response.token_ids == [t.token_id for t in reference_tokens(model_dir, prompt, 4)]
+
+
+async def test_wait_idle_returns_once_cancelled_streams_have_left_every_stage(
+    tiny_model_dir: Path,
+) -> None:
+    async with local_cluster(tiny_model_dir, 2, inference={"micro_batches": 2}) as cluster:
+        orchestrator = cluster.orchestrator
+        started = [asyncio.Event() for _ in range(4)]
+
+        async def stream(i: int) -> None:
+            request = InferenceRequest(prompt=PROMPTS[i % len(PROMPTS)], max_tokens=200)
+            async for event in orchestrator.stream_request(request):
+                if event.token_id is not None:
+                    started[i].set()
+
+        tasks = [asyncio.create_task(stream(i)) for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), timeout=60)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait_for(orchestrator.wait_idle(), timeout=30)
+        assert orchestrator.running_requests == 0 and orchestrator.waiting_requests == 0
+        loops = orchestrator._router.loops if orchestrator._router is not None else []
+        assert loops and all(loop.in_flight == 0 and loop.scheduled == 0 for loop in loops)
+        await wait_for(lambda: sum(w.kv_sessions for w in cluster.workers) == 0)

@@ -184,6 +184,15 @@ class DistributedOrchestrator:
     def waiting_requests(self) -> int:
         return self._admission.waiting
 
+    async def wait_idle(self) -> None:
+        """Wait until no request is admitted and no micro-batch is in flight on any path
+        (a cancelled request's last step may still be out when its stream has ended)."""
+        while self._admission.running or self._admission.waiting:
+            await asyncio.sleep(0.005)
+        if self._router is not None:
+            for loop in self._router.loops:
+                await loop.drained()
+
     async def initialize(self) -> None:
         """Load the tokenizer and model facts (not the weights), connect to every worker and
         wait until all are SERVING, check their shards, then start monitoring.
