@@ -17,6 +17,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_relay.core.blas_route import build_router, connect
+
 logger = logging.getLogger(__name__)
 
 BLAS_ENV = "MLX_RELAY_BLAS"
@@ -188,8 +190,6 @@ def _load_routed(before_mlx: bool) -> BlasLibrary | None:
     """BLIS for one-row products and OpenBLAS for the rest, behind the router; None when
     either library or the router is missing."""
     global _router
-    from mlx_relay.core.blas_route import build_router, connect
-
     narrow_path, wide_path = installed_path(BLIS), installed_path(OPENBLAS)
     if narrow_path is None or wide_path is None:
         return None
