@@ -139,14 +139,12 @@ def test_mlx_relay_blas_picks_one_library(name: str) -> None:
 
 def test_an_unknown_mlx_relay_blas_is_refused_by_name() -> None:
     env = {**os.environ, BLAS_ENV: "mkl"}
-    result = subprocess.run(
-        [sys.executable, "-c", "from mlx_relay.core.blas import load_blas; load_blas()"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode != 0
-    assert "MLX_RELAY_BLAS: expected one of auto, blis, openblas, got 'mkl'" in result.stderr
+    script = "from mlx_relay.cli import main; raise SystemExit(main(['--help']))"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mlx-relay: error: MLX_RELAY_BLAS: expected one of auto, blis, openblas, got 'mkl'"
+    ]
 
 
 def test_a_library_loaded_after_mlx_is_not_reported_as_in_use() -> None:

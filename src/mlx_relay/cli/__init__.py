@@ -56,7 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     # Before any subcommand module imports MLX, so that its CPU matmuls use this BLAS.
-    load_blas()
+    try:
+        load_blas()
+    except RelayError as exc:  # MLX_RELAY_BLAS names no known library
+        print(f"mlx-relay: error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_relay.core.blas_route import build_router, connect
+from mlx_relay.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,9 @@ class BlasLibrary:
     """The BLAS this process loaded.
 
     Attributes:
-        name: ``blis`` or ``openblas``; ``bundled`` when none was found (MLX's own reference
-            BLAS); ``system`` off Linux (Accelerate on macOS).
+        name: ``blis+openblas`` (both, behind the router), ``blis`` or ``openblas``;
+            ``bundled`` when none was found (MLX's own reference BLAS); ``system`` off Linux
+            (Accelerate on macOS).
         path: The loaded library's file, or None.
         threads: The BLAS thread count (0 when no library is loaded).
         before_mlx: Whether it was loaded before ``mlx.core`` was imported.
@@ -120,14 +122,14 @@ def preferred_libraries() -> tuple[KnownBlas, ...]:
     ``openblas``; ``auto`` or unset: :data:`PREFERRED`, routed when both are installed).
 
     Raises:
-        ValueError: ``MLX_RELAY_BLAS`` names no known library.
+        ConfigError: ``MLX_RELAY_BLAS`` names no known library.
     """
     wanted = os.environ.get(BLAS_ENV, "auto").strip().lower()
     if wanted in ("", "auto"):
         return PREFERRED
     if wanted not in KNOWN_BLAS:
         expected = ", ".join(["auto", *KNOWN_BLAS])
-        raise ValueError(f"{BLAS_ENV}: expected one of {expected}, got {wanted!r}")
+        raise ConfigError(f"{BLAS_ENV}: expected one of {expected}, got {wanted!r}")
     return (KNOWN_BLAS[wanted],)
 
 
