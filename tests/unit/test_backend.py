@@ -28,7 +28,7 @@ from mlx_relay.core.blas import (
     same_host,
     set_threads,
 )
-from mlx_relay.core.blas_route import NARROW_ROWS, VECTOR_SIDE, route_calls
+from mlx_relay.core.blas_route import KERNEL_ROWS, VECTOR_SIDE, compiler, route_calls, set_route_threads
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.backend import (
     backend_name,
@@ -49,9 +49,9 @@ def test_mlx_matmuls_run_on_the_system_blas() -> None:
     assert library is not None, "tests/conftest.py loads the BLAS before MLX"
     if library.path is None:
         pytest.skip(f"no system BLAS on this machine (Debian package {BLAS_PACKAGE})")
-    # With BLIS and OpenBLAS both installed (as `make test` does), the router.
-    both = installed_path(BLIS) is not None and installed_path(OPENBLAS) is not None
-    assert library.name == (ROUTED if both else "openblas")
+    # With OpenBLAS installed (as `make test` does) and a C compiler, the router.
+    routed = installed_path(OPENBLAS) is not None and compiler() is not None
+    assert library.name == (ROUTED if routed else "openblas")
     assert loaded_in_process(library.path)
     # MLX's extension binds its BLAS calls through the global lookup first, which finds
     # the loaded library, not the wheel's own reference BLAS that is mapped beside it.
@@ -62,35 +62,75 @@ def test_mlx_matmuls_run_on_the_system_blas() -> None:
     assert mx.allclose(a @ b, mx.sum(a[:, :, None] * b[None], axis=1), atol=1e-4).item()
 
 
-def test_the_router_sends_each_product_to_the_library_for_its_rows() -> None:
+NO_ROUTER = "no BLAS router here (needs libopenblas0-pthread and a C compiler)"
+
+
+def router_lanes() -> int:
+    router = loaded_router()
+    assert router is not None
+    return int(router.mlx_relay_route_lanes())
+
+
+def test_the_router_sends_each_product_to_the_code_for_its_shape() -> None:
     router = loaded_router()
     if router is None:
-        pytest.skip(
-            "BLIS and OpenBLAS are not both installed (libblis4-pthread, libopenblas0-pthread)"
-        )
+        pytest.skip(NO_ROUTER)
     library = loaded_blas()
     assert library is not None and library.path is not None
-    side = VECTOR_SIDE + 1
-    weights = mx.random.normal((384, side))
+    lanes = router_lanes()
+    # The kernel takes x @ w.T with weights whose depth is a multiple of its vector lanes.
+    weights = mx.random.normal((384, VECTOR_SIDE + 16))
+    ragged = mx.random.normal((384, VECTOR_SIDE + lanes // 2))
     attention_keys = mx.random.normal((300, VECTOR_SIDE))
-    mx.eval(weights, attention_keys)
-    cases = [(1, weights, 0), (1, attention_keys, 2), (2, weights, 1), (NARROW_ROWS, weights, 1)]
-    cases += [(2, attention_keys, 2), (NARROW_ROWS + 1, weights, 2), (64, weights, 2)]
-    for rows, weights, route in cases:
-        x = mx.random.normal((rows, weights.shape[1]))
+    mx.eval(weights, ragged, attention_keys)
+    vector, kernel, wide = 0, 1, 2
+    cases = [(1, weights, kernel), (2, weights, kernel), (KERNEL_ROWS, weights, kernel)]
+    cases += [(1, ragged, vector), (3, ragged, wide), (1, attention_keys, wide)]
+    cases += [(2, attention_keys, wide), (KERNEL_ROWS + 1, weights, wide), (64, weights, wide)]
+    for rows, w, route in cases:
+        x = mx.random.normal((rows, w.shape[1]))
         mx.eval(x)
         before = route_calls(router)
-        product = x @ weights.T
+        product = x @ w.T
         mx.eval(product)
         after = route_calls(router)
         moved = [
             after.vector - before.vector,
-            after.narrow - before.narrow,
+            after.kernel - before.kernel,
             after.wide - before.wide,
         ]
-        assert moved == [int(i == route) for i in range(3)], (rows, moved)
-        reference = mx.sum(x[:, None, :] * weights[None], axis=2)
-        assert mx.allclose(product, reference, atol=1e-3).item(), (rows, weights.shape)
+        assert moved == [int(i == route) for i in range(3)], (rows, w.shape, moved)
+        reference = mx.sum(x[:, None, :] * w[None], axis=2)
+        assert mx.allclose(product, reference, atol=1e-3).item(), (rows, w.shape)
+
+
+def test_the_kernel_gives_each_row_the_same_bits_alone_in_a_batch_and_on_any_threads() -> None:
+    """A decode step's products do not depend on the other sequences in the batch."""
+    router = loaded_router()
+    if router is None:
+        pytest.skip(NO_ROUTER)
+    library = loaded_blas()
+    assert library is not None
+    # Weight rows and batch rows that do not fill the kernel's tiles (4 x 4).
+    weights = mx.random.normal((4 * 97 + 3, 12 * router_lanes()))
+    batch = mx.random.normal((KERNEL_ROWS - 1, weights.shape[1]))
+    mx.eval(weights, batch)
+    before = route_calls(router)
+    together = batch @ weights.T
+    mx.eval(together)
+    try:
+        for threads in (1, 2, 3):
+            set_route_threads(router, threads)
+            for row in range(batch.shape[0]):
+                alone = batch[row : row + 1] @ weights.T
+                assert mx.array_equal(alone[0], together[row]).item(), (threads, row)
+            pair = batch[5:7] @ weights.T
+            assert mx.array_equal(pair, together[5:7]).item(), threads
+    finally:
+        set_route_threads(router, library.threads)
+    assert route_calls(router).kernel - before.kernel == 1 + 3 * (batch.shape[0] + 1)
+    reference = mx.sum(batch[:, None, :] * weights[None], axis=2)
+    assert mx.allclose(together, reference, atol=1e-3).item()
 
 
 def test_one_row_products_as_matrix_vector_products_keep_every_layout() -> None:
@@ -98,10 +138,9 @@ def test_one_row_products_as_matrix_vector_products_keep_every_layout() -> None:
     alpha and beta must all come out as the product's."""
     router = loaded_router()
     if router is None:
-        pytest.skip(
-            "BLIS and OpenBLAS are not both installed (libblis4-pthread, libopenblas0-pthread)"
-        )
-    k, n = VECTOR_SIDE + 40, VECTOR_SIDE + 8
+        pytest.skip(NO_ROUTER)
+    # A depth the kernel cannot take (not a multiple of its lanes): all to sgemv.
+    k, n = VECTOR_SIDE + 36, VECTOR_SIDE + 8
     for transposed_x in (False, True):
         for transposed_w in (False, True):
             x = mx.random.normal((k, 1)).T if transposed_x else mx.random.normal((1, k))

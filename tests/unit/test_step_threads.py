@@ -91,9 +91,11 @@ def test_idle_blas_threads_stop_spinning_soon_after_the_last_matmul(openblas: Bl
     assert os.environ.get(THREAD_TIMEOUT_ENV) == str(THREAD_TIMEOUT_EXPONENT)
     set_threads(2)
     weights = mx.random.normal((1024, 1024))
-    # One row and 64 rows: with BLIS and OpenBLAS both loaded, each library serves one.
+    # Behind the router: one row to OpenBLAS's sgemv, 64 rows to its sgemm, and 4 rows times
+    # the transposed weights (a decode step) to the router's kernel and its threads.
     rows = [mx.random.normal((1, 1024)), mx.random.normal((64, 1024))]
-    mx.eval(weights, *rows)
+    steps = mx.random.normal((4, 1024))
+    mx.eval(weights, steps, *rows)
 
     def cpu_seconds() -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -102,7 +104,7 @@ def test_idle_blas_threads_stop_spinning_soon_after_the_last_matmul(openblas: Bl
     burnt = []
     for _ in range(5):
         for _ in range(20):
-            mx.eval([x @ weights for x in rows])
+            mx.eval([x @ weights for x in rows] + [steps @ weights.T])
         before = cpu_seconds()
         time.sleep(0.2)
         burnt.append(cpu_seconds() - before)

@@ -1,9 +1,9 @@
 """A real BLAS for MLX's CPU backend, loaded before ``mlx.core`` is first imported.
 
 The Linux ``mlx[cpu]`` wheel links a reference BLAS (a few GFLOP/s). Loading the system's
-OpenBLAS and BLIS into the process with ``RTLD_GLOBAL`` first (behind the router of
-:mod:`mlx_relay.core.blas_route`, or one of them alone) makes MLX's float32 matmuls resolve to
-them. This module imports no MLX, so entry points can call :func:`load_blas` before anything
+OpenBLAS into the process with ``RTLD_GLOBAL`` first (behind the router of
+:mod:`mlx_relay.core.blas_route`, or alone; BLIS alone on request) makes MLX's float32 matmuls
+resolve to it. This module imports no MLX, so entry points can call :func:`load_blas` before anything
 else does; :mod:`mlx_relay.model.backend` checks afterwards that MLX really uses it.
 """
 
@@ -17,7 +17,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_relay.core.blas_route import build_router, connect
+from mlx_relay.core.blas_route import build_router, connect, set_route_threads
 from mlx_relay.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -73,9 +73,10 @@ OPENBLAS = KnownBlas(
 )
 KNOWN_BLAS = {known.name: known for known in (BLIS, OPENBLAS)}
 # Alone, tried in this order unless MLX_RELAY_BLAS names one (OpenBLAS is the faster for
-# prompts and batches); with both installed, the router uses each where it is fastest.
+# prompts and batches); with OpenBLAS installed and the router built, the router's kernel
+# computes decode steps and OpenBLAS the rest.
 PREFERRED = (OPENBLAS, BLIS)
-ROUTED = "blis+openblas"
+ROUTED = "openblas+router"
 BLAS_PACKAGE = " or ".join(known.package for known in PREFERRED)
 
 
@@ -84,7 +85,7 @@ class BlasLibrary:
     """The BLAS this process loaded.
 
     Attributes:
-        name: ``blis+openblas`` (both, behind the router), ``blis`` or ``openblas``;
+        name: ``openblas+router`` (OpenBLAS behind the router), ``openblas`` or ``blis``;
             ``bundled`` when none was found (MLX's own reference BLAS); ``system`` off Linux
             (Accelerate on macOS).
         path: The loaded library's file, or None.
@@ -119,7 +120,7 @@ def installed_path(known: KnownBlas) -> Path | None:
 
 def preferred_libraries() -> tuple[KnownBlas, ...]:
     """The libraries to try, in order: the one ``MLX_RELAY_BLAS`` names (``blis``,
-    ``openblas``; ``auto`` or unset: :data:`PREFERRED`, routed when both are installed).
+    ``openblas``; ``auto`` or unset: :data:`PREFERRED`, routed when OpenBLAS is installed).
 
     Raises:
         ConfigError: ``MLX_RELAY_BLAS`` names no known library.
@@ -136,9 +137,9 @@ def preferred_libraries() -> tuple[KnownBlas, ...]:
 def load_blas(paths: list[Path] | None = None) -> BlasLibrary:
     """Load a real BLAS globally so that MLX, imported later, computes with it (idempotent).
 
-    Call before ``mlx.core`` is imported. With BLIS and OpenBLAS both installed (and a C
-    compiler for the router, see :mod:`mlx_relay.core.blas_route`), each serves the shapes
-    it is fastest at; else the first installed of :func:`preferred_libraries`. None
+    Call before ``mlx.core`` is imported. With OpenBLAS installed and a C compiler for the
+    router (see :mod:`mlx_relay.core.blas_route`), the router's kernel takes decode steps and
+    OpenBLAS the rest; else the first installed of :func:`preferred_libraries`. None
     installed is one warning naming the packages; MLX then keeps its bundled BLAS.
 
     Args:
@@ -189,29 +190,27 @@ def load_blas(paths: list[Path] | None = None) -> BlasLibrary:
 
 
 def _load_routed(before_mlx: bool) -> BlasLibrary | None:
-    """BLIS for one-row products and OpenBLAS for the rest, behind the router; None when
-    either library or the router is missing."""
+    """OpenBLAS behind the router; None when OpenBLAS or the router is missing."""
     global _router
-    narrow_path, wide_path = installed_path(BLIS), installed_path(OPENBLAS)
-    if narrow_path is None or wide_path is None:
+    wide_path = installed_path(OPENBLAS)
+    if wide_path is None:
         return None
     router_path = build_router()
     if router_path is None:
         return None
     try:
-        # Both privately first, so that the router is the first global cblas_sgemm.
-        narrow = ctypes.CDLL(str(narrow_path), mode=os.RTLD_LOCAL)
+        # OpenBLAS privately first, so that the router is the first global cblas_sgemm.
         wide = ctypes.CDLL(str(wide_path), mode=os.RTLD_LOCAL)
         router = ctypes.CDLL(str(router_path), mode=os.RTLD_GLOBAL)
-        connect(router, narrow, wide)
+        connect(router, wide)
         # OpenBLAS then serves the other BLAS and LAPACK symbols, as when loaded alone.
         ctypes.CDLL(str(wide_path), mode=os.RTLD_GLOBAL)
     except (OSError, AttributeError) as exc:
-        logger.warning("cannot route the BLAS (%s): loading one library", exc)
+        logger.warning("cannot route the BLAS (%s): loading OpenBLAS alone", exc)
         return None
     _router = router
     _adopt(OPENBLAS, wide)
-    _adopt(BLIS, narrow)
+    set_route_threads(router, _get_threads())
     return BlasLibrary(ROUTED, router_path, _get_threads(), before_mlx)
 
 
@@ -250,6 +249,8 @@ def set_threads(threads: int) -> BlasLibrary:
         return library
     for known, handle in _handles:
         getattr(handle, known.set_threads)(threads)
+    if _router is not None:
+        set_route_threads(_router, threads)
     _loaded = BlasLibrary(library.name, library.path, _get_threads(), library.before_mlx)
     return _loaded
 

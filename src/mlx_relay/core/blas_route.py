@@ -1,22 +1,22 @@
-"""The BLAS router: MLX's ``cblas_sgemm`` sent to OpenBLAS or BLIS by the call's shape.
+"""The BLAS router: MLX's ``cblas_sgemm`` sent to the code fastest at the call's shape.
 
-Neither Debian library is fastest everywhere. MLX asks for every float32 product as a
-``sgemm``; measured on the development machine (2 cores, float32, weights read from memory):
+MLX asks for every float32 product as a ``sgemm``. Measured on the development machine (2
+cores, float32, the bundled model's 30 layers of weights read from memory, ms for one pass
+over them):
 
-- one row of activations times weights (a decode step of one sequence) is a matrix-vector
-  product. OpenBLAS 0.3.21's
-  ``sgemm`` packs the weights first (576 x 1536: 0.24 ms, 15 GB/s); BLIS's runs on one
-  core (0.17 ms); OpenBLAS's threaded ``sgemv`` streams them once on every core (0.08 ms,
-  43 GB/s). The bundled model decodes one sequence at 15, 19 and 24 tok/s that way.
-- 2-8 rows (decode steps of a few sequences): BLIS's ``sgemm`` reads the weights once for
-  all rows (batch 4: 54.7 tok/s vs 47.2 with OpenBLAS).
-- more rows (prompts, larger batches): OpenBLAS's ``sgemm`` (prefill 366 vs 266 tok/s with
-  BLIS); attention's products too, whatever their rows (see :data:`VECTOR_SIDE`).
+- a few rows of activations times a layer's weights (a decode step of up to 16 sequences):
+  a general ``sgemm`` packs the weights first and is tuned for many rows. The router's own
+  kernel (``native/blas_route.c``) streams each weight row from memory once for all rows, on
+  every core: 1 row 9.8 ms (OpenBLAS's threaded ``sgemv`` 9.7), 8 rows 14.6 (OpenBLAS's
+  ``sgemm`` 28.5, BLIS's 32.3), 16 rows 21.1 (29.6, 43.4). Its outputs are summed in one order
+  whatever the rows and threads: a sequence's products are the same bits alone and in a batch.
+- other one-row products with weights: OpenBLAS's threaded ``sgemv``.
+- the rest (prompts, larger batches, attention; see :data:`VECTOR_SIDE`): OpenBLAS's ``sgemm``.
 
-The router is a small C file (``native/blas_route.c``) compiled once per machine with the
-system C compiler, the one MLX itself needs for its compiled CPU kernels, into the
-mlx-relay cache directory. Loaded with ``RTLD_GLOBAL`` before MLX, its ``cblas_sgemm`` is
-the one MLX binds to; it forwards each call as above.
+The router is compiled once per machine with the system C compiler (the one MLX itself needs
+for its compiled CPU kernels) for this machine's vector instructions, into the mlx-relay
+cache directory. Loaded with ``RTLD_GLOBAL`` before MLX, its ``cblas_sgemm`` is the one MLX
+binds to.
 """
 
 from __future__ import annotations
@@ -37,25 +37,28 @@ from mlx_relay.core.cache_dir import default_cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCE = "blas_route.c"
-# Calls of 2 to this many rows go to BLIS. Measured on the bundled model, decode tok/s at batch
-# 4, 8, 16 with up to 1 row sent to BLIS: 47.5, 85.5, 146.9; with up to 8: 54.7, 92.9, 150.1.
-NARROW_ROWS = 8
-# Products go to sgemv or BLIS only when both sides exceed this: attention's products (one
-# side is the head dimension, at most 128 in the supported models) stay on OpenBLAS's sgemm,
-# whose results do not depend on how many positions they span, as the attention windows of
-# mlx_relay.model.shard need for exact equality with full attention (BLIS's sgemm and
-# sgemv's blocking break it: measured on the tiny test models).
+# Products with weights of up to this many rows run in the router's kernel. At 32 rows it
+# still beats OpenBLAS's sgemm (31.8 vs 37.7 ms a pass), but prompts chunk into more rows
+# than that and a decode batch rarely exceeds 16.
+KERNEL_ROWS = 16
+# Products go to the kernel or sgemv only when both sides exceed this: attention's products
+# (one side is the head dimension, at most 128 in the supported models) stay on OpenBLAS's
+# sgemm, whose results do not depend on how many positions they span, as the attention
+# windows of mlx_relay.model.shard need for exact equality with full attention (sgemv's
+# blocking breaks it: measured on the tiny test models).
 VECTOR_SIDE = 128
+# The flags the router is built with: the machine's own vector instructions.
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-pthread", "-shared", "-fPIC")
 
 
 @dataclass(frozen=True)
 class RouteCalls:
-    """``cblas_sgemm`` calls routed so far in this process: one-row products with weights (to
-    OpenBLAS's ``sgemv``), products with weights of up to :data:`NARROW_ROWS` rows (BLIS), the
-    rest (OpenBLAS's ``sgemm``)."""
+    """``cblas_sgemm`` calls routed so far in this process: one-row products with weights that
+    the kernel cannot take (to OpenBLAS's ``sgemv``), products with weights of up to
+    :data:`KERNEL_ROWS` rows (the router's kernel), the rest (OpenBLAS's ``sgemm``)."""
 
     vector: int
-    narrow: int
+    kernel: int
     wide: int
 
 
@@ -81,7 +84,8 @@ def build_router(cache_dir: Path | None = None) -> Path | None:
         The shared library, or None (one warning saying why) when it cannot be built.
     """
     source = router_source()
-    digest = hashlib.sha256(source).hexdigest()[:16]
+    # Built for this machine's CPU: a cache shared with another CPU gets its own build.
+    digest = hashlib.sha256(source + " ".join(CFLAGS).encode() + cpu_identity()).hexdigest()[:16]
     out_dir = (cache_dir or default_cache_dir()) / "native"
     library = out_dir / f"blas_route-{digest}.so"
     if library.is_file():
@@ -96,7 +100,7 @@ def build_router(cache_dir: Path | None = None) -> Path | None:
             source_file = Path(scratch) / SOURCE
             source_file.write_bytes(source)
             built = Path(scratch) / library.name
-            command = [cc, "-O2", "-shared", "-fPIC", "-o", str(built), str(source_file)]
+            command = [cc, *CFLAGS, "-o", str(built), str(source_file)]
             subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
             os.replace(built, library)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -115,26 +119,36 @@ def function_address(handle: ctypes.CDLL, symbol: str) -> int:
     return address
 
 
-def connect(router: ctypes.CDLL, narrow: ctypes.CDLL, wide: ctypes.CDLL) -> None:
-    """Point the router's one-row products at ``wide``'s ``cblas_sgemv``, its few-row ones at
-    ``narrow``'s ``cblas_sgemm`` and the rest at ``wide``'s. Call before MLX computes
-    anything."""
+def connect(router: ctypes.CDLL, wide: ctypes.CDLL) -> None:
+    """Point the router's other one-row products at ``wide``'s ``cblas_sgemv`` and its larger
+    ones at ``wide``'s ``cblas_sgemm``. Call before MLX computes anything."""
     route_set = router.mlx_relay_route_set
-    route_set.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int,
-    ]
+    route_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     route_set.restype = None
     route_set(
         function_address(wide, "cblas_sgemv"),
-        function_address(narrow, "cblas_sgemm"),
         function_address(wide, "cblas_sgemm"),
-        NARROW_ROWS,
+        KERNEL_ROWS,
         VECTOR_SIDE,
     )
+    router.mlx_relay_route_threads.argtypes = [ctypes.c_int]
+    router.mlx_relay_route_threads.restype = None
+
+
+def set_route_threads(router: ctypes.CDLL, threads: int) -> None:
+    """The threads the router's kernel computes on (the caller's included)."""
+    router.mlx_relay_route_threads(threads)
+
+
+def cpu_identity() -> bytes:
+    """What names this machine's CPU for the router's build: its model and instruction set."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine.encode()
+    keys = ("model name", "flags", "Features", "CPU part")
+    lines = {line for line in text.splitlines() if line.split(":")[0].strip() in keys}
+    return "\n".join(sorted(lines)).encode()
 
 
 def route_calls(router: ctypes.CDLL) -> RouteCalls:
