@@ -28,7 +28,13 @@ from mlx_relay.core.blas import (
     same_host,
     set_threads,
 )
-from mlx_relay.core.blas_route import KERNEL_ROWS, VECTOR_SIDE, compiler, route_calls, set_route_threads
+from mlx_relay.core.blas_route import (
+    KERNEL_ROWS,
+    VECTOR_SIDE,
+    compiler,
+    route_calls,
+    set_route_threads,
+)
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.backend import (
     backend_name,

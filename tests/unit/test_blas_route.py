@@ -21,7 +21,12 @@ def test_the_router_is_built_once_into_the_cache(tmp_path: Path) -> None:
     # Nothing left beside it from the build.
     assert [p.name for p in built.parent.iterdir()] == [built.name]
     library = ctypes.CDLL(str(built), mode=os.RTLD_LOCAL)
-    for symbol in ("cblas_sgemm", "mlx_relay_route_set", "mlx_relay_route_threads", "mlx_relay_route_calls"):
+    for symbol in (
+        "cblas_sgemm",
+        "mlx_relay_route_set",
+        "mlx_relay_route_threads",
+        "mlx_relay_route_calls",
+    ):
         assert getattr(library, symbol)
     stamp = built.stat().st_mtime_ns
     assert build_router(tmp_path) == built and built.stat().st_mtime_ns == stamp

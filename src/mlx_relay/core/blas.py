@@ -2,9 +2,9 @@
 
 The Linux ``mlx[cpu]`` wheel links a reference BLAS (a few GFLOP/s). Loading the system's
 OpenBLAS into the process with ``RTLD_GLOBAL`` first (behind the router of
-:mod:`mlx_relay.core.blas_route`, or alone; BLIS alone on request) makes MLX's float32 matmuls
-resolve to it. This module imports no MLX, so entry points can call :func:`load_blas` before anything
-else does; :mod:`mlx_relay.model.backend` checks afterwards that MLX really uses it.
+:mod:`mlx_relay.core.blas_route`, or alone; BLIS alone on request) makes MLX's float32
+matmuls resolve to it. This module imports no MLX, so entry points can call :func:`load_blas`
+before anything else does; :mod:`mlx_relay.model.backend` checks afterwards that MLX really uses it.
 """
 
 from __future__ import annotations
