@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlx_relay.coordinator.scheduler import (
+    FIRST_TOKEN_STEPS,
     ScheduledStep,
     Scheduler,
     SchedulerSettings,
@@ -13,8 +14,8 @@ from mlx_relay.coordinator.scheduler import (
 )
 
 
-def make(batch: int = 8, chunk: int = 16, micro: int = 1) -> Scheduler:
-    return Scheduler(SchedulerSettings(batch, chunk, micro))
+def make(batch: int = 8, chunk: int = 16, micro: int = 1, first: int = 0) -> Scheduler:
+    return Scheduler(SchedulerSettings(batch, chunk, micro, first))
 
 
 def shape(plan: StepPlan | None) -> list[tuple[str, str, int, int]]:
@@ -266,3 +267,67 @@ def test_by_default_one_micro_batch_per_machine_of_the_stages(
     hosts: list[str], expected: int
 ) -> None:
     assert default_micro_batches(hosts) == expected
+
+
+def running(first: int = 8) -> Scheduler:
+    """Streams a and b past their first token, first-token priority up to ``first``."""
+    scheduler = make(batch=16, chunk=16, first=first)
+    scheduler.add("a", 3)
+    scheduler.add("b", 2)
+    run(scheduler)  # their prefills (nothing runs yet: no priority, one micro-batch)
+    run(scheduler)  # their first tokens
+    return scheduler
+
+
+def test_a_short_newcomer_gets_its_first_token_ahead_of_the_running_streams() -> None:
+    scheduler = running()
+    scheduler.add("new", 9)  # 8 positions to prefill: within first_token_tokens
+    assert shape(run(scheduler)) == [("new", "prefill", 0, 8)]
+    assert run(scheduler).steps == (ScheduledStep("new", "decode", 8, 1, 0),)
+    # Then back to one micro-batch for everyone.
+    assert shape(run(scheduler)) == [
+        ("a", "decode", 3, 1),
+        ("b", "decode", 2, 1),
+        ("new", "decode", 9, 1),
+    ]
+
+
+def test_newcomers_arriving_at_every_step_never_starve_the_running_streams() -> None:
+    scheduler = running()
+    served = []
+    for i in range(3 * FIRST_TOKEN_STEPS + 3):
+        scheduler.add(f"n{i}", 4)
+        plan = run(scheduler)
+        served.append("a" in plan.request_ids and "b" in plan.request_ids)
+    # At most FIRST_TOKEN_STEPS first-token micro-batches in a row, then the streams step.
+    assert served == ([False] * FIRST_TOKEN_STEPS + [True]) * 3
+
+
+def test_a_longer_prompt_takes_the_chunked_path_beside_the_streams() -> None:
+    scheduler = running(first=8)
+    scheduler.add("long", 10)  # 9 positions to prefill: over first_token_tokens
+    assert shape(run(scheduler)) == [
+        ("a", "decode", 3, 1),
+        ("b", "decode", 2, 1),
+        ("long", "prefill", 0, 9),
+    ]
+
+
+def test_with_no_stream_running_newcomers_share_micro_batches_as_without_priority() -> None:
+    with_priority, without = make(first=8), make()
+    for scheduler in (with_priority, without):
+        scheduler.add("a", 5)
+        scheduler.add("b", 1)
+    expected = [("b", "decode", 0, 1), ("a", "prefill", 0, 4)]
+    assert shape(run(with_priority)) == shape(run(without)) == expected
+
+
+def test_first_token_priority_needs_a_prefill_within_the_chunk_budget() -> None:
+    scheduler = make(batch=8, chunk=4, first=64)
+    scheduler.add("a", 2)
+    run(scheduler)
+    run(scheduler)
+    scheduler.add("new", 7)  # 6 to prefill: more than one chunk, so chunked beside a
+    assert shape(run(scheduler)) == [("a", "decode", 2, 1), ("new", "prefill", 0, 4)]
+    with pytest.raises(ValueError, match="first_token_tokens must be >= 0"):
+        SchedulerSettings(8, 16, 1, -1)

@@ -242,6 +242,7 @@ class DistributedOrchestrator:
             prefill_chunk_tokens=min(inference.prefill_chunk_tokens, inference.max_prompt_tokens),
             max_micro_batches=inference.micro_batches
             or default_micro_batches([stage[0].host for stage in self.config.stages]),
+            first_token_tokens=inference.first_token_priority_tokens,
         )
         self._router = ReplicaRouter(
             self.stages,

@@ -58,6 +58,10 @@ class InferenceConfig(ConfigSection):
     # with stages on separate devices every stage has work, while stages sharing one
     # machine's cores get one larger batch (coordinator/scheduler.py, default_micro_batches).
     micro_batches: int | None = Field(default=None, ge=1)
+    # First-token priority (coordinator/scheduler.py): a new request whose prompt prefills in
+    # at most this many positions, arriving while other streams run, gets its prefill and
+    # first decode step in micro-batches of their own, ahead of the streams; 0 = off.
+    first_token_priority_tokens: int = Field(default=64, ge=0)
 
     @model_validator(mode="after")
     def _peer_quota(self) -> InferenceConfig:
