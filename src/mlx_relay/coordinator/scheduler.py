@@ -299,7 +299,7 @@ class Scheduler:
     def _first_token_steps(self, urgent: list[_Request]) -> list[ScheduledStep]:
         """A first-token micro-batch: the newcomers' first decode steps, then their prefills
         (each whole: it fits the budget), in arrival order, as many as the rows allow."""
-        steps = []
+        steps: list[ScheduledStep] = []
         budget = self.settings.prefill_chunk_tokens
         for request in sorted(urgent, key=lambda r: (not r.decoding, r.arrival)):
             if len(steps) == self.settings.max_batch_size:
