@@ -19,7 +19,8 @@ from tests.support.rounds import wait_rounds
 
 
 async def test_health_names_the_stage_that_stops_serving(tiny_model_dir: Path) -> None:
-    async with local_cluster(tiny_model_dir, 2) as cluster:
+    # Polled every 0.2 s, so that the poll after the stop comes soon.
+    async with local_cluster(tiny_model_dir, 2, monitoring={"poll_interval": 0.2}) as cluster:
         services = AppServices(cluster.config, cluster.orchestrator)
         async with HTTPServer(create_app(services)) as server, httpx.AsyncClient() as client:
             assert server.port > 0

@@ -173,6 +173,7 @@ async def test_coordinator_role_serves_workers_started_elsewhere(
         port = free_ports(1)[0]
         data = cluster_dict(tiny_model_dir, 2, ports=[w.port for w in cluster.workers])
         data["http"] = {"port": port}  # the coordinator's address: one place, `http`
+        data["monitoring"] = {"poll_interval": 0.2}  # the poll after the stop comes soon
         config = tmp_path / "cluster.yaml"
         config.write_text(yaml.safe_dump(data))
         log = tmp_path / "coordinator.log"
@@ -183,7 +184,7 @@ async def test_coordinator_role_serves_workers_started_elsewhere(
             )
             assert [s["status"] for s in health["stages"]] == ["SERVING", "SERVING"]
             await cluster.workers[1].stop(grace=0)
-            # /health answers from the coordinator's last poll (every poll_interval, 2 s).
+            # /health answers from the coordinator's last poll (every poll_interval).
             deadline = time.monotonic() + 20
             while True:
                 response = await asyncio.to_thread(
