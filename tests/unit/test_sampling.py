@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_relay.core.errors import InvalidRequest
@@ -142,8 +143,15 @@ def test_invalid_parameters_are_rejected(kwargs: dict[str, float], param: str) -
     assert info.value.param == param
 
 
-def test_greedy_rows_pick_what_sample_picks_row_by_row() -> None:
+@pytest.mark.parametrize("shape", [(6, 384), (16, 49153)])
+def test_greedy_rows_pick_what_sample_picks_row_by_row(shape: tuple[int, int]) -> None:
+    """The same token and the same logprob bits, a row in a batch or alone."""
     mx.random.seed(3)
-    logits = mx.random.normal((6, 384)) * 4
+    logits = mx.random.normal(shape) * 4
     rows = greedy_rows(logits)
-    assert rows == [sample(logits[i], SamplingParams(), step=i) for i in range(6)]
+    assert rows == [sample(logits[i], SamplingParams(), step=i) for i in range(shape[0])]
+    exact = np.asarray(logits).astype(np.float64)  # the log-softmax in double precision
+    exact -= np.log(np.exp(exact).sum(axis=-1, keepdims=True))
+    for i, row in enumerate(rows):
+        assert row.token_id == int(exact[i].argmax())
+        assert row.logprob == pytest.approx(exact[i, row.token_id], abs=2e-6)

