@@ -1,15 +1,16 @@
 """The BLAS router: MLX's ``cblas_sgemm`` sent to the code fastest at the call's shape.
 
 MLX asks for every float32 product as a ``sgemm``. Measured on the development machine (2
-cores, float32, the bundled model's 30 layers of weights read from memory, ms for one pass
-over them):
+cores, float32, ms for one pass over 30 layers of the bundled model's shapes read from
+memory, each of up, down, o and k/v once):
 
 - a few rows of activations times a layer's weights (a decode step of up to 16 sequences):
   a general ``sgemm`` packs the weights first and is tuned for many rows. The router's own
-  kernel (``native/blas_route.c``) streams each weight row from memory once for all rows, on
-  every core: 1 row 9.8 ms (OpenBLAS's threaded ``sgemv`` 9.7), 8 rows 14.6 (OpenBLAS's
-  ``sgemm`` 28.5, BLIS's 32.3), 16 rows 21.1 (29.6, 43.4). Its outputs are summed in one order
-  whatever the rows and threads: a sequence's products are the same bits alone and in a batch.
+  kernel (``native/blas_route.c``) streams each weight row from memory once for all rows,
+  fetching the next rows while it computes, on every core: 1 row 9.9 ms (OpenBLAS's threaded
+  ``sgemv`` 10.5), 4 rows 10.1 (OpenBLAS's ``sgemm`` 29.2, BLIS's 30.5), 8 rows 13.1 (30.1,
+  36.4), 16 rows 18.0 (31.0, 42.7). Its outputs are summed in one order whatever the rows and
+  threads: a sequence's products are the same bits alone and in a batch.
 - other one-row products with weights: OpenBLAS's threaded ``sgemv``.
 - the rest (prompts, larger batches, attention; see :data:`VECTOR_SIDE`): OpenBLAS's ``sgemm``.
 
@@ -37,9 +38,9 @@ from mlx_relay.core.cache_dir import default_cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCE = "blas_route.c"
-# Products with weights of up to this many rows run in the router's kernel. At 32 rows it
-# still beats OpenBLAS's sgemm (31.8 vs 37.7 ms a pass), but prompts chunk into more rows
-# than that and a decode batch rarely exceeds 16.
+# Products with weights of up to this many rows run in the router's kernel (a decode batch
+# of up to max_batch_size's default); larger ones are prompts, where OpenBLAS's sgemm is
+# near the cores' peak (128 rows: 270 GFLOP/s here).
 KERNEL_ROWS = 16
 # Products go to the kernel or sgemv only when both sides exceed this: attention's products
 # (one side is the head dimension, at most 128 in the supported models) stay on OpenBLAS's

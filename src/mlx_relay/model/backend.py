@@ -120,7 +120,7 @@ def to_float32(model: nn.Module) -> nn.Module:
 
 def blas_in_use(library: BlasLibrary | None = None) -> str:
     """The BLAS MLX's float32 matmuls really run on: the loaded library's name (``openblas``,
-    ``blis``, or ``blis+openblas`` behind the router) when it was loaded before MLX, is
+    ``blis``, or ``openblas+router`` behind the router) when it was loaded before MLX, is
     mapped into this process and is where ``cblas_sgemm`` resolves, else
     ``bundled`` (with one warning when a library was loaded but MLX does not use it)."""
     library = library or loaded_blas()

@@ -204,7 +204,8 @@ class DeviceStatus(_Snap):
     blas: str | None = Field(
         default=None,
         description=(
-            "CPU BLAS in use: 'blis+openblas' (each serves the shapes it is fastest at), "
+            "CPU BLAS in use: 'openblas+router' (the router's kernel for decode steps, "
+            "OpenBLAS for the rest), "
             "'openblas', 'blis', 'bundled' or 'system'."
         ),
     )
