@@ -467,8 +467,15 @@ async def test_cli_worker_serves_until_sigint(tiny_model_dir: Path, tmp_path: Pa
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    # Retry the connection every 0.1 s while the worker starts (gRPC's default backoff
+    # waits 1 s, then longer).
+    quick = [
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 100),
+    ]
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=quick) as channel:
             deadline = time.monotonic() + 60
             status = None
             while time.monotonic() < deadline and process.poll() is None:
