@@ -250,3 +250,50 @@ def test_a_stage_dequantizes_only_its_own_layers(tmp_path: Path) -> None:
     assert Shard(quantized, LayerRange(1, 3)).compute == "quantized"
     # auto on this CPU backend: a tiny stage fits any machine's memory.
     assert not is_quantized(load_model(path, LayerRange(1, 3), compute="auto"))
+
+
+def test_the_kernel_serves_callers_on_several_threads_at_once() -> None:
+    """Workers of one process compute on their own threads: a caller that finds the
+    router's threads busy computes its product alone, and every product is right."""
+    import ctypes
+    import threading
+
+    import numpy as np
+
+    router = loaded_router()
+    if router is None:
+        pytest.skip(NO_ROUTER)
+    library = loaded_blas()
+    assert library is not None
+    rng = np.random.default_rng(7)
+    n, k = 1000, 16 * router_lanes()
+    weights = rng.standard_normal((n, k), dtype=np.float32)
+    sgemm = router.cblas_sgemm
+    pointer, count = ctypes.c_void_p, ctypes.c_int
+    sgemm.argtypes = [count] * 6 + [ctypes.c_float, pointer, count, pointer, count]
+    sgemm.argtypes += [ctypes.c_float, pointer, count]
+    sgemm.restype = None
+    errors: list[str] = []
+
+    def caller(rows: int) -> None:
+        x = rng.standard_normal((rows, k), dtype=np.float32)
+        reference = x.astype(np.float64) @ weights.T.astype(np.float64)
+        for _ in range(200):
+            out = np.zeros((rows, n), np.float32)
+            sgemm(101, 111, 112, rows, n, k, 1.0, x.ctypes.data, k, weights.ctypes.data, k,
+                  0.0, out.ctypes.data, n)  # fmt: skip
+            if not np.allclose(out, reference, atol=1e-3):
+                errors.append(f"{rows} rows: off by {np.abs(out - reference).max()}")
+                return
+
+    set_route_threads(router, 2)
+    try:
+        threads = [threading.Thread(target=caller, args=(rows,)) for rows in (1, 3, 8, 16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads), "a caller never returned"
+    finally:
+        set_route_threads(router, library.threads)
+    assert errors == []

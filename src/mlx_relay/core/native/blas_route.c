@@ -16,6 +16,7 @@
  * the widest vectors the compiler may use there).
  */
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
@@ -235,7 +236,13 @@ static void rows_sgemm(int m, int n, int k, const float *a, int lda, const float
     if (sleeping) pthread_cond_broadcast(&wake);
     pthread_mutex_unlock(&lock);
     run_part(0);
-    while (atomic_load_explicit(&finished, memory_order_acquire) < (unsigned)helpers) relax();
+    /* The helpers are about as fast; past a short spin one was descheduled (more threads
+     * than free cores): give it the core. */
+    for (int spins = 0; atomic_load_explicit(&finished, memory_order_acquire) < (unsigned)helpers;
+         spins++) {
+        if (spins < 4096) relax();
+        else sched_yield();
+    }
     atomic_store(&busy, 0);
 }
 
