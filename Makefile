@@ -27,11 +27,11 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	fi
 	touch $(STAMP)
 
-# What the engine needs to be fast on CPU, from Debian's packages: OpenBLAS and BLIS for MLX's
-# float32 matmuls (loaded at start by every computing process, each serving the shapes it is
-# fastest at) and g++, with which MLX builds its compiled CPU kernels and mlx-relay its BLAS
-# router (see README, Compute engine). `make run` needs only these. Re-checked
-# when this file changes.
+# What the engine needs to be fast on CPU, from Debian's packages: OpenBLAS for MLX's float32
+# matmuls (loaded at start by every computing process, behind mlx-relay's BLAS router, whose
+# own kernel computes decode steps), BLIS for MLX_RELAY_BLAS=blis, and g++, with which MLX
+# builds its compiled CPU kernels and mlx-relay its router (see README, Compute engine).
+# `make run` needs only these. Re-checked when this file changes.
 MULTIARCH_LIB := /usr/lib/$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('MULTIARCH') or '')")
 OPENBLAS := $(MULTIARCH_LIB)/openblas-pthread/libopenblas.so.0
 BLIS := $(MULTIARCH_LIB)/blis-pthread/libblis.so.4
