@@ -259,9 +259,12 @@ class Scheduler:
             if r.in_flight is None and not r.aborted and not r.paused
         ]
         urgent = [r for r in free if r.urgent]
+        first = []
         if urgent and self._first_token_run < FIRST_TOKEN_STEPS and self._streams_running():
+            first = self._first_token_steps(urgent)
+        if first:  # empty only if no urgent prefill fits the budget, which add() rules out
             self._first_token_run += 1
-            return self._plan(self._first_token_steps(urgent))
+            return self._plan(first)
         self._first_token_run = 0
         prefill = sorted(
             (r for r in free if not r.decoding), key=lambda r: (r.computed == 0, r.arrival)
@@ -305,7 +308,8 @@ class Scheduler:
             if len(steps) == self.settings.max_batch_size:
                 break
             if request.decoding:
-                steps.append(ScheduledStep(request.request_id, "decode", request.computed, 1))
+                step = ScheduledStep(request.request_id, "decode", request.computed, 1, 0)
+                steps.append(step)
                 continue
             length = request.prefill_length - request.computed
             if length > budget:
