@@ -17,6 +17,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_relay.core import native_jit
 from mlx_relay.core.blas_route import build_router, connect, set_route_threads
 from mlx_relay.core.errors import ConfigError
 
@@ -140,7 +141,8 @@ def load_blas(paths: list[Path] | None = None) -> BlasLibrary:
     Call before ``mlx.core`` is imported. With OpenBLAS installed and a C compiler for the
     router (see :mod:`mlx_relay.core.blas_route`), the router's kernel takes decode steps and
     OpenBLAS the rest; else the first installed of :func:`preferred_libraries`. None
-    installed is one warning naming the packages; MLX then keeps its bundled BLAS.
+    installed is one warning naming the packages; MLX then keeps its bundled BLAS. Also
+    has MLX build its compiled CPU kernels for this machine (:mod:`mlx_relay.core.native_jit`).
 
     Args:
         paths: Library files to try alone, in order (default: the :func:`candidate_paths`
@@ -153,6 +155,8 @@ def load_blas(paths: list[Path] | None = None) -> BlasLibrary:
     global _loaded
     if _loaded is not None:
         return _loaded
+    # MLX's compiled CPU kernels, built at run time, take this machine's instructions too.
+    native_jit.prepare()
     if sys.platform != "linux":
         # macOS: Accelerate is MLX's BLAS already.
         _loaded = BlasLibrary("system", None, 0)
