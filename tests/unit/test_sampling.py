@@ -155,3 +155,15 @@ def test_greedy_rows_pick_what_sample_picks_row_by_row(shape: tuple[int, int]) -
     for i, row in enumerate(rows):
         assert row.token_id == int(exact[i].argmax())
         assert row.logprob == pytest.approx(exact[i, row.token_id], abs=2e-6)
+
+
+def test_greedy_rows_break_ties_as_sample_does() -> None:
+    """A maximum that occurs twice: the first occurrence, in a batch as alone. The pick is
+    over log-probabilities: maxima 1e-7 above the rest round to the rest's value there."""
+    logits = mx.zeros((3, 1000))
+    logits[0, 7] = logits[0, 500] = 3.0
+    logits[1, 999] = logits[1, 0] = 2.5
+    logits[2, 3] = logits[2, 4] = 1e-7
+    rows = greedy_rows(logits)
+    assert [r.token_id for r in rows] == [7, 0, 0]
+    assert rows == [sample(logits[i], SamplingParams(), step=i) for i in range(3)]

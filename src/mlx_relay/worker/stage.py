@@ -375,7 +375,8 @@ class StageRuntime:
             wanted = [row for row, k in enumerate(order) if _is_greedy(entries[k].sampling)]
             if wanted:
                 sampling_started = time.perf_counter()
-                picked = greedy_rows(output[mx.array(wanted), -1])
+                every = len(wanted) == len(order)
+                picked = greedy_rows(output[:, -1] if every else output[mx.array(wanted), -1])
                 greedy = dict(zip(wanted, picked, strict=True))
                 self._sampling += time.perf_counter() - sampling_started
         for row, k in enumerate(order):
