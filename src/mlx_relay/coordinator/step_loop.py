@@ -22,72 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from mlx_relay.coordinator import recovery
-from mlx_relay.coordinator.client import StageError, WorkerClient
-from mlx_relay.coordinator.compute_windows import Window, compute_windows
+from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.loop_recovery import LoopRecovery
 from mlx_relay.coordinator.scheduler import Scheduler, SchedulerSettings, StepPlan
-from mlx_relay.coordinator.tracing import RequestSpans, StepTrace
+from mlx_relay.coordinator.step_forward import (
+    Member,
+    StageView,
+    forward_step,
+    matching_results,
+    stage_times,
+    step_entries,
+)
+from mlx_relay.coordinator.tracing import StepTrace
 from mlx_relay.core.errors import PipelineNotReady, WorkerUnavailable
-from mlx_relay.core.types import LayerRange
 from mlx_relay.proto import relay_pb2
-from mlx_relay.wire import encode_token_ids
 
 logger = logging.getLogger(__name__)
-
-
-class StageView(Protocol):
-    """What the loop needs of a stage (``pipeline.Stage``)."""
-
-    @property
-    def device_id(self) -> str: ...
-
-    @property
-    def index(self) -> int: ...
-
-    @property
-    def layer_range(self) -> LayerRange: ...
-
-
-class Member(Protocol):
-    """A request as the loop drives it (``RequestRun``)."""
-
-    request_id: str
-    prompt_ids: list[int]
-    sampling: relay_pb2.SamplingParams
-    spans: RequestSpans | None  # its trace, when tracing is on
-
-    @property
-    def session_id(self) -> str:
-        """The id of the request's KV sessions on the stages (new after each replay)."""
-
-    def prefill_ids(self, position: int, length: int) -> list[int]:
-        """The token ids at ``[position, position + length)`` of the prompt followed by
-        the tokens generated so far (what a prefill step, or a replay's, computes)."""
-
-    def next_token(self) -> int:
-        """The input of the request's next decode step."""
-
-    def replay(self, failed_at: float) -> None:
-        """The stages lost the request's caches at ``failed_at`` (monotonic s): it moves to
-        a new session id, and its next token ends the pause."""
-
-    def moved(self, loop: StepLoop) -> None:
-        """The request now runs in ``loop`` (another path through the stages' replicas)."""
-
-    def on_token(self, result: relay_pb2.ForwardResult) -> bool:
-        """The last stage sampled the request's next token; True when it is finished."""
-
-    def on_stage(self, device_id: str, compute: float, network: float) -> None:
-        """One of the request's steps spent this long on a stage and on the wire."""
-
-    def fail(self, error: BaseException) -> None:
-        """The request cannot go on (a stage failed, the coordinator stops)."""
 
 
 class StepLoop(LoopRecovery):
@@ -390,30 +344,20 @@ class StepLoop(LoopRecovery):
         self, plan: StepPlan, trace: StepTrace | None = None
     ) -> dict[str, relay_pb2.ForwardResult]:
         """One step of the plan through every stage; the last stage's results by request."""
-        entries = []
-        for step in plan.steps:
-            member = self._members[step.request_id]
-            if step.phase == "prefill":
-                ids = member.prefill_ids(step.position, step.length)
-            else:
-                ids = [member.next_token()]
-            entries.append(
-                relay_pb2.ForwardEntry(
-                    request_id=member.session_id,
-                    position=step.position,
-                    tensor=encode_token_ids(ids),
-                    sampling=member.sampling,
-                    step=step.step,
-                    traceparent=trace.join(member.spans, step) if trace is not None else "",
-                )
-            )
-        answer = await self._forward(entries)
+        entries = step_entries(plan, self._members, trace)
+        answer = await forward_step(
+            self._clients[0],
+            self._stages,
+            self._route,
+            entries,
+            self._pipeline_in_flight(),
+            self._collector,
+        )
         reply = answer.reply
         if trace is not None:
             trace.answered(answer.sent, answer.sent + answer.rpc_seconds, reply.stages)
-        last = self._stages[-1].device_id
-        results = _matching_results(last, entries, reply)
-        for stage, compute, network in self._stage_times(reply, answer.rpc_seconds):
+        results = matching_results(self._stages[-1].device_id, entries, reply)
+        for stage, compute, network in stage_times(self._stages, reply, answer.rpc_seconds):
             if self._collector is not None and stage.index == 0:
                 self._collector.record_transfer(stage.device_id, network)
             for step in plan.steps:
@@ -421,92 +365,3 @@ class StepLoop(LoopRecovery):
                 if member_ is not None:
                     member_.on_stage(stage.device_id, compute, network)
         return {step.request_id: r for step, r in zip(plan.steps, results, strict=True)}
-
-    def _stage_times(
-        self, reply: relay_pb2.ForwardResponse, rpc_seconds: float
-    ) -> list[tuple[StageView, float, float]]:
-        """Each stage's compute and network seconds in one relayed step: a stage's network
-        time is its call's time less its compute and less the call it made to the next."""
-        timings = list(reply.stages)
-        if [t.device_id for t in timings] != [s.device_id for s in self._stages]:
-            raise StageError(
-                self._stages[0].device_id,
-                "Forward",
-                "BAD_RESPONSE",
-                f"expected timings of stages {[s.device_id for s in self._stages]}, "
-                f"got {[t.device_id for t in timings]}",
-            )
-        calls = [rpc_seconds] + [t.rpc_seconds for t in timings[1:]] + [0.0]
-        return [
-            (stage, t.compute_seconds, max(0.0, calls[i] - t.compute_seconds - calls[i + 1]))
-            for i, (stage, t) in enumerate(zip(self._stages, timings, strict=True))
-        ]
-
-    async def _forward(self, entries: list[relay_pb2.ForwardEntry]) -> _Answer:
-        """One relayed ``Forward``: token ids to the first stage, the route to the others.
-        The collector sees the micro-batch outstanding on every stage until it is back."""
-        collector = self._collector
-        tokens: list[int] = []
-        if collector is not None:
-            tokens = [
-                collector.stage_forward_started(stage.device_id, stage.index, len(entries))
-                for stage in self._stages
-            ]
-        reply: relay_pb2.ForwardResponse | None = None
-        first = self._stages[0]
-        sent = time.monotonic()  # the traces' clock
-        started = time.perf_counter()
-        try:
-            reply = await self._clients[0].forward(
-                relay_pb2.ForwardRequest(
-                    entries=entries,
-                    route=self._route,
-                    layer_start=first.layer_range.start,
-                    layer_end=first.layer_range.end,
-                    microbatches_in_flight=self._pipeline_in_flight(),
-                ),
-                traceparent=entries[0].traceparent if entries else "",
-            )
-        finally:
-            seconds = time.perf_counter() - started
-            if collector is not None:
-                windows = _windows_by_stage(reply, seconds)
-                for stage, token in zip(self._stages, tokens, strict=True):
-                    collector.stage_forward_finished(
-                        stage.device_id, token, windows.get(stage.device_id)
-                    )
-        return _Answer(reply, seconds, sent)
-
-
-@dataclass(frozen=True)
-class _Answer:
-    reply: relay_pb2.ForwardResponse
-    rpc_seconds: float
-    sent: float  # time.monotonic() when the call started
-
-
-def _windows_by_stage(
-    reply: relay_pb2.ForwardResponse | None, rpc_seconds: float
-) -> dict[str, Window | None]:
-    """When each stage computed, in seconds after the send; empty after an error."""
-    if reply is None:
-        return {}
-    windows = compute_windows(reply.stages, rpc_seconds)
-    return {t.device_id: w for t, w in zip(reply.stages, windows, strict=True)}
-
-
-def _matching_results(
-    device_id: str,
-    entries: Sequence[relay_pb2.ForwardEntry],
-    response: relay_pb2.ForwardResponse,
-) -> list[relay_pb2.ForwardResult]:
-    got = [r.request_id for r in response.results]
-    wanted = [e.request_id for e in entries]
-    if got != wanted:
-        raise StageError(
-            device_id,
-            "Forward",
-            "BAD_RESPONSE",
-            f"expected results for {len(wanted)} requests in order, got {len(got)}",
-        )
-    return list(response.results)
