@@ -145,11 +145,10 @@ async def relay(
     timeout = hop_timeout(context.time_remaining(), peers.network.request_timeout)
     started = time.perf_counter()
     # A next stage that was restarted is reached once the channel's backoff is over: wait
-    # for it (a dead one still fails at once after that) rather than fail the step. With
-    # recovery off (network.recovery_timeout: 0) nothing waits for a stage to come back:
-    # the step fails at once.
-    if peers.network.recovery_timeout > 0:
-        await client.connected(min(RECONNECT_WAIT, timeout / 2))
+    # for it (a dead one still fails at once after that) rather than fail the step. Also
+    # with recovery off (network.recovery_timeout: 0): a request sent once the stage is
+    # back must not fail on this worker's channel still waiting out its backoff.
+    await client.connected(min(RECONNECT_WAIT, timeout / 2))
     timeout = max(0.001, timeout - (time.perf_counter() - started))
     entries = next_entries(request.entries, own.results, parents)
     reply = await client.forward(
