@@ -19,6 +19,14 @@ from typing import Any
 
 from mlx_relay.coordinator.admission import Admission
 from mlx_relay.coordinator.client import WorkerClient
+from mlx_relay.coordinator.connect import (
+    WorkersUnreachable,
+    check_shards,
+    prompt_limits,
+    scheduler_settings,
+    stage_states,
+    wait_serving,
+)
 from mlx_relay.coordinator.pipeline import RequestRun, RunTracker, Stage
 from mlx_relay.coordinator.prepare import PreparedRequest, PromptLimits, prepare_request
 from mlx_relay.coordinator.repartition import (
@@ -31,14 +39,13 @@ from mlx_relay.coordinator.repartition import (
 )
 from mlx_relay.coordinator.replicas import ReplicaRouter
 from mlx_relay.coordinator.requests import InferenceRequest, InferenceResponse, TokenEvent
-from mlx_relay.coordinator.scheduler import SchedulerSettings, default_micro_batches
 from mlx_relay.coordinator.stage_health import StageHealthPoll
 from mlx_relay.coordinator.telemetry import CoordinatorTelemetry
 from mlx_relay.coordinator.tracing import CoordinatorTracing
 from mlx_relay.core.config import ClusterConfig
-from mlx_relay.core.errors import PipelineNotReady, RelayError, ShardMismatch, WorkerUnavailable
+from mlx_relay.core.errors import PipelineNotReady
 from mlx_relay.core.tls_config import tls_material
-from mlx_relay.core.tracing import otlp_tracer_provider, shutdown_provider, tracer_of
+from mlx_relay.core.tracing import shutdown_provider
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.load import ModelInfo, read_model_info, resolve_model_dir
 from mlx_relay.model.partition import assign_layers
@@ -57,20 +64,6 @@ logger = logging.getLogger(__name__)
 
 # Name prefix of the thread that tokenizes prompts and renders chat templates.
 TOKENIZER_THREAD = "mlx-relay-tokenizer"
-
-
-class WorkersUnreachable(WorkerUnavailable):
-    """Some workers were not SERVING within ``network.connect_timeout``.
-
-    Attributes:
-        failures: ``(device_id, address, last error)`` of each worker that failed.
-    """
-
-    def __init__(self, failures: list[tuple[str, str, str]], total: int) -> None:
-        listed = "; ".join(f"{d} at {a} ({e})" for d, a, e in failures)
-        RelayError.__init__(self, f"{len(failures)} of {total} workers unreachable: {listed}")
-        self.device_id = failures[0][0]
-        self.failures = failures
 
 
 class DistributedOrchestrator:
@@ -134,20 +127,10 @@ class DistributedOrchestrator:
             on_change=self._admission_changed,
         )
         self._tracker = RunTracker()
-        tracing = config.tracing
-        self._owned_provider = None
-        if tracer_provider is None and tracing.enabled:
-            tracer_provider = self._owned_provider = otlp_tracer_provider(
-                tracing, "mlx-relay-coordinator", config.coordinator_id
-            )
-        self.traces = (
-            TraceStore(tracing.max_traces, max_steps=tracing.max_steps) if tracing.enabled else None
+        self._tracing, self._owned_provider = CoordinatorTracing.from_config(
+            config, tracer_provider
         )
-        self._tracing = (
-            CoordinatorTracing(self.traces, tracer_of(tracer_provider), config.coordinator_id)
-            if tracing.enabled
-            else None
-        )
+        self.traces: TraceStore | None = self._tracing.store if self._tracing else None
         self._router: ReplicaRouter | None = None
         self._repartitioning = asyncio.Lock()
         self._ready = False
@@ -217,18 +200,7 @@ class DistributedOrchestrator:
         self.stages = [
             Stage(self.config.stage_index(w.id), w.id, w.address, assignment[w.id]) for w in workers
         ]
-        max_context = info.max_context
-        if self.config.model.max_context is not None:
-            max_context = min(max_context, self.config.model.max_context)
-        inference = self.config.inference
-        self._limits = PromptLimits(
-            inference.max_prompt_tokens,
-            max_context,
-            info.vocab_size,
-            max_prompt_bytes=inference.max_prompt_bytes,
-            max_messages=inference.max_messages,
-            max_stop_length=inference.max_stop_length,
-        )
+        self._limits = prompt_limits(self.config, info)
         tls = tls_material(self.config, self.config.coordinator_id)
         self._clients = [
             WorkerClient.for_device(
@@ -236,18 +208,10 @@ class DistributedOrchestrator:
             )
             for w in workers
         ]
-        inference = self.config.inference
-        settings = SchedulerSettings(
-            max_batch_size=inference.max_batch_size,
-            prefill_chunk_tokens=min(inference.prefill_chunk_tokens, inference.max_prompt_tokens),
-            max_micro_batches=inference.micro_batches
-            or default_micro_batches([stage[0].host for stage in self.config.stages]),
-            first_token_tokens=inference.first_token_priority_tokens,
-        )
         self._router = ReplicaRouter(
             self.stages,
             self._clients,
-            settings,
+            scheduler_settings(self.config),
             self.metrics_collector,
             traced=self._tracing is not None,
             recovery_timeout=self.config.network.recovery_timeout,
@@ -256,8 +220,8 @@ class DistributedOrchestrator:
         if self._tracing is not None:
             self._tracing.attach(info.name, [stage.device_id for stage in self.stages])
         try:
-            await self._wait_serving()
-            await self._check_shards(info.num_layers)
+            await wait_serving(self._clients, self.config.network.connect_timeout)
+            await check_shards(self.stages, self._clients, info.num_layers)
             if self.telemetry is not None:
                 await self.telemetry.attach(self.stages, self._clients, info)
             await self.health_poll.refresh()
@@ -272,36 +236,6 @@ class DistributedOrchestrator:
             len(self.stages),
             ", ".join(f"{s.device_id} {s.layer_range}" for s in self.stages),
         )
-
-    async def _wait_serving(self) -> None:
-        timeout = self.config.network.connect_timeout
-        results = await asyncio.gather(
-            *(client.wait_serving(timeout) for client in self._clients), return_exceptions=True
-        )
-        failures: list[tuple[str, str, str]] = []
-        for client, result in zip(self._clients, results, strict=True):
-            if isinstance(result, asyncio.CancelledError):
-                raise result
-            if isinstance(result, BaseException):
-                message = str(result)
-                if isinstance(result, WorkerUnavailable):
-                    message = message.split(": ", 1)[-1]
-                failures.append((client.device_id, client.address, message))
-        if failures:
-            raise WorkersUnreachable(failures, len(self._clients))
-
-    async def _check_shards(self, num_layers: int) -> None:
-        statuses = await asyncio.gather(*(client.get_status() for client in self._clients))
-        for stage, status in zip(self.stages, statuses, strict=True):
-            served = (status.layer_start, status.layer_end)
-            expected = (stage.layer_range.start, stage.layer_range.end)
-            if status.num_layers != num_layers or served != expected:
-                raise ShardMismatch(
-                    f"stage {stage.index} ({stage.device_id}) serves layers "
-                    f"[{served[0]}, {served[1]}) of {status.num_layers}; the coordinator "
-                    f"expects {stage.layer_range} of {num_layers} (same model and layer "
-                    f"assignment on every node?)"
-                )
 
     def stream_request(self, request: InferenceRequest) -> AsyncIterator[TokenEvent]:
         """Start a request and return its token events.
@@ -401,7 +335,7 @@ class DistributedOrchestrator:
                 self._clients,
                 loop,
                 checked,
-                self._repartition_settings(),
+                RepartitionSettings.from_config(self.config),
                 cleanups=lambda: self._tracker.cleanups,
                 on_drained=self._refresh_view,
                 on_phase=on_phase,
@@ -411,16 +345,12 @@ class DistributedOrchestrator:
                 await self._refresh_view()
         return result
 
-    def _repartition_settings(self) -> RepartitionSettings:
-        placement = self.config.placement
-        return RepartitionSettings(
-            placement.drain_timeout_s, placement.load_timeout_s, self.config.network.ping_timeout
-        )
-
     async def _restore_ranges(self) -> None:
         """Before a replay: a worker restarted with its configured layers after a live
         repartition gets the range the pipeline routes to it back."""
-        await restore_ranges(self.stages, self._clients, self._repartition_settings())
+        await restore_ranges(
+            self.stages, self._clients, RepartitionSettings.from_config(self.config)
+        )
 
     async def _refresh_view(self) -> None:
         """Poll every worker now, so the cluster view is up to date."""
@@ -435,15 +365,7 @@ class DistributedOrchestrator:
     async def stage_health(self) -> list[tuple[str, str]]:
         """Each stage's ``(device_id, status)``: SERVING, NOT_SERVING or UNREACHABLE, asked
         now (one health RPC per worker); :attr:`health_poll` keeps the last answer."""
-
-        async def one(client: WorkerClient) -> tuple[str, str]:
-            try:
-                status = await client.health(retry=False)
-            except RelayError:
-                return client.device_id, "UNREACHABLE"
-            return client.device_id, "SERVING" if status == "SERVING" else "NOT_SERVING"
-
-        states = list(await asyncio.gather(*(one(client) for client in self._clients)))
+        states = await stage_states(self._clients)
         if self._router is not None:
             self._router.update(states)  # a replica serving again takes requests again
         return states

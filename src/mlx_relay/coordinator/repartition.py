@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from mlx_relay.coordinator.client import StageError, WorkerClient
 from mlx_relay.coordinator.pipeline import Stage
 from mlx_relay.coordinator.step_loop import StepLoop
+from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import PartitionError, RelayError
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.partition import partition_layers
@@ -68,6 +69,11 @@ class RepartitionSettings:
     drain_timeout: float
     load_timeout: float
     status_timeout: float = 10.0
+
+    @classmethod
+    def from_config(cls, config: ClusterConfig) -> RepartitionSettings:
+        placement = config.placement
+        return cls(placement.drain_timeout_s, placement.load_timeout_s, config.network.ping_timeout)
 
 
 def check_split(split: Sequence[LayerRange], num_layers: int, stages: int) -> list[LayerRange]:

@@ -21,7 +21,14 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from mlx_relay.coordinator.prepare import PreparedRequest
 from mlx_relay.coordinator.scheduler import ScheduledStep, StepPlan
-from mlx_relay.core.tracing import epoch_ns, in_context, traceparent
+from mlx_relay.core.config import ClusterConfig
+from mlx_relay.core.tracing import (
+    epoch_ns,
+    in_context,
+    otlp_tracer_provider,
+    traceparent,
+    tracer_of,
+)
 from mlx_relay.monitoring.traces import (
     RequestStep,
     RequestTimeline,
@@ -229,6 +236,25 @@ class CoordinatorTracing:
         self.coordinator = coordinator
         self.model = ""
         self.stages: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(
+        cls, config: ClusterConfig, tracer_provider: Any | None
+    ) -> tuple[CoordinatorTracing | None, Any | None]:
+        """The coordinator's tracing under ``tracing.enabled`` (else None), keeping the last
+        ``tracing.max_traces`` traces, its spans going to ``tracer_provider``, by default to
+        one exporting to ``tracing.otlp_endpoint``; and that default provider, which the
+        caller shuts down (None when one was given or tracing is off)."""
+        tracing = config.tracing
+        if not tracing.enabled:
+            return None, None
+        owned = None
+        if tracer_provider is None:
+            tracer_provider = owned = otlp_tracer_provider(
+                tracing, "mlx-relay-coordinator", config.coordinator_id
+            )
+        store = TraceStore(tracing.max_traces, max_steps=tracing.max_steps)
+        return cls(store, tracer_of(tracer_provider), config.coordinator_id), owned
 
     def attach(self, model: str, stages: Sequence[str]) -> None:
         """The pipeline is known: its model and its stages' ids in order."""
