@@ -4,11 +4,14 @@ arriving at different times, each give exactly what they give alone in one proce
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mlx_relay.coordinator import orchestrator as orchestrator_module
+from mlx_relay.coordinator import step_loop
 from mlx_relay.coordinator.orchestrator import InferenceRequest
 from mlx_relay.model.sampling import SamplingParams
 from tests.integration.test_pipeline import PROMPTS, prompt_ids, wait_for
@@ -186,3 +189,67 @@ async def test_wait_idle_returns_once_cancelled_streams_have_left_every_stage(
         loops = orchestrator._router.loops if orchestrator._router is not None else []
         assert loops and all(loop.in_flight == 0 and loop.scheduled == 0 for loop in loops)
         await wait_for(lambda: sum(w.kv_sessions for w in cluster.workers) == 0)
+
+
+BURST = [PROMPTS[0], PROMPTS[1], PROMPTS[3], PROMPTS[0] + " again", PROMPTS[1] + " and again"]
+
+
+async def test_a_burst_on_an_idle_pipeline_starts_as_one_micro_batch(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests sent together wait for each other's tokenization, then every step carries
+    all of them: one prefill call for all on each stage, then decode calls of all."""
+    # Only the end of the burst's tokenization starts it, never the time limit.
+    monkeypatch.setattr(step_loop, "ARRIVAL_WAIT", 30.0)
+    max_tokens = 3
+    async with local_cluster(tiny_model_dir, 2, worker_monitoring=True) as cluster:
+        responses = await asyncio.gather(
+            *(
+                cluster.orchestrator.process_request(
+                    InferenceRequest(prompt=p, max_tokens=max_tokens)
+                )
+                for p in BURST
+            )
+        )
+        for worker in cluster.workers:
+            stage = worker.collector.export_metrics()["stages"][worker.device_id]
+            calls = stage["batch_size"]
+            assert calls["count"] == 1 + max_tokens, "one prefill, then one decode per token"
+            assert calls["sum"] == len(BURST) * (1 + max_tokens), "every call carried all"
+    for prompt, response in zip(BURST, responses, strict=True):
+        ids = prompt_ids(tiny_model_dir, prompt)
+        assert response.token_ids == [
+            t.token_id for t in reference_tokens(tiny_model_dir, ids, max_tokens)
+        ]
+
+
+async def test_a_request_waits_for_a_slow_tokenization_at_most_arrival_wait(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(step_loop, "ARRIVAL_WAIT", 0.2)
+    release = threading.Event()
+    real_prepare = orchestrator_module.prepare_request
+
+    def prepare(request: InferenceRequest, *args: Any) -> Any:
+        if request.prompt == "slow":
+            release.wait(60)  # a prompt still being tokenized
+        return real_prepare(request, *args)
+
+    monkeypatch.setattr(orchestrator_module, "prepare_request", prepare)
+    async with local_cluster(tiny_model_dir, 2) as cluster:
+        orchestrator = cluster.orchestrator
+        fast = asyncio.create_task(
+            orchestrator.process_request(InferenceRequest(prompt=PROMPTS[0], max_tokens=4))
+        )
+        slow = asyncio.create_task(
+            orchestrator.process_request(InferenceRequest(prompt="slow", max_tokens=2))
+        )
+        # The fast request joins while the slow one is tokenized, and starts anyway.
+        response = await asyncio.wait_for(fast, 30)
+        assert not slow.done()
+        assert response.token_ids == [
+            t.token_id
+            for t in reference_tokens(tiny_model_dir, prompt_ids(tiny_model_dir, PROMPTS[0]), 4)
+        ]
+        release.set()
+        assert len((await asyncio.wait_for(slow, 30)).token_ids) == 2

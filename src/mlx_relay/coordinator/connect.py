@@ -1,16 +1,18 @@
-"""What the coordinator checks and derives when it connects to the pipeline.
+"""What the coordinator builds, checks and derives when it connects to the pipeline.
 
-Every worker must be SERVING within ``network.connect_timeout`` (:func:`wait_serving`) and
-serve the layers the assignment gives it (:func:`check_shards`); :func:`stage_states` asks
-each one's health for ``GET /health``; the prompt limits and the
-scheduler's settings follow from the configuration and the model (:func:`prompt_limits`,
-:func:`scheduler_settings`).
+The pipeline's stages and one client per worker come from the configuration
+(:func:`pipeline_stages`, :func:`worker_clients`). Every worker must be SERVING within
+``network.connect_timeout`` (:func:`wait_serving`) and serve the layers the assignment gives
+it (:func:`check_shards`); :func:`stage_states` asks each one's health for ``GET /health``;
+the prompt limits and the scheduler's settings follow from the configuration and the model
+(:func:`prompt_limits`, :func:`scheduler_settings`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.pipeline import Stage
@@ -18,7 +20,9 @@ from mlx_relay.coordinator.prepare import PromptLimits
 from mlx_relay.coordinator.scheduler import SchedulerSettings, default_micro_batches
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import RelayError, ShardMismatch, WorkerUnavailable
+from mlx_relay.core.tls_config import tls_material
 from mlx_relay.model.load import ModelInfo
+from mlx_relay.model.partition import assign_layers
 
 
 class WorkersUnreachable(WorkerUnavailable):
@@ -33,6 +37,25 @@ class WorkersUnreachable(WorkerUnavailable):
         RelayError.__init__(self, f"{len(failures)} of {total} workers unreachable: {listed}")
         self.device_id = failures[0][0]
         self.failures = failures
+
+
+def pipeline_stages(config: ClusterConfig, num_layers: int) -> list[Stage]:
+    """One :class:`Stage` per worker, in pipeline order, with the layers the assignment
+    gives it (``devices[i].layers``, else a split by memory); replicas share an index."""
+    assignment = assign_layers(config, num_layers)
+    return [
+        Stage(config.stage_index(w.id), w.id, w.address, assignment[w.id]) for w in config.workers
+    ]
+
+
+def worker_clients(config: ClusterConfig, recorder: Any | None = None) -> list[WorkerClient]:
+    """One client per worker, same order, with the coordinator's TLS material and its
+    collector recording each call (``recorder``, or None)."""
+    tls = tls_material(config, config.coordinator_id)
+    return [
+        WorkerClient.for_device(w, config.network, recorder=recorder, tls=tls)
+        for w in config.workers
+    ]
 
 
 async def wait_serving(clients: Sequence[WorkerClient], timeout: float) -> None:

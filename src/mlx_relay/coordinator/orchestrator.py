@@ -22,10 +22,12 @@ from mlx_relay.coordinator.client import WorkerClient
 from mlx_relay.coordinator.connect import (
     WorkersUnreachable,
     check_shards,
+    pipeline_stages,
     prompt_limits,
     scheduler_settings,
     stage_states,
     wait_serving,
+    worker_clients,
 )
 from mlx_relay.coordinator.pipeline import RequestRun, RunTracker, Stage
 from mlx_relay.coordinator.prepare import PreparedRequest, PromptLimits, prepare_request
@@ -44,11 +46,9 @@ from mlx_relay.coordinator.telemetry import CoordinatorTelemetry
 from mlx_relay.coordinator.tracing import CoordinatorTracing
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import PipelineNotReady
-from mlx_relay.core.tls_config import tls_material
 from mlx_relay.core.tracing import shutdown_provider
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.load import ModelInfo, read_model_info, resolve_model_dir
-from mlx_relay.model.partition import assign_layers
 from mlx_relay.model.tokenizer import eos_token_ids, load_tokenizer
 from mlx_relay.monitoring.traces import TraceStore
 
@@ -121,6 +121,7 @@ class DistributedOrchestrator:
         # Tokenizing and chat templating run here, never on the event loop (one thread: the
         # tokenizer is not shared between threads).
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix=TOKENIZER_THREAD)
+        self._arriving = 0  # requests being tokenized now
         self._admission = Admission(
             config.inference.max_running_requests,
             config.inference.max_waiting_requests,
@@ -194,20 +195,9 @@ class DistributedOrchestrator:
         info = read_model_info(model_dir, self.config.model.name)
         self.model_info = info
         self._eos_ids = eos_token_ids(self.tokenizer)
-        assignment = assign_layers(self.config, info.num_layers)
-        workers = self.config.workers
-        # One Stage per worker; the replicas of a stage share its index.
-        self.stages = [
-            Stage(self.config.stage_index(w.id), w.id, w.address, assignment[w.id]) for w in workers
-        ]
+        self.stages = pipeline_stages(self.config, info.num_layers)
         self._limits = prompt_limits(self.config, info)
-        tls = tls_material(self.config, self.config.coordinator_id)
-        self._clients = [
-            WorkerClient.for_device(
-                w, self.config.network, recorder=self.metrics_collector, tls=tls
-            )
-            for w in workers
-        ]
+        self._clients = worker_clients(self.config, self.metrics_collector)
         self._router = ReplicaRouter(
             self.stages,
             self._clients,
@@ -216,6 +206,7 @@ class DistributedOrchestrator:
             traced=self._tracing is not None,
             recovery_timeout=self.config.network.recovery_timeout,
             restore=self._restore_ranges,
+            arrivals=lambda: self._arriving,
         )
         if self._tracing is not None:
             self._tracing.attach(info.name, [stage.device_id for stage in self.stages])
@@ -289,9 +280,16 @@ class DistributedOrchestrator:
     async def _prepare(self, request: InferenceRequest) -> PreparedRequest:
         limits = self._ready_limits()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizing, prepare_request, request, self.tokenizer, limits
-        )
+        self._arriving += 1
+        try:
+            return await loop.run_in_executor(
+                self._tokenizing, prepare_request, request, self.tokenizer, limits
+            )
+        finally:
+            self._arriving -= 1
+            if not self._arriving and self._router is not None:
+                # After this request has joined (the caller goes on without awaiting).
+                loop.call_soon(self._router.arrived)
 
     def _new_run(self, prepared: PreparedRequest) -> RequestRun:
         self._ready_limits()  # the coordinator may have shut down while tokenizing

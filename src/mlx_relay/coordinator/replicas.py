@@ -32,7 +32,8 @@ class ReplicaRouter:
     Args:
         stages: every worker as a stage (replicas share their ``index``), pipeline order.
         clients: one client per worker, same order.
-        settings, collector, traced, recovery_timeout, restore: as :class:`StepLoop`'s.
+        settings, collector, traced, recovery_timeout, restore, arrivals: as
+            :class:`StepLoop`'s.
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class ReplicaRouter:
         traced: bool = False,
         recovery_timeout: float = 0.0,
         restore: Callable[[], Awaitable[None]] | None = None,
+        arrivals: Callable[[], int] | None = None,
     ) -> None:
         # Without replicas the one loop runs on these very lists: a live repartition
         # replaces the stages' ranges in them, in place.
@@ -60,6 +62,7 @@ class ReplicaRouter:
         self._traced = traced
         self._recovery_timeout = recovery_timeout
         self._restore = restore
+        self._arrivals = arrivals
         self._loops: dict[Path, StepLoop] = {}
         self._down: set[str] = set()
         self._stopped: str | None = None
@@ -92,6 +95,12 @@ class ReplicaRouter:
         path = self._path(exclude=set())
         assert path is not None
         return self._loop(path)
+
+    def arrived(self) -> None:
+        """No request is being prepared any more: loops holding a burst's first requests
+        start them now (:meth:`StepLoop.arrived`)."""
+        for loop in list(self._loops.values()):
+            loop.arrived()
 
     def update(self, states: Sequence[tuple[str, str]]) -> None:
         """The stages' health from a poll: ``(device_id, status)``; a replica answering
@@ -133,6 +142,7 @@ class ReplicaRouter:
                 restore=self._restore,
                 failover=self._failover,
                 pipeline_in_flight=self._in_flight,
+                arrivals=self._arrivals,
             )
             self._loops[path] = loop
         return loop

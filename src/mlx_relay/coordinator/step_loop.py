@@ -43,6 +43,10 @@ from mlx_relay.proto import relay_pb2
 
 logger = logging.getLogger(__name__)
 
+# The longest a request joining an idle loop waits for the requests still being tokenized
+# (seconds): a burst's prompts take a millisecond or less each.
+ARRIVAL_WAIT = 0.05
+
 
 class StepLoop(LoopRecovery):
     """Continuous batching over the pipeline: requests join with :meth:`join` and leave
@@ -65,6 +69,9 @@ class StepLoop(LoopRecovery):
         pipeline_in_flight: the micro-batches in flight in every loop over these workers
             (each ``Forward`` carries it, for the stages' BLAS threads); default: this
             loop's own.
+        arrivals: how many requests are being prepared (tokenized) right now: a request
+            joining an idle loop while others are waits for them (:meth:`arrived`), at
+            most :data:`ARRIVAL_WAIT`, so that a burst starts as one micro-batch.
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class StepLoop(LoopRecovery):
         restore: Callable[[], Awaitable[None]] | None = None,
         failover: Callable[[StepLoop, str], StepLoop | None] | None = None,
         pipeline_in_flight: Callable[[], int] | None = None,
+        arrivals: Callable[[], int] | None = None,
     ) -> None:
         self._stages = stages
         # Micro-batches in flight in every loop over these workers: each Forward carries it,
@@ -103,6 +111,8 @@ class StepLoop(LoopRecovery):
         self._held = False
         self._held_back: list[Member] = []
         self._idle: list[asyncio.Future[None]] = []
+        self._arrivals = arrivals
+        self._gate: asyncio.TimerHandle | None = None  # a burst's first requests wait
 
     def _routed(self) -> list[relay_pb2.Hop]:
         """The route of every step: each later stage's address and the layers it holds
@@ -145,7 +155,20 @@ class StepLoop(LoopRecovery):
             return
         self._scheduler.add(member.request_id, len(member.prompt_ids))
         self._members[member.request_id] = member
+        if self._arrivals is not None and self._arrivals() and not self._scheduler.in_flight:
+            # A burst on an idle pipeline: the requests still being tokenized join first,
+            # then all start in one micro-batch (one prefill for all, one batch group on
+            # each stage) instead of the first alone and the others merged in later.
+            if self._gate is None:
+                loop = asyncio.get_running_loop()
+                self._gate = loop.call_later(ARRIVAL_WAIT, self._pump)
+            return
         self._pump()
+
+    def arrived(self) -> None:
+        """The requests being prepared are done: those waiting to start do (see ``arrivals``)."""
+        if self._gate is not None:
+            self._pump()
 
     def hold(self) -> None:
         """From now on new requests wait to join; the scheduled ones run to their end."""
@@ -205,6 +228,9 @@ class StepLoop(LoopRecovery):
     async def stop(self, reason: str) -> None:
         """Fail every request with :class:`PipelineNotReady` and cancel the steps in flight."""
         self._stopped = reason
+        if self._gate is not None:
+            self._gate.cancel()
+            self._gate = None
         for member in list(self._members.values()):
             member.fail(PipelineNotReady(reason))
         tasks = list(self._tasks)
@@ -248,6 +274,9 @@ class StepLoop(LoopRecovery):
 
     def _pump(self) -> None:
         """Start as many planned micro-batches as the scheduler allows."""
+        if self._gate is not None:
+            self._gate.cancel()
+            self._gate = None
         while (
             self._stopped is None
             and not self._recovering
