@@ -23,8 +23,10 @@ from __future__ import annotations
 import sys
 
 from mlx_relay.core.blas import load_blas, set_threads
+from mlx_relay.core.hugepages import reexec_with_hugepages
 
 WHEEL_BLAS = "--wheel-blas"
+reexec_with_hugepages()  # weights in huge pages, as in the workers (every path alike)
 if WHEEL_BLAS not in sys.argv:
     load_blas()  # before MLX is imported below
 

@@ -18,7 +18,9 @@ about the time to read its 0.54 GB of weights once.
 from __future__ import annotations
 
 from mlx_relay.core.blas import load_blas, set_threads
+from mlx_relay.core.hugepages import reexec_with_hugepages
 
+reexec_with_hugepages()  # weights in huge pages, as in the workers
 load_blas()  # before MLX is imported below
 
 import argparse  # noqa: E402

@@ -20,7 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlx_relay.core.blas import load_blas
+from mlx_relay.core.hugepages import reexec_with_hugepages
 
+reexec_with_hugepages()  # weights in huge pages, as in the workers
 load_blas()
 
 from tests.support.load import load_cluster, run_load  # noqa: E402

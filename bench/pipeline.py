@@ -32,7 +32,9 @@ On the bundled model (greedy):
 from __future__ import annotations
 
 from mlx_relay.core.blas import default_threads, load_blas, set_threads
+from mlx_relay.core.hugepages import reexec_with_hugepages
 
+reexec_with_hugepages()  # weights in huge pages, as in the workers
 load_blas()  # before MLX is imported below, as in the worker processes
 
 import argparse  # noqa: E402

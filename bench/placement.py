@@ -18,7 +18,9 @@ nearer the sum of the stages than the maximum the model assumes (one device per 
 from __future__ import annotations
 
 from mlx_relay.core.blas import load_blas
+from mlx_relay.core.hugepages import reexec_with_hugepages
 
+reexec_with_hugepages()  # weights in huge pages, as in the workers
 load_blas()  # before MLX is imported below, as in the worker processes
 
 import argparse  # noqa: E402

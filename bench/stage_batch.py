@@ -19,7 +19,9 @@ import statistics
 import time
 
 from mlx_relay.core.blas import load_blas
+from mlx_relay.core.hugepages import reexec_with_hugepages
 
+reexec_with_hugepages()  # weights in huge pages, as in the workers
 load_blas()  # before MLX is imported, as the worker does
 
 from mlx_relay import wire  # noqa: E402

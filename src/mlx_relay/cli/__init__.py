@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from mlx_relay import __version__
 from mlx_relay.core.blas import load_blas
 from mlx_relay.core.errors import RelayError
+from mlx_relay.core.hugepages import reexec_with_hugepages
 
 # Subcommand modules, in the order `mlx-relay --help` lists them.
 COMMANDS = (
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        # Run as a program: once, again with malloc's large blocks in huge pages.
+        reexec_with_hugepages()
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
