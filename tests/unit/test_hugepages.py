@@ -14,7 +14,11 @@ from mlx_relay.core import hugepages
 
 
 def test_the_tunable_joins_the_others() -> None:
-    assert hugepages.with_tunable("") == "glibc.malloc.hugetlb=1"
+    assert hugepages.with_tunable("") == "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"
+    assert hugepages.with_tunable("glibc.malloc.tcache_count=0") == (
+        "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"
+    )
+    # The user's own arena count stays.
     assert hugepages.with_tunable("glibc.malloc.arena_max=2") == (
         "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     )
@@ -83,7 +87,7 @@ def run_child(**env: str) -> dict[str, object]:
 )
 def test_a_program_runs_again_with_its_large_blocks_in_huge_pages() -> None:
     child = run_child()
-    assert child["tunables"] == "glibc.malloc.hugetlb=1"
+    assert child["tunables"] == "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"
     assert child["argv"] == ["-c", "an-argument"]  # the same arguments
     assert int(str(child["huge"])) >= 32 << 20, "most of the 64 MB array in huge pages"
     off = run_child(MLX_RELAY_HUGEPAGES="0")
