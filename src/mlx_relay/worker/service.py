@@ -15,11 +15,9 @@ token when ``network.auth_token`` is set), INTERNAL (a bug; logged).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +28,7 @@ from mlx_relay.core.types import LayerRange
 from mlx_relay.monitoring.health_rules import serving_blockers
 from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
+from mlx_relay.worker.auth import SERVICE_NAME, BearerTokenInterceptor, peer_of
 from mlx_relay.worker.executor import MLXExecutor
 from mlx_relay.worker.relay import PeerClients, abort_for, relay
 from mlx_relay.worker.sessions import SessionLimitReached, SessionNotFound
@@ -39,7 +38,7 @@ from mlx_relay.worker.tracing import ForwardSpans, metadata_traceparent
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "mlxrelay.v1.Worker"
+__all__ = ["SERVICE_NAME", "BearerTokenInterceptor", "WorkerServicer", "WorkerState", "peer_of"]
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode:
@@ -368,47 +367,3 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if state.health is not None:
             response.health_json = json.dumps(state.health.get_health_summary(), default=str)
         return response
-
-
-def peer_of(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling, as the session quota counts it: the subject of the client's
-    certificate under mTLS, else its address without the port (``ipv4:10.0.0.5``), so that
-    one client's many connections count as one peer."""
-    auth = context.auth_context()
-    subject = auth.get("x509_subject") or auth.get("x509_common_name")
-    if subject:
-        return "cert " + subject[0].decode("utf-8", "replace")
-    address = context.peer() or ""
-    return address.rsplit(":", 1)[0] if address.count(":") >= 2 else address
-
-
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on the Worker service's methods.
-
-    The health service stays open so that orchestrators and probes can see a worker
-    without holding the token.
-    """
-
-    def __init__(self, token: str, service: str = SERVICE_NAME) -> None:
-        self._expected = f"Bearer {token}".encode()
-        self._prefix = f"/{service}/"
-        self._deny = grpc.unary_unary_rpc_method_handler(_unauthenticated)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        if handler_call_details.method.startswith(self._prefix):
-            metadata = handler_call_details.invocation_metadata or ()
-            given = next((str(v) for k, v in metadata if k == "authorization"), "")
-            if not hmac.compare_digest(given.encode(), self._expected):
-                return self._deny
-        return await continuation(handler_call_details)
-
-
-async def _unauthenticated(request: bytes, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(
-        grpc.StatusCode.UNAUTHENTICATED,
-        "this worker requires 'authorization: Bearer <network.auth_token>' metadata",
-    )

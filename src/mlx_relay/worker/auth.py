@@ -1,0 +1,56 @@
+"""Who calls a worker: the bearer token every Worker method requires when one is set, and
+the caller's identity the session quota counts (its certificate's subject under mTLS, else
+its address)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+SERVICE_NAME = "mlxrelay.v1.Worker"
+
+
+def peer_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling, as the session quota counts it: the subject of the client's
+    certificate under mTLS, else its address without the port (``ipv4:10.0.0.5``), so that
+    one client's many connections count as one peer."""
+    auth = context.auth_context()
+    subject = auth.get("x509_subject") or auth.get("x509_common_name")
+    if subject:
+        return "cert " + subject[0].decode("utf-8", "replace")
+    address = context.peer() or ""
+    return address.rsplit(":", 1)[0] if address.count(":") >= 2 else address
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on the Worker service's methods.
+
+    The health service stays open so that orchestrators and probes can see a worker
+    without holding the token.
+    """
+
+    def __init__(self, token: str, service: str = SERVICE_NAME) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._prefix = f"/{service}/"
+        self._deny = grpc.unary_unary_rpc_method_handler(_unauthenticated)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if handler_call_details.method.startswith(self._prefix):
+            metadata = handler_call_details.invocation_metadata or ()
+            given = next((str(v) for k, v in metadata if k == "authorization"), "")
+            if not hmac.compare_digest(given.encode(), self._expected):
+                return self._deny
+        return await continuation(handler_call_details)
+
+
+async def _unauthenticated(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "this worker requires 'authorization: Bearer <network.auth_token>' metadata",
+    )
