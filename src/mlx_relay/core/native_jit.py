@@ -7,11 +7,15 @@ wheel passes no ``-march``: the kernels use baseline x86-64 instructions, and ev
 multiply-add of MLX's ``exp`` polynomial is a call into libm.
 
 :func:`prepare` puts a ``g++`` first on ``PATH`` that runs the real one with
-``-march=native -ffp-contract=off``: this machine's instructions, and no fusing of
-``a * b + c`` that the kernel's source does not ask for, so each kernel computes the same
-bits as MLX's own build (tested). Measured on the development machine (2 cores, the
-bundled model's compiled decode step, float32): batch 16 77.3 -> 69.2 ms, batch 1 29.2 ->
-27.3 ms.
+:data:`FLAGS`: this machine's instructions (``-march=native``), no fusing of ``a * b + c``
+that the kernel's source does not ask for (``-ffp-contract=off``), and what lets the
+element loops vectorize (MLX's ``exp`` inlined, its selects of special values as blends), so
+each kernel computes the same bits as MLX's own build (tested, also on infinities, NaNs and
+values past exp's range). Measured on the development machine (2 cores): a compiled SiLU
+gate of 16 x 1,536 values 493 us -> 236 us with ``-march=native`` alone -> 19.6 us
+vectorized; the bundled model's compiled decode step, float32, batch 16 77.3 -> 69.2 ms
+(``-march=native`` alone), then 68.4 / 69.2 -> 63.7 / 63.2 ms (fastest of 10 steps, two
+alternating pairs), batch 1 29.2 -> 27.3 ms, then 26.9 / 26.3 -> 25.5 / 26.0 ms.
 
 The kernels built so are cached apart from MLX's default ones (an older cache would keep
 serving the baseline builds): ``TMPDIR`` of the process points into the mlx-relay cache,
@@ -25,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -39,7 +44,16 @@ logger = logging.getLogger(__name__)
 
 ENV = "MLX_RELAY_NATIVE_JIT"
 COMPILER = "g++"
-FLAGS = ("-march=native", "-ffp-contract=off")
+FLAGS = (
+    "-march=native",
+    "-ffp-contract=off",
+    # With these the element loops vectorize: MLX's exp (and so SiLU, sigmoid) inlined, and
+    # its selects of special values turned from branches into blends. Neither changes a
+    # value (no trap is observed; inlining keeps every operation and its order).
+    "-fno-trapping-math",
+    "-finline-limit=100000",
+    *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()),
+)
 # The wrapper's second line: how a process tells an inherited wrapper from a compiler.
 MARK = "# mlx-relay: MLX's CPU kernels for this machine (mlx_relay.core.native_jit)"
 # Compiled once through the wrapper before it is trusted: the flags must be accepted.
