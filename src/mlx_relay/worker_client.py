@@ -31,6 +31,7 @@ from mlx_relay.core.errors import QueueFull, RelayError, WorkerUnavailable
 from mlx_relay.core.tls_config import TLSMaterial
 from mlx_relay.core.tracing import TRACEPARENT
 from mlx_relay.proto import relay_pb2, relay_pb2_grpc
+from mlx_relay.stream_client import STREAM_MAX_BYTES, ForwardStreamClient, StreamUnsupported
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +214,15 @@ def translate_rpc_error(
     return StageError(device_id, method, code.name, detail)
 
 
+def answered_error(answer: relay_pb2.ForwardAnswer) -> grpc.aio.AioRpcError:
+    """A streamed call's failure as the error its unary call would have raised."""
+    code = getattr(grpc.StatusCode, answer.code, grpc.StatusCode.UNKNOWN)
+    trailing = grpc.aio.Metadata()
+    if answer.failed_device:
+        trailing.add(FAILED_DEVICE_KEY, answer.failed_device)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=answer.detail)
+
+
 def _failed_device(exc: grpc.aio.AioRpcError) -> str | None:
     for key, value in exc.trailing_metadata() or ():
         if key == FAILED_DEVICE_KEY:
@@ -267,6 +277,14 @@ class WorkerClient:
         self._metadata: Sequence[tuple[str, str]] | None = (
             (("authorization", f"Bearer {network.auth_token}"),) if network.auth_token else None
         )
+        self._recorder = recorder
+        self._streams: ForwardStreamClient | None = None
+        if network.forward_stream:
+            self._streams = ForwardStreamClient(
+                device_id,
+                lambda: self._stub.ForwardStream(metadata=self._metadata),
+                self._record_streamed if recorder is not None else None,
+            )
 
     @classmethod
     def for_device(
@@ -287,17 +305,44 @@ class WorkerClient:
         traceparent: str = "",
     ) -> relay_pb2.ForwardResponse:
         """Run one step on the worker's layers. Never retried. ``traceparent`` (W3C trace
-        context) goes in the call's metadata; each entry carries its own request's too."""
+        context) goes in the call's metadata; each entry carries its own request's too.
+        On the worker's ``ForwardStream`` when ``network.forward_stream`` is on and the call
+        is at most :data:`~mlx_relay.stream_client.STREAM_MAX_BYTES`, else unary."""
+        timeout = timeout or self.network.request_timeout
+        streams = self._streams
+        if streams is not None and request.ByteSize() <= STREAM_MAX_BYTES:
+            try:
+                answer = await streams.forward(request, timeout, traceparent)
+            except StreamUnsupported:
+                logger.info("worker %s has no ForwardStream: unary calls", self.device_id)
+                self._streams = None
+            except TimeoutError:
+                raise translate_rpc_error(
+                    self.device_id,
+                    "Forward",
+                    grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED),
+                    timeout,
+                ) from None
+            except grpc.aio.AioRpcError as exc:
+                raise translate_rpc_error(self.device_id, "Forward", exc, timeout) from None
+            else:
+                if not answer.code:
+                    return answer.response
+                raise translate_rpc_error(
+                    self.device_id, "Forward", answered_error(answer), timeout
+                )
         metadata = self._metadata
         if traceparent:
             metadata = (*(metadata or ()), (TRACEPARENT, traceparent))
-        return await self._call(
-            "Forward",
-            self._stub.Forward,
-            request,
-            timeout or self.network.request_timeout,
-            metadata=metadata,
-        )
+        return await self._call("Forward", self._stub.Forward, request, timeout, metadata=metadata)
+
+    def _record_streamed(self, seconds: float, code: str, sent: int, received: int) -> None:
+        """A streamed Forward's metrics, as the interceptor records a unary call's."""
+        try:
+            if self._recorder is not None:
+                self._recorder.record_rpc(self.device_id, "Forward", seconds, code, sent, received)
+        except Exception:  # a metrics problem must never fail an inference call
+            logger.exception("recording Forward call to %s failed", self.device_id)
 
     async def reshard(
         self,
@@ -406,6 +451,8 @@ class WorkerClient:
             delay = min(delay * 2, 1.0)
 
     async def close(self) -> None:
+        if self._streams is not None:
+            await self._streams.close()
         await self._channel.close()
 
     async def _retrying(

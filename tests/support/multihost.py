@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,9 +161,39 @@ class _Counting(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return response
 
 
+class _CountingStreams(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    """Every message of a stream (``ForwardStream``: each call and each answer)."""
+
+    def __init__(self, owner: MessageBytes, target: str) -> None:
+        self.owner = owner
+        self.target = target
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[[Any, Any], Awaitable[Any]], details: Any, requests: Any
+    ) -> Any:
+        owner, target = self.owner, self.target
+
+        async def counted_requests() -> AsyncIterator[Any]:
+            async for request in requests:
+                with owner.lock:
+                    owner.sent[target] += len(request.SerializeToString())
+                yield request
+
+        call = await continuation(details, counted_requests())
+
+        async def counted_responses() -> AsyncIterator[Any]:
+            async for response in call:
+                with owner.lock:
+                    owner.received[target] += len(response.SerializeToString())
+                yield response
+
+        return counted_responses()
+
+
 @dataclass
 class MessageBytes:
-    """Serialized request and response sizes of every successful unary call, per target."""
+    """Serialized request and response sizes of every successful unary call and of every
+    message on a stream, per target."""
 
     sent: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     received: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -174,7 +204,7 @@ class MessageBytes:
 
         def channel(target: str, options: Any = None, compression: Any = None,
                     interceptors: Any = None) -> Any:  # fmt: skip
-            chain = [*(interceptors or []), _Counting(self, target)]
+            chain = [*(interceptors or []), _Counting(self, target), _CountingStreams(self, target)]
             return insecure_channel(target, options, compression, chain)
 
         return channel

@@ -27,6 +27,10 @@ class NetworkConfig(ConfigSection):
     # How long requests wait for a failed stage to serve again, then are replayed and go
     # on (coordinator/recovery.py); 0 fails them at once.
     recovery_timeout: float = Field(default=60.0, ge=0)
+    # Forward calls (the coordinator's and each stage's relay hop) on one long-lived gRPC
+    # stream per worker, not a new HTTP/2 stream each (mlx_relay/stream_client.py); off:
+    # unary calls.
+    forward_stream: bool = True
 
 
 class InferenceConfig(ConfigSection):

@@ -135,6 +135,32 @@ class ForwardResponse(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[StageTiming]
     def __init__(self, results: _Optional[_Iterable[_Union[ForwardResult, _Mapping]]] = ..., device_id: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
 
+class ForwardCall(_message.Message):
+    __slots__ = ("call_id", "request", "timeout_seconds", "traceparent")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    request: ForwardRequest
+    timeout_seconds: float
+    traceparent: str
+    def __init__(self, call_id: _Optional[int] = ..., request: _Optional[_Union[ForwardRequest, _Mapping]] = ..., timeout_seconds: _Optional[float] = ..., traceparent: _Optional[str] = ...) -> None: ...
+
+class ForwardAnswer(_message.Message):
+    __slots__ = ("call_id", "response", "code", "detail", "failed_device")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    FAILED_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    response: ForwardResponse
+    code: str
+    detail: str
+    failed_device: str
+    def __init__(self, call_id: _Optional[int] = ..., response: _Optional[_Union[ForwardResponse, _Mapping]] = ..., code: _Optional[str] = ..., detail: _Optional[str] = ..., failed_device: _Optional[str] = ...) -> None: ...
+
 class EndSessionRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

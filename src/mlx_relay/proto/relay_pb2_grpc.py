@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=relay__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=relay__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/mlxrelay.v1.Worker/ForwardStream',
+                request_serializer=relay__pb2.ForwardCall.SerializeToString,
+                response_deserializer=relay__pb2.ForwardAnswer.FromString,
+                _registered_method=True)
         self.EndSession = channel.unary_unary(
                 '/mlxrelay.v1.Worker/EndSession',
                 request_serializer=relay__pb2.EndSessionRequest.SerializeToString,
@@ -66,6 +71,15 @@ class WorkerServicer:
 
     def Forward(self, request, context):
         """Run this stage's layers on one or more requests' steps (one entry per request).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardStream(self, request_iterator, context):
+        """The same calls on one long-lived stream: each ForwardCall is one Forward, answered by
+        a ForwardAnswer with its call_id (answers come in the order they finish). It spares
+        each step a new HTTP/2 stream: about half a millisecond a call on loopback.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +122,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=relay__pb2.ForwardRequest.FromString,
                     response_serializer=relay__pb2.ForwardResponse.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
+                    request_deserializer=relay__pb2.ForwardCall.FromString,
+                    response_serializer=relay__pb2.ForwardAnswer.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EndSession,
@@ -157,6 +176,33 @@ class Worker:
             '/mlxrelay.v1.Worker/Forward',
             relay__pb2.ForwardRequest.SerializeToString,
             relay__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mlxrelay.v1.Worker/ForwardStream',
+            relay__pb2.ForwardCall.SerializeToString,
+            relay__pb2.ForwardAnswer.FromString,
             options,
             channel_credentials,
             insecure,

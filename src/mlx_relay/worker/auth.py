@@ -35,6 +35,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
         self._prefix = f"/{service}/"
         self._deny = grpc.unary_unary_rpc_method_handler(_unauthenticated)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(_unauthenticated)
 
     async def intercept_service(
         self,
@@ -45,11 +46,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             metadata = handler_call_details.invocation_metadata or ()
             given = next((str(v) for k, v in metadata if k == "authorization"), "")
             if not hmac.compare_digest(given.encode(), self._expected):
-                return self._deny
+                handler = await continuation(handler_call_details)
+                streaming = handler is not None and handler.request_streaming
+                return self._deny_stream if streaming else self._deny
         return await continuation(handler_call_details)
 
 
-async def _unauthenticated(request: bytes, context: grpc.aio.ServicerContext) -> None:
+async def _unauthenticated(request: object, context: grpc.aio.ServicerContext) -> None:
     await context.abort(
         grpc.StatusCode.UNAUTHENTICATED,
         "this worker requires 'authorization: Bearer <network.auth_token>' metadata",

@@ -10,7 +10,8 @@ stage verified against the cluster's CA, this worker's certificate presented), t
 size limit, no retry, and per-call metrics in this worker's collector (its outgoing link).
 
 A downstream failure goes back up the chain with its status code and the failing stage's
-device id in the trailing metadata; :func:`~mlx_relay.worker_client.translate_rpc_error`
+device id in the trailing metadata (or the stream's answer);
+:func:`~mlx_relay.worker_client.translate_rpc_error`
 turns it back into the same typed error, naming that stage.
 """
 
@@ -27,7 +28,8 @@ from mlx_relay.core.config import NetworkConfig
 from mlx_relay.core.errors import InvalidRequest, QueueFull, RelayError, WorkerUnavailable
 from mlx_relay.core.tls_config import TLSMaterial
 from mlx_relay.proto import relay_pb2 as pb
-from mlx_relay.worker_client import FAILED_DEVICE_KEY, StageError, WorkerClient, WorkerTimedOut
+from mlx_relay.worker.forward_call import CallFailed
+from mlx_relay.worker_client import StageError, WorkerClient, WorkerTimedOut
 
 logger = logging.getLogger(__name__)
 
@@ -126,23 +128,24 @@ async def relay(
     peers: PeerClients,
     request: pb.ForwardRequest,
     own: pb.ForwardResponse,
-    context: grpc.aio.ServicerContext,
+    remaining: float | None,
     collector: Any | None = None,
     received: float | None = None,
     parents: Sequence[str] | None = None,
 ) -> pb.ForwardResponse:
     """Send this stage's output down the route; the last stage's answer, with every
-    stage's timing in pipeline order. ``received`` is when this stage got its call
+    stage's timing in pipeline order. ``remaining``: seconds left of the caller's deadline
+    (None: none). ``received`` is when this stage got its call
     (``time.perf_counter()``): the next stage's timing says how long after it the hop began.
     ``parents``: each entry's trace context for the next stage (see :func:`next_entries`);
     the call's metadata carries the first one's.
 
     Raises:
-        RelayError: the hop failed (see :func:`abort_for`).
+        RelayError: the hop failed (see :func:`failure_for`).
     """
     hop, rest = request.route[0], request.route[1:]
     client = peers.client(hop)
-    timeout = hop_timeout(context.time_remaining(), peers.network.request_timeout)
+    timeout = hop_timeout(remaining, peers.network.request_timeout)
     started = time.perf_counter()
     # A next stage that was restarted is reached once the channel's backoff is over: wait
     # for it (a dead one still fails at once after that) rather than fail the step. Also
@@ -185,9 +188,9 @@ def _inner(stages: Sequence[pb.StageTiming]) -> float:
     return first + (stages[1].rpc_seconds if len(stages) > 1 else 0.0)
 
 
-async def abort_for(context: grpc.aio.ServicerContext, exc: RelayError, device_id: str) -> None:
-    """End the call with the hop's failure: same status code, the failing stage named in
-    the trailing metadata."""
+def failure_for(exc: RelayError, device_id: str) -> CallFailed:
+    """The status a call ends with when its hop failed: the same code, the failing stage
+    named (the trailing metadata of a unary call, the answer on the stream)."""
     failed = getattr(exc, "device_id", None) or device_id
     if isinstance(exc, WorkerTimedOut):
         code = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -199,10 +202,9 @@ async def abort_for(context: grpc.aio.ServicerContext, exc: RelayError, device_i
         code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN)
     else:
         code = grpc.StatusCode.INTERNAL
-    context.set_trailing_metadata(((FAILED_DEVICE_KEY, failed),))
     logger.info("relay to %s failed with %s: %s", failed, code.name, exc)
     detail = exc.detail if isinstance(exc, StageError) else _reason(str(exc), failed)
-    await context.abort(code, detail)
+    return CallFailed(code, detail, failed)
 
 
 def _reason(message: str, device_id: str) -> str:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +31,13 @@ from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
 from mlx_relay.worker.auth import SERVICE_NAME, BearerTokenInterceptor, peer_of
 from mlx_relay.worker.executor import MLXExecutor
-from mlx_relay.worker.relay import PeerClients, abort_for, relay
+from mlx_relay.worker.forward_call import CallFailed, ForwardCallInfo
+from mlx_relay.worker.forward_stream import serve_stream
+from mlx_relay.worker.relay import PeerClients, failure_for, relay
 from mlx_relay.worker.sessions import SessionLimitReached, SessionNotFound
 from mlx_relay.worker.stage import CheckedEntry, ForwardOutcome, StageRuntime
 from mlx_relay.worker.step_threads import StepThreads
-from mlx_relay.worker.tracing import ForwardSpans, metadata_traceparent
+from mlx_relay.worker.tracing import ForwardSpans
 
 logger = logging.getLogger(__name__)
 
@@ -112,43 +115,74 @@ class WorkerState:
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
-    """Forward, EndSession, Ping and GetStatus over one :class:`WorkerState`."""
+    """Forward (unary and streamed), EndSession, Ping and GetStatus over one
+    :class:`WorkerState`. ``max_stream_calls``: the most calls one ``ForwardStream`` holds
+    at once (None: no limit)."""
 
-    def __init__(self, state: WorkerState) -> None:
+    def __init__(self, state: WorkerState, max_stream_calls: int | None = None) -> None:
         self.state = state
+        self.max_stream_calls = max_stream_calls
         self._releases: set[asyncio.Task[None]] = set()
 
     async def _runtime(self, context: grpc.aio.ServicerContext) -> StageRuntime:
+        try:
+            return self._serving()
+        except CallFailed as failed:
+            await failed.abort(context)
+        raise AssertionError("unreachable")
+
+    def _serving(self) -> StageRuntime:
+        """The stage's runtime, once it serves.
+
+        Raises:
+            CallFailed: stopping, still loading or failed to load.
+        """
         state = self.state
         if state.stopping:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"worker {state.device_id} is stopping"
-            )
+            raise CallFailed(grpc.StatusCode.UNAVAILABLE, f"worker {state.device_id} is stopping")
         if state.load_error is not None:
-            await context.abort(
+            raise CallFailed(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"worker {state.device_id} failed to load its model: {state.load_error}",
             )
         if state.runtime is None:
-            await context.abort(
+            raise CallFailed(
                 grpc.StatusCode.UNAVAILABLE, f"worker {state.device_id} is still loading its model"
             )
-        assert state.runtime is not None
         return state.runtime
 
     async def Forward(
         self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> pb.ForwardResponse:
+        try:
+            return await self.serve_forward(request, ForwardCallInfo.of_unary(context))
+        except CallFailed as failed:
+            await failed.abort(context)
+        raise AssertionError("unreachable")
+
+    async def ForwardStream(
+        self, requests: AsyncIterator[pb.ForwardCall], context: grpc.aio.ServicerContext
+    ) -> None:
+        await serve_stream(self, requests, context, self.max_stream_calls)
+
+    async def serve_forward(
+        self, request: pb.ForwardRequest, call: ForwardCallInfo
+    ) -> pb.ForwardResponse:
+        """One Forward, from a unary call or the stream.
+
+        Raises:
+            CallFailed: the status the call ends with.
+        """
         received = time.perf_counter()
-        runtime = await self._runtime(context)
-        spans = self._spans(request, context, received)
+        runtime = self._serving()
+        spans = self._spans(request, call, received)
         timing: pb.StageTiming | None = None
         error: str | None = None
         try:
-            response, timing = await self._forward(runtime, request, context, received, spans)
+            response, timing = await self._forward(runtime, request, call, received, spans)
             return response
         except BaseException as exc:
-            error = type(exc).__name__
+            error = exc.code.name if isinstance(exc, CallFailed) else type(exc).__name__
             raise
         finally:
             if spans is not None:
@@ -158,7 +192,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self,
         runtime: StageRuntime,
         request: pb.ForwardRequest,
-        context: grpc.aio.ServicerContext,
+        call: ForwardCallInfo,
         received: float,
         spans: ForwardSpans | None,
     ) -> tuple[pb.ForwardResponse, pb.StageTiming]:
@@ -167,17 +201,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             checked = runtime.check(request)
             checked_at = time.perf_counter()
             outcome = await self.state.executor.run(
-                self._compute, runtime, checked, peer_of(context), request.microbatches_in_flight
+                self._compute, runtime, checked, call.peer, request.microbatches_in_flight
             )
         except RelayError as exc:
             code = status_code_for(exc)
             logger.info("Forward rejected with %s: %s", code.name, exc)
-            await context.abort(code, str(exc))
+            raise CallFailed(code, str(exc)) from None
         except Exception as exc:
             if self.state.executor.closed:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is stopping")
+                raise CallFailed(grpc.StatusCode.UNAVAILABLE, "worker is stopping") from None
             logger.exception("Forward failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"forward failed: {exc}")
+            raise CallFailed(grpc.StatusCode.INTERNAL, f"forward failed: {exc}") from None
         self._record(outcome)
         own = pb.ForwardResponse(
             results=outcome.results,
@@ -201,21 +235,20 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # The MLX thread is free again: this stage takes its next micro-batch while this
         # one runs downstream.
         parents = spans.hop_parents(request.route[0].device_id) if spans is not None else None
-        response = await self._relay(request, own, context, received, parents)
+        response = await self._relay(request, own, call, received, parents)
         timing = response.stages[0]
         timing.handled_seconds = time.perf_counter() - received
         return response, timing
 
     def _spans(
-        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext, received: float
+        self, request: pb.ForwardRequest, call: ForwardCallInfo, received: float
     ) -> ForwardSpans | None:
         """This call's spans, when this worker records spans."""
         state = self.state
         if state.tracer is None:
             return None
-        call_parent = metadata_traceparent(context.invocation_metadata())
         spans = ForwardSpans(
-            state.tracer, state.device_id, state.stage, request, call_parent, received
+            state.tracer, state.device_id, state.stage, request, call.traceparent, received
         )
         return spans if spans.traced else None
 
@@ -252,7 +285,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self,
         request: pb.ForwardRequest,
         own: pb.ForwardResponse,
-        context: grpc.aio.ServicerContext,
+        call: ForwardCallInfo,
         received: float,
         parents: list[str] | None,
     ) -> pb.ForwardResponse:
@@ -261,13 +294,18 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if state.peers is None or state.runtime is None or state.runtime.is_last:
                 raise InvalidRequest(f"worker {state.device_id} is the last stage: no route")
             return await relay(
-                state.peers, request, own, context, state.collector, received, parents
+                state.peers,
+                request,
+                own,
+                call.time_remaining(),
+                state.collector,
+                received,
+                parents,
             )
         except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except RelayError as exc:
-            await abort_for(context, exc, state.device_id)
-        raise AssertionError("unreachable")
+            raise failure_for(exc, state.device_id) from None
 
     def _record(self, outcome: ForwardOutcome) -> None:
         collector = self.state.collector

@@ -118,12 +118,13 @@ class WorkerServer:
         self._state.peers = PeerClients(
             device.id, following, config.network, recorder=self._state.collector, tls=self.tls
         )
+        calls = concurrent_rpc_limit(config)
         self._grpc = WorkerGrpcServer(
             device.id,
             config.network,
-            WorkerServicer(self._state),
+            WorkerServicer(self._state, max_stream_calls=calls),
             tls=self.tls,
-            maximum_concurrent_rpcs=concurrent_rpc_limit(config),
+            maximum_concurrent_rpcs=calls,
         )
         interval = min(config.monitoring.collection_interval, HEALTH_WATCH_MAX_INTERVAL)
         self.health_watch = ServingHealthWatch(self._state, self._grpc, self._report, interval)
