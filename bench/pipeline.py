@@ -1,7 +1,7 @@
 """What the pipeline costs and what it buys: 2-stage loopback pipeline vs one process.
 
-    .venv/bin/python bench/pipeline.py                       # bundled model, 3 rounds, 32 tokens
-    .venv/bin/python bench/pipeline.py --rounds 5 --max-tokens 48 --concurrency 1 2 4 8
+    .venv/bin/python bench/pipeline.py                       # bundled model, 5 rounds, 32 tokens
+    .venv/bin/python bench/pipeline.py --rounds 7 --max-tokens 48 --concurrency 1 2 4 8
     .venv/bin/python bench/pipeline.py --micro-batches 2       # a micro-batch per stage
     .venv/bin/python bench/pipeline.py --sections ttft         # one figure only
     .venv/bin/python bench/pipeline.py --sections agreement    # batched vs solo tokens
@@ -335,7 +335,7 @@ async def decode_section(
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument(

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 # hold up the small decode steps written after them, and a call over the message size
 # limit gets its own error without failing the stream's other calls.
 STREAM_MAX_BYTES = 1 << 20
+# Initial metadata a worker answers a stream it takes with (before any call is written).
+ACCEPTED_KEY = "mlx-relay-forward-stream"
 
 
 class StreamUnsupported(Exception):
@@ -52,6 +54,7 @@ class _Stream:
         self.call = call
         self.pending: dict[int, asyncio.Future[pb.ForwardAnswer]] = {}
         self.writing = asyncio.Lock()
+        self.accepted = False
         self.failed: grpc.aio.AioRpcError | None = None
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -63,12 +66,48 @@ class _Stream:
         """
         async with self.writing:
             try:
+                if not self.accepted:
+                    await self._accept()
                 await self.call.write(message)
             except asyncio.InvalidStateError:  # it ended since it was opened
                 await asyncio.wait({self.reader})
                 raise self.failed or grpc.aio.AioRpcError(
                     grpc.StatusCode.UNAVAILABLE, details="the Forward stream ended"
                 ) from None
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.INTERNAL:
+                    raise  # the stream's own status (UNAUTHENTICATED, UNAVAILABLE...)
+                # gRPC's core failed the send: the stream ended while it was being written,
+                # and gRPC reports INTERNAL in place of the stream's status (grpc/grpc#36066).
+                # The worker had taken this stream (_accept), so it ended because the
+                # connection broke (the worker went away). The call did not reach the worker.
+                lost = grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    details=f"connection lost while sending ({exc.details()})",
+                )
+                self._fail(lost)
+                raise lost from None
+
+    async def _accept(self) -> None:
+        """Wait for the worker to take the stream: its initial metadata carries
+        :data:`ACCEPTED_KEY`. A refused stream (a wrong token, no ``ForwardStream``) ends
+        without it, and its status is read before anything is written: a write racing the
+        end of a stream gets INTERNAL from gRPC in place of the real status (grpc/grpc#36066).
+
+        Raises:
+            grpc.aio.AioRpcError: the stream was refused, with its status.
+        """
+        metadata = await self.call.initial_metadata()
+        if any(key == ACCEPTED_KEY for key, _ in metadata or ()):
+            self.accepted = True
+            return
+        code = await self.call.code()
+        details = await self.call.details()
+        if code == grpc.StatusCode.OK:
+            code, details = grpc.StatusCode.UNAVAILABLE, "the worker ended the Forward stream"
+        refused = grpc.aio.AioRpcError(code, details=details)
+        self._fail(refused)
+        raise refused
 
     async def _read(self) -> None:
         try:

@@ -6,7 +6,9 @@ relays a ``Forward`` (:mod:`mlx_relay.worker.relay`).
 Every call has a deadline from ``config.network``. Idempotent calls (``Ping``, ``GetStatus``,
 health, ``EndSession``) are retried with exponential backoff when the worker is UNAVAILABLE;
 ``Forward`` never is, because a retried step would advance a KV cache twice. gRPC failures
-leave this module as the typed errors of :mod:`mlx_relay.core.errors`.
+leave this module as the typed errors of :mod:`mlx_relay.core.errors`
+(:mod:`mlx_relay.rpc_errors`); each call's metrics go to the recorder
+(:mod:`mlx_relay.rpc_metrics`).
 
 With ``network.tls`` the channel is TLS: the worker's certificate is verified against the
 cluster's CA, and the client presents its own certificate when it has one (mTLS). A failed
@@ -20,20 +22,42 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlx_relay.core.config import DeviceConfig, NetworkConfig
-from mlx_relay.core.errors import QueueFull, RelayError, WorkerUnavailable
+from mlx_relay.core.errors import RelayError, WorkerUnavailable
 from mlx_relay.core.tls_config import TLSMaterial
 from mlx_relay.core.tracing import TRACEPARENT
 from mlx_relay.proto import relay_pb2, relay_pb2_grpc
+from mlx_relay.rpc_errors import (
+    FAILED_DEVICE_KEY,
+    StageError,
+    TLSHandshakeFailed,
+    WorkerTimedOut,
+    answered_error,
+    translate_rpc_error,
+)
+from mlx_relay.rpc_metrics import RpcMetricsInterceptor, RpcRecorder
 from mlx_relay.stream_client import STREAM_MAX_BYTES, ForwardStreamClient, StreamUnsupported
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FAILED_DEVICE_KEY",
+    "RpcMetricsInterceptor",
+    "RpcRecorder",
+    "StageError",
+    "TLSHandshakeFailed",
+    "WorkerClient",
+    "WorkerTimedOut",
+    "answered_error",
+    "channel_credentials",
+    "translate_rpc_error",
+]
 
 T = TypeVar("T")
 
@@ -44,8 +68,6 @@ _RECONNECT_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.enable_retries", 0),
 )
-# Trailing metadata of a relayed Forward that failed downstream: the failing stage's id.
-FAILED_DEVICE_KEY = "mlx-relay-failed-device"
 _HEALTH_NAMES = {
     health_pb2.HealthCheckResponse.UNKNOWN: "UNKNOWN",
     health_pb2.HealthCheckResponse.SERVING: "SERVING",
@@ -54,180 +76,11 @@ _HEALTH_NAMES = {
 }
 
 
-class StageError(RelayError):
-    """A worker answered a call with an error other than being unreachable or full
-    (INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED, an internal error...)."""
-
-    def __init__(self, device_id: str, method: str, code: str, detail: str) -> None:
-        super().__init__(f"worker {device_id!r} answered {method} with {code}: {detail}")
-        self.device_id = device_id
-        self.method = method
-        self.code = code
-        self.detail = detail
-
-
-class WorkerTimedOut(WorkerUnavailable):
-    """A worker did not answer before the call's deadline."""
-
-
-class TLSHandshakeFailed(WorkerUnavailable):
-    """The TLS handshake with a worker failed: its certificate is not signed by
-    ``network.tls.ca_file``, does not name its host, or the worker does not serve TLS."""
-
-
-_HANDSHAKE_PREFIX = "TLS handshake failed"
-# What gRPC's details say when the client side of a TLS handshake failed.
-_HANDSHAKE_MARKERS = (
-    "handshake failed",
-    "certificate_verify_failed",
-    "wrong_version_number",
-    "hostname verification",
-)
-# What grpc answers past a server's maximum_concurrent_rpcs.
-_RPC_LIMIT_MARKER = "concurrent rpc limit"
-
-
 def channel_credentials(tls: TLSMaterial) -> grpc.ChannelCredentials:
     """TLS credentials of a client: the CA, and its certificate when it has one."""
     if tls.has_identity:
         return grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
     return grpc.ssl_channel_credentials(tls.ca)
-
-
-def _handshake_failure(detail: str) -> str | None:
-    """The message of a failed TLS handshake, from gRPC's details; None for another error."""
-    lowered = detail.lower()
-    if lowered.startswith(_HANDSHAKE_PREFIX.lower()):
-        return detail  # relayed from a stage further down, already in these words
-    if not any(marker in lowered for marker in _HANDSHAKE_MARKERS):
-        return None
-    if "wrong_version_number" in lowered:
-        reason = "the worker does not serve TLS (is network.tls in its configuration?)"
-    elif "hostname verification" in lowered:
-        reason = (
-            "its certificate does not name the host the configuration gives it (make it "
-            "again for that host: mlx-relay certs)"
-        )
-    elif "certificate_verify_failed" in lowered:
-        why = detail.split("CERTIFICATE_VERIFY_FAILED", 1)[-1].strip(": ").split(":")[0]
-        reason = (
-            f"its certificate did not verify ({why or 'untrusted'}): is network.tls.ca_file "
-            "the CA that signed it?"
-        )
-    else:
-        reason = f"{detail} (see network.tls)"
-    return f"{_HANDSHAKE_PREFIX}: {reason}"
-
-
-class RpcRecorder(Protocol):
-    """Where per-call metrics go (``MetricsCollector.record_rpc``)."""
-
-    def record_rpc(
-        self,
-        peer: str,
-        method: str,
-        seconds: float,
-        code: str,
-        sent_bytes: int = 0,
-        received_bytes: int = 0,
-    ) -> None: ...
-
-
-class RpcMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Records each unary call's latency, payload bytes and status code.
-
-    Args:
-        peer: the device id of the worker at the other end of the channel.
-        recorder: receives one ``record_rpc`` per finished call.
-    """
-
-    def __init__(self, peer: str, recorder: RpcRecorder) -> None:
-        self.peer = peer
-        self.recorder = recorder
-
-    async def intercept_unary_unary(
-        self,
-        continuation: Callable[[Any, Any], Awaitable[Any]],
-        client_call_details: Any,
-        request: Any,
-    ) -> Any:
-        method = _short_method(client_call_details.method)
-        sent = request.ByteSize()
-        start = time.perf_counter()
-        call = await continuation(client_call_details, request)
-        try:
-            response = await call
-        except grpc.aio.AioRpcError as exc:
-            self._record(method, time.perf_counter() - start, exc.code().name, sent, 0)
-            raise
-        except asyncio.CancelledError:
-            self._record(method, time.perf_counter() - start, "CANCELLED", sent, 0)
-            raise
-        self._record(method, time.perf_counter() - start, "OK", sent, response.ByteSize())
-        return response
-
-    def _record(self, method: str, seconds: float, code: str, sent: int, received: int) -> None:
-        try:
-            self.recorder.record_rpc(self.peer, method, seconds, code, sent, received)
-        except Exception:  # a metrics problem must never fail an inference call
-            logger.exception("recording %s call to %s failed", method, self.peer)
-
-
-def _short_method(method: str | bytes) -> str:
-    name = method.decode() if isinstance(method, bytes) else method
-    return name.rsplit("/", 1)[-1]
-
-
-def translate_rpc_error(
-    device_id: str, method: str, exc: grpc.aio.AioRpcError, timeout: float | None = None
-) -> RelayError:
-    """The typed error for a failed call: unreachable or too slow -> WorkerUnavailable,
-    RESOURCE_EXHAUSTED -> QueueFull, anything else -> StageError."""
-    code = exc.code()
-    detail = exc.details() or code.name
-    if code == grpc.StatusCode.UNAVAILABLE:
-        failure = _handshake_failure(detail)
-        if failure is not None:
-            return TLSHandshakeFailed(_failed_device(exc) or device_id, failure)
-    relayed = _failed_device(exc)
-    if relayed is not None and relayed != device_id:
-        # A stage further down the route failed: name it, with its own reason.
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return WorkerTimedOut(relayed, detail)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return WorkerUnavailable(relayed, detail)
-        device_id = relayed
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        within = f" within {timeout:g} s" if timeout else ""
-        return WorkerTimedOut(device_id, f"no answer to {method}{within} (deadline exceeded)")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return WorkerUnavailable(device_id, f"{method} failed: unreachable ({detail})")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        if "larger than max" in detail:
-            # gRPC's own message size limit, not a full worker (a relayed failure already
-            # carries the hint from the hop that saw it).
-            hint = "" if "network.max_message_mb" in detail else " (see network.max_message_mb)"
-            return StageError(device_id, method, code.name, f"{detail}{hint}")
-        if _RPC_LIMIT_MARKER in detail.lower() and "maximum_concurrent_rpcs" not in detail:
-            detail += " (network.maximum_concurrent_rpcs)"
-        return QueueFull(f"worker {device_id!r} is full: {detail}")
-    return StageError(device_id, method, code.name, detail)
-
-
-def answered_error(answer: relay_pb2.ForwardAnswer) -> grpc.aio.AioRpcError:
-    """A streamed call's failure as the error its unary call would have raised."""
-    code = getattr(grpc.StatusCode, answer.code, grpc.StatusCode.UNKNOWN)
-    trailing = grpc.aio.Metadata()
-    if answer.failed_device:
-        trailing.add(FAILED_DEVICE_KEY, answer.failed_device)
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=answer.detail)
-
-
-def _failed_device(exc: grpc.aio.AioRpcError) -> str | None:
-    for key, value in exc.trailing_metadata() or ():
-        if key == FAILED_DEVICE_KEY:
-            return str(value)
-    return None
 
 
 class WorkerClient:

@@ -19,7 +19,7 @@ from mlx_relay.coordinator.orchestrator import InferenceRequest
 from mlx_relay.core.config import NetworkConfig
 from mlx_relay.core.errors import QueueFull, WorkerUnavailable
 from mlx_relay.proto import relay_pb2 as pb
-from mlx_relay.stream_client import STREAM_MAX_BYTES
+from mlx_relay.stream_client import ACCEPTED_KEY, STREAM_MAX_BYTES
 from mlx_relay.wire import encode_token_ids
 from mlx_relay.worker import service
 from mlx_relay.worker_client import StageError, WorkerClient, WorkerTimedOut
@@ -51,9 +51,15 @@ async def scripted_worker(
             response_serializer=pb.ForwardResponse.SerializeToString,
         )
     }
+
+    async def accepted(calls: AsyncIterator[pb.ForwardCall], context: Any) -> None:
+        await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))  # as a worker takes it
+        assert stream is not None
+        await stream(calls, context)
+
     if stream is not None:
         handlers["ForwardStream"] = grpc.stream_stream_rpc_method_handler(
-            stream,
+            accepted,
             request_deserializer=pb.ForwardCall.FromString,
             response_serializer=pb.ForwardAnswer.SerializeToString,
         )

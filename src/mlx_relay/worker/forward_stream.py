@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from mlx_relay.proto import relay_pb2 as pb
+from mlx_relay.stream_client import ACCEPTED_KEY
 from mlx_relay.worker.auth import peer_of
 from mlx_relay.worker.forward_call import CallFailed, ForwardCallInfo
 from mlx_relay.worker.tracing import metadata_traceparent
@@ -44,6 +45,8 @@ async def serve_stream(
 ) -> None:
     """Answer every call of one stream; return once the caller closed it and every call is
     answered. Cancelled (the caller went away): the calls still running are cancelled."""
+    # The caller writes its first call once it has this (mlx_relay/stream_client.py).
+    await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))
     peer = peer_of(context)
     stream_parent = metadata_traceparent(context.invocation_metadata())
     writing = asyncio.Lock()

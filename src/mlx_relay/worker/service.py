@@ -19,25 +19,21 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
 from mlx_relay.core.errors import InvalidRequest, RelayError, ShardMismatch
 from mlx_relay.core.types import LayerRange
-from mlx_relay.monitoring.health_rules import serving_blockers
 from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
 from mlx_relay.worker.auth import SERVICE_NAME, BearerTokenInterceptor, peer_of
-from mlx_relay.worker.executor import MLXExecutor
 from mlx_relay.worker.forward_call import CallFailed, ForwardCallInfo
 from mlx_relay.worker.forward_stream import serve_stream
-from mlx_relay.worker.relay import PeerClients, failure_for, relay
+from mlx_relay.worker.relay import failure_for, relay
 from mlx_relay.worker.sessions import SessionLimitReached, SessionNotFound
 from mlx_relay.worker.stage import CheckedEntry, ForwardOutcome, StageRuntime
-from mlx_relay.worker.step_threads import StepThreads
 from mlx_relay.worker.tracing import ForwardSpans
+from mlx_relay.worker.worker_state import WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -53,65 +49,6 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, InvalidRequest | ShardMismatch):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL
-
-
-@dataclass
-class WorkerState:
-    """What the service reads and the worker's lifecycle writes, shared on the event loop."""
-
-    device_id: str
-    stage: int
-    executor: MLXExecutor
-    collector: Any = None
-    health: Any = None
-    layer_range: LayerRange | None = None
-    model_info: Any = None
-    runtime: StageRuntime | None = None
-    peers: PeerClients | None = None
-    tracer: Any = None  # an OpenTelemetry Tracer when this worker records spans
-    threads: StepThreads | None = None
-    load_error: BaseException | None = None
-    reshard: Any = None  # worker.reshard.StageReshard, once the first range is loaded
-    stopping: bool = False
-    started_at: float = field(default_factory=time.monotonic)
-    _reported_sessions: int = -1
-
-    @property
-    def blas_threads(self) -> int:
-        """The BLAS threads of a step that computes alone (0: no BLAS library loaded)."""
-        if self.runtime is None or self.runtime.engine.blas_threads == 0:
-            return 0
-        return self.threads.policy.most if self.threads else self.runtime.engine.blas_threads
-
-    @property
-    def kv_sessions(self) -> int:
-        return len(self.runtime.sessions) if self.runtime is not None else 0
-
-    def report_sessions(self) -> None:
-        """Tell the collector the session count when it changed."""
-        count = self.kv_sessions
-        if self.collector is not None and count != self._reported_sessions:
-            self.collector.set_kv_sessions(count)
-        self._reported_sessions = count
-
-    def health_status(self) -> str:
-        if self.health is None:
-            return "unknown"
-        status = self.health.overall_status
-        return str(getattr(status, "value", status))
-
-    def takes_traffic(self) -> bool:
-        """False while a health check says this stage cannot serve: a full disk, a process out
-        of file descriptors, or a CRITICAL check other than memory, CPU and peers (see
-        :func:`~mlx_relay.monitoring.health_rules.serving_blockers`).
-
-        Memory pressure and a saturated CPU are warnings: holding layers in memory and
-        computing flat out are what a serving worker does. They still show as CRITICAL in
-        the health summary.
-        """
-        if self.health is None:
-            return True
-        return not serving_blockers(self.health.get_health_summary()["checks"])
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):

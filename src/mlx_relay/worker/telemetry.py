@@ -1,7 +1,7 @@
 """A worker's monitoring: its collector and health monitor, and what it tells them.
 
 Built from the config's ``monitoring`` section; the service records Forward calls and
-session counts through :class:`~mlx_relay.worker.service.WorkerState`, and the worker's
+session counts through :class:`~mlx_relay.worker.worker_state.WorkerState`, and the worker's
 lifecycle reports its placement and load state here.
 """
 
