@@ -5,6 +5,7 @@
     .venv/bin/python bench/pipeline.py --micro-batches 2       # a micro-batch per stage
     .venv/bin/python bench/pipeline.py --sections ttft         # one figure only
     .venv/bin/python bench/pipeline.py --sections agreement    # batched vs solo tokens
+    .venv/bin/python bench/pipeline.py --sections decode --compare-unary  # stream vs unary
     OPENBLAS_THREAD_TIMEOUT=28 .venv/bin/python bench/pipeline.py --blas-threads 1
         # one BLAS thread per worker and OpenBLAS's own idle spin: the settings before
         # per-step threads, to compare with
@@ -13,7 +14,9 @@ On the bundled model (greedy):
   decode     decode tokens/s of one request, single process (``generate_tokens``) vs a
              2-worker pipeline of real ``mlx-relay worker`` processes on loopback, alternating
              rounds; medians, their ratio and the added milliseconds per token. The pipeline's
-             tokens must equal the single process's (checked every round).
+             tokens must equal the single process's (checked every round). With
+             --compare-unary, a second pipeline whose Forward calls are unary
+             (network.forward_stream off) takes its turn in each round.
   aggregate  total generated tokens/s with 1, 4, 8 and 16 requests in flight at once (each
              request's prefill included, in one run against 1 in flight): the requests are
              batched continuously, one micro-batch per stage unless --micro-batches says.
@@ -206,7 +209,11 @@ async def loaded_time_to_first_token(
 
 
 def local_config(
-    model_dir: Path, workers: int, micro_batches: int | None, blas_threads: int | None = None
+    model_dir: Path,
+    workers: int,
+    micro_batches: int | None,
+    blas_threads: int | None = None,
+    forward_stream: bool = True,
 ) -> ClusterConfig:
     devices: list[dict[str, Any]] = [
         {"id": f"worker-{i}", "host": "127.0.0.1", "port": 0, "layers": "auto"}
@@ -216,6 +223,7 @@ def local_config(
         "model": {"path": str(model_dir), "blas_threads": blas_threads},
         "devices": devices,
         "inference": {"micro_batches": micro_batches},
+        "network": {"forward_stream": forward_stream},
     }
     return with_free_worker_ports(ClusterConfig.from_dict(data), avoid=0)
 
@@ -238,10 +246,13 @@ async def main(args: argparse.Namespace) -> None:
     fleet = WorkerFleet(config, config_path, work_dir, monitoring=args.monitoring)
     fleet.start()
     orchestrator = DistributedOrchestrator(config, enable_monitoring=args.monitoring)
+    unary: tuple[WorkerFleet, DistributedOrchestrator] | None = None
     try:
         while not await fleet.poll_serving():
             await asyncio.sleep(0.2)
         await orchestrator.initialize()
+        if args.compare_unary and "decode" in args.sections:
+            unary = await unary_pipeline(args, model_dir, work_dir)
         set_threads(default_threads(1))
         # The same weights the workers pick (model.compute: auto), so the tokens must match.
         model = load_model(model_dir, compute="auto")
@@ -257,8 +268,12 @@ async def main(args: argparse.Namespace) -> None:
 
         await pipeline_round(orchestrator, 4)  # warm-up: channels, caches, code paths
         single_process_round(model, prompt, 4)
+        if unary is not None:
+            await pipeline_round(unary[1], 4)
         if "decode" in args.sections:
-            await decode_section(args, orchestrator, model, prompt, eos)
+            await decode_section(
+                args, orchestrator, model, prompt, eos, unary[1] if unary else None
+            )
         if "aggregate" in args.sections:
             print("\n== aggregate (requests in flight at once, prefill included) ==")
             for concurrent in args.concurrency:
@@ -273,7 +288,29 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         await orchestrator.shutdown()
         fleet.stop()
+        if unary is not None:
+            await unary[1].shutdown()
+            unary[0].stop()
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+async def unary_pipeline(
+    args: argparse.Namespace, model_dir: Path, work_dir: Path
+) -> tuple[WorkerFleet, DistributedOrchestrator]:
+    """A second pipeline, the same but with unary Forward calls (network.forward_stream off),
+    for the decode section to alternate with."""
+    config = local_config(model_dir, 2, args.micro_batches, args.blas_threads, False)
+    unary_dir = work_dir / "unary"
+    unary_dir.mkdir()
+    config_path = unary_dir / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    fleet = WorkerFleet(config, config_path, unary_dir, monitoring=args.monitoring)
+    fleet.start()
+    orchestrator = DistributedOrchestrator(config, enable_monitoring=args.monitoring)
+    while not await fleet.poll_serving():
+        await asyncio.sleep(0.2)
+    await orchestrator.initialize()
+    return fleet, orchestrator
 
 
 async def ttft_section(args: argparse.Namespace, orchestrator: DistributedOrchestrator) -> None:
@@ -313,9 +350,11 @@ async def decode_section(
     model: Any,
     prompt: list[int],
     eos: Any,
+    unary: DistributedOrchestrator | None = None,
 ) -> None:
     single: list[float] = []
     pipe: list[float] = []
+    unary_pipe: list[float] = []
     for i in range(args.rounds):
         rate, expected = single_process_round(model, prompt, args.max_tokens)
         single.append(rate)
@@ -324,13 +363,26 @@ async def decode_section(
         if expected and expected[-1] in eos:
             expected = expected[:-1]
         assert got == expected, f"round {i}: pipeline tokens differ from single process"
-        print(f"round {i + 1}: single {single[-1]:6.2f} tok/s   pipeline {pipe[-1]:6.2f} tok/s")
+        line = f"round {i + 1}: single {single[-1]:6.2f} tok/s   pipeline {pipe[-1]:6.2f} tok/s"
+        if unary is not None:
+            rate, got = await pipeline_round(unary, args.max_tokens)
+            unary_pipe.append(rate)
+            assert got == expected, f"round {i}: unary pipeline tokens differ"
+            line += f"   unary calls {unary_pipe[-1]:6.2f} tok/s"
+        print(line)
 
     s, p = statistics.median(single), statistics.median(pipe)
     print("\n== decode (one request, greedy) ==")
     print(f"single process   {spread(single)} tok/s")
     print(f"2-stage pipeline {spread(pipe)} tok/s")
     print(f"ratio pipeline/single {p / s:.3f}; added {1000 * (1 / p - 1 / s):.1f} ms per token")
+    if unary_pipe:
+        u = statistics.median(unary_pipe)
+        print(f"the same with unary Forward calls {spread(unary_pipe)} tok/s")
+        print(
+            f"ratio unary/single {u / s:.3f}; added {1000 * (1 / u - 1 / s):.1f} ms per token; "
+            f"the stream saves {1000 * (1 / u - 1 / p):.2f} ms per token"
+        )
 
 
 if __name__ == "__main__":
@@ -361,5 +413,10 @@ if __name__ == "__main__":
     )
     parser.add_argument(
         "--monitoring", action="store_true", help="run with monitoring on (default: off)"
+    )
+    parser.add_argument(
+        "--compare-unary",
+        action="store_true",
+        help="decode section: also a pipeline with unary Forward calls, alternating",
     )
     asyncio.run(main(parser.parse_args()))
