@@ -245,14 +245,18 @@ async def main(args: argparse.Namespace) -> None:
     config_path.write_text(yaml.safe_dump(config.to_dict()))
     fleet = WorkerFleet(config, config_path, work_dir, monitoring=args.monitoring)
     fleet.start()
+    unary_fleet: WorkerFleet | None = None
+    if args.compare_unary and "decode" in args.sections:
+        # Its workers start now, before this process has gRPC threads to fork beside.
+        unary_fleet = unary_workers(args, model_dir, work_dir)
     orchestrator = DistributedOrchestrator(config, enable_monitoring=args.monitoring)
     unary: tuple[WorkerFleet, DistributedOrchestrator] | None = None
     try:
         while not await fleet.poll_serving():
             await asyncio.sleep(0.2)
         await orchestrator.initialize()
-        if args.compare_unary and "decode" in args.sections:
-            unary = await unary_pipeline(args, model_dir, work_dir)
+        if unary_fleet is not None:
+            unary = (unary_fleet, await serving_orchestrator(unary_fleet, args))
         set_threads(default_threads(1))
         # The same weights the workers pick (model.compute: auto), so the tokens must match.
         model = load_model(model_dir, compute="auto")
@@ -274,6 +278,10 @@ async def main(args: argparse.Namespace) -> None:
             await decode_section(
                 args, orchestrator, model, prompt, eos, unary[1] if unary else None
             )
+        if unary is not None:  # idle from here on: the other sections run without it
+            await unary[1].shutdown()
+            unary[0].stop()
+            unary = None
         if "aggregate" in args.sections:
             print("\n== aggregate (requests in flight at once, prefill included) ==")
             for concurrent in args.concurrency:
@@ -294,11 +302,9 @@ async def main(args: argparse.Namespace) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-async def unary_pipeline(
-    args: argparse.Namespace, model_dir: Path, work_dir: Path
-) -> tuple[WorkerFleet, DistributedOrchestrator]:
-    """A second pipeline, the same but with unary Forward calls (network.forward_stream off),
-    for the decode section to alternate with."""
+def unary_workers(args: argparse.Namespace, model_dir: Path, work_dir: Path) -> WorkerFleet:
+    """The workers of a second pipeline, the same but with unary Forward calls
+    (network.forward_stream off), for the decode section to alternate with."""
     config = local_config(model_dir, 2, args.micro_batches, args.blas_threads, False)
     unary_dir = work_dir / "unary"
     unary_dir.mkdir()
@@ -306,11 +312,18 @@ async def unary_pipeline(
     config_path.write_text(yaml.safe_dump(config.to_dict()))
     fleet = WorkerFleet(config, config_path, unary_dir, monitoring=args.monitoring)
     fleet.start()
-    orchestrator = DistributedOrchestrator(config, enable_monitoring=args.monitoring)
+    return fleet
+
+
+async def serving_orchestrator(
+    fleet: WorkerFleet, args: argparse.Namespace
+) -> DistributedOrchestrator:
+    """A coordinator over ``fleet`` once its workers serve."""
+    orchestrator = DistributedOrchestrator(fleet.config, enable_monitoring=args.monitoring)
     while not await fleet.poll_serving():
         await asyncio.sleep(0.2)
     await orchestrator.initialize()
-    return fleet, orchestrator
+    return orchestrator
 
 
 async def ttft_section(args: argparse.Namespace, orchestrator: DistributedOrchestrator) -> None:
