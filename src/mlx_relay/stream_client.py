@@ -75,16 +75,7 @@ class _Stream:
                     grpc.StatusCode.UNAVAILABLE, details="the Forward stream ended"
                 ) from None
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.INTERNAL:
-                    raise  # the stream's own status (UNAUTHENTICATED, UNAVAILABLE...)
-                # gRPC's core failed the send: the stream ended while it was being written,
-                # and gRPC reports INTERNAL in place of the stream's status (grpc/grpc#36066).
-                # The worker had taken this stream (_accept), so it ended because the
-                # connection broke (the worker went away). The call did not reach the worker.
-                lost = grpc.aio.AioRpcError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    details=f"connection lost while sending ({exc.details()})",
-                )
+                lost = self._broken(exc)
                 self._fail(lost)
                 raise lost from None
 
@@ -121,11 +112,22 @@ class _Stream:
                 if future is not None and not future.done():
                     future.set_result(answer)
         except grpc.aio.AioRpcError as exc:
-            self._fail(exc)
+            self._fail(self._broken(exc))
         except asyncio.CancelledError:
             self._fail(grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, details="stream closed"))
         except Exception as exc:  # whatever broke the stream, its calls fail
             self._fail(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details=str(exc)))
+
+    def _broken(self, exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+        """The status a taken stream ended with. A worker answers each call's failure in
+        its answer and never ends a stream it took with INTERNAL: that is gRPC's core
+        failing a send as the stream ended, in place of the stream's own status
+        (grpc/grpc#36066), i.e. the connection broke (the worker went away)."""
+        if exc.code() != grpc.StatusCode.INTERNAL or not self.accepted:
+            return exc
+        return grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, details=f"connection lost ({exc.details()})"
+        )
 
     def _fail(self, error: grpc.aio.AioRpcError) -> None:
         self.failed = error
