@@ -28,14 +28,16 @@ from mlx_relay.server.deps import get_services
 from mlx_relay.server.openai.errors import OpenAIError, OpenAIRoute, service_unavailable
 from mlx_relay.server.openai.format import ChatFormatter, CompletionFormatter, TokenText
 from mlx_relay.server.openai.models import (
-    ChatCompletion,
     ChatCompletionRequest,
-    Completion,
     CompletionRequest,
+    unsupported_values,
+)
+from mlx_relay.server.openai.responses import (
+    ChatCompletion,
+    Completion,
     ErrorBody,
     ModelCard,
     ModelList,
-    unsupported_values,
 )
 from mlx_relay.server.openai.stream import ClientGone, open_stream, unless_disconnected
 

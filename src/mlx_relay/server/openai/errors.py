@@ -30,7 +30,7 @@ from mlx_relay.core.errors import (
     WorkerUnavailable,
 )
 from mlx_relay.core.validation import field_path
-from mlx_relay.server.openai.models import ErrorBody, ErrorDetail
+from mlx_relay.server.openai.responses import ErrorBody, ErrorDetail
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from mlx_relay.coordinator.requests import (
     TokenLogprob,
     Usage,
 )
-from mlx_relay.server.openai.models import (
+from mlx_relay.server.openai.responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
