@@ -65,6 +65,8 @@ class _Stream:
             grpc.aio.AioRpcError: the stream has ended, with this status.
         """
         async with self.writing:
+            if self.failed is not None:  # it ended while this call waited its turn
+                raise self.failed
             try:
                 if not self.accepted:
                     await self._accept()
@@ -113,8 +115,8 @@ class _Stream:
                     future.set_result(answer)
         except grpc.aio.AioRpcError as exc:
             self._fail(self._broken(exc))
-        except asyncio.CancelledError:
-            self._fail(grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, details="stream closed"))
+        except asyncio.CancelledError:  # closed here (close() has failed its calls)
+            pass
         except Exception as exc:  # whatever broke the stream, its calls fail
             self._fail(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details=str(exc)))
 
@@ -122,20 +124,31 @@ class _Stream:
         """The status a taken stream ended with. A worker answers each call's failure in
         its answer and never ends a stream it took with INTERNAL: that is gRPC's core
         failing a send as the stream ended, in place of the stream's own status
-        (grpc/grpc#36066), i.e. the connection broke (the worker went away)."""
-        if exc.code() != grpc.StatusCode.INTERNAL or not self.accepted:
+        (grpc/grpc#36066), i.e. the connection broke (the worker went away). CANCELLED is
+        the stream cancelled (by this side after a write was cut off, or by a stopping
+        worker): its calls did not fail at the worker either."""
+        lost = exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED)
+        if not lost or not self.accepted:
             return exc
         return grpc.aio.AioRpcError(
             grpc.StatusCode.UNAVAILABLE, details=f"connection lost ({exc.details()})"
         )
 
     def _fail(self, error: grpc.aio.AioRpcError) -> None:
-        self.failed = error
+        """The stream is over: its calls fail with ``error`` (the first failure stays)."""
+        if self.failed is None:
+            self.failed = error
         for future in self.pending.values():
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(self.failed)
 
     def close(self) -> None:
+        """End the stream now: the calls on it or waiting to be written fail unreachable."""
+        self._fail(
+            grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, details="the Forward stream was closed"
+            )
+        )
         self.call.cancel()
         self.reader.cancel()
 

@@ -33,11 +33,14 @@ StreamHandler = Callable[[AsyncIterator[pb.ForwardCall], grpc.aio.ServicerContex
 
 @contextlib.asynccontextmanager
 async def scripted_worker(
-    stream: StreamHandler | None, unary_calls: list[pb.ForwardRequest] | None = None
+    stream: StreamHandler | None,
+    unary_calls: list[pb.ForwardRequest] | None = None,
+    accept: bool = True,
 ) -> AsyncIterator[str]:
     """A real gRPC server at the address yielded: ``ForwardStream`` answered by ``stream``
-    (none when None: UNIMPLEMENTED), unary ``Forward`` answering with its request's first
-    request id as device id (each call appended to ``unary_calls``)."""
+    (none when None: UNIMPLEMENTED), after taking it as a worker does unless ``accept`` is
+    false; unary ``Forward`` answering with its request's first request id as device id
+    (each call appended to ``unary_calls``)."""
 
     async def forward(request: pb.ForwardRequest, context: Any) -> pb.ForwardResponse:
         if unary_calls is not None:
@@ -53,7 +56,8 @@ async def scripted_worker(
     }
 
     async def accepted(calls: AsyncIterator[pb.ForwardCall], context: Any) -> None:
-        await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))  # as a worker takes it
+        if accept:
+            await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))  # as a worker does
         assert stream is not None
         await stream(calls, context)
 
@@ -153,6 +157,27 @@ async def test_a_call_past_its_deadline_times_out_and_the_stream_serves_the_next
     assert reply.device_id == "streamed next"
     assert seen == [0.3, 5.0]  # each call's deadline travels with it
     assert [code for _, _, code, _, _ in recorder.calls] == ["DEADLINE_EXCEEDED", "OK"]
+
+
+async def test_a_stream_the_worker_never_takes_times_out_its_calls() -> None:
+    async def stuck(calls: AsyncIterator[pb.ForwardCall], context: Any) -> None:
+        await asyncio.sleep(60)
+
+    async with scripted_worker(stuck, accept=False) as address:
+        client = WorkerClient("w", address, NetworkConfig())
+        try:
+            first = asyncio.ensure_future(client.forward(step("first"), timeout=0.3))
+            await asyncio.sleep(0.05)  # "second" waits behind the first's write
+            second = asyncio.ensure_future(client.forward(step("second"), timeout=5))
+            failures = await asyncio.gather(first, second, return_exceptions=True)
+        finally:
+            await client.close()
+    assert isinstance(failures[0], WorkerTimedOut), failures[0]
+    # Its stream was dropped with the cut-off write: the call waiting its turn fails at
+    # once as unreachable, not as an error of the worker's.
+    assert isinstance(failures[1], WorkerUnavailable), failures[1]
+    assert not isinstance(failures[1], WorkerTimedOut)
+    assert "the Forward stream was closed" in str(failures[1])
 
 
 async def test_a_failed_stream_fails_its_calls_and_the_next_call_opens_a_new_one() -> None:
