@@ -11,7 +11,8 @@ rounded up to :data:`ATTENTION_WINDOW_STEP`, one graph per window (at batch 16 a
 a whole 256-position buffer costs about as much as 20 of the step's matmuls). A decode
 batch's caches (:mod:`mlx_relay.model.batch`) run the same way, each row with its own RoPE
 offset and left padding masked. Without a working compiler, and for sliding-window layers,
-every step runs eagerly.
+every step runs eagerly. The step's attention keeps MLX's arithmetic with a faster softmax
+(:mod:`mlx_relay.model.attention`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache, RotatingKVCache
 
 from mlx_relay.core.errors import ShardMismatch
 from mlx_relay.core.types import LayerRange
+from mlx_relay.model.attention import decode_attention
 from mlx_relay.model.backend import is_quantized
 
 logger = logging.getLogger(__name__)
@@ -250,10 +252,11 @@ class Shard:
     ) -> list[mx.array]:
         h = self._embed(x) if self._embed is not None else x
         outputs: list[mx.array] = []
-        for i, layer in enumerate(self._layers):
-            view = _TracedCache(buffers[2 * i], buffers[2 * i + 1], index, offsets, window)
-            h = layer(h, mask, view)
-            outputs += [view.keys, view.values]
+        with decode_attention():
+            for i, layer in enumerate(self._layers):
+                view = _TracedCache(buffers[2 * i], buffers[2 * i + 1], index, offsets, window)
+                h = layer(h, mask, view)
+                outputs += [view.keys, view.values]
         if self._norm is not None:
             h = self._head(self._norm(h))
         return [h, *outputs]
