@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,6 +26,7 @@ from mlx_relay.core.blas import (
     loaded_blas,
     loaded_in_process,
     loaded_router,
+    rest_threads,
     same_host,
     set_threads,
 )
@@ -33,6 +35,8 @@ from mlx_relay.core.blas_route import (
     VECTOR_SIDE,
     compiler,
     route_calls,
+    route_helpers,
+    set_route_spin,
     set_route_threads,
 )
 from mlx_relay.core.types import LayerRange
@@ -48,6 +52,7 @@ from mlx_relay.model.shard import Shard, parameter_arrays
 from tests.support.tiny_model import make_tiny_model_dir
 
 GIB = 1024**3
+DEFAULT_SPIN = 2e-3  # the router's own (blas_route.c)
 
 
 def test_mlx_matmuls_run_on_the_system_blas() -> None:
@@ -137,6 +142,42 @@ def test_the_kernel_gives_each_row_the_same_bits_alone_in_a_batch_and_on_any_thr
     assert route_calls(router).kernel - before.kernel == 1 + 3 * (batch.shape[0] + 1)
     reference = mx.sum(batch[:, None, :] * weights[None], axis=2)
     assert mx.allclose(together, reference, atol=1e-3).item()
+
+
+def test_helpers_spin_through_a_step_and_sleep_once_it_ends() -> None:
+    """Between a step's products the helpers spin (no wake-up for the next product); a
+    stage whose step is over sends them to sleep at once, leaving the cores to others."""
+    router = loaded_router()
+    if router is None:
+        pytest.skip(NO_ROUTER)
+    library = loaded_blas()
+    assert library is not None
+    weights = mx.random.normal((256, 12 * router_lanes()))  # the kernel's shape
+    batch = mx.random.normal((4, weights.shape[1]))
+    mx.eval(weights, batch)
+    set_route_spin(router, 600.0)  # longer than this test: only a rest ends the spin
+    try:
+        set_route_threads(router, 2)
+        mx.eval(batch @ weights.T)
+        started, _ = route_helpers(router)
+        assert started >= 1
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            assert route_helpers(router) == (started, 0), "spinning, not asleep"
+            time.sleep(0.01)
+        rest_threads()
+        deadline = time.monotonic() + 10
+        while route_helpers(router)[1] < started and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert route_helpers(router) == (started, started)
+        # A rest with nothing spinning changes nothing; the next product wakes them.
+        rest_threads()
+        together = batch @ weights.T
+        assert mx.array_equal(together, batch @ weights.T).item()
+    finally:
+        set_route_spin(router, DEFAULT_SPIN)
+        set_route_threads(router, library.threads)
+        rest_threads()
 
 
 def test_one_row_products_as_matrix_vector_products_keep_every_layout() -> None:

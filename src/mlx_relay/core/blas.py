@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_relay.core import native_jit
-from mlx_relay.core.blas_route import build_router, connect, set_route_threads
+from mlx_relay.core.blas_route import build_router, connect, rest_route_threads, set_route_threads
 from mlx_relay.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -257,6 +257,13 @@ def set_threads(threads: int) -> BlasLibrary:
         set_route_threads(_router, threads)
     _loaded = BlasLibrary(library.name, library.path, _get_threads(), library.before_mlx)
     return _loaded
+
+
+def rest_threads() -> None:
+    """A step is over: the BLAS router's idle helper threads sleep at once instead of
+    spinning for the next product (no-op without the router)."""
+    if _router is not None:
+        rest_route_threads(_router)
 
 
 def _get_threads() -> int:

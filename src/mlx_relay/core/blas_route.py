@@ -134,11 +134,33 @@ def connect(router: ctypes.CDLL, wide: ctypes.CDLL) -> None:
     )
     router.mlx_relay_route_threads.argtypes = [ctypes.c_int]
     router.mlx_relay_route_threads.restype = None
+    router.mlx_relay_route_rest.argtypes = []
+    router.mlx_relay_route_rest.restype = None
+    router.mlx_relay_route_spin.argtypes = [ctypes.c_double]
+    router.mlx_relay_route_spin.restype = None
+    router.mlx_relay_route_helpers.argtypes = [ctypes.c_int]
+    router.mlx_relay_route_helpers.restype = ctypes.c_int
 
 
 def set_route_threads(router: ctypes.CDLL, threads: int) -> None:
     """The threads the router's kernel computes on (the caller's included)."""
     router.mlx_relay_route_threads(threads)
+
+
+def rest_route_threads(router: ctypes.CDLL) -> None:
+    """The router's helper threads waiting for the next product sleep now (they spin
+    through the short gaps within a step)."""
+    router.mlx_relay_route_rest()
+
+
+def set_route_spin(router: ctypes.CDLL, seconds: float) -> None:
+    """How long an idle helper thread spins before it sleeps (default 2 ms)."""
+    router.mlx_relay_route_spin(seconds)
+
+
+def route_helpers(router: ctypes.CDLL) -> tuple[int, int]:
+    """The router's helper threads: started, and sleeping now."""
+    return int(router.mlx_relay_route_helpers(0)), int(router.mlx_relay_route_helpers(1))
 
 
 def cpu_identity() -> bytes:

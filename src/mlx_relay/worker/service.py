@@ -213,10 +213,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def _compute(
         self, runtime: StageRuntime, checked: list[CheckedEntry], peer: str, in_flight: int
     ) -> ForwardOutcome:
-        """The step on the MLX thread, with as many BLAS threads as it may use."""
-        if self.state.threads is not None and runtime.engine.blas_threads:
-            self.state.threads.apply(in_flight)
-        return runtime.forward(checked, peer)
+        """The step on the MLX thread, with as many BLAS threads as it may use; after it,
+        the BLAS helpers sleep (the cores go to the stage computing next)."""
+        threads = self.state.threads if runtime.engine.blas_threads else None
+        if threads is not None:
+            threads.apply(in_flight)
+        try:
+            return runtime.forward(checked, peer)
+        finally:
+            if threads is not None:
+                threads.rest()
 
     async def _relay(
         self,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx_relay.core.blas import default_threads, loaded_blas, set_threads
+from mlx_relay.core.blas import default_threads, loaded_blas, rest_threads, set_threads
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,7 @@ class StepThreads:
         if library is None or library.threads != threads:
             set_threads(threads)
         return threads
+
+    def rest(self) -> None:
+        """The step is over: BLAS helper threads still waiting for work sleep now."""
+        rest_threads()

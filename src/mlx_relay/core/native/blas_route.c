@@ -134,9 +134,13 @@ static void span(int m, int k, const float *a, int lda, const float *b, int ldb,
 /* ---- the router's threads: each takes a contiguous share of the weight rows ---- */
 
 #define MAX_THREADS 64
-/* How long an idle thread spins before it sleeps: the gaps between one step's products are
- * far shorter; a finished step stops taking cores soon after (as OpenBLAS's, see blas.py). */
-#define SPIN_SECONDS 2e-4
+/* How long an idle thread spins before it sleeps: longer than the gaps between one step's
+ * products (attention between them takes 0.1-0.3 ms a layer at 16 rows over 64 positions;
+ * a sleeping helper woken for each next product cost a batch-16 step about 4 ms), short
+ * enough that a finished step stops taking cores soon after. A worker whose step is over
+ * sends its helpers to sleep at once (mlx_relay_route_rest): its cores go to the stage
+ * computing next. */
+static double spin_seconds = 2e-3;
 
 static struct {
     int m, n, k, lda, ldb, ldc, parts;
@@ -148,6 +152,7 @@ static int helpers;             /* threads started besides the caller's */
 static unsigned started_at;     /* the generation new helpers start from */
 static atomic_uint generation;  /* bumped once per job */
 static atomic_uint finished;    /* helpers done with the current job */
+static atomic_uint rests;       /* bumped by mlx_relay_route_rest: spinning helpers sleep */
 static atomic_int busy;         /* a job is running (a second caller computes alone) */
 static int sleeping;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -178,13 +183,15 @@ static void run_part(int part) {
 static void *helper(void *arg) {
     int id = (int)(intptr_t)arg;
     unsigned seen = started_at;
+    unsigned rested = atomic_load_explicit(&rests, memory_order_relaxed);
     for (;;) {
         unsigned now = atomic_load_explicit(&generation, memory_order_acquire);
         double until = 0;
         for (int spins = 0; now == seen; spins++) {
             if ((spins & 63) == 63) {
+                if (atomic_load_explicit(&rests, memory_order_relaxed) != rested) break;
                 double t = seconds();
-                if (until == 0) until = t + SPIN_SECONDS;
+                if (until == 0) until = t + spin_seconds;
                 else if (t > until) break;
             }
             relax();
@@ -199,6 +206,9 @@ static void *helper(void *arg) {
         }
         seen = now;
         if (id < job.parts) run_part(id);
+        /* Read before the caller can return: a rest after this job sends this thread to
+         * sleep. */
+        rested = atomic_load_explicit(&rests, memory_order_relaxed);
         atomic_fetch_add_explicit(&finished, 1, memory_order_release);
     }
     return NULL;
@@ -259,6 +269,18 @@ void mlx_relay_route_set(sgemv_fn vector, sgemm_fn wide, int rows, int side) {
 
 void mlx_relay_route_threads(int threads) {
     threads_wanted = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+}
+
+void mlx_relay_route_rest(void) { atomic_fetch_add_explicit(&rests, 1, memory_order_relaxed); }
+
+void mlx_relay_route_spin(double seconds) { spin_seconds = seconds; }
+
+/* Helper threads started, and how many of them sleep now. */
+int mlx_relay_route_helpers(int sleeping_only) {
+    pthread_mutex_lock(&lock);
+    int count = sleeping_only ? sleeping : helpers;
+    pthread_mutex_unlock(&lock);
+    return count;
 }
 
 int mlx_relay_route_lanes(void) { return LANES; }
