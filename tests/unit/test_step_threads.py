@@ -110,3 +110,17 @@ def test_idle_blas_threads_stop_spinning_soon_after_the_last_matmul(openblas: Bl
         burnt.append(cpu_seconds() - before)
     # Spinning through the pause would burn tens of milliseconds of CPU time.
     assert min(burnt) < 0.005, burnt
+
+
+def test_helpers_are_sent_to_sleep_after_a_step_only_where_workers_share_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mlx_relay.worker.step_threads as step_threads
+
+    rests: list[int] = []
+    monkeypatch.setattr(step_threads, "rest_threads", lambda: rests.append(1))
+    StepThreads(ThreadPolicy(cores=2, workers_here=1)).rest()
+    assert rests == [], "alone on its host: helpers keep spinning for the next step"
+    StepThreads(ThreadPolicy(cores=2, workers_here=2)).rest()
+    StepThreads(ThreadPolicy(cores=4, workers_here=3, fixed=1)).rest()
+    assert rests == [1, 1]

@@ -214,7 +214,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self, runtime: StageRuntime, checked: list[CheckedEntry], peer: str, in_flight: int
     ) -> ForwardOutcome:
         """The step on the MLX thread, with as many BLAS threads as it may use; after it,
-        the BLAS helpers sleep (the cores go to the stage computing next)."""
+        the BLAS helpers sleep where other workers share the host."""
         threads = self.state.threads if runtime.engine.blas_threads else None
         if threads is not None:
             threads.apply(in_flight)

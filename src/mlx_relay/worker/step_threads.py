@@ -62,5 +62,8 @@ class StepThreads:
         return threads
 
     def rest(self) -> None:
-        """The step is over: BLAS helper threads still waiting for work sleep now."""
-        rest_threads()
+        """The step is over: where other workers share this host, BLAS helper threads still
+        waiting for work sleep now (the cores go to the stage computing next); a worker alone
+        on its host keeps them spinning for its next step."""
+        if self.policy.workers_here > 1:
+            rest_threads()
