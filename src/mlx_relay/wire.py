@@ -167,6 +167,31 @@ def encode(array: mx.array) -> pb.Tensor:
     )
 
 
+def encode_rows(array: mx.array, rows: Sequence[tuple[int, int]]) -> list[pb.Tensor]:
+    """Tensor messages of rows of a ``(B, L, ...)`` array: for each ``(row, start)``,
+    ``array[row : row + 1, start:]`` (evaluates the array; call on the MLX thread).
+
+    The array is read into host memory once: an MLX slice of each row would be one more
+    evaluation each (16 rows of a decode batch: 1.9 ms against 7 us).
+
+    Raises:
+        TensorFormatError: the array's dtype has no wire form.
+    """
+    import mlx.core as mx
+
+    name = dtype_name(array.dtype)
+    bits = array.view(mx.uint16) if name == "bfloat16" else array
+    mx.eval(bits)
+    values = np.asarray(bits).astype(_WIRE_NUMPY[name], copy=False)
+    out = []
+    for row, start in rows:
+        part = values[row : row + 1, start:]
+        out.append(
+            pb.Tensor(data=np.ascontiguousarray(part).tobytes(), dtype=name, shape=list(part.shape))
+        )
+    return out
+
+
 def encode_sampling(params: SamplingParams) -> pb.SamplingParams:
     """Sampling parameters as the last stage receives them (the seed as an unsigned 64-bit
     integer, ``has_seed`` telling an unset seed from 0)."""

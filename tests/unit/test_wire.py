@@ -99,3 +99,17 @@ def test_sampling_parameters_round_trip_and_an_unset_seed_stays_unset() -> None:
     unseeded = wire.encode_sampling(SamplingParams(seed=None))
     assert not unseeded.has_seed and wire.decode_sampling(unseeded).seed is None
     assert wire.decode_sampling(pb.SamplingParams()).top_p == 1.0  # empty message: greedy
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_rows_are_encoded_from_one_read_as_each_row_alone(dtype: mx.Dtype) -> None:
+    batch = (mx.random.normal((4, 5, 8)) * 100).astype(dtype)
+    starts = [(2, 0), (0, 3), (3, 4), (1, 1)]
+    tensors = wire.encode_rows(batch, starts)
+    assert len(tensors) == len(starts)
+    for tensor, (row, start) in zip(tensors, starts, strict=True):
+        alone = wire.encode(batch[row : row + 1, start:])
+        assert tensor == alone
+        back = wire.decode(tensor)
+        assert back.dtype == dtype and back.shape == (1, 5 - start, 8)
+        assert mx.array_equal(back, batch[row : row + 1, start:]).item()

@@ -329,7 +329,7 @@ class StageRuntime:
         import mlx.core as mx
 
         entries, sessions = rows.entries, rows.sessions
-        greedy: dict[int, Any] = {}
+        ready: dict[int, Any] = {}  # rows' tokens or tensors, computed for all at once
         if self.is_last:
             # Greedy rows are picked in one evaluation; sampled ones one by one (own seeds).
             from mlx_relay.model.sampling import greedy_rows
@@ -339,24 +339,31 @@ class StageRuntime:
                 sampling_started = time.perf_counter()
                 every = len(wanted) == len(order)
                 picked = greedy_rows(output[:, -1] if every else output[mx.array(wanted), -1])
-                greedy = dict(zip(wanted, picked, strict=True))
+                ready = dict(zip(wanted, picked, strict=True))
                 self._sampling += time.perf_counter() - sampling_started
+        else:
+            # Every row's hidden states from one read of the (evaluated) output.
+            encoding_started = time.perf_counter()
+            starts = [(row, pads[k]) for row, k in enumerate(order)]
+            ready = dict(enumerate(wire.encode_rows(output, starts)))
+            self._encoding += time.perf_counter() - encoding_started
         for row, k in enumerate(order):
-            part = output[row : row + 1] if self.is_last else output[row : row + 1, pads[k] :]
             rows.results[rows.slots[k]] = self._result(
-                entries[k], sessions[k], part, greedy.get(row)
+                entries[k], sessions[k], output[row : row + 1], ready.get(row)
             )
 
     def _result(
-        self, checked: CheckedEntry, session: KVSession, output: Any, token: Any = None
+        self, checked: CheckedEntry, session: KVSession, output: Any, ready: Any = None
     ) -> pb.ForwardResult:
-        """One entry's result from its ``(1, L, ...)`` output (on the last stage ``token``,
-        when already sampled); advances its session."""
+        """One entry's result from its ``(1, L, ...)`` output, or from ``ready`` (its token
+        already sampled on the last stage, its tensor already encoded on the others);
+        advances its session."""
         from mlx_relay.model.sampling import sample
 
         entry = checked.entry
         result = pb.ForwardResult(request_id=entry.request_id)
         part_started = time.perf_counter()
+        token = tensor = ready
         if self.is_last:
             if token is None:
                 token = sample(output[0, -1], checked.sampling, int(entry.step))
@@ -366,6 +373,8 @@ class StageRuntime:
             result.top_logprobs.extend(
                 pb.TopLogprob(token_id=int(t), logprob=float(lp)) for t, lp in token.top_logprobs
             )
+        elif tensor is not None:
+            result.tensor.CopyFrom(tensor)
         else:
             # encode evaluates the hidden state and its wire view at once.
             result.tensor.CopyFrom(wire.encode(output.astype(self.shard.dtype)))
