@@ -12,15 +12,22 @@ import pytest
 
 from mlx_relay.core import hugepages
 
+KEEP = "glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432"
+ADDED = f"glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:{KEEP}"
+
 
 def test_the_tunable_joins_the_others() -> None:
-    assert hugepages.with_tunable("") == "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"
+    assert hugepages.with_tunable("") == ADDED
     assert hugepages.with_tunable("glibc.malloc.tcache_count=0") == (
-        "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"
+        f"glibc.malloc.tcache_count=0:{ADDED}"
     )
-    # The user's own arena count stays.
+    # The user's own arena count and thresholds stay.
     assert hugepages.with_tunable("glibc.malloc.arena_max=2") == (
-        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+        f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:{KEEP}"
+    )
+    assert hugepages.with_tunable("glibc.malloc.mmap_threshold=1048576") == (
+        "glibc.malloc.mmap_threshold=1048576:glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"
+        ":glibc.malloc.trim_threshold=268435456"
     )
 
 
@@ -87,7 +94,7 @@ def run_child(**env: str) -> dict[str, object]:
 )
 def test_a_program_runs_again_with_its_large_blocks_in_huge_pages() -> None:
     child = run_child()
-    assert child["tunables"] == "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"
+    assert child["tunables"] == ADDED
     assert child["argv"] == ["-c", "an-argument"]  # the same arguments
     assert int(str(child["huge"])) >= 32 << 20, "most of the 64 MB array in huge pages"
     off = run_child(MLX_RELAY_HUGEPAGES="0")
