@@ -156,15 +156,8 @@ def encode(array: mx.array) -> pb.Tensor:
     Raises:
         TensorFormatError: the array's dtype has no wire form.
     """
-    import mlx.core as mx
-
-    name = dtype_name(array.dtype)
-    bits = array.view(mx.uint16) if name == "bfloat16" else array
-    mx.eval(bits)
-    values = np.asarray(bits).astype(_WIRE_NUMPY[name], copy=False)
-    return pb.Tensor(
-        data=np.ascontiguousarray(values).tobytes(), dtype=name, shape=list(array.shape)
-    )
+    name, values = _host_values(array)
+    return _tensor(name, values)
 
 
 def encode_rows(array: mx.array, rows: Sequence[tuple[int, int]]) -> list[pb.Tensor]:
@@ -177,19 +170,25 @@ def encode_rows(array: mx.array, rows: Sequence[tuple[int, int]]) -> list[pb.Ten
     Raises:
         TensorFormatError: the array's dtype has no wire form.
     """
+    name, values = _host_values(array)
+    return [_tensor(name, values[row : row + 1, start:]) for row, start in rows]
+
+
+def _host_values(array: mx.array) -> tuple[str, np.ndarray]:
+    """The array's wire dtype and its values in host memory (bfloat16 as its uint16 bits),
+    in one evaluation."""
     import mlx.core as mx
 
     name = dtype_name(array.dtype)
     bits = array.view(mx.uint16) if name == "bfloat16" else array
     mx.eval(bits)
-    values = np.asarray(bits).astype(_WIRE_NUMPY[name], copy=False)
-    out = []
-    for row, start in rows:
-        part = values[row : row + 1, start:]
-        out.append(
-            pb.Tensor(data=np.ascontiguousarray(part).tobytes(), dtype=name, shape=list(part.shape))
-        )
-    return out
+    return name, np.asarray(bits).astype(_WIRE_NUMPY[name], copy=False)
+
+
+def _tensor(name: str, values: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(
+        data=np.ascontiguousarray(values).tobytes(), dtype=name, shape=list(values.shape)
+    )
 
 
 def encode_sampling(params: SamplingParams) -> pb.SamplingParams:
