@@ -61,8 +61,9 @@ async def serve(port_file: str) -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    with open(port_file, "w", encoding="utf-8") as out:
-        out.write(str(port))
+    written = Path(port_file).with_suffix(".part")
+    written.write_text(str(port), encoding="utf-8")
+    written.replace(port_file)  # the reader never sees a partial number
     await server.wait_for_termination()
 
 
@@ -107,7 +108,7 @@ def main() -> None:
         child = subprocess.Popen([sys.executable, __file__, SERVE, str(port_file)])
         try:
             deadline = time.monotonic() + 30
-            while not port_file.exists() or not port_file.read_text(encoding="utf-8"):
+            while not port_file.exists():
                 if child.poll() is not None or time.monotonic() > deadline:
                     sys.exit("the echo server did not start")
                 time.sleep(0.05)
