@@ -158,7 +158,8 @@ def test_helpers_spin_through_a_step_and_sleep_once_it_ends() -> None:
     set_route_spin(router, 600.0)  # longer than this test: only a rest ends the spin
     try:
         set_route_threads(router, 2)
-        mx.eval(batch @ weights.T)
+        spinning_result = batch @ weights.T
+        mx.eval(spinning_result)
         started, _ = route_helpers(router)
         assert started >= 1
         deadline = time.monotonic() + 0.3
@@ -170,10 +171,13 @@ def test_helpers_spin_through_a_step_and_sleep_once_it_ends() -> None:
         while route_helpers(router)[1] < started and time.monotonic() < deadline:
             time.sleep(0.005)
         assert route_helpers(router) == (started, started)
-        # A rest with nothing spinning changes nothing; the next product wakes them.
+        # A rest with nothing spinning changes nothing; the next product wakes them all
+        # (the caller waits for every helper) and gives the same bits.
         rest_threads()
-        together = batch @ weights.T
-        assert mx.array_equal(together, batch @ weights.T).item()
+        woken_result = batch @ weights.T
+        mx.eval(woken_result)
+        assert route_helpers(router) == (started, 0), "the product did not wake the helpers"
+        assert mx.array_equal(woken_result, spinning_result).item()
     finally:
         set_route_spin(router, DEFAULT_SPIN)
         set_route_threads(router, library.threads)
