@@ -33,9 +33,11 @@ from mlx_relay.core.blas import (
 from mlx_relay.core.blas_route import (
     KERNEL_ROWS,
     VECTOR_SIDE,
+    RouteCalls,
     compiler,
     route_calls,
     route_helpers,
+    set_route_small,
     set_route_spin,
     set_route_threads,
 )
@@ -93,26 +95,109 @@ def test_the_router_sends_each_product_to_the_code_for_its_shape() -> None:
     weights = mx.random.normal((384, VECTOR_SIDE + 16))
     ragged = mx.random.normal((384, VECTOR_SIDE + lanes // 2))
     attention_keys = mx.random.normal((300, VECTOR_SIDE))
-    mx.eval(weights, ragged, attention_keys)
-    vector, kernel, wide = 0, 1, 2
+    ragged_keys = mx.random.normal((300, VECTOR_SIDE - lanes // 2))
+    mx.eval(weights, ragged, attention_keys, ragged_keys)
+    vector, kernel, wide, small = 0, 1, 2, 3
     cases = [(1, weights, kernel), (2, weights, kernel), (KERNEL_ROWS, weights, kernel)]
-    cases += [(1, ragged, vector), (3, ragged, wide), (1, attention_keys, wide)]
-    cases += [(2, attention_keys, wide), (KERNEL_ROWS + 1, weights, wide), (64, weights, wide)]
+    cases += [(1, ragged, vector), (3, ragged, wide), (1, attention_keys, small)]
+    cases += [(2, attention_keys, small), (KERNEL_ROWS + 1, attention_keys, small)]
+    cases += [(64, attention_keys, small), (2, ragged_keys, wide)]
+    cases += [(KERNEL_ROWS + 1, weights, wide), (64, weights, wide)]
     for rows, w, route in cases:
         x = mx.random.normal((rows, w.shape[1]))
         mx.eval(x)
         before = route_calls(router)
         product = x @ w.T
         mx.eval(product)
-        after = route_calls(router)
-        moved = [
-            after.vector - before.vector,
-            after.kernel - before.kernel,
-            after.wide - before.wide,
-        ]
-        assert moved == [int(i == route) for i in range(3)], (rows, w.shape, moved)
+        assert moved_calls(before, route_calls(router)) == [int(i == route) for i in range(4)], (
+            rows,
+            w.shape,
+        )
         reference = mx.sum(x[:, None, :] * w[None], axis=2)
         assert mx.allclose(product, reference, atol=1e-3).item(), (rows, w.shape)
+    # Attention's second product: weights over the positions times the values.
+    cases = [(1, attention_keys, small), (64, attention_keys, small), (2, ragged_keys, wide)]
+    for rows, values, route in cases:
+        x = mx.random.normal((rows, values.shape[0]))
+        mx.eval(x)
+        before = route_calls(router)
+        product = x @ values
+        mx.eval(product)
+        assert moved_calls(before, route_calls(router)) == [int(i == route) for i in range(4)]
+        reference = mx.sum(x[:, :, None] * values[None], axis=1)
+        assert mx.allclose(product, reference, atol=1e-3).item(), rows
+
+
+def moved_calls(before: RouteCalls, after: RouteCalls) -> list[int]:
+    """Calls routed between two readings: sgemv, kernel, wide, small."""
+    return [
+        after.vector - before.vector,
+        after.kernel - before.kernel,
+        after.wide - before.wide,
+        after.small - before.small,
+    ]
+
+
+def test_small_products_give_each_row_the_same_bits_alone_in_a_batch_and_over_any_span() -> None:
+    """Attention's products: a head's scores and values do not depend on the other sequences
+    of a decode step, on how many positions past the last one in use the product spans (the
+    attention windows), nor on a prompt's rows coming at once or in chunks (one thread or
+    the router's threads)."""
+    router = loaded_router()
+    if router is None:
+        pytest.skip(NO_ROUTER)
+    head, used = 64, 70  # positions in use, not a multiple of any tile
+    queries = mx.random.normal((KERNEL_ROWS - 3, head))
+    keys = mx.random.normal((256, head))
+    values = mx.random.normal((256, head))
+    mx.eval(queries, keys, values)
+    before = route_calls(router)
+    scores = queries @ keys.T  # over 256 positions
+    for span in (used, 128):
+        assert mx.array_equal((queries @ keys[:span].T), scores[:, :span]).item(), span
+    for row in range(queries.shape[0]):
+        assert mx.array_equal((queries[row : row + 1] @ keys.T)[0], scores[row]).item(), row
+    # The weights of the positions past those in use are zero: adding them changes no bit.
+    weights = mx.softmax(scores[:, :used], axis=-1)
+    padded = mx.concatenate([weights, mx.zeros((weights.shape[0], 256 - used))], axis=1)
+    mx.eval(weights, padded)
+    out = weights @ values[:used]
+    for span in (128, 256):
+        assert mx.array_equal(padded[:, :span] @ values[:span], out).item(), span
+    for row in range(weights.shape[0]):
+        assert mx.array_equal((weights[row : row + 1] @ values[:used])[0], out[row]).item(), row
+    calls = route_calls(router)
+    assert calls.small - before.small == 3 + 2 * queries.shape[0] + 3
+    assert calls.wide == before.wide
+    reference = mx.sum(weights[:, :, None] * values[None, :used], axis=1)
+    assert mx.allclose(out, reference, atol=1e-4).item()
+    # A prompt of 512 positions: its scores and outputs at once (on the router's threads,
+    # from 2^23 multiply-adds) and in chunks of 7, 33 and 1 rows (on the calling thread).
+    prompt = mx.random.normal((512, head))
+    mx.eval(prompt)
+    set_route_threads(router, 2)
+    try:
+        whole = prompt @ keys.T
+        probs = mx.softmax(whole, axis=-1)
+        mixed = probs @ values
+        mx.eval(whole, probs, mixed)
+        for lo, hi in ((0, 7), (7, 40), (40, 41), (505, 512)):
+            assert mx.array_equal(prompt[lo:hi] @ keys.T, whole[lo:hi]).item(), (lo, hi)
+            assert mx.array_equal(probs[lo:hi] @ values, mixed[lo:hi]).item(), (lo, hi)
+    finally:
+        library = loaded_blas()
+        assert library is not None
+        set_route_threads(router, library.threads)
+    assert mx.allclose(mixed, mx.sum(probs[:, :, None] * values[None], axis=1), atol=1e-4).item()
+    # OpenBLAS's sgemm (the router's small products off) computes the same products.
+    set_route_small(router, False)
+    try:
+        calls = route_calls(router)
+        assert mx.allclose(queries @ keys.T, scores, atol=1e-4).item()
+        assert mx.allclose(weights @ values[:used], out, atol=1e-4).item()
+        assert route_calls(router).wide - calls.wide == 2
+    finally:
+        set_route_small(router, True)
 
 
 def test_the_kernel_gives_each_row_the_same_bits_alone_in_a_batch_and_on_any_threads() -> None:
@@ -122,7 +207,7 @@ def test_the_kernel_gives_each_row_the_same_bits_alone_in_a_batch_and_on_any_thr
         pytest.skip(NO_ROUTER)
     library = loaded_blas()
     assert library is not None
-    # Weight rows and batch rows that do not fill the kernel's tiles (4 x 4).
+    # Weight rows and batch rows that do not fill the kernel's tiles (4 x 6).
     weights = mx.random.normal((4 * 97 + 3, 12 * router_lanes()))
     batch = mx.random.normal((KERNEL_ROWS - 1, weights.shape[1]))
     mx.eval(weights, batch)

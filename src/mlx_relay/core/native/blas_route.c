@@ -4,9 +4,11 @@
  * bind to. A product of a few rows of activations with a layer's weights (the decode step
  * of up to rows_limit sequences) runs in this file's own kernel: it streams each weight row
  * from memory once, for all rows at once, on the router's threads, where a general sgemm
- * first packs the weights (twice the memory traffic) and is tuned for many rows. Other
- * one-row products with weights go to OpenBLAS's threaded sgemv, and everything else
- * (prompts, larger batches, attention) to OpenBLAS's sgemm. Python sets the function
+ * first packs the weights (twice the memory traffic) and is tuned for many rows. A small
+ * product, with a side of at most vector_side (attention's: in a decode step one query row a
+ * head against the positions in use), runs here too, each output in one order whatever the
+ * rows. Other one-row products with weights go to OpenBLAS's threaded sgemv, and
+ * everything else (prompts, larger batches) to OpenBLAS's sgemm. Python sets the function
  * pointers, the limits and the threads through mlx_relay_route_set and
  * mlx_relay_route_threads before MLX computes anything (see mlx_relay/core/blas_route.py).
  *
@@ -34,12 +36,18 @@ static sgemv_fn vector_sgemv;
 static sgemm_fn wide_sgemm;
 /* Products of at most this many rows with weights go to the kernel (0: never). */
 static int rows_limit = 16;
-/* Products with a side of at most this many stay with the wide sgemm: attention's (one side
- * is the head dimension), whose results must not depend on how many positions the product
- * spans. OpenBLAS's sgemm keeps them exact; a sgemv's blocking does not. */
+/* Products with a side of at most this many are not the weights': attention's (one side is
+ * the head dimension), whose results must not depend on how many positions the product
+ * spans. This file's small products and OpenBLAS's sgemm keep them exact; a sgemv's blocking
+ * does not. */
 static int vector_side = 128;
-/* Calls so far: [0] one-row products to sgemv, [1] the kernel, [2] wide. */
-static uint64_t calls[3];
+/* Small products (attention's) computed here (0: all to the wide sgemm;
+ * mlx_relay_route_small), on the calling thread below small_threaded multiply-adds, on the
+ * router's threads from there (a long prompt's). */
+static int small_on = 1;
+static double small_threaded = 1 << 23;
+/* Calls so far: [0] one-row products to sgemv, [1] the kernel, [2] wide, [3] small. */
+static uint64_t calls[4];
 
 /* ---- the kernel: c (m x n) = a (m x k) . b^T, b the n x k weights, row-major ---- */
 
@@ -51,9 +59,11 @@ static uint64_t calls[3];
 #define LANES 8
 #endif
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-/* A tile: ROWS_TILE rows of a times COLS_TILE weight rows, one accumulator each. */
+/* A tile: ROWS_TILE rows of a times COLS_TILE weight rows, one accumulator each (24 of the
+ * 32 vector registers; 4 x 4 before: 16 rows over the bundled model's layers 21.2 -> 17.2 ms
+ * a pass, 2 threads). */
 #define ROWS_TILE 4
-#define COLS_TILE 4
+#define COLS_TILE 6
 
 static inline vec load(const float *p) {
     vec v;
@@ -71,14 +81,40 @@ static inline float sum_lanes(vec v) {
     return (f[0] + f[2]) + (f[1] + f[3]);
 }
 
+#if LANES == 16
+#include <immintrin.h>
+/* Sixteen accumulators' sums in one vector, lane t holding v[t]'s: each step adds the pairs
+ * of lanes that sum_lanes adds (t + 8, then t + 4, then (0 + 2) + (1 + 3)), so every sum has
+ * sum_lanes' bits; shuffles gather sixteen accumulators' lanes so that one vector add does a
+ * step for all of them (sum_lanes one by one took a third of a 16-row tile's time). */
+static inline __attribute__((always_inline)) __m512 sum_16(const vec *v) {
+    __m512 u[8], r[4], s[2];
+    for (int t = 0; t < 8; t++) { /* [v0 lanes 0-7 | v1 lanes 0-7] + [v0 8-15 | v1 8-15] */
+        __m512 x = (__m512)v[2 * t], y = (__m512)v[2 * t + 1];
+        u[t] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+    for (int t = 0; t < 4; t++) { /* blocks of four lanes: block 0 + block 1 of each sum */
+        __m512 x = u[2 * t], y = u[2 * t + 1];
+        r[t] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+    }
+    for (int t = 0; t < 2; t++) { /* in each block: lanes 0 + 2 and 1 + 3 */
+        __m512 x = r[2 * t], y = r[2 * t + 1];
+        s[t] = _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xEE));
+    }
+    __m512 f = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xDD));
+    /* Lane 4b + l of f holds v[4l + b]'s sum. */
+    const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(order, f);
+}
+#endif
+
 /* next, when not NULL: the next weight rows, fetched into cache while this tile computes. */
 static inline __attribute__((always_inline)) void tile(const int rows, const int cols, int k,
                                                        const float *a, int lda, const float *b,
                                                        int ldb, float *c, int ldc,
                                                        const float *next) {
-    vec acc[ROWS_TILE][COLS_TILE];
-    for (int i = 0; i < rows; i++)
-        for (int j = 0; j < cols; j++) acc[i][j] = (vec){0};
+    vec acc[ROWS_TILE * COLS_TILE];
+    for (int t = 0; t < rows * cols; t++) acc[t] = (vec){0};
     for (int p = 0; p < k; p += LANES) {
         vec w[COLS_TILE];
         for (int j = 0; j < cols; j++) w[j] = load(b + (size_t)j * ldb + p);
@@ -87,30 +123,46 @@ static inline __attribute__((always_inline)) void tile(const int rows, const int
         }
         for (int i = 0; i < rows; i++) {
             vec x = load(a + (size_t)i * lda + p);
-            for (int j = 0; j < cols; j++) acc[i][j] += x * w[j];
+            for (int j = 0; j < cols; j++) acc[i * cols + j] += x * w[j];
         }
     }
+#if LANES == 16
+    for (int g = 0; g < rows * cols; g += 16) {
+        vec v[16];
+        for (int t = 0; t < 16; t++) v[t] = g + t < rows * cols ? acc[g + t] : (vec){0};
+        float sums[16];
+        _mm512_storeu_ps(sums, sum_16(v));
+        for (int t = g; t < g + 16 && t < rows * cols; t++)
+            c[(size_t)(t / cols) * ldc + t % cols] = sums[t - g];
+    }
+#else
     for (int i = 0; i < rows; i++)
-        for (int j = 0; j < cols; j++) c[(size_t)i * ldc + j] = sum_lanes(acc[i][j]);
+        for (int j = 0; j < cols; j++) c[(size_t)i * ldc + j] = sum_lanes(acc[i * cols + j]);
+#endif
 }
 
-/* Constant tile sizes, so that the accumulators stay in registers. */
-#define TILE_COLS(R)                                                                       \
-    switch (cols) {                                                                        \
-    case 4: tile(R, 4, k, a, lda, b, ldb, c, ldc, next); break;                            \
-    case 3: tile(R, 3, k, a, lda, b, ldb, c, ldc, next); break;                            \
-    case 2: tile(R, 2, k, a, lda, b, ldb, c, ldc, next); break;                            \
-    default: tile(R, 1, k, a, lda, b, ldb, c, ldc, next);                                  \
+/* One function a tile size, so that each keeps its accumulators in registers (one function
+ * for all sizes measured ~10 % slower at 16 rows). */
+typedef void (*tile_fn)(int k, const float *a, int lda, const float *b, int ldb, float *c, int ldc,
+                        const float *next);
+#define TILE_FN(R, C)                                                                      \
+    static __attribute__((noinline)) void tile_##R##x##C(int k, const float *a, int lda,    \
+                                                         const float *b, int ldb, float *c, \
+                                                         int ldc, const float *next) {     \
+        tile(R, C, k, a, lda, b, ldb, c, ldc, next);                                       \
     }
+#define TILE_ROW(R) TILE_FN(R, 1) TILE_FN(R, 2) TILE_FN(R, 3) TILE_FN(R, 4) TILE_FN(R, 5) TILE_FN(R, 6)
+TILE_ROW(1)
+TILE_ROW(2)
+TILE_ROW(3)
+TILE_ROW(4)
+#define TILE_NAMES(R) {tile_##R##x1, tile_##R##x2, tile_##R##x3, tile_##R##x4, tile_##R##x5, tile_##R##x6}
+static const tile_fn tiles[ROWS_TILE][COLS_TILE] = {TILE_NAMES(1), TILE_NAMES(2), TILE_NAMES(3),
+                                                    TILE_NAMES(4)};
 
-static void any_tile(int rows, int cols, int k, const float *a, int lda, const float *b,
-                     int ldb, float *c, int ldc, const float *next) {
-    switch (rows) {
-    case 4: TILE_COLS(4) break;
-    case 3: TILE_COLS(3) break;
-    case 2: TILE_COLS(2) break;
-    default: TILE_COLS(1)
-    }
+static inline void any_tile(int rows, int cols, int k, const float *a, int lda, const float *b,
+                            int ldb, float *c, int ldc, const float *next) {
+    tiles[rows - 1][cols - 1](k, a, lda, b, ldb, c, ldc, next);
 }
 
 /* The outputs of weight rows [j0, j1): each group of weight rows is read from memory once
@@ -131,6 +183,60 @@ static void span(int m, int k, const float *a, int lda, const float *b, int ldb,
     }
 }
 
+/* ---- small products: attention's, a few rows at a time ---- */
+
+/* c (rows x LANES * blocks) = a (rows x k) . b (k x n), b row-major: each output summed over
+ * k in order from zero, one multiply-add a term, whatever the rows, the columns and k's
+ * extent beyond the last non-zero term (a masked position adds zero). */
+static inline __attribute__((always_inline)) void tile_nn(const int rows, const int blocks, int k,
+                                                          const float *a, int lda,
+                                                          const float *b, int ldb, float *c,
+                                                          int ldc) {
+    vec acc[4][4];
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < blocks; j++) acc[i][j] = (vec){0};
+    for (int p = 0; p < k; p++) {
+        vec w[4];
+        for (int j = 0; j < blocks; j++) w[j] = load(b + (size_t)p * ldb + j * LANES);
+        for (int i = 0; i < rows; i++) {
+            float x = a[(size_t)i * lda + p];
+            for (int j = 0; j < blocks; j++) acc[i][j] += x * w[j];
+        }
+    }
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < blocks; j++) memcpy(c + (size_t)i * ldc + j * LANES, &acc[i][j], sizeof(vec));
+}
+
+#define NN_BLOCKS(R)                                                                       \
+    switch (blocks) {                                                                      \
+    case 4: tile_nn(R, 4, k, a, lda, b, ldb, c, ldc); break;                               \
+    case 3: tile_nn(R, 3, k, a, lda, b, ldb, c, ldc); break;                               \
+    case 2: tile_nn(R, 2, k, a, lda, b, ldb, c, ldc); break;                               \
+    default: tile_nn(R, 1, k, a, lda, b, ldb, c, ldc);                                     \
+    }
+
+static void small_nn(int m, int n, int k, const float *a, int lda, const float *b, int ldb,
+                     float *c, int ldc) {
+    for (int i = 0; i < m; i += 4, a += (size_t)4 * lda, c += (size_t)4 * ldc) {
+        int rows = m - i < 4 ? m - i : 4;
+        for (int j = 0; j < n; j += 4 * LANES) {
+            int blocks = (n - j) / LANES < 4 ? (n - j) / LANES : 4;
+            const float *bj = b + j;
+            float *cj = c + j;
+            {
+                const float *b = bj;
+                float *c = cj;
+                switch (rows) {
+                case 4: NN_BLOCKS(4) break;
+                case 3: NN_BLOCKS(3) break;
+                case 2: NN_BLOCKS(2) break;
+                default: NN_BLOCKS(1)
+                }
+            }
+        }
+    }
+}
+
 /* ---- the router's threads: each takes a contiguous share of the weight rows ---- */
 
 #define MAX_THREADS 64
@@ -144,6 +250,7 @@ static double spin_seconds = 2e-3;
 
 static struct {
     int m, n, k, lda, ldb, ldc, parts;
+    int nn; /* a small product a . b (b k x n), shared out by rows of a; else a . b^T */
     const float *a, *b;
     float *c;
 } job;
@@ -173,6 +280,16 @@ static double seconds(void) {
 }
 
 static void run_part(int part) {
+    if (job.nn) { /* groups of four rows of a */
+        int groups = (job.m + 3) / 4;
+        int lo = (int)((long)groups * part / job.parts) * 4;
+        int hi = (int)((long)groups * (part + 1) / job.parts) * 4;
+        if (hi > job.m) hi = job.m;
+        if (lo < hi)
+            small_nn(hi - lo, job.n, job.k, job.a + (size_t)lo * job.lda, job.lda, job.b, job.ldb,
+                     job.c + (size_t)lo * job.ldc, job.ldc);
+        return;
+    }
     int groups = (job.n + COLS_TILE - 1) / COLS_TILE;
     int lo = (int)((long)groups * part / job.parts) * COLS_TILE;
     int hi = (int)((long)groups * (part + 1) / job.parts) * COLS_TILE;
@@ -223,11 +340,13 @@ static void after_fork_in_child(void) {
     pthread_cond_init(&wake, NULL);
 }
 
-static void rows_sgemm(int m, int n, int k, const float *a, int lda, const float *b, int ldb,
-                       float *c, int ldc) {
+/* c = a . b^T (nn: a . b) on the router's threads. */
+static void rows_sgemm(int nn, int m, int n, int k, const float *a, int lda, const float *b,
+                       int ldb, float *c, int ldc) {
     int parts = threads_wanted;
     if (parts <= 1 || atomic_exchange(&busy, 1)) {
-        span(m, k, a, lda, b, ldb, c, ldc, 0, n);
+        if (nn) small_nn(m, n, k, a, lda, b, ldb, c, ldc);
+        else span(m, k, a, lda, b, ldb, c, ldc, 0, n);
         return;
     }
     started_at = atomic_load(&generation);
@@ -239,7 +358,7 @@ static void rows_sgemm(int m, int n, int k, const float *a, int lda, const float
     }
     if (parts > helpers + 1) parts = helpers + 1;
     job.m = m, job.n = n, job.k = k, job.lda = lda, job.ldb = ldb, job.ldc = ldc;
-    job.a = a, job.b = b, job.c = c, job.parts = parts;
+    job.a = a, job.b = b, job.c = c, job.parts = parts, job.nn = nn;
     atomic_store(&finished, 0);
     pthread_mutex_lock(&lock);
     atomic_fetch_add_explicit(&generation, 1, memory_order_release);
@@ -267,6 +386,8 @@ void mlx_relay_route_set(sgemv_fn vector, sgemm_fn wide, int rows, int side) {
     vector_side = side;
 }
 
+void mlx_relay_route_small(int on) { small_on = on; }
+
 void mlx_relay_route_threads(int threads) {
     threads_wanted = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
 }
@@ -286,17 +407,17 @@ int mlx_relay_route_helpers(int sleeping_only) {
 int mlx_relay_route_lanes(void) { return LANES; }
 
 uint64_t mlx_relay_route_calls(int which) {
-    return which >= 0 && which < 3 ? __atomic_load_n(&calls[which], __ATOMIC_RELAXED) : 0;
+    return which >= 0 && which < 4 ? __atomic_load_n(&calls[which], __ATOMIC_RELAXED) : 0;
 }
 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
     int weights = n > vector_side && k > vector_side && order == ROW_MAJOR;
-    if (weights && m <= rows_limit && trans_a == NO_TRANS && trans_b == TRANS && alpha == 1.0f &&
-        beta == 0.0f && k % LANES == 0) {
+    int plain = order == ROW_MAJOR && trans_a == NO_TRANS && alpha == 1.0f && beta == 0.0f;
+    if (weights && m <= rows_limit && plain && trans_b == TRANS && k % LANES == 0) {
         __atomic_add_fetch(&calls[1], 1, __ATOMIC_RELAXED);
-        rows_sgemm(m, n, k, a, lda, b, ldb, c, ldc);
+        rows_sgemm(0, m, n, k, a, lda, b, ldb, c, ldc);
     } else if (m == 1 && weights) {
         /* c (1 x n) = a (1 x k) . op(b) (k x n): y = op(b)^T x, with b row-major. */
         __atomic_add_fetch(&calls[0], 1, __ATOMIC_RELAXED);
@@ -306,6 +427,18 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
         } else {
             vector_sgemv(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, incx, beta, c, 1);
         }
+    } else if (!weights && plain && small_on && (trans_b == TRANS ? k % LANES == 0 : n % LANES == 0)) {
+        /* Attention's products (a decode step: one query row a head, scores over the
+         * positions in use, then their weights over the values; a prompt: its rows at once),
+         * and small models' products. For a decode step's, a general sgemm's set-up costs
+         * more than the product (OpenBLAS: 1.1 us for 1 x 64 scores over 64 positions). Each
+         * output is summed in one order whatever the rows and the positions spanned, so a prompt's rows have the same bits in one product or in chunks, and the
+         * attention windows the bits of full attention. */
+        __atomic_add_fetch(&calls[3], 1, __ATOMIC_RELAXED);
+        int nn = trans_b == NO_TRANS;
+        if ((double)m * n * k >= small_threaded) rows_sgemm(nn, m, n, k, a, lda, b, ldb, c, ldc);
+        else if (nn) small_nn(m, n, k, a, lda, b, ldb, c, ldc);
+        else span(m, k, a, lda, b, ldb, c, ldc, 0, n);
     } else {
         __atomic_add_fetch(&calls[2], 1, __ATOMIC_RELAXED);
         wide_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
