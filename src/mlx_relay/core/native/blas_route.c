@@ -60,8 +60,8 @@ static uint64_t calls[4];
 #endif
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 /* A tile: ROWS_TILE rows of a times COLS_TILE weight rows, one accumulator each (24 of the
- * 32 vector registers; 4 x 4 before: 16 rows over the bundled model's layers 21.2 -> 17.2 ms
- * a pass, 2 threads). */
+ * 32 vector registers; 4 x 4 before: 16 rows over the bundled model's layers 21.0-22.0 ->
+ * 16.9-19.3 ms a pass, 2 threads, three runs alternating the two). */
 #define ROWS_TILE 4
 #define COLS_TILE 6
 
@@ -108,19 +108,24 @@ static inline __attribute__((always_inline)) __m512 sum_16(const vec *v) {
 }
 #endif
 
-/* next, when not NULL: the next weight rows, fetched into cache while this tile computes. */
+/* Bytes of weights to fetch into cache while a tile computes: from `from` to `to`, `lines`
+ * cache lines an iteration (from NULL: none). */
+typedef struct {
+    const char *from, *to;
+    int lines;
+} ahead_t;
+
 static inline __attribute__((always_inline)) void tile(const int rows, const int cols, int k,
                                                        const float *a, int lda, const float *b,
                                                        int ldb, float *c, int ldc,
-                                                       const float *next) {
+                                                       ahead_t ahead) {
     vec acc[ROWS_TILE * COLS_TILE];
     for (int t = 0; t < rows * cols; t++) acc[t] = (vec){0};
     for (int p = 0; p < k; p += LANES) {
         vec w[COLS_TILE];
         for (int j = 0; j < cols; j++) w[j] = load(b + (size_t)j * ldb + p);
-        if (next) {
-            for (int j = 0; j < COLS_TILE; j++) __builtin_prefetch(next + (size_t)j * ldb + p, 0, 3);
-        }
+        for (int q = 0; q < ahead.lines && ahead.from < ahead.to; q++, ahead.from += 64)
+            __builtin_prefetch(ahead.from, 0, 3);
         for (int i = 0; i < rows; i++) {
             vec x = load(a + (size_t)i * lda + p);
             for (int j = 0; j < cols; j++) acc[i * cols + j] += x * w[j];
@@ -144,12 +149,12 @@ static inline __attribute__((always_inline)) void tile(const int rows, const int
 /* One function a tile size, so that each keeps its accumulators in registers (one function
  * for all sizes measured ~10 % slower at 16 rows). */
 typedef void (*tile_fn)(int k, const float *a, int lda, const float *b, int ldb, float *c, int ldc,
-                        const float *next);
+                        ahead_t ahead);
 #define TILE_FN(R, C)                                                                      \
     static __attribute__((noinline)) void tile_##R##x##C(int k, const float *a, int lda,    \
                                                          const float *b, int ldb, float *c, \
-                                                         int ldc, const float *next) {     \
-        tile(R, C, k, a, lda, b, ldb, c, ldc, next);                                       \
+                                                         int ldc, ahead_t ahead) {         \
+        tile(R, C, k, a, lda, b, ldb, c, ldc, ahead);                                      \
     }
 #define TILE_ROW(R) TILE_FN(R, 1) TILE_FN(R, 2) TILE_FN(R, 3) TILE_FN(R, 4) TILE_FN(R, 5) TILE_FN(R, 6)
 TILE_ROW(1)
@@ -161,24 +166,36 @@ static const tile_fn tiles[ROWS_TILE][COLS_TILE] = {TILE_NAMES(1), TILE_NAMES(2)
                                                     TILE_NAMES(4)};
 
 static inline void any_tile(int rows, int cols, int k, const float *a, int lda, const float *b,
-                            int ldb, float *c, int ldc, const float *next) {
-    tiles[rows - 1][cols - 1](k, a, lda, b, ldb, c, ldc, next);
+                            int ldb, float *c, int ldc, ahead_t ahead) {
+    tiles[rows - 1][cols - 1](k, a, lda, b, ldb, c, ldc, ahead);
 }
 
 /* The outputs of weight rows [j0, j1): each group of weight rows is read from memory once
- * and stays in cache for all rows of a; the last rows' tile fetches the next group (measured
- * on the bundled model's weights, 2 threads: 4 rows 23.0 -> 17.1 ms a pass over its layers,
- * 16 rows 34.9 -> 30.0). */
+ * and stays in cache for all rows of a; while a group computes, its tiles fetch the next
+ * group into cache, each row tile its share (rows lying back to back, as weights do).
+ * Measured on the bundled model's weights, 2 threads: fetching the next group in the last
+ * row tile alone, 4 rows 23.0 -> 17.1 ms a pass over its layers, 16 rows 34.9 -> 30.0;
+ * shared out over the row tiles, 16 rows 16.9 / 17.2 -> 15.1 / 15.3 ms, 8 rows 12.1 / 12.4
+ * -> 11.3 / 11.6 ms (the 4 x 6 tiles, two runs, each alternating the two). */
 static void span(int m, int k, const float *a, int lda, const float *b, int ldb, float *c,
                  int ldc, int j0, int j1) {
+    int row_tiles = (m + ROWS_TILE - 1) / ROWS_TILE;
     for (int j = j0; j < j1; j += COLS_TILE) {
         int cols = j1 - j < COLS_TILE ? j1 - j : COLS_TILE;
-        for (int i = 0; i < m; i += ROWS_TILE) {
+        int next = j + COLS_TILE, next_end = next + COLS_TILE < j1 ? next + COLS_TILE : j1;
+        size_t bytes = next < next_end && ldb == k ? (size_t)(next_end - next) * k * sizeof(float) : 0;
+        size_t share = (bytes / row_tiles + 63) & ~(size_t)63;
+        const char *next_rows = (const char *)(b + (size_t)next * ldb);
+        for (int t = 0, i = 0; i < m; i += ROWS_TILE, t++) {
             int rows = m - i < ROWS_TILE ? m - i : ROWS_TILE;
-            int last = i + ROWS_TILE >= m && j + 2 * COLS_TILE <= j1;
-            const float *next = last ? b + (size_t)(j + COLS_TILE) * ldb : NULL;
+            ahead_t ahead = {NULL, NULL, 0};
+            if (share * t < bytes) {
+                size_t end = share * (t + 1) < bytes ? share * (t + 1) : bytes;
+                ahead = (ahead_t){next_rows + share * t, next_rows + end,
+                                  (COLS_TILE + row_tiles - 1) / row_tiles};
+            }
             any_tile(rows, cols, k, a + (size_t)i * lda, lda, b + (size_t)j * ldb, ldb,
-                     c + (size_t)i * ldc + j, ldc, next);
+                     c + (size_t)i * ldc + j, ldc, ahead);
         }
     }
 }
