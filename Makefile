@@ -83,7 +83,7 @@ proto: setup
 bench: setup engine-packages
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/link_floor.py
-	$(BIN)/python bench/attention_products.py
+	$(BIN)/python bench/router_paths.py
 	$(BIN)/python bench/stage_batch.py
 	$(BIN)/python bench/up_concurrency.py
 	$(BIN)/python bench/load.py

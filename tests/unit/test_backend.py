@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
+from mlx.utils import tree_map
 
 from mlx_relay.core.blas import (
     BLAS_ENV,
@@ -31,7 +33,6 @@ from mlx_relay.core.blas import (
     set_threads,
 )
 from mlx_relay.core.blas_route import (
-    KERNEL_ROWS,
     VECTOR_SIDE,
     RouteCalls,
     compiler,
@@ -43,9 +44,12 @@ from mlx_relay.core.blas_route import (
 )
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.backend import (
+    WEIGHT_ALIGNMENT,
+    align_weights,
     backend_name,
     blas_in_use,
     choose_compute,
+    data_address,
     dense_bytes,
     is_quantized,
 )
@@ -98,11 +102,12 @@ def test_the_router_sends_each_product_to_the_code_for_its_shape() -> None:
     ragged_keys = mx.random.normal((300, VECTOR_SIDE - lanes // 2))
     mx.eval(weights, ragged, attention_keys, ragged_keys)
     vector, kernel, wide, small = 0, 1, 2, 3
-    cases = [(1, weights, kernel), (2, weights, kernel), (KERNEL_ROWS, weights, kernel)]
+    # Decode steps and prompts alike: every x @ w.T with weights goes to the kernel.
+    cases = [(1, weights, kernel), (2, weights, kernel), (16, weights, kernel)]
+    cases += [(17, weights, kernel), (300, weights, kernel)]
     cases += [(1, ragged, vector), (3, ragged, wide), (1, attention_keys, small)]
-    cases += [(2, attention_keys, small), (KERNEL_ROWS + 1, attention_keys, small)]
+    cases += [(2, attention_keys, small), (17, attention_keys, small)]
     cases += [(64, attention_keys, small), (2, ragged_keys, wide)]
-    cases += [(KERNEL_ROWS + 1, weights, wide), (64, weights, wide)]
     for rows, w, route in cases:
         x = mx.random.normal((rows, w.shape[1]))
         mx.eval(x)
@@ -115,6 +120,15 @@ def test_the_router_sends_each_product_to_the_code_for_its_shape() -> None:
         )
         reference = mx.sum(x[:, None, :] * w[None], axis=2)
         assert mx.allclose(product, reference, atol=1e-3).item(), (rows, w.shape)
+    # A product the kernel does not take (alpha and beta of addmm): OpenBLAS's sgemm.
+    x, bias = mx.random.normal((3, weights.shape[1])), mx.random.normal((3, weights.shape[0]))
+    mx.eval(x, bias)
+    before = route_calls(router)
+    fused = mx.addmm(bias, x, weights.T, alpha=0.5, beta=2.0)
+    mx.eval(fused)
+    assert moved_calls(before, route_calls(router)) == [0, 0, 1, 0]
+    reference = 2.0 * bias + 0.5 * mx.sum(x[:, None, :] * weights[None], axis=2)
+    assert mx.allclose(fused, reference, atol=1e-3).item()
     # Attention's second product: weights over the positions times the values.
     cases = [(1, attention_keys, small), (64, attention_keys, small), (2, ragged_keys, wide)]
     for rows, values, route in cases:
@@ -147,7 +161,7 @@ def test_small_products_give_each_row_the_same_bits_alone_in_a_batch_and_over_an
     if router is None:
         pytest.skip(NO_ROUTER)
     head, used = 64, 70  # positions in use, not a multiple of any tile
-    queries = mx.random.normal((KERNEL_ROWS - 3, head))
+    queries = mx.random.normal((13, head))
     keys = mx.random.normal((256, head))
     values = mx.random.normal((256, head))
     mx.eval(queries, keys, values)
@@ -209,7 +223,7 @@ def test_the_kernel_gives_each_row_the_same_bits_alone_in_a_batch_and_on_any_thr
     assert library is not None
     # Weight rows and batch rows that do not fill the kernel's tiles (4 x 6).
     weights = mx.random.normal((4 * 97 + 3, 12 * router_lanes()))
-    batch = mx.random.normal((KERNEL_ROWS - 1, weights.shape[1]))
+    batch = mx.random.normal((15, weights.shape[1]))
     mx.eval(weights, batch)
     before = route_calls(router)
     together = batch @ weights.T
@@ -227,6 +241,31 @@ def test_the_kernel_gives_each_row_the_same_bits_alone_in_a_batch_and_on_any_thr
     assert route_calls(router).kernel - before.kernel == 1 + 3 * (batch.shape[0] + 1)
     reference = mx.sum(batch[:, None, :] * weights[None], axis=2)
     assert mx.allclose(together, reference, atol=1e-3).item()
+
+
+def test_a_prompts_rows_get_the_same_bits_at_once_or_in_chunks() -> None:
+    """A prompt prefilled whole or in chunks (chunked prefill, a stage's batch of prompts),
+    past the kernel's blocks of 128 rows, on one thread or several: the same bits."""
+    router = loaded_router()
+    if router is None:
+        pytest.skip(NO_ROUTER)
+    library = loaded_blas()
+    assert library is not None
+    weights = mx.random.normal((6 * 40 + 5, 12 * router_lanes()))
+    prompt = mx.random.normal((300, weights.shape[1]))
+    mx.eval(weights, prompt)
+    whole = prompt @ weights.T
+    mx.eval(whole)
+    try:
+        for threads in (1, 2):
+            set_route_threads(router, threads)
+            for lo, hi in ((0, 1), (1, 17), (17, 145), (145, 300), (0, 300)):
+                chunk = prompt[lo:hi] @ weights.T
+                assert mx.array_equal(chunk, whole[lo:hi]).item(), (threads, lo, hi)
+    finally:
+        set_route_threads(router, library.threads)
+    reference = mx.sum(prompt[:, None, :] * weights[None], axis=2)
+    assert mx.allclose(whole, reference, atol=1e-3).item()
 
 
 def test_helpers_spin_through_a_step_and_sleep_once_it_ends() -> None:
@@ -380,6 +419,30 @@ def test_a_stage_dequantizes_only_its_own_layers(tmp_path: Path) -> None:
     assert Shard(quantized, LayerRange(1, 3)).compute == "quantized"
     # auto on this CPU backend: a tiny stage fits any machine's memory.
     assert not is_quantized(load_model(path, LayerRange(1, 3), compute="auto"))
+
+
+def test_dense_weights_start_on_a_cache_line_and_compute_the_same_bits(tmp_path: Path) -> None:
+    """The router's kernel loads whole cache lines: a stage's float32 matrices are moved to
+    aligned memory at load (MLX's own arrays start 8 bytes past a boundary), values kept."""
+    path = make_tiny_model_dir(tmp_path / "m", arch="llama", num_layers=2, hidden_size=128)
+    dense = load_model(path, LayerRange(0, 2), compute="float32")
+    matrices = [a for a in parameter_arrays(dense) if a.ndim == 2 and a.size >= 4096]
+    assert matrices, "the tiny model must have matrices to align"
+    assert all(data_address(a) % WEIGHT_ALIGNMENT == 0 for a in matrices)
+    # The same weights in MLX's own (unaligned) arrays give the same logits, bit for bit.
+    plain = load_model(path, LayerRange(0, 2), compute="float32")
+    plain.update(
+        tree_map(
+            lambda a: mx.array(np.array(a)) if isinstance(a, mx.array) else a, plain.parameters()
+        )
+    )
+    mx.eval(plain.parameters())
+    unaligned = [a for a in parameter_arrays(plain) if a.ndim == 2 and a.size >= 4096]
+    assert any(data_address(a) % WEIGHT_ALIGNMENT for a in unaligned)
+    tokens = mx.array([[5, 17, 42, 3, 99, 7, 250, 11]])
+    assert mx.array_equal(dense(tokens), plain(tokens)).item()
+    # Aligned already: nothing moves.
+    assert align_weights(dense) == 0
 
 
 def test_the_kernel_serves_callers_on_several_threads_at_once() -> None:

@@ -1,25 +1,28 @@
 """The BLAS router: MLX's ``cblas_sgemm`` sent to the code fastest at the call's shape.
 
 MLX asks for every float32 product as a ``sgemm``. Measured on the development machine (2
-cores, float32, ms for one pass over 30 layers of the bundled model's shapes read from
-memory, each of up, down, o and k/v once):
+cores, float32):
 
-- a few rows of activations times a layer's weights (a decode step of up to 16 sequences):
-  a general ``sgemm`` packs the weights first and is tuned for many rows. The router's own
-  kernel (``native/blas_route.c``) streams each weight row from memory once for all rows,
-  fetching the next rows while it computes, on every core: 1 row 9.9 ms (OpenBLAS's threaded
-  ``sgemv`` 10.5), 4 rows 10.1 (OpenBLAS's ``sgemm`` 29.2, BLIS's 30.5), 8 rows 13.1 (30.1,
-  36.4), 16 rows 18.0 (31.0, 42.7). Its outputs are summed in one order whatever the rows and
-  threads: a sequence's products are the same bits alone and in a batch.
-- a decode step's attention (one query row a head: its scores over the positions in use,
-  then their weights over the values; a side of at most :data:`VECTOR_SIDE`, up to
-  :data:`KERNEL_ROWS` rows): a general ``sgemm``'s set-up costs more than the product
-  (OpenBLAS: 1.1 us for one row of scores over 64 positions, 8,640 such calls in a batch-16
-  step of the bundled model). The router computes them on the calling thread, each output
-  summed in one order whatever the rows and the positions spanned: the bundled model's
-  batch-16 decode step 64.0 -> 48.9 ms in one process.
+- activations times a layer's weights (``x @ w.T``: decode steps and prompts): the router's
+  own kernel (``native/blas_route.c``) streams each weight row from memory once for all rows
+  (a prompt's a block of 128 rows at a time), fetching the next rows while it computes, on
+  every core, where a general ``sgemm`` packs the weights first. One pass over 30 layers of
+  the bundled model's shapes read from memory (each of up, down, o and k/v once): 1 row 9.9
+  ms (OpenBLAS's threaded ``sgemv`` 10.5), 4 rows 10.1 (OpenBLAS's ``sgemm`` 29.2, BLIS's
+  30.5), 8 rows 13.1 (30.1, 36.4), 16 rows 18.0 (31.0, 42.7); a prompt's product in cache,
+  256 rows x 1,536 x 576, 1.30 ms against 2.03 for OpenBLAS's ``sgemm``, 1,024 rows 5.1
+  against 7.5. Its outputs are summed in one order whatever the rows and threads: a
+  sequence's products are the same bits alone and in a batch, and a prompt's rows the same
+  prefilled at once or in chunks.
+- attention's products (a side of at most :data:`VECTOR_SIDE`: in a decode step one query
+  row a head, its scores over the positions in use, then their weights over the values): a
+  general ``sgemm``'s set-up costs more than such a product (OpenBLAS: 1.1 us for one row of
+  scores over 64 positions, 8,640 such calls in a batch-16 step of the bundled model). The
+  router computes them on the calling thread (a long prompt's on its threads), each output
+  summed in one order whatever the rows and the positions spanned.
 - other one-row products with weights: OpenBLAS's threaded ``sgemv``.
-- the rest (prompts, larger batches): OpenBLAS's ``sgemm``.
+- the rest (transposed activations, ``alpha``/``beta`` other than 1/0, depths that are not a
+  multiple of the vector lanes): OpenBLAS's ``sgemm``.
 
 The router is compiled once per machine with the system C compiler (the one MLX itself needs
 for its compiled CPU kernels) for this machine's vector instructions, into the mlx-relay
@@ -45,13 +48,12 @@ from mlx_relay.core.cache_dir import default_cache_dir
 logger = logging.getLogger(__name__)
 
 SOURCE = "blas_route.c"
-# Products with weights of up to this many rows run in the router's kernel (a decode batch
-# of up to max_batch_size's default); larger ones are prompts, where OpenBLAS's sgemm is
-# near the cores' peak (128 rows: 270 GFLOP/s here).
-KERNEL_ROWS = 16
+# Products with weights of up to this many rows run in the router's kernel: all of them
+# (decode steps and prompts; OpenBLAS's sgemm took prompts before, 1.4-1.6x slower).
+KERNEL_ROWS = 1 << 30
 # Products go to the kernel or sgemv only when both sides exceed this: attention's products
 # (one side is the head dimension, at most 128 in the supported models) go to the router's
-# small products (up to KERNEL_ROWS rows) or OpenBLAS's sgemm, whose results do not depend on
+# small products (or OpenBLAS's sgemm where those cannot take them), whose results do not depend on
 # how many positions they span, as the attention windows of mlx_relay.model.shard need for
 # exact equality with full attention (sgemv's blocking breaks it: measured on the tiny test
 # models).
@@ -63,9 +65,8 @@ CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-pthread", "-shared", "
 @dataclass(frozen=True)
 class RouteCalls:
     """``cblas_sgemm`` calls routed so far in this process: one-row products with weights that
-    the kernel cannot take (to OpenBLAS's ``sgemv``), products with weights of up to
-    :data:`KERNEL_ROWS` rows (the router's kernel), the rest (OpenBLAS's ``sgemm``), and
-    small products of up to :data:`KERNEL_ROWS` rows (attention's, on the calling thread)."""
+    the kernel cannot take (to OpenBLAS's ``sgemv``), products with weights (the router's
+    kernel), the rest (OpenBLAS's ``sgemm``), and small products (attention's)."""
 
     vector: int
     kernel: int
@@ -152,6 +153,8 @@ def connect(router: ctypes.CDLL, wide: ctypes.CDLL) -> None:
     router.mlx_relay_route_helpers.restype = ctypes.c_int
     router.mlx_relay_route_small.argtypes = [ctypes.c_int]
     router.mlx_relay_route_small.restype = None
+    router.mlx_relay_route_rows.argtypes = [ctypes.c_int]
+    router.mlx_relay_route_rows.restype = None
 
 
 def set_route_threads(router: ctypes.CDLL, threads: int) -> None:
@@ -174,6 +177,12 @@ def set_route_small(router: ctypes.CDLL, on: bool) -> None:
     """Whether the router computes small products (attention's) itself (the default) or sends
     them to OpenBLAS's ``sgemm``."""
     router.mlx_relay_route_small(int(on))
+
+
+def set_route_rows(router: ctypes.CDLL, rows: int) -> None:
+    """Products with weights of up to ``rows`` rows go to the router's kernel, larger ones to
+    OpenBLAS's ``sgemm`` (default :data:`KERNEL_ROWS`: all)."""
+    router.mlx_relay_route_rows(rows)
 
 
 def route_helpers(router: ctypes.CDLL) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from mlx_relay.core.errors import ModelError, ModelNotFound, ShardMismatch, Unsu
 from mlx_relay.core.types import LayerRange
 from mlx_relay.model.backend import (
     ComputeChoice,
+    align_weights,
     backend_name,
     choose_compute,
     dense_bytes,
@@ -265,6 +266,8 @@ def load_model(
     if choice.compute == "float32":
         model = to_float32(model)
     mx.eval(model.parameters())
+    if choice.compute == "float32" and mx.default_device() == mx.cpu:
+        align_weights(model)
     return model
 
 

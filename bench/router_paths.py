@@ -1,16 +1,20 @@
-"""What the BLAS router's small products buy: attention's products in the router vs OpenBLAS.
+"""What the BLAS router's own kernels buy over OpenBLAS's sgemm, in one process.
 
-    .venv/bin/python bench/attention_products.py                 # 3 alternating rounds
-    .venv/bin/python bench/attention_products.py --rounds 5
+    .venv/bin/python bench/router_paths.py                 # 3 alternating rounds
+    .venv/bin/python bench/router_paths.py --rounds 5
 
 One process holds the whole bundled model (float32, compiled decode step, 2 BLAS threads),
-as ``bench/engine.py`` runs it. A decode step's attention is one product per head for the
-scores and one for the values, each a query row against the positions in use: 540 products
-a step at batch 1, 8,640 at batch 16. The router computes them itself (``small on``, the
-default) or sends them to OpenBLAS's ``sgemm`` (``small off``, as before); the two ways take
-turns in each round, in this one process. Figures (medians over rounds, ms): one decode step
+as ``bench/engine.py`` runs it. Three ways take turns in each round:
+
+  router        the default: every product with the weights in the router's kernel (decode
+                steps and prompts), attention's products in its small kernels
+  small off     attention's products to OpenBLAS's sgemm (a decode step's attention is one
+                product per head for the scores and one for the values, each a query row
+                against the positions in use: 540 products a step at batch 1, 8,640 at 16)
+  prompts off   prompts' products with the weights (more than 16 rows) to OpenBLAS's sgemm
+Both off is how the router worked before. Figures (medians over rounds, ms): one decode step
 at batch 1 and 16 with 16-token prompts, at batch 16 with 200-token prompts, and a prefill
-of 128 and of 1,000 tokens; then the on/off ratio (below 1: the router's is faster).
+of 128 and of 1,000 tokens; then each way's ratio to the router's (above 1: slower).
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ load_blas()  # before MLX is imported, as the worker does
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_relay.core.blas_route import set_route_small  # noqa: E402
+from mlx_relay.core.blas_route import KERNEL_ROWS, set_route_rows, set_route_small  # noqa: E402
 from mlx_relay.core.config import ModelConfig  # noqa: E402
 from mlx_relay.core.types import LayerRange  # noqa: E402
 from mlx_relay.model.load import load_model, resolve_model_dir  # noqa: E402
 from mlx_relay.model.shard import Shard  # noqa: E402
+
+# Rows of a product with the weights that went to the kernel before prompts did (decode
+# batches of up to 16).
+DECODE_ROWS = 16
 
 
 def prompt_ids(vocab: int, length: int, row: int = 0) -> list[int]:
@@ -82,20 +90,33 @@ def main(args: argparse.Namespace) -> None:
         "prefill, 128 tokens": lambda: figures.prefill_ms(128),
         "prefill, 1,000 tokens": lambda: figures.prefill_ms(1000),
     }
-    measured: dict[tuple[str, bool], list[float]] = {}
+    ways = {
+        "router": (True, KERNEL_ROWS),
+        "small off": (False, KERNEL_ROWS),
+        "prompts off": (True, DECODE_ROWS),
+        "both off": (False, DECODE_ROWS),
+    }
+    measured: dict[tuple[str, str], list[float]] = {}
     for round_ in range(args.rounds):
-        order = (True, False) if round_ % 2 == 0 else (False, True)
-        for small in order:
+        order = list(ways) if round_ % 2 == 0 else list(reversed(ways))
+        for way in order:
+            small, rows = ways[way]
             set_route_small(router, small)
+            set_route_rows(router, rows)
             for name, measure in cases.items():
-                measured.setdefault((name, small), []).append(measure())
+                measured.setdefault((name, way), []).append(measure())
         print(f"round {round_ + 1} of {args.rounds} done", flush=True)
     set_route_small(router, True)
-    print(f"\n{'':44s} {'small on':>9s} {'small off':>10s} {'on/off':>7s}   (ms, medians)")
+    set_route_rows(router, KERNEL_ROWS)
+    header = "".join(f"{way:>13s}" for way in ways)
+    print(f"\n{'(ms, medians; ratio to the router)':42s}{header}")
     for name in cases:
-        on = statistics.median(measured[(name, True)])
-        off = statistics.median(measured[(name, False)])
-        print(f"{name:44s} {on:9.1f} {off:10.1f} {on / off:7.3f}")
+        base = statistics.median(measured[(name, "router")])
+        cells = [f"{base:13.1f}"]
+        for way in list(ways)[1:]:
+            value = statistics.median(measured[(name, way)])
+            cells.append(f"{value:6.1f} {value / base:5.2f}x")
+        print(f"{name:42s}" + "".join(cells))
 
 
 if __name__ == "__main__":
