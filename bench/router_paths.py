@@ -108,14 +108,14 @@ def main(args: argparse.Namespace) -> None:
         print(f"round {round_ + 1} of {args.rounds} done", flush=True)
     set_route_small(router, True)
     set_route_rows(router, KERNEL_ROWS)
-    header = "".join(f"{way:>13s}" for way in ways)
+    header = "".join(f"{way:>15s}" for way in ways)
     print(f"\n{'(ms, medians; ratio to the router)':42s}{header}")
     for name in cases:
         base = statistics.median(measured[(name, "router")])
-        cells = [f"{base:13.1f}"]
+        cells = [f"{base:15.1f}"]
         for way in list(ways)[1:]:
             value = statistics.median(measured[(name, way)])
-            cells.append(f"{value:6.1f} {value / base:5.2f}x")
+            cells.append(f"{value:8.1f} {value / base:5.2f}x")
         print(f"{name:42s}" + "".join(cells))
 
 
