@@ -3,6 +3,7 @@ per host, and ``model.compute: auto`` picks dense float32 weights only where the
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -80,6 +81,16 @@ def test_mlx_matmuls_run_on_the_system_blas() -> None:
 
 
 NO_ROUTER = "no BLAS router here (needs libopenblas0-pthread and a C compiler)"
+
+
+def routed() -> tuple[ctypes.CDLL, BlasLibrary]:
+    """The loaded router and library; the test is skipped where there is no router."""
+    router = loaded_router()
+    if router is None:
+        pytest.skip(NO_ROUTER)
+    library = loaded_blas()
+    assert library is not None
+    return router, library
 
 
 def router_lanes() -> int:
@@ -216,11 +227,7 @@ def test_small_products_give_each_row_the_same_bits_alone_in_a_batch_and_over_an
 
 def test_the_kernel_gives_each_row_the_same_bits_alone_in_a_batch_and_on_any_threads() -> None:
     """A decode step's products do not depend on the other sequences in the batch."""
-    router = loaded_router()
-    if router is None:
-        pytest.skip(NO_ROUTER)
-    library = loaded_blas()
-    assert library is not None
+    router, library = routed()
     # Weight rows and batch rows that do not fill the kernel's tiles (4 x 6).
     weights = mx.random.normal((4 * 97 + 3, 12 * router_lanes()))
     batch = mx.random.normal((15, weights.shape[1]))
@@ -246,11 +253,7 @@ def test_the_kernel_gives_each_row_the_same_bits_alone_in_a_batch_and_on_any_thr
 def test_a_prompts_rows_get_the_same_bits_at_once_or_in_chunks() -> None:
     """A prompt prefilled whole or in chunks (chunked prefill, a stage's batch of prompts),
     past the kernel's blocks of 128 rows, on one thread or several: the same bits."""
-    router = loaded_router()
-    if router is None:
-        pytest.skip(NO_ROUTER)
-    library = loaded_blas()
-    assert library is not None
+    router, library = routed()
     weights = mx.random.normal((6 * 40 + 5, 12 * router_lanes()))
     prompt = mx.random.normal((300, weights.shape[1]))
     mx.eval(weights, prompt)
@@ -271,11 +274,7 @@ def test_a_prompts_rows_get_the_same_bits_at_once_or_in_chunks() -> None:
 def test_helpers_spin_through_a_step_and_sleep_once_it_ends() -> None:
     """Between a step's products the helpers spin (no wake-up for the next product); a
     stage whose step is over sends them to sleep at once, leaving the cores to others."""
-    router = loaded_router()
-    if router is None:
-        pytest.skip(NO_ROUTER)
-    library = loaded_blas()
-    assert library is not None
+    router, library = routed()
     weights = mx.random.normal((256, 12 * router_lanes()))  # the kernel's shape
     batch = mx.random.normal((4, weights.shape[1]))
     mx.eval(weights, batch)
@@ -448,16 +447,11 @@ def test_dense_weights_start_on_a_cache_line_and_compute_the_same_bits(tmp_path:
 def test_the_kernel_serves_callers_on_several_threads_at_once() -> None:
     """Workers of one process compute on their own threads: a caller that finds the
     router's threads busy computes its product alone, and every product is right."""
-    import ctypes
     import threading
 
     import numpy as np
 
-    router = loaded_router()
-    if router is None:
-        pytest.skip(NO_ROUTER)
-    library = loaded_blas()
-    assert library is not None
+    router, library = routed()
     rng = np.random.default_rng(7)
     n, k = 1000, 16 * router_lanes()
     weights = rng.standard_normal((n, k), dtype=np.float32)
