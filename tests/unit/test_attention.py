@@ -68,9 +68,9 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     seen: list[tuple[int, ...]] = []
     real = attention_module.attention
 
-    def counted(q: mx.array, *rest: Any) -> mx.array:
+    def counted(q: mx.array, *rest: Any, **named: Any) -> mx.array:
         seen.append(tuple(q.shape))
-        return real(q, *rest)
+        return real(q, *rest, **named)
 
     monkeypatch.setattr(attention_module, "attention", counted)
     return seen
@@ -109,6 +109,51 @@ def test_only_this_threads_large_enough_decode_attention_is_written_out(
     assert len(calls) == 1, "the block ended"
 
 
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,length,width,masking",
+    [
+        (1, 9, 3, 16, 16, "causal"),
+        (1, 9, 3, 128, 128, "causal"),
+        (2, 9, 3, 7, 40, "causal"),  # a chunk after 33 cached positions
+        (3, 4, 4, 12, 30, "boolean"),  # a batch of prompts with left padding
+        (16, 8, 2, 16, 16, "boolean"),
+        (2, 4, 1, 9, 9, "none"),
+    ],
+)
+def test_a_prompts_attention_is_written_out_with_mlx_bits(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    length: int,
+    width: int,
+    masking: str,
+    calls: list[tuple[int, ...]],
+) -> None:
+    attention_module.install()  # as a Shard does
+    parts = mx.random.split(mx.random.key(batch * width + length), 3)
+    q = 3 * mx.random.normal((batch, heads, length, 64), key=parts[0])
+    k = 3 * mx.random.normal((batch, kv_heads, width, 64), key=parts[1])
+    v = mx.random.normal((batch, kv_heads, width, 64), key=parts[2])
+    mask: Any = None
+    if masking == "causal":
+        mask = "causal"
+    elif masking == "boolean":
+        pads = mx.arange(batch) % 5
+        queries = mx.arange(width - length, width)[:, None]
+        allowed = (mx.arange(width)[None] <= queries)[None] & (
+            mx.arange(width)[None, None] >= pads[:, None, None]
+        )
+        mask = allowed.reshape(batch, 1, length, width)
+    got = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    expected = MLX_ATTENTION(q, k, v, scale=0.125, mask=mask)
+    assert calls == [(batch, heads, length, 64)], "the prompt took the written-out attention"
+    assert mx.array_equal(got, expected).item()
+    # Half precision stays with MLX's own.
+    half = [a.astype(mx.float16) for a in (q, k, v)]
+    mx.eval(mx.fast.scaled_dot_product_attention(*half, scale=0.125, mask=mask))
+    assert len(calls) == 1
+
+
 def test_a_compiled_batch_step_uses_it_and_keeps_every_rows_logits(
     tmp_path: Path, calls: list[tuple[int, ...]]
 ) -> None:
@@ -129,7 +174,9 @@ def test_a_compiled_batch_step_uses_it_and_keeps_every_rows_logits(
         cache = stage.make_cache()
         mx.eval(stage(mx.array([prompt]), cache))
         alone.append(cache)
-    assert calls == []
+    # The prompts' attention (several positions a row) is written out too.
+    assert calls and all(shape[2] > 1 for shape in calls)
+    calls.clear()
     for step in range(3):
         tokens = [[(17 * r + step) % 200 + 1] for r in range(12)]
         batch = stage(mx.array(tokens), caches)
