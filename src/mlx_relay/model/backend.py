@@ -14,7 +14,7 @@ from typing import Literal
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_relay.core.blas import BlasLibrary, defining_file, loaded_blas, loaded_in_process
 
@@ -131,25 +131,31 @@ def align_weights(model: nn.Module) -> int:
     spans two cache lines: the BLAS router's kernel then runs at about two thirds of its speed
     at 16 rows and half at 128 (the bundled model's shapes). Each matrix is copied into a
     buffer a cache line longer, at the offset where it starts aligned, and the model keeps a
-    view of it (same values, same shape; one matrix at a time, so memory grows by one matrix
-    at most). A matrix is left as it is when the copy does not land in place.
+    view of it (same values, same shape). One matrix at a time, the old one released before
+    the next is copied: memory grows by one matrix at most. A matrix is left as it is when
+    the copy does not land in place.
     """
     moved = 0
-    replaced: dict[int, mx.array] = {}
-
-    def aligned(value: mx.array) -> mx.array:
-        nonlocal moved
-        if value.ndim < 2 or value.dtype != mx.float32 or value.size < 4096:
-            return value
-        if id(value) in replaced:  # tied weights stay one array
-            return replaced[id(value)]
+    for name in [name for name, _ in _parameters(model)]:
+        value = dict(_parameters(model))[name]
+        if (
+            not isinstance(value, mx.array)
+            or value.ndim < 2
+            or value.dtype != mx.float32
+            or value.size < 4096
+        ):
+            continue
         out = _aligned_copy(value)
-        replaced[id(value)] = out
-        moved += out is not value
-        return out
-
-    model.update(tree_map(aligned, model.parameters()))
+        if out is not value:
+            model.update(tree_unflatten([(name, out)]))
+            moved += 1
+        del value, out
     return moved
+
+
+def _parameters(model: nn.Module) -> list[tuple[str, object]]:
+    flat: list[tuple[str, object]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    return flat
 
 
 def data_address(array: mx.array) -> int:
