@@ -238,12 +238,12 @@ static inline __attribute__((always_inline)) void tile_nn(const int rows, const 
         for (int j = 0; j < blocks; j++) memcpy(c + (size_t)i * ldc + j * LANES, &acc[i][j], sizeof(vec));
 }
 
-#define NN_BLOCKS(R)                                                                       \
+#define NN_BLOCKS(R, B, C)                                                                 \
     switch (blocks) {                                                                      \
-    case 4: tile_nn(R, 4, k, a, lda, b, ldb, c, ldc); break;                               \
-    case 3: tile_nn(R, 3, k, a, lda, b, ldb, c, ldc); break;                               \
-    case 2: tile_nn(R, 2, k, a, lda, b, ldb, c, ldc); break;                               \
-    default: tile_nn(R, 1, k, a, lda, b, ldb, c, ldc);                                     \
+    case 4: tile_nn(R, 4, k, a, lda, B, ldb, C, ldc); break;                               \
+    case 3: tile_nn(R, 3, k, a, lda, B, ldb, C, ldc); break;                               \
+    case 2: tile_nn(R, 2, k, a, lda, B, ldb, C, ldc); break;                               \
+    default: tile_nn(R, 1, k, a, lda, B, ldb, C, ldc);                                     \
     }
 
 static void small_nn(int m, int n, int k, const float *a, int lda, const float *b, int ldb,
@@ -252,17 +252,11 @@ static void small_nn(int m, int n, int k, const float *a, int lda, const float *
         int rows = m - i < 4 ? m - i : 4;
         for (int j = 0; j < n; j += 4 * LANES) {
             int blocks = (n - j) / LANES < 4 ? (n - j) / LANES : 4;
-            const float *bj = b + j;
-            float *cj = c + j;
-            {
-                const float *b = bj;
-                float *c = cj;
-                switch (rows) {
-                case 4: NN_BLOCKS(4) break;
-                case 3: NN_BLOCKS(3) break;
-                case 2: NN_BLOCKS(2) break;
-                default: NN_BLOCKS(1)
-                }
+            switch (rows) {
+            case 4: NN_BLOCKS(4, b + j, c + j) break;
+            case 3: NN_BLOCKS(3, b + j, c + j) break;
+            case 2: NN_BLOCKS(2, b + j, c + j) break;
+            default: NN_BLOCKS(1, b + j, c + j)
             }
         }
     }
