@@ -14,9 +14,12 @@ On the bundled model (greedy):
   decode     decode tokens/s of one request, single process (``generate_tokens``) vs a
              2-worker pipeline of real ``mlx-relay worker`` processes on loopback, alternating
              rounds; medians, their ratio and the added milliseconds per token. The pipeline's
-             tokens must equal the single process's (checked every round). With
-             --compare-unary, a second pipeline whose Forward calls are unary
-             (network.forward_stream off) takes its turn in each round.
+             tokens must equal the single process's (checked every round). A second
+             coordinator over the same workers with chained steps off
+             (inference.chained_steps_max_batch: 0: each token goes through the
+             coordinator before the next step starts) takes its turn in each round. With
+             --compare-unary, a pipeline whose Forward calls are unary
+             (network.forward_stream off) takes its turn too.
   aggregate  total generated tokens/s with 1, 4, 8 and 16 requests in flight at once (each
              request's prefill included, in one run against 1 in flight): the requests are
              batched continuously, one micro-batch per stage unless --micro-batches says.
@@ -275,9 +278,16 @@ async def main(args: argparse.Namespace) -> None:
         if unary is not None:
             await pipeline_round(unary[1], 4)
         if "decode" in args.sections:
-            await decode_section(
-                args, orchestrator, model, prompt, eos, unary[1] if unary else None
+            unchained = await serving_orchestrator(
+                fleet, args, config.model_copy(update={"inference": no_chain(config)})
             )
+            try:
+                await pipeline_round(unchained, 4)
+                await decode_section(
+                    args, orchestrator, model, prompt, eos, unchained, unary[1] if unary else None
+                )
+            finally:
+                await unchained.shutdown()
         if unary is not None:  # idle from here on: the other sections run without it
             await unary[1].shutdown()
             unary[0].stop()
@@ -315,11 +325,19 @@ def unary_workers(args: argparse.Namespace, model_dir: Path, work_dir: Path) -> 
     return fleet
 
 
+def no_chain(config: ClusterConfig) -> Any:
+    """``config``'s inference section with chained steps off."""
+    return config.inference.model_copy(update={"chained_steps_max_batch": 0})
+
+
 async def serving_orchestrator(
-    fleet: WorkerFleet, args: argparse.Namespace
+    fleet: WorkerFleet, args: argparse.Namespace, config: ClusterConfig | None = None
 ) -> DistributedOrchestrator:
-    """A coordinator over ``fleet`` once its workers serve."""
-    orchestrator = DistributedOrchestrator(fleet.config, enable_monitoring=args.monitoring)
+    """A coordinator over ``fleet`` (``config``: its own, else the fleet's) once its
+    workers serve."""
+    orchestrator = DistributedOrchestrator(
+        config or fleet.config, enable_monitoring=args.monitoring
+    )
     while not await fleet.poll_serving():
         await asyncio.sleep(0.2)
     await orchestrator.initialize()
@@ -363,10 +381,12 @@ async def decode_section(
     model: Any,
     prompt: list[int],
     eos: Any,
+    unchained: DistributedOrchestrator,
     unary: DistributedOrchestrator | None = None,
 ) -> None:
     single: list[float] = []
     pipe: list[float] = []
+    unchained_pipe: list[float] = []
     unary_pipe: list[float] = []
     for i in range(args.rounds):
         rate, expected = single_process_round(model, prompt, args.max_tokens)
@@ -377,6 +397,10 @@ async def decode_section(
             expected = expected[:-1]
         assert got == expected, f"round {i}: pipeline tokens differ from single process"
         line = f"round {i + 1}: single {single[-1]:6.2f} tok/s   pipeline {pipe[-1]:6.2f} tok/s"
+        rate, got = await pipeline_round(unchained, args.max_tokens)
+        unchained_pipe.append(rate)
+        assert got == expected, f"round {i}: unchained pipeline tokens differ"
+        line += f"   not chained {unchained_pipe[-1]:6.2f} tok/s"
         if unary is not None:
             rate, got = await pipeline_round(unary, args.max_tokens)
             unary_pipe.append(rate)
@@ -389,6 +413,12 @@ async def decode_section(
     print(f"single process   {spread(single)} tok/s")
     print(f"2-stage pipeline {spread(pipe)} tok/s")
     print(f"ratio pipeline/single {p / s:.3f}; added {1000 * (1 / p - 1 / s):.1f} ms per token")
+    c = statistics.median(unchained_pipe)
+    print(f"steps not chained {spread(unchained_pipe)} tok/s")
+    print(
+        f"ratio not chained/single {c / s:.3f}; added {1000 * (1 / c - 1 / s):.1f} ms per token; "
+        f"chaining saves {1000 * (1 / c - 1 / p):.2f} ms per token"
+    )
     if unary_pipe:
         u = statistics.median(unary_pipe)
         print(f"the same with unary Forward calls {spread(unary_pipe)} tok/s")

@@ -40,6 +40,6 @@ def compute_windows(
         if timing.handled_seconds <= 0.0:
             windows.extend([None] * (len(timings) - index))
             break
-        start = split.begin + timing.compute_offset_seconds
+        start = split.begin + timing.compute_offset_seconds - split.stage.chain_wait
         windows.append((start, start + timing.compute_seconds))
     return windows

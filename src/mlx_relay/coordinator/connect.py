@@ -142,4 +142,5 @@ def scheduler_settings(config: ClusterConfig) -> SchedulerSettings:
         max_micro_batches=inference.micro_batches
         or default_micro_batches([stage[0].host for stage in config.stages]),
         first_token_tokens=inference.first_token_priority_tokens,
+        chain_max_batch=inference.chained_steps_max_batch,
     )

@@ -114,6 +114,7 @@ class RequestRun:
         self.session_id = self.request_id
         self.prompt_ids = prepared.prompt_ids
         self.sampling = encode_sampling(prepared.params)
+        self.max_steps: int | None = prepared.max_tokens
         self._router = router
         self._loop: StepLoop | None = None  # once it joins
         self._eos_ids = eos_ids

@@ -150,7 +150,7 @@ class ReplicaRouter:
     def _in_flight(self) -> int:
         """Micro-batches in flight in all the loops (stages of one host in different
         paths may compute at once)."""
-        return sum(loop.in_flight for loop in self._loops.values())
+        return sum(loop.computing for loop in self._loops.values())
 
     def _failover(self, loop: StepLoop, failed: str) -> StepLoop | None:
         """Where the requests of ``loop`` go when its stage ``failed`` failed: a path

@@ -25,10 +25,24 @@ Policy, for each micro-batch:
 - A paused request (its client has not read the tokens it already has,
   :meth:`Scheduler.pause`) takes no step and holds no row until :meth:`Scheduler.resume`.
 - Up to ``max_micro_batches`` plans are in flight at once, and a request is in at most one
-  of them: the requests are shared out, each plan taking at most
-  ``ceil(requests / max_micro_batches)`` rows. By default one per machine the stages run on
+  of them (but for chained steps, below): the requests are shared out, each plan taking at
+  most ``ceil(requests / max_micro_batches)`` rows. By default one per machine the stages run on
   (:func:`default_micro_batches`): stages on separate machines all have work, while stages
   sharing one machine's cores get one larger batch instead of smaller overlapping ones.
+
+Chained steps (``chain_max_batch``): while one all-decode plan of at most that many rows
+holds every running request and nothing else waits, :meth:`Scheduler.chain` plans their
+next decode step before this one is back. The first stage starts it from the tokens the
+step before samples as soon as they come back to it from the later stages
+(:mod:`mlx_relay.worker.chain`): the coordinator is off the token's critical path. A
+request is then in two plans, the second following the first; a request that reaches
+``max_steps`` is not chained, and one that finishes early (EOS, stop string) leaves once
+the plan chained to it is back (its token is not used). A chained plan takes no slot while
+it waits for its first plan. A newcomer ends the chain: it waits for the plans already
+sent (at most one small step more than without chaining) and then joins them. Only small
+batches chain: there the coordinator's round trip is the largest share of a step, and a
+newcomer's first token waits for a short step only. When the first plan fails, the one
+chained to it is :meth:`Scheduler.broken`: it is rewound whatever its answer.
 
 Recovery: when a stage fails and comes back (:mod:`mlx_relay.coordinator.recovery`), the
 requests of a failed micro-batch are put back (:meth:`Scheduler.rewind`) and every request
@@ -84,19 +98,23 @@ class SchedulerSettings:
         max_micro_batches: most micro-batches in flight at once.
         first_token_tokens: the longest prefill (a prompt's positions but its last) that gets
             first-token priority; 0: none does.
+        chain_max_batch: the most requests in a decode batch whose next step is planned
+            before this one is back (:meth:`Scheduler.chain`); 0: none.
     """
 
     max_batch_size: int
     prefill_chunk_tokens: int
     max_micro_batches: int = 1
     first_token_tokens: int = 0
+    chain_max_batch: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "prefill_chunk_tokens", "max_micro_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.first_token_tokens < 0:
-            raise ValueError(f"first_token_tokens must be >= 0, got {self.first_token_tokens}")
+        for name in ("first_token_tokens", "chain_max_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -115,10 +133,12 @@ class ScheduledStep:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What one micro-batch runs: the scheduler's whole decision for one step."""
+    """What one micro-batch runs: the scheduler's whole decision for one step.
+    ``follows``: a chained plan's first plan, whose sampled tokens are its inputs."""
 
     plan_id: int
     steps: tuple[ScheduledStep, ...]
+    follows: int | None = None
 
     @property
     def request_ids(self) -> list[str]:
@@ -142,6 +162,8 @@ class _Request:
     computed: int = 0  # positions the stages hold
     generated: int = 0  # decode steps completed
     in_flight: int | None = None  # plan id
+    chained: int | None = None  # the plan chained to that one (its next decode step)
+    max_steps: int | None = None  # decode steps it may take at most (None: no limit known)
     last_served: int = -1  # when it was last scheduled (a counter)
     aborted: bool = False
     paused: bool = False
@@ -168,6 +190,8 @@ class Scheduler:
     _arrivals: itertools.count[int] = field(default_factory=itertools.count)
     _stamps: itertools.count[int] = field(default_factory=itertools.count)
     _first_token_run: int = 0  # first-token micro-batches scheduled in a row
+    _followers: dict[int, int] = field(default_factory=dict)  # plan id -> chained plan id
+    _broken: set[int] = field(default_factory=set)  # chained plans whose first plan failed
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -185,10 +209,23 @@ class Scheduler:
         """Micro-batches scheduled and not yet completed."""
         return len(self._in_flight)
 
-    def add(self, request_id: str, prompt_length: int, generated: int = 0) -> None:
+    @property
+    def computing(self) -> int:
+        """Micro-batches in flight that do not wait for another (a chained plan waits for
+        its first plan until that one completes): those the stages may compute at once."""
+        return sum(1 for p in self._in_flight.values() if p.follows not in self._in_flight)
+
+    def add(
+        self,
+        request_id: str,
+        prompt_length: int,
+        generated: int = 0,
+        max_steps: int | None = None,
+    ) -> None:
         """A new request; it joins the next micro-batch that has room. A request that has
         already ``generated`` tokens elsewhere (moved from another replica's pipeline)
-        starts with their replay, as after :meth:`replay`.
+        starts with their replay, as after :meth:`replay`. ``max_steps``: the most decode
+        steps it takes (its ``max_tokens``); none is chained past it.
 
         Raises:
             ValueError: the id is taken, or the prompt is empty.
@@ -199,6 +236,7 @@ class Scheduler:
             raise ValueError("a request needs at least one prompt token")
         request = _Request(request_id, prompt_length - 1, next(self._arrivals))
         request.generated = generated
+        request.max_steps = max_steps
         request.prefill_length = request.prompt_prefill + generated
         limit = min(self.settings.first_token_tokens, self.settings.prefill_chunk_tokens)
         request.urgent = limit > 0 and generated == 0 and request.prompt_prefill <= limit
@@ -251,7 +289,8 @@ class Scheduler:
         """The next micro-batch, or None when ``max_micro_batches`` are in flight or no
         request has a step to take."""
         settings = self.settings
-        if len(self._in_flight) >= settings.max_micro_batches:
+        # A chained plan takes no slot while it waits for the plan it follows.
+        if self.computing >= settings.max_micro_batches:
             return None
         free = [
             r
@@ -329,26 +368,98 @@ class Scheduler:
         self._in_flight[plan.plan_id] = plan
         return plan
 
+    def chain(self) -> StepPlan | None:
+        """The next decode step of the requests of the one plan in flight, planned before
+        that plan is back (see the module docstring), or None: another plan is in flight,
+        the plan has more than ``chain_max_batch`` requests or a prefill, another request
+        waits, or none of its requests has a step left under its ``max_steps``."""
+        if len(self._in_flight) != 1:
+            return None
+        (plan,) = self._in_flight.values()
+        if len(plan.steps) > self.settings.chain_max_batch or plan.plan_id in self._broken:
+            return None
+        if any(step.phase != "decode" for step in plan.steps):
+            return None
+        members = set(plan.request_ids)
+        live = [r for r in self._requests.values() if not r.aborted and not r.paused]
+        if any(r.request_id not in members for r in live):
+            return None  # it joins the next plan, with these
+        steps = []
+        for step in plan.steps:
+            request = self._requests.get(step.request_id)
+            if (
+                request is None
+                or request.aborted
+                or request.paused
+                or request.in_flight != plan.plan_id
+                or request.chained is not None
+                or (request.max_steps is not None and step.step + 1 >= request.max_steps)
+            ):
+                continue
+            request.last_served = next(self._stamps)
+            steps.append(
+                ScheduledStep(request.request_id, "decode", step.position + 1, 1, step.step + 1)
+            )
+        if not steps:
+            return None
+        chained = StepPlan(next(self._ids), tuple(steps), follows=plan.plan_id)
+        for step in steps:
+            self._requests[step.request_id].chained = chained.plan_id
+        self._in_flight[chained.plan_id] = chained
+        self._followers[plan.plan_id] = chained.plan_id
+        return chained
+
+    def broken(self, plan: StepPlan) -> bool:
+        """Whether ``plan`` was chained to a plan that failed (or is not back yet): its
+        answer must not count."""
+        return plan.plan_id in self._broken or (
+            plan.follows is not None and plan.follows in self._in_flight
+        )
+
+    def _out_of_flight(self, plan: StepPlan, failed: bool) -> None:
+        """``plan`` is back: its chained plan no longer waits for it (and is broken when
+        ``plan`` failed)."""
+        del self._in_flight[plan.plan_id]
+        self._broken.discard(plan.plan_id)
+        follower = self._followers.pop(plan.plan_id, None)
+        if failed and follower is not None and follower in self._in_flight:
+            self._broken.add(follower)
+        if plan.follows is not None and self._followers.get(plan.follows) == plan.plan_id:
+            # Back before the plan it follows (a failure): its requests stay in that one.
+            del self._followers[plan.follows]
+            for step in plan.steps:
+                request = self._requests.get(step.request_id)
+                if request is not None and request.chained == plan.plan_id:
+                    request.chained = None
+
+    def _next_plan(self, request: _Request) -> None:
+        """The request's plan is back: it is in its chained plan now, if any."""
+        request.in_flight, request.chained = request.chained, None
+
     def complete(self, plan: StepPlan, finished: Iterable[str] = ()) -> None:
         """A micro-batch ran: its requests advance; ``finished`` ones (EOS, stop string,
-        ``max_tokens``) leave, as do those aborted meanwhile.
+        ``max_tokens``) leave, as do those aborted meanwhile (once a plan chained to this
+        one is back too).
 
         Raises:
             KeyError: the plan is not in flight.
         """
-        del self._in_flight[plan.plan_id]
+        self._out_of_flight(plan, failed=False)
         done = set(finished)
         for step in plan.steps:
             request = self._requests.get(step.request_id)
             if request is None or request.in_flight != plan.plan_id:
                 continue
-            request.in_flight = None
+            self._next_plan(request)
             request.computed += step.length
             if step.phase == "decode":
                 request.generated += 1
                 request.urgent = False
             if request.aborted or step.request_id in done:
-                del self._requests[step.request_id]
+                if request.in_flight is None:
+                    del self._requests[step.request_id]
+                else:
+                    request.aborted = True
 
     def rewind(self, plan: StepPlan) -> None:
         """A micro-batch failed but its requests stay: they are back out of flight, with
@@ -357,13 +468,13 @@ class Scheduler:
         Raises:
             KeyError: the plan is not in flight.
         """
-        del self._in_flight[plan.plan_id]
+        self._out_of_flight(plan, failed=True)
         for step in plan.steps:
             request = self._requests.get(step.request_id)
             if request is None or request.in_flight != plan.plan_id:
                 continue
-            request.in_flight = None
-            if request.aborted:
+            self._next_plan(request)
+            if request.aborted and request.in_flight is None:
                 del self._requests[step.request_id]
 
     def replay(self) -> list[str]:
@@ -389,7 +500,8 @@ class Scheduler:
     def fail(self, plan: StepPlan) -> list[str]:
         """A micro-batch failed: its requests leave (their caches cannot be trusted).
         Returns their ids."""
-        self._in_flight.pop(plan.plan_id, None)
+        if plan.plan_id in self._in_flight:
+            self._out_of_flight(plan, failed=True)
         failed = []
         for step in plan.steps:
             request = self._requests.get(step.request_id)

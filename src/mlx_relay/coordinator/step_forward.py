@@ -34,6 +34,7 @@ class Member(Protocol):
     request_id: str
     prompt_ids: list[int]
     sampling: relay_pb2.SamplingParams
+    max_steps: int | None  # the most tokens it generates (no step is chained past them)
     spans: RequestSpans | None  # its trace, when tracing is on
 
     @property
@@ -81,24 +82,28 @@ def step_entries(
     plan: StepPlan, members: Mapping[str, Member], trace: StepTrace | None = None
 ) -> list[relay_pb2.ForwardEntry]:
     """The first stage's entry for each step of ``plan``: the prompt chunk's or the next
-    token's ids, the request's sampling and its trace context."""
+    token's ids (none for a chained plan's: the first stage takes the tokens its first plan
+    samples), the request's sampling and its trace context."""
     entries = []
+    chained = plan.follows is not None
     for step in plan.steps:
         member = members[step.request_id]
-        if step.phase == "prefill":
-            ids = member.prefill_ids(step.position, step.length)
-        else:
-            ids = [member.next_token()]
-        entries.append(
-            relay_pb2.ForwardEntry(
-                request_id=member.session_id,
-                position=step.position,
-                tensor=encode_token_ids(ids),
-                sampling=member.sampling,
-                step=step.step,
-                traceparent=trace.join(member.spans, step) if trace is not None else "",
-            )
+        entry = relay_pb2.ForwardEntry(
+            request_id=member.session_id,
+            position=step.position,
+            sampling=member.sampling,
+            step=step.step,
+            traceparent=trace.join(member.spans, step) if trace is not None else "",
+            chained=chained,
         )
+        if not chained:
+            ids = (
+                member.prefill_ids(step.position, step.length)
+                if step.phase == "prefill"
+                else [member.next_token()]
+            )
+            entry.tensor.CopyFrom(encode_token_ids(ids))
+        entries.append(entry)
     return entries
 
 
@@ -162,7 +167,8 @@ def stage_times(
     stages: Sequence[StageView], reply: relay_pb2.ForwardResponse, rpc_seconds: float
 ) -> list[tuple[StageView, float, float]]:
     """Each stage's compute and network seconds in one relayed step: a stage's network
-    time is its call's time less its compute and less the call it made to the next.
+    time is its call's time less its compute, less the call it made to the next and less
+    a chained step's wait for its input.
 
     Raises:
         StageError: the reply does not time the stages of the route, in order.
@@ -177,8 +183,13 @@ def stage_times(
             f"got {[t.device_id for t in timings]}",
         )
     calls = [rpc_seconds] + [t.rpc_seconds for t in timings[1:]] + [0.0]
+    # A chained step's wait for the step before it is neither compute nor network.
     return [
-        (stage, t.compute_seconds, max(0.0, calls[i] - t.compute_seconds - calls[i + 1]))
+        (
+            stage,
+            t.compute_seconds,
+            max(0.0, calls[i] - t.compute_seconds - calls[i + 1] - t.chain_wait_seconds),
+        )
         for i, (stage, t) in enumerate(zip(stages, timings, strict=True))
     ]
 

@@ -91,7 +91,7 @@ class StepLoop(LoopRecovery):
         self._stages = stages
         # Micro-batches in flight in every loop over these workers: each Forward carries it,
         # so that a stage takes only the cores no other stage of its host may compute on.
-        self._pipeline_in_flight = pipeline_in_flight or (lambda: self._scheduler.in_flight)
+        self._pipeline_in_flight = pipeline_in_flight or (lambda: self._scheduler.computing)
         self._traced = traced
         self._clients = clients
         self._route = self._routed()
@@ -132,6 +132,12 @@ class StepLoop(LoopRecovery):
         return self._scheduler.in_flight
 
     @property
+    def computing(self) -> int:
+        """Micro-batches in flight that the stages may compute now (a chained plan waits
+        for the plan before it)."""
+        return self._scheduler.computing
+
+    @property
     def scheduled(self) -> int:
         """Requests the scheduler holds (running, not yet finished)."""
         return len(self._scheduler)
@@ -153,7 +159,7 @@ class StepLoop(LoopRecovery):
             self._members[member.request_id] = member
             self._held_back.append(member)
             return
-        self._scheduler.add(member.request_id, len(member.prompt_ids))
+        self._scheduler.add(member.request_id, len(member.prompt_ids), max_steps=member.max_steps)
         self._members[member.request_id] = member
         if self._arrivals is not None and self._arrivals() and not self._scheduler.in_flight:
             # A burst on an idle pipeline: the requests still being tokenized join first,
@@ -197,7 +203,9 @@ class StepLoop(LoopRecovery):
         waiting, self._held_back = self._held_back, []
         for member in waiting:
             if self._members.get(member.request_id) is member:
-                self._scheduler.add(member.request_id, len(member.prompt_ids))
+                self._scheduler.add(
+                    member.request_id, len(member.prompt_ids), max_steps=member.max_steps
+                )
         self._pump()
 
     def leave(self, request_id: str) -> asyncio.Future[None]:
@@ -261,7 +269,9 @@ class StepLoop(LoopRecovery):
     def adopt(self, member: Member, generated: int) -> None:
         """Take over a request from another loop; it has ``generated`` tokens so far and
         starts with their replay (it joins as :meth:`join` otherwise)."""
-        self._scheduler.add(member.request_id, len(member.prompt_ids), generated)
+        self._scheduler.add(
+            member.request_id, len(member.prompt_ids), generated, member.max_steps
+        )
         self._members[member.request_id] = member
         if getattr(member, "paused", False):
             self._scheduler.pause(member.request_id)
@@ -283,6 +293,12 @@ class StepLoop(LoopRecovery):
             and (plan := self._scheduler.schedule()) is not None
         ):
             self._spawn(self._execute(plan))
+        if self._stopped is None and not self._recovering:
+            # Sent right behind the plan it follows, on the same stream, so the first stage
+            # has it waiting when that plan's tokens come back (scheduler.py, "Chained").
+            chained = self._scheduler.chain()
+            if chained is not None:
+                self._spawn(self._execute(chained))
         self._report_held()
 
     def _spawn(self, work: Any) -> None:
@@ -313,6 +329,9 @@ class StepLoop(LoopRecovery):
         except Exception as exc:
             if trace is not None:
                 trace.close(exc)
+            if self._scheduler.broken(plan):
+                self._drop_broken(plan)
+                return
             if self._recovery_timeout > 0 and recovery.is_recoverable(exc):
                 self._scheduler.rewind(plan)
                 self._settle(plan)
@@ -336,6 +355,11 @@ class StepLoop(LoopRecovery):
             self._settle(plan)
             self._pump()
             return
+        if self._scheduler.broken(plan):
+            if trace is not None:
+                trace.close()
+            self._drop_broken(plan)
+            return
         finished = []
         for step in plan.steps:
             member = self._members.get(step.request_id)
@@ -356,6 +380,13 @@ class StepLoop(LoopRecovery):
             self._members.pop(request_id, None)
         if not self._recovering:
             self._failed_at = None  # a step after the replay went through: recovered
+        self._settle(plan)
+        self._pump()
+
+    def _drop_broken(self, plan: StepPlan) -> None:
+        """A chained plan whose first plan failed: its requests went the first plan's way
+        (failed, or rewound for a replay), whatever this one's answer."""
+        self._scheduler.rewind(plan)
         self._settle(plan)
         self._pump()
 

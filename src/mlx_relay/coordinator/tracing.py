@@ -213,6 +213,7 @@ def stage_times(timings: Sequence[relay_pb2.StageTiming]) -> tuple[StageTimes, .
             queue=timing.queue_seconds,
             encode=timing.encode_seconds,
             sample=timing.sample_seconds,
+            chain_wait=timing.chain_wait_seconds,
             relay_offset=(
                 timings[index + 1].called_offset_seconds if index + 1 < len(timings) else 0.0
             ),

@@ -66,6 +66,11 @@ class InferenceConfig(ConfigSection):
     # at most this many positions, arriving while other streams run, gets its prefill and
     # first decode step in micro-batches of their own, ahead of the streams; 0 = off.
     first_token_priority_tokens: int = Field(default=64, ge=0)
+    # Chained steps (coordinator/scheduler.py): while one decode batch of at most this many
+    # requests holds every running request, its next step goes to the first stage before
+    # this one is back and starts from the tokens the last stage samples as they come back
+    # up the chain (no round trip through the coordinator per token); 0 = off.
+    chained_steps_max_batch: int = Field(default=4, ge=0)
 
     @model_validator(mode="after")
     def _peer_quota(self) -> InferenceConfig:

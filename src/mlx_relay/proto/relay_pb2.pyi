@@ -34,20 +34,22 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., has_seed: _Optional[bool] = ..., seed: _Optional[int] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class ForwardEntry(_message.Message):
-    __slots__ = ("request_id", "position", "tensor", "sampling", "step", "traceparent")
+    __slots__ = ("request_id", "position", "tensor", "sampling", "step", "traceparent", "chained")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    CHAINED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     position: int
     tensor: Tensor
     sampling: SamplingParams
     step: int
     traceparent: str
-    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., step: _Optional[int] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    chained: bool
+    def __init__(self, request_id: _Optional[str] = ..., position: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., step: _Optional[int] = ..., traceparent: _Optional[str] = ..., chained: _Optional[bool] = ...) -> None: ...
 
 class Hop(_message.Message):
     __slots__ = ("device_id", "address", "layer_start", "layer_end")
@@ -100,7 +102,7 @@ class ForwardResult(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("device_id", "compute_seconds", "rpc_seconds", "compute_offset_seconds", "handled_seconds", "called_offset_seconds", "check_seconds", "queue_seconds", "encode_seconds", "sample_seconds")
+    __slots__ = ("device_id", "compute_seconds", "rpc_seconds", "compute_offset_seconds", "handled_seconds", "called_offset_seconds", "check_seconds", "queue_seconds", "encode_seconds", "sample_seconds", "chain_wait_seconds")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RPC_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +113,7 @@ class StageTiming(_message.Message):
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     compute_seconds: float
     rpc_seconds: float
@@ -121,7 +124,8 @@ class StageTiming(_message.Message):
     queue_seconds: float
     encode_seconds: float
     sample_seconds: float
-    def __init__(self, device_id: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., rpc_seconds: _Optional[float] = ..., compute_offset_seconds: _Optional[float] = ..., handled_seconds: _Optional[float] = ..., called_offset_seconds: _Optional[float] = ..., check_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., sample_seconds: _Optional[float] = ...) -> None: ...
+    chain_wait_seconds: float
+    def __init__(self, device_id: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., rpc_seconds: _Optional[float] = ..., compute_offset_seconds: _Optional[float] = ..., handled_seconds: _Optional[float] = ..., called_offset_seconds: _Optional[float] = ..., check_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., sample_seconds: _Optional[float] = ..., chain_wait_seconds: _Optional[float] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("results", "device_id", "compute_seconds", "stages")

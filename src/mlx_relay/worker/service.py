@@ -27,6 +27,7 @@ from mlx_relay.core.types import LayerRange
 from mlx_relay.proto import relay_pb2 as pb
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
 from mlx_relay.worker.auth import SERVICE_NAME, BearerTokenInterceptor, peer_of
+from mlx_relay.worker.chain import ChainedTokens, chained_inputs, record_answer, record_failure
 from mlx_relay.worker.forward_call import CallFailed, ForwardCallInfo
 from mlx_relay.worker.forward_stream import serve_stream
 from mlx_relay.worker.relay import failure_for, relay
@@ -60,6 +61,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.state = state
         self.max_stream_calls = max_stream_calls
         self._releases: set[asyncio.Task[None]] = set()
+        # Tokens for chained steps, on the first stage (mlx_relay/worker/chain.py).
+        self.chain = ChainedTokens()
 
     async def _runtime(self, context: grpc.aio.ServicerContext) -> StageRuntime:
         try:
@@ -116,10 +119,23 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         timing: pb.StageTiming | None = None
         error: str | None = None
         try:
+            waited = await chained_inputs(self.chain, request, runtime.is_first, call.deadline)
             response, timing = await self._forward(runtime, request, call, received, spans)
+            timing.chain_wait_seconds = waited
+            if runtime.is_first and record_answer(self.chain, request, response):
+                # A chained step now has its input: it goes to the MLX thread before this
+                # step's answer is encoded and written.
+                await asyncio.sleep(0)
             return response
         except BaseException as exc:
             error = exc.code.name if isinstance(exc, CallFailed) else type(exc).__name__
+            if runtime.is_first:
+                failure = (
+                    exc
+                    if isinstance(exc, CallFailed)
+                    else CallFailed(grpc.StatusCode.UNAVAILABLE, f"the step before failed: {exc!r}")
+                )
+                record_failure(self.chain, request, failure)
             raise
         finally:
             if spans is not None:
@@ -133,6 +149,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         received: float,
         spans: ForwardSpans | None,
     ) -> tuple[pb.ForwardResponse, pb.StageTiming]:
+        checking = time.perf_counter()  # after a chained step's wait for its input
         try:
             self._check_layers(request)
             checked = runtime.check(request)
@@ -159,7 +176,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     device_id=self.state.device_id,
                     compute_seconds=outcome.compute_seconds,
                     compute_offset_seconds=max(0.0, outcome.started - received),
-                    check_seconds=checked_at - received,
+                    check_seconds=checked_at - checking,
                     queue_seconds=max(0.0, outcome.started - checked_at),
                     encode_seconds=outcome.encode_seconds,
                     sample_seconds=outcome.sample_seconds,

@@ -7,7 +7,9 @@ a stage's compute is its own time answering less its queue and its call to the n
 link's network time is the call as its caller timed it less the callee's own time (both
 directions, gRPC included); the bubble is the time the request waited inside the pipeline
 with nothing done for it: before and between its steps, and in a stage's queue while that
-stage computed another micro-batch. ``residual_s`` is what none of them covers; it stays
+stage computed another micro-batch. A chained step (sent before the step before it was
+back) counts from that step's end: its wait on the first stage is left out, and its parts
+are scaled to the rest of its time. ``residual_s`` is what none of them covers; it stays
 within a few per cent of ``e2e_s`` (the tests check 2 %).
 """
 
@@ -79,9 +81,10 @@ class Attribution:
 @dataclass(frozen=True, slots=True)
 class CallSplit:
     """One stage's part of one micro-batch's call: its compute, the network time of the
-    link into it, its queue wait, and when (from the call's start) it received and answered
-    the call (the network assumed symmetric: half the link's time each way). ``call_begin``
-    and ``call`` place the call into it; all times are seconds from the first call's start."""
+    link into it, its queue wait, and when (from the call's start) it began handling the
+    call (after a chained step's wait) and answered it (the network assumed symmetric:
+    half the link's time each way). ``call_begin`` and ``call`` place the call into it; all
+    times are seconds from the first call's start."""
 
     device_id: str
     compute: float
@@ -105,9 +108,12 @@ def split_call(rpc: float, stages: tuple[StageTimes, ...]) -> list[CallSplit]:
     begin = 0.0
     for i, stage in enumerate(stages):
         call, inner = calls[i], calls[i + 1]
-        handler = stage.handler if stage.handler > 0 else min(call, stage.compute + inner)
-        network = max(0.0, call - handler)
-        start = begin + network / 2
+        wait = min(stage.chain_wait, call)
+        handler = (
+            stage.handler - wait if stage.handler > 0 else min(call - wait, stage.compute + inner)
+        )
+        network = max(0.0, call - wait - handler)
+        start = begin + network / 2 + wait
         splits.append(
             CallSplit(
                 stage.device_id,
@@ -121,7 +127,7 @@ def split_call(rpc: float, stages: tuple[StageTimes, ...]) -> list[CallSplit]:
                 stage=stage,
             )
         )
-        begin = start + (stage.relay_offset if stage.relay_offset > 0 else handler - inner)
+        begin = start + (stage.relay_offset - wait if stage.relay_offset > 0 else handler - inner)
     return splits
 
 
@@ -146,7 +152,14 @@ def attribute(timeline: RequestTimeline) -> Attribution:
             break
         end = min(record.ended or finished, finished)
         result.bubble_s += max(0.0, record.started - last_end)
-        _step_parts(result, step, end, links)
+        if end > last_end:
+            # A chained step began before the step before it ended: only the rest is its.
+            parts = Attribution()
+            _step_parts(parts, step, end, links)
+            window = end - max(record.started, last_end)
+            if parts.accounted_s > window > 0:
+                parts = parts.scaled(window / parts.accounted_s)
+            result.add(parts)
         last_end = max(last_end, end)
     result.bubble_s += max(0.0, finished - last_end)
     return result

@@ -207,7 +207,10 @@ def _stage_spans(
     begin, end = sent + split.begin, sent + split.end
     call_begin, call_end = sent + split.call_begin, sent + split.call_begin + split.call
     link_lane = f"link {link}"
-    spans.add(derived_id(base, 1), caller, "send", link_lane, call_begin, begin)
+    waited = begin - stage.chain_wait
+    spans.add(derived_id(base, 1), caller, "send", link_lane, call_begin, waited)
+    if stage.chain_wait > 0:
+        spans.add(derived_id(base, 9), caller, "wait for the step before", lane, waited, begin)
     spans.add(derived_id(base, 2), caller, "reply", link_lane, end, call_end)
     spans.add(
         server,

@@ -23,7 +23,9 @@ class StageTimes:
     next stage included (0 from a stage that does not report it); ``check``, ``queue`` (the
     MLX thread busy with another micro-batch) and ``compute`` follow each other inside it;
     ``encode`` and ``sample`` are parts of ``compute``; ``relay_offset`` is when, after
-    receiving the call, the stage called the next one.
+    receiving the call, the stage called the next one; ``chain_wait``, first in
+    ``handler``, is a chained step's wait on the first stage for the step before it
+    (it overlaps that step).
     """
 
     device_id: str
@@ -35,6 +37,7 @@ class StageTimes:
     encode: float = 0.0
     sample: float = 0.0
     relay_offset: float = 0.0
+    chain_wait: float = 0.0
 
 
 @dataclass(slots=True)

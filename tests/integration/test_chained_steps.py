@@ -1,0 +1,149 @@
+"""Chained steps: the first stage starts a request's next decode step from the token the
+last stage sampled, as soon as the step before comes back to it, without the coordinator
+in between (mlx_relay/worker/chain.py). Same tokens as unchained steps; a chained step
+fails as the step before it failed, or by its deadline, never waits forever."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from mlx_relay.coordinator.orchestrator import InferenceRequest
+from mlx_relay.proto import relay_pb2, relay_pb2_grpc
+from mlx_relay.wire import encode_token_ids
+from mlx_relay.worker import service
+from tests.support.cluster import kv_sessions, local_cluster
+
+def requests() -> list[InferenceRequest]:
+    return [
+        InferenceRequest(prompt="The first stage holds", max_tokens=9),
+        InferenceRequest(prompt="Tokens come back", max_tokens=4),
+        InferenceRequest(prompt="A pipeline of workers", max_tokens=12, stop=["e"]),
+    ]
+
+
+@pytest.fixture
+def chained_entries(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many chained entries the in-process workers took (the real function runs)."""
+    taken: list[int] = []
+    real = service.chained_inputs
+
+    async def counting(chain: Any, request: relay_pb2.ForwardRequest, *args: Any) -> float:
+        taken.extend(1 for entry in request.entries if entry.chained)
+        return await real(chain, request, *args)
+
+    monkeypatch.setattr(service, "chained_inputs", counting)
+    return taken
+
+
+async def run_all(model_dir: Path, stages: int, chain: int) -> tuple[list[list[int]], list[str]]:
+    async with local_cluster(
+        model_dir, stages, inference={"chained_steps_max_batch": chain}
+    ) as cluster:
+        orchestrator = cluster.orchestrator
+        solo = [await orchestrator.process_request(r) for r in requests()]
+        together = await asyncio.gather(*(orchestrator.process_request(r) for r in requests()))
+        for _ in range(100):  # EndSession follows each request's end
+            if not any(await kv_sessions(cluster.config)):
+                break
+            await asyncio.sleep(0.05)
+        assert await kv_sessions(cluster.config) == [0] * stages
+    assert [r.token_ids for r in together] == [r.token_ids for r in solo]
+    return [r.token_ids for r in solo], [r.finish_reason for r in solo]
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+async def test_chained_steps_give_the_tokens_of_unchained_ones(
+    tiny_model_dir: Path, stages: int, chained_entries: list[int]
+) -> None:
+    unchained = await run_all(tiny_model_dir, stages, chain=0)
+    assert chained_entries == []
+    chained = await run_all(tiny_model_dir, stages, chain=4)
+    assert chained_entries, "no step was chained"
+    assert chained == unchained
+    assert [len(ids) for ids in chained[0]][:2] == [9, 4]
+
+
+def entry(
+    position: int, ids: list[int] | None = None, rid: str = "r", **fields: Any
+) -> relay_pb2.ForwardEntry:
+    message = relay_pb2.ForwardEntry(request_id=rid, position=position, **fields)
+    if ids is not None:
+        message.tensor.CopyFrom(encode_token_ids(ids))
+    return message
+
+
+async def test_a_chained_step_waits_for_the_step_before_and_samples_what_an_unchained_one_does(
+    tiny_model_dir: Path,
+) -> None:
+    async with local_cluster(tiny_model_dir, 2, initialize=False) as cluster:
+        first, last = cluster.config.workers
+        route = [relay_pb2.Hop(device_id=last.id, address=last.address)]
+        async with grpc.aio.insecure_channel(first.address) as channel:
+            stub = relay_pb2_grpc.WorkerStub(channel)
+
+            async def forward(*entries: relay_pb2.ForwardEntry) -> int:
+                reply = await stub.Forward(
+                    relay_pb2.ForwardRequest(entries=list(entries), route=route), timeout=30
+                )
+                return int(reply.results[0].token_id)
+
+            # Unchained: the prompt's first token, then two decode steps.
+            expected = [await forward(entry(0, [5, 6, 7], "one"))]
+            for position in (3, 4):
+                expected.append(await forward(entry(position, [expected[-1]], "one")))
+
+            # Chained: the step at 4 is sent first and waits for the step at 3.
+            got = [await forward(entry(0, [5, 6, 7], "two"))]
+            chained = asyncio.ensure_future(forward(entry(4, rid="two", chained=True)))
+            await asyncio.sleep(0.2)
+            assert not chained.done()
+            got.append(await forward(entry(3, [got[-1]], "two")))
+            got.append(await chained)
+    assert got == expected
+
+
+async def test_a_chained_step_fails_as_the_step_before_it_or_by_its_deadline(
+    tiny_model_dir: Path,
+) -> None:
+    async with local_cluster(tiny_model_dir, 2, initialize=False) as cluster:
+        first, last = cluster.config.workers
+        route = [relay_pb2.Hop(device_id=last.id, address=last.address)]
+        async with grpc.aio.insecure_channel(first.address) as channel:
+            stub = relay_pb2_grpc.WorkerStub(channel)
+            chained = asyncio.ensure_future(
+                stub.Forward(
+                    relay_pb2.ForwardRequest(entries=[entry(8, chained=True)], route=route),
+                    timeout=30,
+                )
+            )
+            await asyncio.sleep(0.2)
+            # The step before: position 7 of a request the stages hold no session for.
+            with pytest.raises(grpc.aio.AioRpcError) as before:
+                await stub.Forward(
+                    relay_pb2.ForwardRequest(entries=[entry(7, [3])], route=route), timeout=30
+                )
+            with pytest.raises(grpc.aio.AioRpcError) as after:
+                await chained
+            assert after.value.code() == before.value.code() == grpc.StatusCode.NOT_FOUND
+
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await stub.Forward(
+                    relay_pb2.ForwardRequest(entries=[entry(20, chained=True)], route=route),
+                    timeout=0.5,
+                )
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        async with grpc.aio.insecure_channel(last.address) as channel:
+            stub = relay_pb2_grpc.WorkerStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Forward(
+                    relay_pb2.ForwardRequest(entries=[entry(1, chained=True)]), timeout=30
+                )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a chained entry goes to the first stage only" in (refused.value.details() or "")
