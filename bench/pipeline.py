@@ -15,9 +15,10 @@ On the bundled model (greedy):
              2-worker pipeline of real ``mlx-relay worker`` processes on loopback, alternating
              rounds; medians, their ratio and the added milliseconds per token. The pipeline's
              tokens must equal the single process's (checked every round). A second
-             coordinator over the same workers with chained steps off
-             (inference.chained_steps_max_batch: 0: each token goes through the
-             coordinator before the next step starts) takes its turn in each round. With
+             coordinator over the same workers with the other chained-steps setting
+             (inference.chained_steps_max_batch 4 where the default is off, as on a
+             CPU-only machine, else 0: each token goes through the coordinator before the
+             next step starts) takes its turn in each round. With
              --compare-unary, a pipeline whose Forward calls are unary
              (network.forward_stream off) takes its turn too.
   aggregate  total generated tokens/s with 1, 4, 8 and 16 requests in flight at once (each
@@ -56,6 +57,7 @@ import yaml  # noqa: E402
 
 from mlx_relay.cli.fleet import WorkerFleet  # noqa: E402
 from mlx_relay.cli.up import with_free_worker_ports  # noqa: E402
+from mlx_relay.coordinator.connect import CHAINED_STEPS_GPU, chained_steps_max_batch  # noqa: E402
 from mlx_relay.coordinator.orchestrator import DistributedOrchestrator, InferenceRequest  # noqa: E402
 from mlx_relay.coordinator.scheduler import default_micro_batches  # noqa: E402
 from mlx_relay.core.config import ClusterConfig, ModelConfig  # noqa: E402
@@ -231,6 +233,10 @@ def local_config(
     return with_free_worker_ports(ClusterConfig.from_dict(data), avoid=0)
 
 
+def chaining(orchestrator: DistributedOrchestrator) -> str:
+    return "steps chained" if chained_steps_max_batch(orchestrator.config) else "not chained"
+
+
 def spread(values: list[float]) -> str:
     return (
         f"median {statistics.median(values):6.2f}  (min {min(values):.2f}, max {max(values):.2f})"
@@ -278,16 +284,16 @@ async def main(args: argparse.Namespace) -> None:
         if unary is not None:
             await pipeline_round(unary[1], 4)
         if "decode" in args.sections:
-            unchained = await serving_orchestrator(
-                fleet, args, config.model_copy(update={"inference": no_chain(config)})
+            other = await serving_orchestrator(
+                fleet, args, config.model_copy(update={"inference": other_chain(config)})
             )
             try:
-                await pipeline_round(unchained, 4)
+                await pipeline_round(other, 4)
                 await decode_section(
-                    args, orchestrator, model, prompt, eos, unchained, unary[1] if unary else None
+                    args, orchestrator, model, prompt, eos, other, unary[1] if unary else None
                 )
             finally:
-                await unchained.shutdown()
+                await other.shutdown()
         if unary is not None:  # idle from here on: the other sections run without it
             await unary[1].shutdown()
             unary[0].stop()
@@ -325,9 +331,13 @@ def unary_workers(args: argparse.Namespace, model_dir: Path, work_dir: Path) -> 
     return fleet
 
 
-def no_chain(config: ClusterConfig) -> Any:
-    """``config``'s inference section with chained steps off."""
-    return config.inference.model_copy(update={"chained_steps_max_batch": 0})
+def other_chain(config: ClusterConfig) -> Any:
+    """``config``'s inference section with chained steps on (4) where they are off by
+    default, else off."""
+    default = chained_steps_max_batch(config)
+    return config.inference.model_copy(
+        update={"chained_steps_max_batch": 0 if default else CHAINED_STEPS_GPU}
+    )
 
 
 async def serving_orchestrator(
@@ -381,12 +391,12 @@ async def decode_section(
     model: Any,
     prompt: list[int],
     eos: Any,
-    unchained: DistributedOrchestrator,
+    other: DistributedOrchestrator,
     unary: DistributedOrchestrator | None = None,
 ) -> None:
     single: list[float] = []
     pipe: list[float] = []
-    unchained_pipe: list[float] = []
+    other_pipe: list[float] = []
     unary_pipe: list[float] = []
     for i in range(args.rounds):
         rate, expected = single_process_round(model, prompt, args.max_tokens)
@@ -397,10 +407,10 @@ async def decode_section(
             expected = expected[:-1]
         assert got == expected, f"round {i}: pipeline tokens differ from single process"
         line = f"round {i + 1}: single {single[-1]:6.2f} tok/s   pipeline {pipe[-1]:6.2f} tok/s"
-        rate, got = await pipeline_round(unchained, args.max_tokens)
-        unchained_pipe.append(rate)
-        assert got == expected, f"round {i}: unchained pipeline tokens differ"
-        line += f"   not chained {unchained_pipe[-1]:6.2f} tok/s"
+        rate, got = await pipeline_round(other, args.max_tokens)
+        other_pipe.append(rate)
+        assert got == expected, f"round {i}: {chaining(other)} pipeline tokens differ"
+        line += f"   {chaining(other)} {other_pipe[-1]:6.2f} tok/s"
         if unary is not None:
             rate, got = await pipeline_round(unary, args.max_tokens)
             unary_pipe.append(rate)
@@ -413,12 +423,13 @@ async def decode_section(
     print(f"single process   {spread(single)} tok/s")
     print(f"2-stage pipeline {spread(pipe)} tok/s")
     print(f"ratio pipeline/single {p / s:.3f}; added {1000 * (1 / p - 1 / s):.1f} ms per token")
-    c = statistics.median(unchained_pipe)
-    print(f"steps not chained {spread(unchained_pipe)} tok/s")
-    print(
-        f"ratio not chained/single {c / s:.3f}; added {1000 * (1 / c - 1 / s):.1f} ms per token; "
-        f"chaining saves {1000 * (1 / c - 1 / p):.2f} ms per token"
-    )
+    print(f"  (the default: {chaining(orchestrator)})")
+    o = statistics.median(other_pipe)
+    print(f"{chaining(other)} {spread(other_pipe)} tok/s")
+    added = 1000 * (1 / o - 1 / s)
+    print(f"ratio {chaining(other)}/single {o / s:.3f}; added {added:.1f} ms per token")
+    chained, unchained = (o, p) if chained_steps_max_batch(other.config) else (p, o)
+    print(f"chaining saves {1000 * (1 / unchained - 1 / chained):.2f} ms per token")
     if unary_pipe:
         u = statistics.median(unary_pipe)
         print(f"the same with unary Forward calls {spread(unary_pipe)} tok/s")

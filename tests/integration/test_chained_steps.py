@@ -13,17 +13,26 @@ import grpc
 import grpc.aio
 import pytest
 
+from mlx_relay.coordinator.connect import (
+    CHAINED_STEPS_GPU,
+    chained_steps_max_batch,
+    scheduler_settings,
+)
 from mlx_relay.coordinator.orchestrator import InferenceRequest
+from mlx_relay.core.config import ClusterConfig
+from mlx_relay.model.backend import backend_name
 from mlx_relay.proto import relay_pb2, relay_pb2_grpc
 from mlx_relay.wire import encode_token_ids
 from mlx_relay.worker import service
-from tests.support.cluster import kv_sessions, local_cluster
+from tests.support.cluster import cluster_dict, kv_sessions, local_cluster
+
 
 def requests() -> list[InferenceRequest]:
     return [
         InferenceRequest(prompt="The first stage holds", max_tokens=9),
         InferenceRequest(prompt="Tokens come back", max_tokens=4),
         InferenceRequest(prompt="A pipeline of workers", max_tokens=12, stop=["e"]),
+        InferenceRequest(prompt="Sampled", max_tokens=7, temperature=0.9, seed=11, logprobs=True),
     ]
 
 
@@ -54,6 +63,7 @@ async def run_all(model_dir: Path, stages: int, chain: int) -> tuple[list[list[i
             await asyncio.sleep(0.05)
         assert await kv_sessions(cluster.config) == [0] * stages
     assert [r.token_ids for r in together] == [r.token_ids for r in solo]
+    assert together[3].logprobs is not None and len(together[3].logprobs) == 7
     return [r.token_ids for r in solo], [r.finish_reason for r in solo]
 
 
@@ -147,3 +157,15 @@ async def test_a_chained_step_fails_as_the_step_before_it_or_by_its_deadline(
                 )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "a chained entry goes to the first stage only" in (refused.value.details() or "")
+
+
+def test_chained_steps_are_on_by_default_where_this_machine_computes_on_a_gpu(
+    tiny_model_dir: Path,
+) -> None:
+    default = ClusterConfig.from_dict(cluster_dict(tiny_model_dir, 2))
+    assert default.inference.chained_steps_max_batch is None
+    expected = 0 if backend_name() == "cpu" else CHAINED_STEPS_GPU
+    assert chained_steps_max_batch(default) == expected
+    assert scheduler_settings(default).chain_max_batch == expected
+    chosen = cluster_dict(tiny_model_dir, 2, inference={"chained_steps_max_batch": 2})
+    assert scheduler_settings(ClusterConfig.from_dict(chosen)).chain_max_batch == 2

@@ -21,6 +21,7 @@ from mlx_relay.coordinator.scheduler import SchedulerSettings, default_micro_bat
 from mlx_relay.core.config import ClusterConfig
 from mlx_relay.core.errors import RelayError, ShardMismatch, WorkerUnavailable
 from mlx_relay.core.tls_config import tls_material
+from mlx_relay.model.backend import backend_name
 from mlx_relay.model.load import ModelInfo
 from mlx_relay.model.partition import assign_layers
 
@@ -142,5 +143,19 @@ def scheduler_settings(config: ClusterConfig) -> SchedulerSettings:
         max_micro_batches=inference.micro_batches
         or default_micro_batches([stage[0].host for stage in config.stages]),
         first_token_tokens=inference.first_token_priority_tokens,
-        chain_max_batch=inference.chained_steps_max_batch,
+        chain_max_batch=chained_steps_max_batch(config),
     )
+
+
+# Chained steps' batch limit where the setting is left to the machine and it has a GPU.
+CHAINED_STEPS_GPU = 4
+
+
+def chained_steps_max_batch(config: ClusterConfig) -> int:
+    """``inference.chained_steps_max_batch``, or when unset: :data:`CHAINED_STEPS_GPU` where
+    this machine computes on a GPU (its CPU cores are free while a stage computes), 0 on a
+    CPU-only machine (the stages' compute takes its cores)."""
+    configured = config.inference.chained_steps_max_batch
+    if configured is not None:
+        return configured
+    return CHAINED_STEPS_GPU if backend_name() != "cpu" else 0

@@ -269,9 +269,7 @@ class StepLoop(LoopRecovery):
     def adopt(self, member: Member, generated: int) -> None:
         """Take over a request from another loop; it has ``generated`` tokens so far and
         starts with their replay (it joins as :meth:`join` otherwise)."""
-        self._scheduler.add(
-            member.request_id, len(member.prompt_ids), generated, member.max_steps
-        )
+        self._scheduler.add(member.request_id, len(member.prompt_ids), generated, member.max_steps)
         self._members[member.request_id] = member
         if getattr(member, "paused", False):
             self._scheduler.pause(member.request_id)

@@ -69,8 +69,11 @@ class InferenceConfig(ConfigSection):
     # Chained steps (coordinator/scheduler.py): while one decode batch of at most this many
     # requests holds every running request, its next step goes to the first stage before
     # this one is back and starts from the tokens the last stage samples as they come back
-    # up the chain (no round trip through the coordinator per token); 0 = off.
-    chained_steps_max_batch: int = Field(default=4, ge=0)
+    # up the chain (no round trip through the coordinator per token); 0 = off; None = 4
+    # where the coordinator's machine computes on a GPU, 0 on a CPU-only one (there the
+    # stages' compute takes every core, and the coordinator's work beside it costs a step
+    # more than the round trip it saves: README, "Performance").
+    chained_steps_max_batch: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
     def _peer_quota(self) -> InferenceConfig:

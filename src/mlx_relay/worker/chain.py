@@ -85,8 +85,7 @@ class ChainedTokens:
         if key in self._waiting:
             raise CallFailed(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"request {request_id!r}: a chained step at position {position} is "
-                "already waiting",
+                f"request {request_id!r}: a chained step at position {position} is already waiting",
             )
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting[key] = future
