@@ -51,13 +51,22 @@ async def collect(stream: object, events: list[TokenEvent]) -> None:
         events.append(event)
 
 
-@pytest.mark.parametrize("victim", [0, 1], ids=["first-stage", "last-stage"])
+@pytest.mark.parametrize(
+    ("victim", "chained"),
+    [(0, 0), (1, 0), (0, 4)],
+    ids=["first-stage", "last-stage", "first-stage-chained-steps"],
+)
 async def test_a_stage_killed_mid_stream_pauses_the_streams_and_they_go_on(
-    tiny_model_dir: Path, tmp_path: Path, victim: int
+    tiny_model_dir: Path, tmp_path: Path, victim: int, chained: int
 ) -> None:
     seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=7)
     async with process_cluster(
-        tiny_model_dir, tmp_path, 2, enable_monitoring=True, network=NETWORK
+        tiny_model_dir,
+        tmp_path,
+        2,
+        enable_monitoring=True,
+        network=NETWORK,
+        inference={"chained_steps_max_batch": chained},
     ) as cluster:
         orchestrator = cluster.orchestrator
         requests = [
