@@ -12,7 +12,7 @@
   const { fmt, el, token, authHeaders, getJson } = window.RelayUI;
   const { render: renderAttribution, tones: attributionTones } = window.RelayAttribution;
   const MAX_SPANS_DRAWN = 8000; // beyond this the longest are drawn; the download has all
-  const WAIT_SPANS = new Set(["admission wait", "queue wait"]);
+  const WAIT_SPANS = new Set(["admission wait", "queue wait", "wait for the step before"]);
   const COMPUTE_SPANS = new Set(["compute", "encode", "sample"]);
   const HOVER_HINT = "hover a span for its name, duration and attributes";
 
