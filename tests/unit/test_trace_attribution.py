@@ -149,3 +149,39 @@ def test_store_keeps_fewer_traces_when_they_hold_too_many_steps() -> None:
     assert len(store) == 2 and store.get("r0") is None  # 4 steps kept, 6 would be too many
     store.add(timeline(7, request_id="long"))
     assert len(store) == 1 and store.get("long") is not None  # the newest stays
+
+
+def test_a_chained_step_leaves_its_wait_out_of_the_split_and_the_attribution() -> None:
+    # Stage 0 waited 0.05 for the step before's tokens, then answered as in two_stages.
+    first, second = two_stages()
+    waited = StageTimes(
+        "w0",
+        call=0.0,
+        compute=0.03,
+        handler=0.15,
+        check=0.01,
+        queue=0.02,
+        relay_offset=0.115,
+        chain_wait=0.05,
+    )
+    plain, chained = split_call(0.12, (first, second)), split_call(0.17, (waited, second))
+    for a, b in zip(plain, chained, strict=True):
+        assert (b.compute, b.network) == pytest.approx((a.compute, a.network))
+        assert b.begin == pytest.approx(a.begin + 0.05)
+        assert b.end == pytest.approx(a.end + 0.05)
+
+    line = timeline()
+    one, two = (step.record for step in line.steps)
+    # The second step was sent 0.05 after the first, long before the first was back.
+    two.started, two.sent = one.started + 0.05, one.sent + 0.05
+    two.received = one.received + 0.05  # its call: 0.05 waiting, then as the first's
+    two.ended = two.received + 0.003
+    two.stages = (waited, second)
+    line.finished = two.ended
+    result = attribute(line)
+    assert result.e2e_s == pytest.approx(line.finished - line.arrival)
+    assert abs(result.residual_s) <= 0.02 * result.e2e_s
+    # No time between the steps: the bubble is the stages' queue waits, at most both steps'.
+    assert 0 < result.bubble_s <= 2 * (0.02 + 0.005) + 1e-9
+    # The overlap is counted once: less compute than two whole steps.
+    assert result.compute_s["w0"] < 2 * plain[0].compute
