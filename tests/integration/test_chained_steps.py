@@ -6,6 +6,9 @@ fails as the step before it failed, or by its deadline, never waits forever."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from mlx_relay.rpc_errors import WorkerTimedOut
 from mlx_relay.wire import encode_token_ids
 from mlx_relay.worker import service
 from mlx_relay.worker_client import WorkerClient
-from tests.support.cluster import cluster_dict, kv_sessions, local_cluster
+from tests.support.cluster import LocalCluster, cluster_dict, kv_sessions, local_cluster
 
 
 def requests() -> list[InferenceRequest]:
@@ -90,69 +93,75 @@ def entry(
     return message
 
 
-async def test_a_chained_step_waits_for_the_step_before_and_samples_what_an_unchained_one_does(
-    tiny_model_dir: Path,
-) -> None:
-    async with local_cluster(tiny_model_dir, 2, initialize=False) as cluster:
+@dataclass
+class FirstStage:
+    """Unary Forward calls to the first of two in-process stages, routed to the second."""
+
+    cluster: LocalCluster
+    route: list[relay_pb2.Hop]
+    stub: relay_pb2_grpc.WorkerStub
+
+    async def forward(self, *entries: relay_pb2.ForwardEntry) -> relay_pb2.ForwardResponse:
+        request = relay_pb2.ForwardRequest(entries=list(entries), route=self.route)
+        return await self.stub.Forward(request, timeout=30)
+
+    async def token(self, *entries: relay_pb2.ForwardEntry) -> int:
+        return int((await self.forward(*entries)).results[0].token_id)
+
+
+@contextlib.asynccontextmanager
+async def first_stage(model_dir: Path) -> AsyncIterator[FirstStage]:
+    async with local_cluster(model_dir, 2, initialize=False) as cluster:
         first, last = cluster.config.workers
         route = [relay_pb2.Hop(device_id=last.id, address=last.address)]
         async with grpc.aio.insecure_channel(first.address) as channel:
-            stub = relay_pb2_grpc.WorkerStub(channel)
+            yield FirstStage(cluster, route, relay_pb2_grpc.WorkerStub(channel))
 
-            async def forward(*entries: relay_pb2.ForwardEntry) -> int:
-                reply = await stub.Forward(
-                    relay_pb2.ForwardRequest(entries=list(entries), route=route), timeout=30
-                )
-                return int(reply.results[0].token_id)
 
-            # Unchained: the prompt's first token, then two decode steps.
-            expected = [await forward(entry(0, [5, 6, 7], "one"))]
-            for position in (3, 4):
-                expected.append(await forward(entry(position, [expected[-1]], "one")))
+async def test_a_chained_step_waits_for_the_step_before_and_samples_what_an_unchained_one_does(
+    tiny_model_dir: Path,
+) -> None:
+    async with first_stage(tiny_model_dir) as stage:
+        # Unchained: the prompt's first token, then two decode steps.
+        expected = [await stage.token(entry(0, [5, 6, 7], "one"))]
+        for position in (3, 4):
+            expected.append(await stage.token(entry(position, [expected[-1]], "one")))
 
-            # Chained: the step at 4 is sent first and waits for the step at 3.
-            got = [await forward(entry(0, [5, 6, 7], "two"))]
-            chained = asyncio.ensure_future(forward(entry(4, rid="two", chained=True)))
-            await asyncio.sleep(0.2)
-            assert not chained.done()
-            got.append(await forward(entry(3, [got[-1]], "two")))
-            got.append(await chained)
+        # Chained: the step at 4 is sent first and waits for the step at 3.
+        got = [await stage.token(entry(0, [5, 6, 7], "two"))]
+        chained = asyncio.ensure_future(stage.token(entry(4, rid="two", chained=True)))
+        await asyncio.sleep(0.2)
+        assert not chained.done()
+        got.append(await stage.token(entry(3, [got[-1]], "two")))
+        got.append(await chained)
     assert got == expected
 
 
 async def test_a_chained_step_fails_as_the_step_before_it_or_by_its_deadline(
     tiny_model_dir: Path,
 ) -> None:
-    async with local_cluster(tiny_model_dir, 2, initialize=False) as cluster:
-        first, last = cluster.config.workers
-        route = [relay_pb2.Hop(device_id=last.id, address=last.address)]
-        async with grpc.aio.insecure_channel(first.address) as channel:
-            stub = relay_pb2_grpc.WorkerStub(channel)
-            chained = asyncio.ensure_future(
-                stub.Forward(
-                    relay_pb2.ForwardRequest(entries=[entry(8, chained=True)], route=route),
-                    timeout=30,
-                )
-            )
-            await asyncio.sleep(0.2)
-            # The step before: position 7 of a request the stages hold no session for.
-            with pytest.raises(grpc.aio.AioRpcError) as before:
-                await stub.Forward(
-                    relay_pb2.ForwardRequest(entries=[entry(7, [3])], route=route), timeout=30
-                )
-            with pytest.raises(grpc.aio.AioRpcError) as after:
-                await chained
-            assert after.value.code() == before.value.code() == grpc.StatusCode.NOT_FOUND
+    async with first_stage(tiny_model_dir) as stage:
+        chained = asyncio.ensure_future(stage.forward(entry(8, chained=True)))
+        await asyncio.sleep(0.2)
+        # The step before: position 7 of a request the stages hold no session for.
+        with pytest.raises(grpc.aio.AioRpcError) as before:
+            await stage.forward(entry(7, [3]))
+        with pytest.raises(grpc.aio.AioRpcError) as after:
+            await chained
+        assert after.value.code() == before.value.code() == grpc.StatusCode.NOT_FOUND
 
         # On the stream a call's deadline is the worker's to keep: a chained step whose
         # step before never comes fails by it and stops waiting (else the same step sent
         # again would be refused as already waiting).
-        client = WorkerClient(first.id, first.address, cluster.config.network)
+        first, last = stage.cluster.config.workers
+        client = WorkerClient(first.id, first.address, stage.cluster.config.network)
         try:
             for _ in range(2):
                 with pytest.raises(WorkerTimedOut):
                     await client.forward(
-                        relay_pb2.ForwardRequest(entries=[entry(20, chained=True)], route=route),
+                        relay_pb2.ForwardRequest(
+                            entries=[entry(20, chained=True)], route=stage.route
+                        ),
                         timeout=0.5,
                     )
                 await asyncio.sleep(0.2)
