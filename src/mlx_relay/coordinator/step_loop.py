@@ -293,7 +293,7 @@ class StepLoop(LoopRecovery):
             self._spawn(self._execute(plan))
         if self._stopped is None and not self._recovering:
             # Sent right behind the plan it follows, on the same stream, so the first stage
-            # has it waiting when that plan's tokens come back (scheduler.py, "Chained").
+            # has it waiting when that plan's tokens come back (scheduler.py, "Chained steps").
             chained = self._scheduler.chain()
             if chained is not None:
                 self._spawn(self._execute(chained))
