@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 STREAM_MAX_BYTES = 1 << 20
 # Initial metadata a worker answers a stream it takes with (before any call is written).
 ACCEPTED_KEY = "mlx-relay-forward-stream"
+# Beside it, the port of the worker's direct link when it has one (mlx_relay/direct_link.py).
+DIRECT_PORT_KEY = "mlx-relay-direct-port"
 
 
 class StreamUnsupported(Exception):
@@ -55,6 +57,7 @@ class _Stream:
         self.pending: dict[int, asyncio.Future[pb.ForwardAnswer]] = {}
         self.writing = asyncio.Lock()
         self.accepted = False
+        self.direct_port = 0  # the worker's direct link, when it names one
         self.failed: grpc.aio.AioRpcError | None = None
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -93,6 +96,8 @@ class _Stream:
         metadata = await self.call.initial_metadata()
         if any(key == ACCEPTED_KEY for key, _ in metadata or ()):
             self.accepted = True
+            port = next((str(v) for k, v in metadata if k == DIRECT_PORT_KEY), "")
+            self.direct_port = int(port) if port.isdigit() else 0
             return
         code = await self.call.code()
         details = await self.call.details()
@@ -218,6 +223,12 @@ class ForwardStreamClient:
             stream.pending.pop(call_id, None)
             if self._record is not None:
                 self._record(time.perf_counter() - started, code, sent, received)
+
+    @property
+    def direct_port(self) -> int:
+        """The direct link port the worker named on the stream open now (0: none)."""
+        stream = self._stream
+        return stream.direct_port if stream is not None and stream.failed is None else 0
 
     def _current(self) -> _Stream:
         stream = self._stream

@@ -32,6 +32,7 @@ from mlx_relay.core.config import DeviceConfig, NetworkConfig
 from mlx_relay.core.errors import RelayError, WorkerUnavailable
 from mlx_relay.core.tls_config import TLSMaterial
 from mlx_relay.core.tracing import TRACEPARENT
+from mlx_relay.direct_link import DirectLink, open_link
 from mlx_relay.proto import relay_pb2, relay_pb2_grpc
 from mlx_relay.rpc_errors import (
     FAILED_DEVICE_KEY,
@@ -131,6 +132,12 @@ class WorkerClient:
             (("authorization", f"Bearer {network.auth_token}"),) if network.auth_token else None
         )
         self._recorder = recorder
+        # Forward calls go on the worker's direct link once it names one on the stream
+        # (mlx_relay/direct_link.py); not under TLS.
+        self._direct = network.direct_link and network.forward_stream and tls is None
+        self._link: DirectLink | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._refused_port = 0
         self._streams: ForwardStreamClient | None = None
         if network.forward_stream:
             self._streams = ForwardStreamClient(
@@ -164,8 +171,14 @@ class WorkerClient:
         timeout = timeout or self.network.request_timeout
         streams = self._streams
         if streams is not None and request.ByteSize() <= STREAM_MAX_BYTES:
+            link = self._link
             try:
-                answer = await streams.forward(request, timeout, traceparent)
+                if link is not None and not link.failed:
+                    answer = await link.forward(request, timeout, traceparent)
+                else:
+                    answer = await streams.forward(request, timeout, traceparent)
+                    if self._direct:
+                        self._open_link(streams.direct_port)
             except StreamUnsupported:
                 logger.info("worker %s has no ForwardStream: unary calls", self.device_id)
                 self._streams = None
@@ -188,6 +201,40 @@ class WorkerClient:
         if traceparent:
             metadata = (*(metadata or ()), (TRACEPARENT, traceparent))
         return await self._call("Forward", self._stub.Forward, request, timeout, metadata=metadata)
+
+    def _open_link(self, port: int) -> None:
+        """Open the direct link the worker named, beside the stream (once per port: one
+        that cannot be opened leaves the calls on the stream until the worker names
+        another, after a restart)."""
+        if not port or port == self._refused_port or self._opening is not None:
+            return
+        if self._link is not None and not self._link.failed:
+            return
+        self._opening = asyncio.get_running_loop().create_task(self._open(port))
+
+    async def _open(self, port: int) -> None:
+        host = self.address.rsplit(":", 1)[0].strip("[]")
+        try:
+            self._link = await open_link(
+                host,
+                port,
+                self.network.auth_token,
+                self.network.max_message_mb * 1024 * 1024,
+                self._record_streamed if self._recorder is not None else None,
+            )
+            logger.debug("Forward calls to %s on its direct link (port %d)", self.device_id, port)
+        except (OSError, TimeoutError, grpc.aio.AioRpcError) as exc:
+            self._refused_port = port
+            logger.info(
+                "worker %s: its direct link %s:%d cannot be opened (%s); Forward calls stay "
+                "on the gRPC stream",
+                self.device_id,
+                host,
+                port,
+                exc,
+            )
+        finally:
+            self._opening = None
 
     def _record_streamed(self, seconds: float, code: str, sent: int, received: int) -> None:
         """A streamed Forward's metrics, as the interceptor records a unary call's."""
@@ -304,6 +351,12 @@ class WorkerClient:
             delay = min(delay * 2, 1.0)
 
     async def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+            await asyncio.gather(self._opening, return_exceptions=True)
+        if self._link is not None:
+            self._link.close()
+            self._link = None
         if self._streams is not None:
             await self._streams.close()
         await self._channel.close()

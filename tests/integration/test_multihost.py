@@ -112,12 +112,17 @@ async def coordinator(workers: list[WorkerRun], config_path: Path) -> AsyncItera
         runtime = CoordinatorRuntime(ClusterConfig.from_yaml(config_path), "127.0.0.1", 0)
         await runtime.start()
     coordinator = Coordinator(runtime, counter)
-    try:
-        coordinator.model = (await coordinator.get("/v1/models"))["data"][0]["id"]
-        yield coordinator
-    finally:
-        await coordinator.http.aclose()
-        await runtime.stop()
+    # Direct links open once the first calls name them, so for as long as the cluster runs.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            client_module, "open_link", counter.wrap_link(client_module.open_link, WORKER_PORT)
+        )
+        try:
+            coordinator.model = (await coordinator.get("/v1/models"))["data"][0]["id"]
+            yield coordinator
+        finally:
+            await coordinator.http.aclose()
+            await runtime.stop()
 
 
 async def chat(coordinator: Coordinator, max_tokens: int, *, stream: bool) -> dict[str, Any]:

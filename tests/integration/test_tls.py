@@ -44,6 +44,8 @@ async def test_a_tls_cluster_serves_the_tokens_of_one_process_over_the_relay(
         response = await orchestrator.process_request(InferenceRequest(prompt=PROMPT, max_tokens=8))
         snapshot = orchestrator.metrics_collector.export_metrics()
         assert sum(w.kv_sessions for w in cluster.workers) == 0
+        # Under TLS no worker opens a direct link (plain TCP): every call stays on gRPC.
+        assert [w.direct_link_port for w in cluster.workers] == [0, 0]
     assert response.token_ids == expected
     # The coordinator called the first stage only: worker-0 relayed to worker-1 itself,
     # over TLS (worker-1 serves nothing else).

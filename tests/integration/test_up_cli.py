@@ -116,7 +116,8 @@ def test_up_serves_then_stops_everything_on_sigint(tiny_model_dir: Path, tmp_pat
             "worker-1",
         ]
         ports = {port} | {p for c in workers for p in listening_ports(c)}
-        assert len(ports) == 3
+        # The HTTP port, and each worker's gRPC port and direct link.
+        assert len(ports) == 5
         # A real request through both workers before Ctrl-C.
         reply = complete(port, "hello", 5)
         assert reply.status_code == 200, reply.text

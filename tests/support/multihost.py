@@ -5,7 +5,7 @@ its monitoring figures are checked against.
   :func:`start_worker` runs ``mlx-relay worker --config FILE --device-id ID`` on a host.
 - :func:`tcp_echo_rtt`: round trips of a plain TCP echo server running on a host.
 - :class:`MessageBytes`: serialized sizes of every message on the coordinator's channels,
-  counted by a gRPC interceptor of the test's own.
+  counted by a gRPC interceptor of the test's own, and of every frame on its direct links.
 - :class:`ProcessReads`: psutil reads of a process and of the machine, taken every few ms
   in a thread, to bracket a sample the monitoring took at some instant.
 """
@@ -29,6 +29,7 @@ import grpc.aio
 import psutil
 import yaml
 
+from mlx_relay.direct_link import HEADER
 from tests.support.cluster import TEST_NETWORK
 from tests.support.netns import Host, Topology
 
@@ -208,6 +209,37 @@ class MessageBytes:
             return insecure_channel(target, options, compression, chain)
 
         return channel
+
+    def wrap_link(
+        self, open_link: Callable[..., Awaitable[Any]], grpc_port: int
+    ) -> Callable[..., Awaitable[Any]]:
+        """A drop-in ``mlx_relay.direct_link.open_link`` whose links count the payload of
+        every frame written and read after the hello, under the worker's gRPC target
+        (``host:grpc_port``): a call's ``ForwardCall`` and its ``ForwardAnswer``, as on a
+        stream."""
+
+        async def opened(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+            link = await open_link(host, port, *args, **kwargs)
+            target = f"{host}:{grpc_port}"
+            protocol = link._protocol  # the connection itself, not what the link records
+            write, feed = protocol.transport.write, protocol.reader.feed
+
+            def counted_write(data: bytes) -> None:
+                with self.lock:
+                    self.sent[target] += len(data) - HEADER.size  # one frame a write
+                write(data)
+
+            def counted_feed(data: bytes) -> list[bytes]:
+                frames = feed(data)
+                with self.lock:
+                    self.received[target] += sum(len(f) for f in frames)
+                return frames
+
+            protocol.transport.write = counted_write
+            protocol.reader.feed = counted_feed
+            return link
+
+        return opened
 
     def totals(self, target: str) -> tuple[int, int]:
         with self.lock:

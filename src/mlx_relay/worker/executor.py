@@ -14,8 +14,10 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class _DaemonThread(Executor):
                 self._jobs.put(None)
         if wait:
             self._thread.join()
+            _wait_for_native_exit(self._thread)
 
     def _cancel_queued(self) -> None:
         while True:
@@ -73,6 +76,24 @@ class _DaemonThread(Executor):
                 future.set_result(fn(*args, **kwargs))
             except BaseException as exc:  # the caller sees every failure, as with a pool
                 future.set_exception(exc)
+
+
+def _wait_for_native_exit(thread: threading.Thread, timeout: float = 2.0) -> None:
+    """Wait until a joined thread is gone from the OS too (Linux: its ``/proc`` entry).
+
+    ``join`` returns before the thread's C++ thread-local destructors run, and MLX's
+    compile cache is one of them: it takes the GIL to drop the compiled functions. Should
+    the process begin to exit in that window, the interpreter ends the thread inside the
+    destructor and the C++ runtime aborts the process ("terminate called without an active
+    exception", exit -6 after a clean stop).
+    """
+    native = thread.native_id
+    task = Path(f"/proc/self/task/{native}")
+    if native is None or not task.parent.exists():
+        return
+    deadline = time.monotonic() + timeout
+    while task.exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 class MLXExecutor:

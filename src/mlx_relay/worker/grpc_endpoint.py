@@ -9,6 +9,7 @@ more with RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -19,6 +20,7 @@ from mlx_relay.core.config import ClusterConfig, NetworkConfig
 from mlx_relay.core.errors import ConfigError, WorkerUnavailable
 from mlx_relay.core.tls_config import TLSMaterial
 from mlx_relay.proto import relay_pb2_grpc as pb_grpc
+from mlx_relay.worker.direct_link import DirectLinkServer
 from mlx_relay.worker.service import SERVICE_NAME, BearerTokenInterceptor, WorkerServicer
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class WorkerGrpcServer:
         self._tls = tls
         self._max_rpcs = maximum_concurrent_rpcs
         self._server: grpc.aio.Server | None = None
+        self.direct: DirectLinkServer | None = None
 
     def bind(self, address: str) -> int:
         """Create the server (inside the running event loop) and listen on ``address``
@@ -114,7 +117,30 @@ class WorkerGrpcServer:
         except RuntimeError as exc:
             raise WorkerUnavailable(self.device_id, f"cannot bind {address}: {exc}") from None
         self._server = server
+        if self._network.direct_link and self._network.forward_stream and self._tls is None:
+            self._bind_direct(address.rsplit(":", 1)[0].strip("[]"))
         return port
+
+    def _bind_direct(self, host: str) -> None:
+        """The direct link's port on ``host`` (mlx_relay/worker/direct_link.py); where it
+        cannot be bound, the calls stay on gRPC."""
+        direct = DirectLinkServer(
+            self._servicer,
+            self._network.auth_token,
+            self._network.max_message_mb * 1024 * 1024,
+            self._max_rpcs,
+        )
+        try:
+            self._servicer.direct_port = direct.bind(host)
+        except OSError as exc:
+            logger.warning(
+                "worker %s: no direct link (cannot bind %s: %s); Forward calls stay on gRPC",
+                self.device_id,
+                host,
+                exc,
+            )
+            return
+        self.direct = direct
 
     async def start(self) -> None:
         """Serve on the bound port.
@@ -125,6 +151,8 @@ class WorkerGrpcServer:
         if self._server is None:
             raise RuntimeError(f"worker {self.device_id}: bind() before start()")
         await self._server.start()
+        if self.direct is not None:
+            await self.direct.start()
 
     async def set_serving(self, serving: bool) -> None:
         """What ``grpc.health.v1`` answers, for the whole server and the worker service."""
@@ -135,5 +163,7 @@ class WorkerGrpcServer:
     async def stop(self, grace: float | None) -> None:
         """Answer NOT_SERVING from now on, then stop (in-flight calls get ``grace`` s)."""
         await self.health.enter_graceful_shutdown()
+        stopping = [self.direct.stop(grace)] if self.direct is not None else []
         if self._server is not None:
-            await self._server.stop(grace)
+            stopping.append(self._server.stop(grace))
+        await asyncio.gather(*stopping)

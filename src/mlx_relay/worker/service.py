@@ -60,6 +60,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, state: WorkerState, max_stream_calls: int | None = None) -> None:
         self.state = state
         self.max_stream_calls = max_stream_calls
+        # The port of this worker's direct link (0: none), named to each ForwardStream's
+        # caller (mlx_relay/worker/direct_link.py).
+        self.direct_port = 0
         self._releases: set[asyncio.Task[None]] = set()
         # Tokens for chained steps, on the first stage (mlx_relay/worker/chain.py).
         self.chain = ChainedTokens()

@@ -207,6 +207,13 @@ class WorkerServer:
         if wait:
             await self.wait_until_ready()
 
+    @property
+    def direct_link_port(self) -> int:
+        """The port of this worker's direct link (0: none: under TLS, switched off, or not
+        started; mlx_relay/worker/direct_link.py)."""
+        direct = self._grpc.direct
+        return direct.port if direct is not None else 0
+
     def _warn_if_exposed(self) -> str | None:
         # The same warning as the HTTP side's: nothing but the network guards this port
         # (TLS without client certificates encrypts, but lets anyone call).
