@@ -22,8 +22,10 @@ On the bundled model (greedy):
              --compare-unary, a pipeline whose Forward calls are unary
              (network.forward_stream off) takes its turn too.
   aggregate  total generated tokens/s with 1, 4, 8 and 16 requests in flight at once (each
-             request's prefill included, in one run against 1 in flight): the requests are
-             batched continuously, one micro-batch per stage unless --micro-batches says.
+             request's prefill included), round by round over the concurrencies in turn
+             (medians of --aggregate-rounds, and the ratio of the most in flight to the
+             fewest): the requests are batched continuously, one micro-batch per stage
+             unless --micro-batches says.
   agreement  16 different greedy chat requests of 32 tokens run at once, then each alone on
              the same pipeline: how many of the 16 token sequences are equal, and for any that
              differ the logit margin (top-1 minus top-2 logprob) where they first part: a
@@ -213,6 +215,25 @@ async def loaded_time_to_first_token(
     return at_start, in_steady, still
 
 
+async def aggregate_section(
+    args: argparse.Namespace, orchestrator: DistributedOrchestrator
+) -> None:
+    """Each round runs every concurrency once, in turn (reversed every other round), so that
+    the machine's drift over the section weighs on all of them alike."""
+    print("\n== aggregate (requests in flight at once, prefill included) ==")
+    rates: dict[int, list[float]] = {c: [] for c in args.concurrency}
+    for round_ in range(args.aggregate_rounds):
+        order = args.concurrency if round_ % 2 == 0 else list(reversed(args.concurrency))
+        for concurrent in order:
+            rates[concurrent].append(await aggregate(orchestrator, concurrent, args.max_tokens))
+    for concurrent in args.concurrency:
+        print(f"{concurrent:2d} concurrent: {spread(rates[concurrent])} tok/s")
+    low, high = min(args.concurrency), max(args.concurrency)
+    if low != high:
+        ratio = statistics.median(rates[high]) / statistics.median(rates[low])
+        print(f"ratio {high} / {low} in flight {ratio:.2f}x (medians)")
+
+
 def local_config(
     model_dir: Path,
     workers: int,
@@ -299,12 +320,7 @@ async def main(args: argparse.Namespace) -> None:
             unary[0].stop()
             unary = None
         if "aggregate" in args.sections:
-            print("\n== aggregate (requests in flight at once, prefill included) ==")
-            for concurrent in args.concurrency:
-                rates = [
-                    await aggregate(orchestrator, concurrent, args.max_tokens) for _ in range(2)
-                ]
-                print(f"{concurrent:2d} concurrent: {spread(rates)} tok/s")
+            await aggregate_section(args, orchestrator)
         if "ttft" in args.sections:
             await ttft_section(args, orchestrator)
         if "agreement" in args.sections:
@@ -444,6 +460,12 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument(
+        "--aggregate-rounds",
+        type=int,
+        default=3,
+        help="aggregate section: rounds over the concurrencies, alternating order",
+    )
     parser.add_argument(
         "--micro-batches",
         type=int,
