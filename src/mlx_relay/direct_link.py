@@ -55,7 +55,8 @@ def frame(payload: bytes) -> bytes:
 
 
 def no_delay(transport: asyncio.BaseTransport) -> None:
-    """Send each frame at once (a decode step's frame is small: Nagle would hold it)."""
+    """Send each frame at once (a decode step's frame is small: Nagle would hold it).
+    asyncio's and uvloop's TCP transports set this themselves; other transports may not."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -105,6 +106,15 @@ class _LinkProtocol(asyncio.Protocol):
         self.welcome: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.pending: dict[int, asyncio.Future[pb.ForwardAnswer]] = {}
         self.failed: grpc.aio.AioRpcError | None = None
+        # Clear while the worker does not read (the write buffer past its high mark).
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -133,6 +143,7 @@ class _LinkProtocol(asyncio.Protocol):
         """The link is over: its calls fail with ``error`` (the first failure stays)."""
         if self.failed is None:
             self.failed = error
+        self.writable.set()  # calls waiting to write find the link failed
         if not self.welcome.done():
             self.welcome.set_exception(self.failed)
             self.welcome.exception()  # retrieved: nobody may be waiting any more
@@ -189,16 +200,27 @@ class DirectLink:
             call_id=call_id, request=request, timeout_seconds=timeout, traceparent=traceparent
         ).SerializeToString()
         code, received = "CANCELLED", 0
+        transport = protocol.transport
+        assert transport is not None
         try:
-            assert protocol.transport is not None
-            protocol.transport.write(frame(payload))
             async with asyncio.timeout(timeout):
+                await protocol.writable.wait()
+                if protocol.failed is not None:
+                    raise protocol.failed
+                if transport.is_closing():  # uvloop raises on a write there
+                    raise _error(grpc.StatusCode.UNAVAILABLE, "the direct link was closed")
+                transport.write(frame(payload))
                 answer = await future
             code = answer.code or "OK"
             received = answer.ByteSize()
             return answer
         except TimeoutError:
             code = "DEADLINE_EXCEEDED"
+            if transport.get_write_buffer_size() > 0:
+                # Its frame may still be here, to reach the worker after the deadline and
+                # run a step its caller gave up on: the link goes, as a stream whose write
+                # was cut off does.
+                self.close()
             raise
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name

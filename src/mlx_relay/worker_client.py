@@ -138,6 +138,7 @@ class WorkerClient:
         self._link: DirectLink | None = None
         self._opening: asyncio.Task[None] | None = None
         self._refused_port = 0
+        self._closed = False
         self._streams: ForwardStreamClient | None = None
         if network.forward_stream:
             self._streams = ForwardStreamClient(
@@ -167,7 +168,9 @@ class WorkerClient:
         """Run one step on the worker's layers. Never retried. ``traceparent`` (W3C trace
         context) goes in the call's metadata; each entry carries its own request's too.
         On the worker's ``ForwardStream`` when ``network.forward_stream`` is on and the call
-        is at most :data:`~mlx_relay.stream_client.STREAM_MAX_BYTES`, else unary."""
+        is at most :data:`~mlx_relay.stream_client.STREAM_MAX_BYTES`, else unary; on the
+        worker's direct link instead of the stream once it is open
+        (:mod:`mlx_relay.direct_link`)."""
         timeout = timeout or self.network.request_timeout
         streams = self._streams
         if streams is not None and request.ByteSize() <= STREAM_MAX_BYTES:
@@ -203,10 +206,10 @@ class WorkerClient:
         return await self._call("Forward", self._stub.Forward, request, timeout, metadata=metadata)
 
     def _open_link(self, port: int) -> None:
-        """Open the direct link the worker named, beside the stream (once per port: one
-        that cannot be opened leaves the calls on the stream until the worker names
-        another, after a restart)."""
-        if not port or port == self._refused_port or self._opening is not None:
+        """Open the direct link the worker named, beside the stream (a port that cannot
+        be opened is not tried again while the worker names it: the calls stay on the
+        stream until it names another, after a restart)."""
+        if self._closed or not port or port == self._refused_port or self._opening is not None:
             return
         if self._link is not None and not self._link.failed:
             return
@@ -215,15 +218,19 @@ class WorkerClient:
     async def _open(self, port: int) -> None:
         host = self.address.rsplit(":", 1)[0].strip("[]")
         try:
-            self._link = await open_link(
+            link = await open_link(
                 host,
                 port,
                 self.network.auth_token,
                 self.network.max_message_mb * 1024 * 1024,
                 self._record_streamed if self._recorder is not None else None,
             )
+            if self._closed:  # closed while the link opened
+                link.close()
+                return
+            self._link = link
             logger.debug("Forward calls to %s on its direct link (port %d)", self.device_id, port)
-        except (OSError, TimeoutError, grpc.aio.AioRpcError) as exc:
+        except Exception as exc:  # whatever it was, the calls stay on the stream
             self._refused_port = port
             logger.info(
                 "worker %s: its direct link %s:%d cannot be opened (%s); Forward calls stay "
@@ -351,6 +358,7 @@ class WorkerClient:
             delay = min(delay * 2, 1.0)
 
     async def close(self) -> None:
+        self._closed = True
         if self._opening is not None:
             self._opening.cancel()
             await asyncio.gather(self._opening, return_exceptions=True)

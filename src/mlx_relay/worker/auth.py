@@ -5,7 +5,9 @@ its address)."""
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable
+from urllib.parse import unquote
 
 import grpc
 
@@ -20,8 +22,24 @@ def peer_of(context: grpc.aio.ServicerContext) -> str:
     subject = auth.get("x509_subject") or auth.get("x509_common_name")
     if subject:
         return "cert " + subject[0].decode("utf-8", "replace")
-    address = context.peer() or ""
-    return address.rsplit(":", 1)[0] if address.count(":") >= 2 else address
+    address = unquote(context.peer() or "")  # gRPC writes ipv6:%5B::1%5D:port
+    if address.count(":") < 2:
+        return address
+    scheme, _, rest = address.partition(":")
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return host_peer(host) if scheme in ("ipv4", "ipv6") else address.rsplit(":", 1)[0]
+
+
+def host_peer(host: str) -> str:
+    """A caller's address as the session quota names it: ``ipv4:10.0.0.5``, ``ipv6:[::1]``;
+    an IPv4-mapped IPv6 address as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return f"ipv4:{ip}" if ip.version == 4 else f"ipv6:[{ip}]"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -14,15 +14,20 @@ gRPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import socket
 import time
 from typing import TYPE_CHECKING, cast
 
+import grpc
+
 from mlx_relay.direct_link import MAGIC, FrameReader, frame, no_delay
 from mlx_relay.proto import relay_pb2 as pb
-from mlx_relay.worker.forward_stream import StreamCalls
+from mlx_relay.worker.auth import host_peer
+from mlx_relay.worker.forward_call import CallFailed
+from mlx_relay.worker.forward_stream import StreamCalls, failed_answer
 
 if TYPE_CHECKING:
     from mlx_relay.worker.service import WorkerServicer
@@ -32,28 +37,35 @@ logger = logging.getLogger(__name__)
 REFUSED = "UNAUTHENTICATED this worker requires network.auth_token in the direct link's hello"
 # A connection that has not said its hello by then is closed.
 HELLO_TIMEOUT = 10.0
+# The largest hello taken (a token): a connection that has not said it buffers no more.
+HELLO_LIMIT = 4096
+# After a stop's grace, a link whose last bytes the caller does not read is cut this soon.
+FLUSH_SECONDS = 1.0
 
 
 def peer_name(transport: asyncio.BaseTransport) -> str:
-    """The caller's address as gRPC names a peer, without the port (``ipv4:10.0.0.5``): the
-    session quota counts a caller's link and its gRPC calls as one peer."""
+    """The caller's address as :func:`~mlx_relay.worker.auth.peer_of` names a gRPC peer
+    (``ipv4:10.0.0.5``, ``ipv6:[::1]``; an IPv4-mapped address as IPv4): the session quota
+    counts a caller's link and its gRPC calls as one peer."""
     address = transport.get_extra_info("peername")
     if not address:
         return "unknown"
-    host = address[0]
-    return f"ipv6:[{host}]" if ":" in host else f"ipv4:{host}"
+    return host_peer(str(address[0]))
 
 
 class _Link(asyncio.Protocol):
-    """One caller's link: its hello, then its calls."""
+    """One caller's link: its hello, then its calls. While the caller does not read its
+    answers (the transport's write buffer past its high mark), the link reads no more calls."""
 
     def __init__(self, server: DirectLinkServer) -> None:
         self._server = server
-        self._reader = FrameReader(server.limit)
+        self._reader = FrameReader(HELLO_LIMIT)
         self._transport: asyncio.Transport | None = None
         self._magic = bytearray()
         self._calls: StreamCalls | None = None
         self._hello_timer: asyncio.TimerHandle | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -62,6 +74,16 @@ class _Link(asyncio.Protocol):
         self._hello_timer = asyncio.get_running_loop().call_later(
             HELLO_TIMEOUT, self._drop, "no hello"
         )
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if len(self._magic) < len(MAGIC):
@@ -79,6 +101,8 @@ class _Link(asyncio.Protocol):
             self._drop(str(exc))
             return
         for payload in frames:
+            if self._transport is None or self._transport.is_closing():
+                return  # refused or dropped: nothing after it counts
             if self._calls is None:
                 self._hello(payload)
                 continue
@@ -98,6 +122,7 @@ class _Link(asyncio.Protocol):
             self._transport.write(frame(REFUSED.encode()))
             self._drop("wrong token")
             return
+        self._reader.limit = self._server.limit
         self._calls = StreamCalls(
             self._server.servicer,
             peer_name(self._transport),
@@ -108,13 +133,21 @@ class _Link(asyncio.Protocol):
         self._transport.write(frame(b""))
 
     async def _send(self, answer: pb.ForwardAnswer) -> None:
+        await self._writable.wait()
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ConnectionError("the direct link is closed")
-        transport.write(frame(answer.SerializeToString()))
+        payload = answer.SerializeToString()
+        if len(payload) > self._server.limit:  # as gRPC fails a message over the limit
+            too_large = CallFailed(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Sent message larger than max ({len(payload)} vs. {self._server.limit})",
+            )
+            payload = failed_answer(answer.call_id, too_large).SerializeToString()
+        transport.write(frame(payload))
 
     def _drop(self, why: str) -> None:
-        logger.warning("direct link from %s closed: %s", self.peer, why)
+        logger.info("direct link from %s closed: %s", self.peer, why)
         if self._transport is not None:
             self._transport.close()
 
@@ -125,16 +158,22 @@ class _Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        self._writable.set()  # answers waiting to be written find the link closed
         self._server.links.discard(self)
         if self._calls is not None:  # the caller went away: its calls' answers go nowhere
             self._calls.cancel()
 
     async def close(self, grace: float | None) -> None:
-        """Let the calls running finish within ``grace`` seconds, then close."""
+        """Let the calls running finish within ``grace`` seconds, cancel the rest, then
+        close (cut after :data:`FLUSH_SECONDS` when the caller does not read)."""
         if self._calls is not None and self._calls.running and grace:
             await asyncio.wait(list(self._calls.running), timeout=grace)
-        if self._transport is not None:
-            self._transport.close()
+        if self._calls is not None:
+            self._calls.cancel()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            asyncio.get_running_loop().call_later(FLUSH_SECONDS, transport.abort)
 
 
 class DirectLinkServer:
@@ -170,6 +209,8 @@ class DirectLinkServer:
         )[0]
         sock = socket.socket(family, kind, proto)
         try:
+            # As servers bind (gRPC's own port too): the link's closed connections waiting
+            # out TIME_WAIT then do not keep the port from being bound again.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
             sock.listen(128)
@@ -198,4 +239,5 @@ class DirectLinkServer:
         if self.links:
             await asyncio.gather(*(link.close(grace) for link in list(self.links)))
         if self._server is not None:
-            await self._server.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), FLUSH_SECONDS * 2)

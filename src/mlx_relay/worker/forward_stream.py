@@ -64,16 +64,24 @@ class StreamCalls:
         self._max_calls = max_calls
         self.running: set[asyncio.Task[None]] = set()
 
+    @property
+    def full(self) -> bool:
+        """``max_calls`` calls are running: the next is refused."""
+        return self._max_calls is not None and len(self.running) >= self._max_calls
+
+    async def refuse(self, call: pb.ForwardCall) -> None:
+        """Answer ``call`` RESOURCE_EXHAUSTED, as gRPC answers a call past its limit."""
+        limited = CallFailed(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, CALL_LIMIT_DETAIL.format(limit=self._max_calls)
+        )
+        await self._deliver(failed_answer(call.call_id, limited))
+
     def take(self, call: pb.ForwardCall, received: float) -> None:
         """Start answering ``call`` (got at ``received``, ``time.monotonic()``); past
-        ``max_calls`` it is answered RESOURCE_EXHAUSTED at once."""
+        ``max_calls`` it is refused (:meth:`refuse`)."""
         loop = asyncio.get_running_loop()
-        if self._max_calls is not None and len(self.running) >= self._max_calls:
-            limited = CallFailed(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                CALL_LIMIT_DETAIL.format(limit=self._max_calls),
-            )
-            task = loop.create_task(self._deliver(failed_answer(call.call_id, limited)))
+        if self.full:
+            task = loop.create_task(self.refuse(call))
         else:
             task = loop.create_task(self._answer(call, received))
         self.running.add(task)
@@ -142,6 +150,9 @@ async def serve_stream(
     )
     try:
         async for call in calls:
+            if stream.full:  # answered before the next is read, as gRPC refuses a call
+                await stream.refuse(call)
+                continue
             stream.take(call, time.monotonic())
         await stream.drain()
     finally:
