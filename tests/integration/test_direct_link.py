@@ -25,6 +25,7 @@ from mlx_relay.stream_client import ACCEPTED_KEY, DIRECT_PORT_KEY
 from mlx_relay.wire import encode_token_ids
 from mlx_relay.worker import direct_link as worker_link
 from mlx_relay.worker.forward_stream import StreamCalls
+from mlx_relay.worker.worker_server import WorkerServer
 from mlx_relay.worker_client import WorkerClient
 from tests.support.cluster import local_cluster
 from tests.support.worker_cluster import entry, running_workers, worker_config
@@ -285,3 +286,33 @@ async def test_a_worker_going_away_fails_the_call_on_its_link_as_unreachable(
     # Unreachable, named at once: not the stuck hop's deadline (WorkerTimedOut, w1).
     assert lost.value.device_id == "w0"
     assert "connection lost" in str(lost.value)
+
+
+async def test_a_restarted_worker_gets_a_new_link_and_the_client_moves_to_it(
+    tiny_model_dir: Path, on_links: list[str]
+) -> None:
+    config = worker_config(tiny_model_dir, [(0, 4)])
+    first = WorkerServer(config, "w0")
+    await first.start(wait=True)
+    address = f"127.0.0.1:{first.port}"
+    # The same worker again, on the same gRPC port: its direct link gets a new port.
+    device = config.devices[0].model_copy(update={"port": first.port})
+    again = config.model_copy(update={"devices": [device]})
+    client = WorkerClient("w0", address, config.network)
+    second: WorkerServer | None = None
+    try:
+        await first_call_on_link(client, on_links)
+        old_port = first.direct_link_port
+        await first.stop(grace=0)
+        second = WorkerServer(again, "w0")
+        await second.start(wait=True)
+        # The old link closed with the worker: the next calls go on the stream, which
+        # reconnects, until the new worker's link is open.
+        reply = await first_call_on_link(client, on_links)
+    finally:
+        await client.close()
+        await first.stop(grace=0)
+        if second is not None:
+            await second.stop(grace=0)
+    assert second.direct_link_port not in (0, old_port)
+    assert reply.results
