@@ -55,11 +55,15 @@ def frame(payload: bytes) -> bytes:
 
 
 def no_delay(transport: asyncio.BaseTransport) -> None:
-    """Send each frame at once (a decode step's frame is small: Nagle would hold it).
-    asyncio's and uvloop's TCP transports set this themselves; other transports may not."""
+    """Send each frame at once (a decode step's frame is small: Nagle would hold it;
+    asyncio's and uvloop's TCP transports set this themselves, other transports may not),
+    and have the system probe an idle link, so that one whose other end went away without
+    a word (a machine switched off) is closed after the system's keepalive time (two hours
+    by default, as gRPC's own pings) instead of held forever."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 class FrameReader:
