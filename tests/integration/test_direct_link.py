@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,20 +188,12 @@ async def test_bad_bytes_close_only_their_connection(tiny_model_dir: Path) -> No
     assert not answer.code and answer.response.results[0].request_id == "r"
 
 
+StreamHandler = Callable[[AsyncIterator[pb.ForwardCall], Any], Awaitable[None]]
+
+
 @contextlib.asynccontextmanager
-async def naming_a_dead_port() -> AsyncIterator[str]:
-    """A gRPC server whose ``ForwardStream`` names a direct link port nothing listens on,
-    and answers each call with its request id as the device id."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
-
-    async def stream(calls: AsyncIterator[pb.ForwardCall], context: Any) -> None:
-        await context.send_initial_metadata(((ACCEPTED_KEY, "1"), (DIRECT_PORT_KEY, str(dead))))
-        async for call in calls:
-            response = pb.ForwardResponse(device_id=call.request.entries[0].request_id)
-            await context.write(pb.ForwardAnswer(call_id=call.call_id, response=response))
-
+async def stream_server(stream: StreamHandler) -> AsyncIterator[str]:
+    """A real gRPC server whose ``ForwardStream`` is ``stream``; yields its address."""
     handler = grpc.stream_stream_rpc_method_handler(
         stream,
         request_deserializer=pb.ForwardCall.FromString,
@@ -217,6 +209,22 @@ async def naming_a_dead_port() -> AsyncIterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(0)
+
+
+def naming_a_dead_port() -> contextlib.AbstractAsyncContextManager[str]:
+    """A worker stand-in whose ``ForwardStream`` names a direct link port nothing listens
+    on, and answers each call with its request id as the device id."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+
+    async def stream(calls: AsyncIterator[pb.ForwardCall], context: Any) -> None:
+        await context.send_initial_metadata(((ACCEPTED_KEY, "1"), (DIRECT_PORT_KEY, str(dead))))
+        async for call in calls:
+            response = pb.ForwardResponse(device_id=call.request.entries[0].request_id)
+            await context.write(pb.ForwardAnswer(call_id=call.call_id, response=response))
+
+    return stream_server(stream)
 
 
 async def test_a_link_that_cannot_be_opened_leaves_the_calls_on_the_stream(
@@ -237,30 +245,15 @@ async def test_a_link_that_cannot_be_opened_leaves_the_calls_on_the_stream(
     assert len(tried) == 1  # once per port named, not once per call
 
 
-@contextlib.asynccontextmanager
-async def stuck_stage() -> AsyncIterator[str]:
-    """A gRPC server that takes ForwardStreams and never answers a call on them."""
+def stuck_stage() -> contextlib.AbstractAsyncContextManager[str]:
+    """A worker stand-in that takes ForwardStreams and never answers a call on them."""
 
     async def stream(calls: AsyncIterator[pb.ForwardCall], context: Any) -> None:
         await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))
         async for _ in calls:
             pass
 
-    handler = grpc.stream_stream_rpc_method_handler(
-        stream,
-        request_deserializer=pb.ForwardCall.FromString,
-        response_serializer=pb.ForwardAnswer.SerializeToString,
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("mlxrelay.v1.Worker", {"ForwardStream": handler}),)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+    return stream_server(stream)
 
 
 async def test_a_worker_going_away_fails_the_call_on_its_link_as_unreachable(
