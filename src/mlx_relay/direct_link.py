@@ -3,8 +3,8 @@
 
 A decode step's call carries a few kilobytes, and on loopback a gRPC stream's round trip is
 mostly gRPC's own machinery: its polling thread wakes, then the event loop, on each side of
-each message (0.71-0.82 ms a round trip after 20 ms idle on a 2-core machine, against
-0.32-0.38 ms for the same bytes on a TCP connection read by the event loop itself,
+each message (0.62 ms a round trip after 20 ms idle on a 2-core machine, against 0.28 ms
+for the same bytes on a TCP connection read by the event loop itself,
 ``bench/link_floor.py``). A 2-stage token makes two round trips.
 
 The link carries the same messages as ``ForwardStream`` (:class:`ForwardCall` out,
