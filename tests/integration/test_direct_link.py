@@ -28,7 +28,7 @@ from mlx_relay.worker.forward_stream import StreamCalls
 from mlx_relay.worker.worker_server import WorkerServer
 from mlx_relay.worker_client import WorkerClient
 from tests.support.cluster import local_cluster
-from tests.support.worker_cluster import entry, running_workers, worker_config
+from tests.support.worker_cluster import entry, running_workers, stand_in_worker, worker_config
 
 PROMPT = "Each worker holds a contiguous range of transformer layers"
 
@@ -191,24 +191,14 @@ async def test_bad_bytes_close_only_their_connection(tiny_model_dir: Path) -> No
 StreamHandler = Callable[[AsyncIterator[pb.ForwardCall], Any], Awaitable[None]]
 
 
-@contextlib.asynccontextmanager
-async def stream_server(stream: StreamHandler) -> AsyncIterator[str]:
+def stream_server(stream: StreamHandler) -> contextlib.AbstractAsyncContextManager[str]:
     """A real gRPC server whose ``ForwardStream`` is ``stream``; yields its address."""
     handler = grpc.stream_stream_rpc_method_handler(
         stream,
         request_deserializer=pb.ForwardCall.FromString,
         response_serializer=pb.ForwardAnswer.SerializeToString,
     )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("mlxrelay.v1.Worker", {"ForwardStream": handler}),)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+    return stand_in_worker({"ForwardStream": handler})
 
 
 def naming_a_dead_port() -> contextlib.AbstractAsyncContextManager[str]:

@@ -24,7 +24,7 @@ from mlx_relay.wire import encode_token_ids
 from mlx_relay.worker import service
 from mlx_relay.worker_client import StageError, WorkerClient, WorkerTimedOut
 from tests.support.cluster import local_cluster
-from tests.support.worker_cluster import entry, running_workers, worker_config
+from tests.support.worker_cluster import entry, running_workers, stand_in_worker, worker_config
 
 PROMPT = "Each worker holds a contiguous range of transformer layers"
 
@@ -67,16 +67,8 @@ async def scripted_worker(
             request_deserializer=pb.ForwardCall.FromString,
             response_serializer=pb.ForwardAnswer.SerializeToString,
         )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("mlxrelay.v1.Worker", handlers),)
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+    async with stand_in_worker(handlers) as address:
+        yield address
 
 
 def step(request_id: str, payload: bytes = b"") -> pb.ForwardRequest:

@@ -68,6 +68,22 @@ async def running_workers(
             await server.stop(grace=0.5)
 
 
+@contextlib.asynccontextmanager
+async def stand_in_worker(handlers: dict[str, grpc.RpcMethodHandler]) -> AsyncIterator[str]:
+    """A real gRPC server answering the Worker service's methods named in ``handlers`` (the
+    others UNIMPLEMENTED) on a free loopback port; yields its address."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("mlxrelay.v1.Worker", handlers),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
 def entry(
     request_id: str,
     position: int,
